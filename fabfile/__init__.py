@@ -1,0 +1,242 @@
+"""fabdeploy: bundle to S3, boot-time activation, reboot rolls and SSH hotfixes.
+
+    fab deploy.bundle    git archive a ref into S3 (content-addressed, verified)
+    fab deploy.publish   point booting nodes at a bundle
+    fab deploy.setup     install the node program and its boot unit on the hosts
+    fab deploy.roll      publish, then reboot the fleet in turn, health-gated
+    fab deploy.hotfix    activate a bundle on running hosts over SSH, now
+    fab deploy.rollback  swap hosts back to their previous release
+    fab deploy.status    what every host runs, and drift from the published bundle
+    fab deploy.unlock    break a stale deploy lock
+    fab sandbox.up/down  a local fleet (real sshd in namespaces) + local S3 to try it on
+
+Each task is a thin shell: it loads deploy.yml, calls one core module, and turns
+expected failures into one line and a non-zero exit (invoke.Exit), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .fleet import HostError
+
+    errors: list[type[BaseException]] = [ConfigError, HostError]
+    try:
+        from .bundle import BundleError
+        from .store import StoreError
+
+        errors += [BundleError, StoreError]
+    except ImportError:
+        pass
+    try:
+        from .sandbox import SandboxError
+
+        errors.append(SandboxError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Expected failures become one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _expected_errors() as e:
+            raise Exit(f"error: {e}", 1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", 130) from None
+
+    return wrapper
+
+
+def _cfg():
+    from . import config
+
+    return config.load()
+
+
+def _plan(cfg, hosts):
+    from .fleet import is_whole_fleet, select_hosts
+    from .hotfix import Plan
+
+    targets = select_hosts(cfg, hosts)
+    return Plan(targets, is_whole_fleet(cfg, targets))
+
+
+def _fail_unless(ok: bool) -> None:
+    if not ok:
+        raise Exit(code=1)
+
+
+# --- deploy.* -------------------------------------------------------------------
+
+
+@task(help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
+            "verify": "rebuild even if the bundle exists and compare sha256"})
+@clean_errors
+def bundle(c, ref=None, verify=False):
+    """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
+    from . import bundle as bundles
+    from .store import Store
+
+    cfg = _cfg()
+    bundles.build_and_upload(cfg, Store(cfg.s3, cfg.app), ref, verify=verify) if verify else \
+        bundles.ensure_bundle(cfg, Store(cfg.s3, cfg.app), ref)
+
+
+@task(help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
+@clean_errors
+def publish(c, ref=None):
+    """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
+    from . import bundle as bundles
+    from .store import Store
+
+    cfg = _cfg()
+    bundles.publish(cfg, Store(cfg.s3, cfg.app), ref)
+
+
+@task(help={"hosts": "comma-separated deploy.yml host names (default: all)"})
+@clean_errors
+def setup(c, hosts=None):
+    """Install/update the node program, its config and boot unit; create the layout."""
+    from . import nodectl
+    from .fleet import run_parallel
+    from .report import table
+
+    cfg = _cfg()
+    plan = _plan(cfg, hosts)
+    results = run_parallel(cfg, plan.targets, lambda h, conn: {
+        "outcome": nodectl.install(cfg, h, conn, require_boto3=True)})
+    table(f"setup {cfg.app}", ["host", "outcome"],
+          [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results])
+    if all(r.ok and r.data.get("outcome") == "unchanged" for r in results):
+        print("no changes: every host already has this node program, config and boot unit")
+    _fail_unless(all(r.ok for r in results))
+
+
+@task(help={"hosts": "comma-separated host names (default: all, which also publishes)",
+            "ref": "branch, tag or sha (default: ref in deploy.yml)",
+            "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
+            "dry_run": "print what would happen and change nothing",
+            "force": "activate even if a host already runs that commit",
+            "parallel": "hosts at once (default: parallel in deploy.yml)"})
+@clean_errors
+def hotfix(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
+    """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
+    from .hotfix import run_hotfix
+
+    cfg = _cfg()
+    _fail_unless(run_hotfix(cfg, _plan(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
+                            parallel=int(parallel) if parallel else None))
+
+
+@task(help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
+            "release": "release timestamp to go back to (default: each host's previous one)",
+            "dry_run": "print what would happen and change nothing"})
+@clean_errors
+def rollback(c, hosts=None, release=None, dry_run=False):
+    """Swap hosts back to their previous (or a named) release, restart, health-check."""
+    from .hotfix import run_rollback
+
+    cfg = _cfg()
+    _fail_unless(run_rollback(cfg, _plan(cfg, hosts), release=release, dry_run=dry_run))
+
+
+@task(help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
+@clean_errors
+def status(c, hosts=None, json=False):
+    """What every host runs, its last boot, and drift from the published bundle."""
+    from . import status as st
+    from .store import Store
+
+    cfg = _cfg()
+    plan = _plan(cfg, hosts)
+    pointer, results = st.collect(cfg, plan.targets, Store(cfg.s3, cfg.app))
+    st.show(cfg, pointer, results, as_json=json)
+    _fail_unless(all(r.ok for r in results))
+
+
+@task(help={"hosts": "comma-separated host names (default: all)",
+            "ref": "branch, tag or sha (default: ref in deploy.yml)",
+            "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
+            "resume": "skip hosts already on the published commit",
+            "dry_run": "print the plan and change nothing",
+            "rollback_on_failure": "on failure, move the pointer back and reboot the failed host"})
+@clean_errors
+def roll(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False):
+    """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
+    from .config import _batch
+    from .roll import run_roll
+
+    cfg = _cfg()
+    if batch is not None:
+        try:
+            batch = _batch(batch)
+        except TypeError as e:
+            raise Exit(f"error: --batch must be {e} (got {batch!r})", 1) from None
+    _fail_unless(run_roll(cfg, _plan(cfg, hosts), ref, batch=batch, resume=resume, dry_run=dry_run,
+                          rollback_on_failure=rollback_on_failure))
+
+
+@task(help={"force": "break the lock even if it has not expired yet"})
+@clean_errors
+def unlock(c, force=False):
+    """Break a stale deploy lock (only once it has expired, unless --force)."""
+    from .store import Store
+
+    cfg = _cfg()
+    lock = Store(cfg.s3, cfg.app).break_lock(force=force)
+    print("no deploy lock was held" if lock is None else
+          f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
+
+
+# --- sandbox.* ------------------------------------------------------------------
+
+
+def _sandbox_dir(dir):
+    from pathlib import Path
+
+    return Path(dir) if dir else Path(__file__).resolve().parent.parent / ".sandbox"
+
+
+@task(name="up", help={"hosts": "number of hosts (web1..webN)", "dir": "state dir (default .sandbox/)",
+                       "reboot_delay": "seconds a host stays down on reboot",
+                       "s3_port": "port of the local S3"})
+@clean_errors
+def sandbox_up(c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555):
+    """Start a local fleet: N hosts with real sshd in namespaces, a local S3, a sample app."""
+    from . import sandbox
+
+    sb = sandbox.up(_sandbox_dir(dir), hosts=int(hosts), reboot_delay=float(reboot_delay), s3_port=int(s3_port))
+    print(f"sandbox up: {', '.join(f'{n} ({ip})' for n, ip in sb.hosts.items())}; S3 at {sb.s3_endpoint}")
+    print(f"config: {sb.deploy_yml}\nshell:  . {sb.dir / 'env'}   # AWS creds + DEPLOY_CONFIG for fab")
+
+
+@task(name="down", help={"dir": "state dir (default .sandbox/)"})
+@clean_errors
+def sandbox_down(c, dir=None):
+    """Stop every process the sandbox started."""
+    from . import sandbox
+
+    stopped = sandbox.down(_sandbox_dir(dir))
+    print("sandbox down" + (f": stopped {', '.join(stopped)}" if stopped else " (nothing was running)"))
+
+
+deploy = Collection("deploy", bundle, publish, setup, hotfix, rollback, roll, status, unlock)
+sandbox_ns = Collection("sandbox")
+sandbox_ns.add_task(sandbox_up, "up")
+sandbox_ns.add_task(sandbox_down, "down")
+
+ns = Collection(deploy, sandbox_ns)
+# -H/--hosts before the task name means the same as --hosts after it (see fleet.FleetExecutor).
+ns.configure({"tasks": {"executor_class": "fabfile.fleet.FleetExecutor"}})

@@ -1,0 +1,329 @@
+"""The fleet: which hosts, how we reach them, and running work on many at once.
+
+Fabric 3 auto-adds unknown host keys; every Connection made here checks
+known_hosts strictly (gateways too) unless deploy.yml opts out. Work on many hosts
+runs in a bounded pool, one Connection per host, and every host's outcome is
+collected — nothing is lost when one host fails.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric import Config as FabricConfig
+from fabric import Connection
+from fabric.executor import Executor
+from invoke import Call
+
+from .config import Config, ConfigError, Host
+
+
+class HostError(Exception):
+    """Something went wrong on one host; carries the data needed to act on it."""
+
+    def __init__(
+        self,
+        host: str,
+        message: str,
+        *,
+        command: str | None = None,
+        exit_code: int | None = None,
+        output: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.message = message
+        self.command = command
+        self.exit_code = exit_code
+        self.output = output
+
+    def tail(self, lines: int = 8) -> str:
+        return "\n".join(self.output.strip().splitlines()[-lines:])
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- -H / --hosts: both spellings mean one run over the named hosts -------------------
+
+
+class FleetExecutor(Executor):
+    """`fab -H web2 deploy.hotfix` must mean `fab deploy.hotfix --hosts=web2`.
+
+    Stock Fabric would call the task once per host with a Connection; our tasks
+    work on the whole target set at once (one pool, one table, one exit code), so
+    the -H list is handed to tasks that take a `hosts` parameter instead.
+    """
+
+    def expand_calls(self, calls: list[Any], apply_hosts: bool = True) -> list[Any]:
+        host_str = self.core[0].args.hosts.value if apply_hosts else None
+        if not host_str:
+            return super().expand_calls(calls, apply_hosts=apply_hosts)
+        out = []
+        for call in calls:
+            if not isinstance(call, Call):
+                call = Call(task=call)
+            if "hosts" in call.task.argspec(call.task.body)[0]:
+                if not call.kwargs.get("hosts"):
+                    call.kwargs["hosts"] = host_str
+                out.extend(super().expand_calls(call.pre, apply_hosts=False))
+                out.append(call)
+                out.extend(super().expand_calls(call.post, apply_hosts=False))
+            else:
+                out.extend(super().expand_calls([call], apply_hosts=True))
+        return out
+
+
+def select_hosts(cfg: Config, hosts: str | Sequence[str] | None) -> list[Host]:
+    """The deploy.yml hosts named by --hosts/-H (comma-separated), or all of them."""
+    if not hosts:
+        return list(cfg.hosts)
+    names = hosts.split(",") if isinstance(hosts, str) else list(hosts)
+    names = [n.strip() for n in names if n.strip()]
+    known = {h.name: h for h in cfg.hosts}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown host{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(not in hosts of {cfg.path}); known hosts: {', '.join(known)}"
+        )
+    seen: dict[str, Host] = {}
+    for n in names:
+        seen.setdefault(n, known[n])
+    return list(seen.values())
+
+
+def is_whole_fleet(cfg: Config, targets: Sequence[Host]) -> bool:
+    return {h.name for h in targets} == {h.name for h in cfg.hosts}
+
+
+# --- connections ---------------------------------------------------------------
+
+
+class _FabricConfigCache:
+    """Parsing ssh_config once per run, not once per host."""
+
+    _lock = threading.Lock()
+    _cache: dict[str, FabricConfig] = {}
+
+    @classmethod
+    def get(cls, cfg: Config) -> FabricConfig:
+        key = str(cfg.ssh.config or "")
+        with cls._lock:
+            if key not in cls._cache:
+                if cfg.ssh.config and not cfg.ssh.config.exists():
+                    raise ConfigError(f"{cfg.path}: ssh.config {cfg.ssh.config} does not exist")
+                fc = FabricConfig(
+                    runtime_ssh_path=str(cfg.ssh.config) if cfg.ssh.config else None,
+                    lazy=False,
+                )
+                # Never read the operator's ~/.ssh/config behind deploy.yml's back when
+                # deploy.yml names one; without one, Fabric's normal lookup applies.
+                if cfg.ssh.config:
+                    fc.load_ssh_config()
+                cls._cache[key] = fc
+            return cls._cache[key]
+
+
+def _harden(conn: Connection, cfg: Config) -> None:
+    import paramiko
+
+    client = conn.client
+    if cfg.ssh.strict_host_keys:
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    kh = cfg.ssh.known_hosts
+    if kh is not None and kh.exists():
+        # get_host_keys().load keeps the file read-only for us: AutoAdd (opt-out
+        # mode) must not silently rewrite the operator's known_hosts.
+        client.get_host_keys().load(str(kh))
+    gw = conn.gateway
+    if isinstance(gw, Connection):
+        _harden(gw, cfg)
+
+
+def connect(cfg: Config, host: Host) -> Connection:
+    """A Connection for one deploy.yml host, not yet opened, strict about host keys."""
+    fc = _FabricConfigCache.get(cfg)
+    kwargs: dict[str, Any] = {"config": fc, "connect_timeout": int(max(1, cfg.ssh.connect_timeout))}
+    if cfg.ssh.user:
+        kwargs["user"] = cfg.ssh.user
+    connect_kwargs: dict[str, Any] = {"banner_timeout": cfg.ssh.connect_timeout,
+                                      "auth_timeout": cfg.ssh.connect_timeout}
+    if cfg.ssh.identity_file:
+        connect_kwargs["key_filename"] = [str(cfg.ssh.identity_file)]
+    kwargs["connect_kwargs"] = connect_kwargs
+    conn = Connection(host.host, **kwargs)
+    _harden(conn, cfg)
+    return conn
+
+
+def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
+    """Open (or reopen) the SSH session, turning paramiko's errors into one line."""
+    import paramiko
+
+    addr = f"{conn.host}:{conn.port}"
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException:
+        raise HostError(
+            host.name,
+            f"host key of {host.name} ({addr}) does not match {cfg.ssh.known_hosts}: "
+            "it CHANGED since it was recorded; refusing to connect. If the host was rebuilt, "
+            "verify the new key and replace its line in known_hosts",
+        ) from None
+    except paramiko.SSHException as e:
+        text = str(e)
+        if "not found in known_hosts" in text:
+            raise HostError(
+                host.name,
+                f"host key of {host.name} ({addr}) is not in {cfg.ssh.known_hosts}: verify it and "
+                f"add it (ssh-keyscan -H {conn.host} >> {cfg.ssh.known_hosts}), "
+                "or set ssh.strict_host_keys: false to trust on first use",
+            ) from None
+        if isinstance(e, paramiko.AuthenticationException):
+            raise HostError(
+                host.name,
+                f"authentication failed for {conn.user}@{host.name} ({addr}): check ssh.user, "
+                "the key (IdentityFile in ssh_config or ssh.identity_file) and authorized_keys",
+            ) from None
+        raise HostError(host.name, f"SSH to {host.name} ({addr}) failed: {text}") from None
+    except (TimeoutError, socket.timeout):
+        raise HostError(
+            host.name,
+            f"cannot connect to {host.name} ({addr}): timed out after {cfg.ssh.connect_timeout:g}s; "
+            "is the host up and reachable?",
+        ) from None
+    except OSError as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+            reason = "connection refused"
+        raise HostError(
+            host.name,
+            f"cannot connect to {host.name} ({addr}): {reason}; is the host up and sshd running?",
+        ) from None
+    transport = conn.client.get_transport()
+    if transport is not None:
+        # Notice a dead TCP connection instead of waiting on it forever.
+        transport.set_keepalive(cfg.ssh.keepalive)
+
+
+@dataclass
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+
+
+def run(
+    cfg: Config,
+    host: Host,
+    conn: Connection,
+    command: str,
+    *,
+    timeout: float | None = None,
+    stdin: bytes | None = None,
+) -> CommandResult:
+    """Run one remote command; never raises on a non-zero exit (callers decide)."""
+    from invoke.exceptions import CommandTimedOut
+
+    open_connection(cfg, host, conn)
+    kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False}
+    if stdin is not None:
+        import io
+
+        kwargs["in_stream"] = io.StringIO(stdin.decode())
+    else:
+        kwargs["in_stream"] = False
+    try:
+        r = conn.run(command, timeout=timeout or cfg.ssh.command_timeout, **kwargs)
+    except CommandTimedOut as e:
+        raise HostError(
+            host.name,
+            f"command on {host.name} timed out after {e.timeout:g}s: {command[:120]}",
+            command=command,
+            output=(e.result.stdout or "") + (e.result.stderr or ""),
+        ) from None
+    except (EOFError, OSError) as e:
+        raise HostError(host.name, f"connection to {host.name} lost while running a command ({e or type(e).__name__})", command=command) from None
+    except Exception as e:  # paramiko raises a zoo of types when a session dies
+        import paramiko
+
+        if isinstance(e, paramiko.SSHException):
+            raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command) from None
+        raise
+    return CommandResult(r.stdout, r.stderr, r.exited if r.exited is not None else -1)
+
+
+def q(*args: str) -> str:
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+# --- many hosts at once ---------------------------------------------------------
+
+
+@dataclass
+class HostResult:
+    host: str
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def run_parallel(
+    cfg: Config,
+    targets: Iterable[Host],
+    work: Callable[[Host, Connection], dict[str, Any]],
+    *,
+    parallel: int | None = None,
+    on_done: Callable[[HostResult], None] | None = None,
+) -> list[HostResult]:
+    """Run `work` on every host, at most `parallel` at a time; collect every outcome."""
+    targets = list(targets)
+    size = max(1, min(parallel or cfg.parallel, len(targets) or 1))
+
+    def one(host: Host) -> HostResult:
+        start = time.monotonic()
+        conn = None
+        try:
+            conn = connect(cfg, host)
+            data = work(host, conn)
+            res = HostResult(host.name, True, data or {})
+        except HostError as e:
+            res = HostResult(host.name, False, getattr(e, "data", {}) or {}, e.message)
+        except ConfigError as e:
+            res = HostResult(host.name, False, {}, str(e))
+        except Exception as e:  # one host's bug must not hide the other hosts' outcomes
+            res = HostResult(host.name, False, {}, f"unexpected error on {host.name}: {type(e).__name__}: {e}")
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        res.seconds = time.monotonic() - start
+        if on_done:
+            on_done(res)
+        return res
+
+    with ThreadPoolExecutor(max_workers=size, thread_name_prefix="fleet") as pool:
+        results = list(pool.map(one, targets))
+    return results
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,222 @@
+"""The controller's side of the node program (fabfile/node.py).
+
+The node program is installed on every host with its config next to it and a
+oneshot boot unit. Hotfix, rollback and status all call it, and so does the boot
+unit, so the release layout can never drift between the two paths. Every call
+is guarded by a fingerprint of what is installed: a host with an old or missing
+node program is (re)installed on the way, in the same connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fabric import Connection
+
+from .config import Config, Host
+from .fleet import HostError, q, run
+
+NODE_SRC = Path(__file__).with_name("node.py")
+NEEDS_INSTALL = 97  # exit code of the guard: node program missing or different
+
+
+def node_json(cfg: Config) -> dict[str, Any]:
+    return {
+        "app": cfg.app,
+        "deploy_to": cfg.deploy_to,
+        "keep_releases": cfg.keep_releases,
+        "linked_files": list(cfg.linked_files),
+        "linked_dirs": list(cfg.linked_dirs),
+        "s3": {
+            "bucket": cfg.s3.bucket,
+            "prefix": cfg.s3.prefix,
+            "region": cfg.s3.region,
+            "endpoint_url": cfg.s3.endpoint_url,
+        },
+        "env": dict(cfg.node_env),
+        "hooks": {"before_swap": list(cfg.hooks.before_swap)},
+        "restart": cfg.restart,
+        "boot": {
+            "attempts": cfg.node.boot_attempts,
+            "first_boot_attempts": cfg.node.first_boot_attempts,
+            "backoff": cfg.node.boot_backoff,
+            "max_backoff": max(cfg.node.boot_backoff, 10.0),
+        },
+        "max_files": cfg.node.max_files,
+    }
+
+
+def unit_text(cfg: Config) -> str:
+    d = cfg.node_dir
+    before = f"Before={cfg.node.app_unit}\n" if cfg.node.app_unit else ""
+    return (
+        "# Written by fabdeploy (fab deploy.setup). On every boot, activate the published\n"
+        f"# {cfg.app} bundle from S3 before the app starts; on failure keep the last good release.\n"
+        "[Unit]\n"
+        f"Description=fabdeploy: activate the published {cfg.app} bundle\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target\n"
+        f"{before}"
+        "\n[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={cfg.node.python} {d}/node.py --config {d}/node.json boot\n"
+        "RemainAfterExit=yes\n"
+        "TimeoutStartSec=900\n"
+        "\n[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+@lru_cache(maxsize=1)
+def _node_src() -> bytes:
+    return NODE_SRC.read_bytes()
+
+
+def files(cfg: Config) -> dict[str, bytes]:
+    return {
+        "node.py": _node_src(),
+        "node.json": (json.dumps(node_json(cfg), indent=2, sort_keys=True) + "\n").encode(),
+        "unit": unit_text(cfg).encode(),
+    }
+
+
+def fingerprint(cfg: Config) -> str:
+    h = hashlib.sha256()
+    for name, data in sorted(files(cfg).items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def unit_path(cfg: Config) -> str:
+    return f"/etc/systemd/system/{cfg.boot_unit}"
+
+
+def node_command(cfg: Config, *args: str) -> str:
+    d = cfg.node_dir
+    return q(cfg.node.python, f"{d}/node.py", "--config", f"{d}/node.json", *args)
+
+
+def guarded(cfg: Config, *args: str) -> str:
+    """Run the node program only if the installed one is exactly ours (one round trip)."""
+    sha = f"{cfg.node_dir}/node.sha"
+    return (
+        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg))} || exit {NEEDS_INSTALL}; "
+        f"exec {node_command(cfg, *args)}"
+    )
+
+
+def parse(host: Host, command: str, stdout: str, stderr: str, code: int) -> dict[str, Any]:
+    """The node program's answer: its last stdout line is one JSON object."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    raise HostError(
+        host.name,
+        f"node program on {host.name} gave no answer (exit {code}): "
+        + ((stderr or stdout).strip().splitlines() or ["no output"])[-1],
+        command=command,
+        exit_code=code,
+        output=stdout + stderr,
+    )
+
+
+def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None) -> dict[str, Any]:
+    """Call the node program; install/update it first if needed. Raises HostError on failure."""
+    cmd = guarded(cfg, *args)
+    r = run(cfg, host, conn, cmd, timeout=timeout)
+    if r.exit_code == NEEDS_INSTALL:
+        install(cfg, host, conn)
+        r = run(cfg, host, conn, cmd, timeout=timeout)
+    data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
+    if not data.get("ok"):
+        err = HostError(
+            host.name,
+            f"{host.name}: {data.get('error') or 'node program failed'}",
+            command=args[0] if args else None,
+            exit_code=r.exit_code,
+            output=r.stderr,
+        )
+        err.data = data  # type: ignore[attr-defined]
+        raise err
+    return data
+
+
+def _probe_script(cfg: Config) -> str:
+    py = q(cfg.node.python)
+    wants = f"/etc/systemd/system/multi-user.target.wants/{cfg.boot_unit}"
+    return (
+        f"if ! test -x {py}; then echo python=missing; exit 0; fi; echo python=ok; "
+        f"{py} -c 'import boto3' >/dev/null 2>&1 && echo boto3=ok || echo boto3=missing; "
+        f"echo sha=$(cat {q(cfg.node_dir + '/node.sha')} 2>/dev/null); "
+        f"test -e {q(wants)} && echo enabled=yes || echo enabled=no; "
+        f"test -d {q(cfg.deploy_to + '/releases')} && echo layout=ok || echo layout=missing"
+    )
+
+
+def _dirs(cfg: Config) -> list[str]:
+    base = cfg.deploy_to
+    dirs = [cfg.node_dir, base, f"{base}/releases", f"{base}/shared", f"{base}/.fabdeploy"]
+    dirs += [f"{base}/shared/{d}" for d in cfg.linked_dirs]
+    dirs += sorted({f"{base}/shared/{Path(f).parent}" for f in cfg.linked_files if "/" in f})
+    return dirs
+
+
+def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = False) -> str:
+    """Install or update the node program, its config and the boot unit. Idempotent."""
+    r = run(cfg, host, conn, _probe_script(cfg))
+    state = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    if state.get("python") != "ok":
+        raise HostError(
+            host.name,
+            f"{cfg.node.python} not found on {host.name}: install python3 (apt-get install python3) "
+            "or set node.python in deploy.yml",
+        )
+    if state.get("boto3") != "ok" and require_boto3:
+        raise HostError(
+            host.name,
+            f"boto3 is missing for {cfg.node.python} on {host.name}; the boot unit needs it to read "
+            "S3: apt-get install python3-boto3 (or pip install boto3 for that python)",
+        )
+    fp = fingerprint(cfg)
+    if state.get("sha") == fp and state.get("enabled") == "yes" and state.get("layout") == "ok":
+        return "unchanged"
+    d = cfg.node_dir
+    mk = run(cfg, host, conn, "mkdir -p " + q(*_dirs(cfg)))
+    if mk.exit_code != 0:
+        raise HostError(host.name, f"cannot create directories on {host.name}: {mk.stderr.strip()}",
+                        command="mkdir", exit_code=mk.exit_code, output=mk.stderr)
+    payload = files(cfg)
+    targets = {"node.py": f"{d}/node.py", "node.json": f"{d}/node.json", "unit": unit_path(cfg)}
+    sftp = conn.sftp()
+    try:
+        for name, remote in targets.items():
+            # Write beside, then rename: a boot racing with setup sees old or new, never half.
+            sftp.putfo(io.BytesIO(payload[name]), remote + ".fabdeploy-new")
+    except OSError as e:
+        raise HostError(host.name, f"upload to {host.name} failed: {e}") from None
+    moves = "; ".join(f"mv -f {q(t + '.fabdeploy-new')} {q(t)}" for t in targets.values())
+    finish = (
+        f"set -e; {moves}; chmod 0600 {q(d + '/node.json')}; "
+        f"systemctl daemon-reload; systemctl enable {q(cfg.boot_unit)} >/dev/null; "
+        f"echo {q(fp)} > {q(d + '/node.sha')}"
+    )
+    r2 = run(cfg, host, conn, finish)
+    if r2.exit_code != 0:
+        raise HostError(
+            host.name,
+            f"installing the boot unit on {host.name} failed (exit {r2.exit_code}): "
+            + (r2.stderr.strip().splitlines() or ["no output"])[-1],
+            command=finish,
+            exit_code=r2.exit_code,
+            output=r2.stdout + r2.stderr,
+        )
+    return "installed" if not state.get("sha") else "updated"

@@ -1,0 +1,33 @@
+"""One table per multi-host run (Fabric's GroupResult idea), printed once at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    # Wide enough that CI logs and pipes keep one line per host.
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
+def dump_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def short(commit: str | None) -> str:
+    return (commit or "")[:8]
+
+
+def seconds(s: float | None) -> str:
+    return "" if s is None else f"{s:.1f}s"

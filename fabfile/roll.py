@@ -1,0 +1,242 @@
+"""deploy.roll: publish, then reboot the fleet in turn, each batch health-gated.
+
+A node that boots runs the boot unit, which activates the published bundle; the
+roll only has to reboot, watch the boot id change, check that the node came back
+on the published commit and is healthy, and stop at the first host that is not.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import nodectl
+from .config import Config, Host
+from .fleet import HostError, connect, run, say, warn
+from .health import wait_healthy
+from .hotfix import Plan, fleet_lock
+from .report import short, table
+
+
+@dataclass
+class HostRoll:
+    host: str
+    ok: bool = False
+    skipped: bool = False
+    old: dict[str, Any] = field(default_factory=dict)
+    new: dict[str, Any] = field(default_factory=dict)
+    down_s: float | None = None
+    healthy_s: float | None = None
+    error: str | None = None
+
+
+def batches(hosts: list[Host], batch: str) -> list[list[Host]]:
+    n = len(hosts)
+    size = math.ceil(n * int(batch[:-1]) / 100) if batch.endswith("%") else int(batch)
+    size = max(1, min(size, n or 1))
+    return [hosts[i : i + size] for i in range(0, n, size)]
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the batch in flight, then stop. Second: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        warn("Ctrl-C: stopping after the hosts in flight are back (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _log(t0: float, host: str, msg: str) -> None:
+    say(f"[{time.monotonic() - t0:6.1f}s] {host}: {msg}")
+
+
+def _boot_id(cfg: Config, host: Host) -> tuple[str | None, dict[str, Any] | None]:
+    """One fresh connection: (boot id, node status) or (None, None) while the host is down."""
+    conn = connect(cfg, host)
+    try:
+        data = nodectl.call(cfg, host, conn, "status", timeout=15)
+        return data.get("boot_id"), data
+    except HostError:
+        return None, None
+    finally:
+        conn.close()
+
+
+def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool) -> HostRoll:
+    res = HostRoll(host.name)
+    conn = connect(cfg, host)
+    try:
+        before = nodectl.call(cfg, host, conn, "status", timeout=30)
+        cur = before.get("current") or {}
+        res.old = {"release": cur.get("release"), "commit": cur.get("commit")}
+        if resume and cur.get("ok") and cur.get("commit") == commit:
+            res.ok, res.skipped, res.new = True, True, dict(res.old)
+            _log(t0, host.name, f"already on {short(commit)}, skipped (--resume)")
+            return res
+        old_boot = before.get("boot_id")
+        _log(t0, host.name, f"rebooting ({cfg.reboot})")
+        start = time.monotonic()
+        try:
+            r = run(cfg, host, conn, cfg.reboot, timeout=30)
+            if r.exit_code not in (0, -1):
+                raise HostError(host.name, f"{host.name}: reboot command failed (exit {r.exit_code}): "
+                                + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
+                                command=cfg.reboot, exit_code=r.exit_code, output=r.stderr)
+        except HostError as e:
+            if "lost" not in e.message and "timed out" not in e.message:
+                raise
+            # The session dropping is what a reboot looks like from here.
+    finally:
+        conn.close()  # a rebooted host needs a new transport (and SFTP client)
+
+    deadline = start + cfg.roll.reboot_timeout
+    went_down: float | None = None
+    status: dict[str, Any] | None = None
+    while True:
+        boot_id, status = _boot_id(cfg, host)
+        now = time.monotonic()
+        if boot_id is None and went_down is None:
+            went_down = now
+        if boot_id and boot_id != old_boot:
+            res.down_s = now - start
+            _log(t0, host.name, f"back after {res.down_s:.1f}s (new boot id)")
+            break
+        if now > deadline:
+            raise HostError(host.name, f"{host.name} did not come back within {cfg.roll.reboot_timeout:g}s "
+                            f"after the reboot ({'it went down' if went_down else 'it never went down'}); "
+                            "check its console, then `fab deploy.roll --resume`")
+        time.sleep(0.1)
+
+    # Wait until the boot unit has recorded its outcome for this boot.
+    boot_deadline = time.monotonic() + cfg.roll.boot_timeout
+    while not ((status or {}).get("last_boot") or {}).get("boot_id") == boot_id:
+        if time.monotonic() > boot_deadline:
+            raise HostError(host.name, f"{host.name} came back but its boot unit ({cfg.boot_unit}) recorded "
+                            f"no outcome within {cfg.roll.boot_timeout:g}s; is it enabled? (fab deploy.setup)")
+        time.sleep(0.2)
+        _, status = _boot_id(cfg, host)
+    cur = (status or {}).get("current") or {}
+    res.new = {"release": cur.get("release"), "commit": cur.get("commit")}
+    last_boot = (status or {}).get("last_boot") or {}
+    if cur.get("commit") != commit:
+        raise HostError(host.name, f"{host.name} booted but kept {short(cur.get('commit'))} instead of "
+                        f"{short(commit)}: {last_boot.get('reason') or last_boot.get('outcome')}")
+    h = wait_healthy(cfg, connect(cfg, host).host)
+    if not h.ok:
+        raise HostError(host.name, f"{host.name} is on {short(commit)} but {h.detail}")
+    res.healthy_s = time.monotonic() - start
+    res.ok = True
+    _log(t0, host.name, f"on {short(commit)} release {cur.get('release')}, healthy ({res.healthy_s:.1f}s)")
+    return res
+
+
+def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool) -> HostRoll:
+    try:
+        return reboot_one(cfg, host, commit, t0, resume)
+    except HostError as e:
+        _log(t0, host.name, f"FAILED: {e.message}")
+        r = HostRoll(host.name, error=e.message)
+        return r
+
+
+def run_roll(
+    cfg: Config,
+    plan: Plan,
+    ref: str | None,
+    *,
+    batch: str | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    rollback_on_failure: bool = False,
+) -> bool:
+    from . import bundle as bundles
+    from .store import Store
+
+    groups = batches(plan.targets, batch or cfg.roll.batch)
+    if dry_run:
+        commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
+        say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and reboot, in this order:")
+        for i, g in enumerate(groups, 1):
+            say(f"  batch {i}: {', '.join(h.name for h in g)}")
+        return True
+
+    store = Store(cfg.s3, cfg.app)
+    results: list[HostRoll] = []
+    t0 = time.monotonic()
+    with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
+        b = bundles.ensure_bundle(cfg, store, ref)
+        previous, _ = store.read_pointer()
+        bundles.publish(cfg, store, b.commit, log=say)
+        for i, group in enumerate(groups, 1):
+            if stop.requested:
+                warn(f"stopped by Ctrl-C before batch {i}")
+                break
+            with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                batch_results = list(pool.map(lambda h: _attempt(cfg, h, b.commit, t0, resume), group))
+            results += batch_results
+            failed = [r for r in batch_results if not r.ok]
+            if failed:
+                if rollback_on_failure:
+                    _roll_back_failed(cfg, store, previous, group, failed, t0)
+                break
+    _print(cfg, plan, b, results, t0)
+    return bool(results) and all(r.ok for r in results) and len(results) == len(plan.targets)
+
+
+def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float) -> None:
+    if previous is None:
+        warn("--rollback-on-failure: there is no previous published bundle to go back to")
+        return
+    _, etag = store.read_pointer()
+    store.write_pointer(previous, etag)
+    say(f"published pointer moved back to {short(previous.commit)} ({previous.ref})")
+    names = {f.host for f in failed}
+    for host in group:
+        if host.name in names:
+            r = _attempt(cfg, host, previous.commit, t0, resume=True)
+            for f in failed:
+                if f.host == host.name:
+                    f.error = (f.error or "") + (
+                        f"; rolled back to {short(previous.commit)}" if r.ok else f"; rollback ALSO failed: {r.error}")
+
+
+def _print(cfg: Config, plan: Plan, b: Any, results: list[HostRoll], t0: float) -> None:
+    done = {r.host for r in results}
+    rows = []
+    for r in results:
+        outcome = "skipped (already on it)" if r.skipped else ("ok" if r.ok else f"FAILED: {r.error}")
+        rows.append([
+            r.host,
+            f"{r.old.get('release') or '-'} {short(r.old.get('commit'))}",
+            f"{r.new.get('release') or '-'} {short(r.new.get('commit'))}",
+            "" if r.down_s is None else f"{r.down_s:.1f}s",
+            "" if r.healthy_s is None else f"{r.healthy_s:.1f}s",
+            outcome,
+        ])
+    for h in plan.targets:
+        if h.name not in done:
+            rows.append([h.name, "", "", "", "", "not touched"])
+    table(f"roll {short(b.commit)} ({b.ref}) in {time.monotonic() - t0:.1f}s",
+          ["host", "old", "new", "back after", "healthy after", "outcome"], rows)
+    if any(not r.ok for r in results) or len(done) < len(plan.targets):
+        say("the roll stopped; hosts marked 'not touched' still run their old release. "
+            "Resume with `fab deploy.roll --resume`, or go back with `fab deploy.rollback`.")

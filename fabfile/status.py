@@ -1,0 +1,83 @@
+"""deploy.status: what every host runs, and whether it matches the published bundle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabric import Connection
+
+from . import nodectl
+from .config import Config, Host
+from .fleet import HostResult, run_parallel
+from .report import dump_json, short, table
+
+
+def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[HostResult]]:
+    pointer, pointer_error = None, None
+    try:
+        pointer, _ = store.read_pointer()
+    except Exception as e:  # status must still show the hosts when S3 is unreachable
+        pointer_error = str(e)
+
+    def work(host: Host, conn: Connection) -> dict[str, Any]:
+        data = nodectl.call(cfg, host, conn, "status", timeout=30)
+        data["address"] = conn.host
+        return data
+
+    results = run_parallel(cfg, targets, work)
+    for r in results:
+        cur = (r.data or {}).get("current") or {}
+        r.data["drift"] = bool(pointer and r.ok and cur.get("commit") != pointer.commit)
+    return (pointer, pointer_error), results
+
+
+def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostResult], as_json: bool) -> None:
+    pointer, pointer_error = pointer_info
+    if as_json:
+        dump_json({
+            "published": None if pointer is None else pointer.__dict__,
+            "published_error": pointer_error,
+            "hosts": [
+                {"host": r.host, "reachable": r.ok, "error": r.error, **r.data} for r in results
+            ],
+        })
+        return
+    if pointer is not None:
+        print(f"published: {short(pointer.commit)} ({pointer.ref}) by {pointer.published_by} at {pointer.published_at}")
+    elif pointer_error:
+        print(f"published: unknown ({pointer_error})")
+    else:
+        print("published: nothing yet (run `fab deploy.publish`)")
+    rows = []
+    for r in results:
+        d = r.data
+        cur = d.get("current") or {}
+        last_boot = d.get("last_boot") or {}
+        boot = last_boot.get("outcome", "")
+        if last_boot.get("reason") and boot != "activated":
+            boot = f"{boot}: {last_boot['reason']}"
+        if not r.ok:
+            rows.append([r.host, "-", "-", "-", "-", "-", f"UNREACHABLE/ERROR: {r.error}"])
+            continue
+        state = "ok"
+        if not cur:
+            state = "no current release"
+        elif not cur.get("ok"):
+            state = f"BROKEN current -> {cur.get('path')}"
+        elif d.get("drift"):
+            state = "DRIFT (differs from published)"
+        if d.get("staging"):
+            state += f"; {len(d['staging'])} staging leftover(s)"
+        if d.get("stray"):
+            state += f"; stray in releases/: {', '.join(d['stray'])}"
+        last = d.get("last") or {}
+        rows.append([
+            r.host,
+            cur.get("release", "-"),
+            short(cur.get("commit")) or "-",
+            f"{last.get('at', '')} {last.get('user', '') or ''}".strip() or "-",
+            str(len(d.get("releases") or [])),
+            boot or "-",
+            state,
+        ])
+    table(f"{cfg.app}: {len(results)} host(s)", ["host", "release", "commit", "last change", "releases", "last boot", "state"], rows)
