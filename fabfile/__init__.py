@@ -86,10 +86,10 @@ def _fail_unless(ok: bool) -> None:
 @clean_errors
 def bundle(c, ref=None, verify=False):
     """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
+    cfg = _cfg()
     from . import bundle as bundles
     from .store import Store
 
-    cfg = _cfg()
     bundles.build_and_upload(cfg, Store(cfg.s3, cfg.app), ref, verify=verify) if verify else \
         bundles.ensure_bundle(cfg, Store(cfg.s3, cfg.app), ref)
 
@@ -98,10 +98,10 @@ def bundle(c, ref=None, verify=False):
 @clean_errors
 def publish(c, ref=None):
     """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
+    cfg = _cfg()
     from . import bundle as bundles
     from .store import Store
 
-    cfg = _cfg()
     bundles.publish(cfg, Store(cfg.s3, cfg.app), ref)
 
 
@@ -109,11 +109,11 @@ def publish(c, ref=None):
 @clean_errors
 def setup(c, hosts=None):
     """Install/update the node program, its config and boot unit; create the layout."""
+    cfg = _cfg()
     from . import nodectl
     from .fleet import run_parallel
     from .report import table
 
-    cfg = _cfg()
     plan = _plan(cfg, hosts)
     results = run_parallel(cfg, plan.targets, lambda h, conn: {
         "outcome": nodectl.install(cfg, h, conn, require_boto3=True)})
@@ -133,9 +133,9 @@ def setup(c, hosts=None):
 @clean_errors
 def hotfix(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
+    cfg = _cfg()
     from .hotfix import run_hotfix
 
-    cfg = _cfg()
     _fail_unless(run_hotfix(cfg, _plan(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
                             parallel=int(parallel) if parallel else None))
 
@@ -146,9 +146,9 @@ def hotfix(c, hosts=None, ref=None, push=False, dry_run=False, force=False, para
 @clean_errors
 def rollback(c, hosts=None, release=None, dry_run=False):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
+    cfg = _cfg()
     from .hotfix import run_rollback
 
-    cfg = _cfg()
     _fail_unless(run_rollback(cfg, _plan(cfg, hosts), release=release, dry_run=dry_run))
 
 
@@ -156,11 +156,11 @@ def rollback(c, hosts=None, release=None, dry_run=False):
 @clean_errors
 def status(c, hosts=None, json=False):
     """What every host runs, its last boot, and drift from the published bundle."""
+    cfg = _cfg()
+    plan = _plan(cfg, hosts)
     from . import status as st
     from .store import Store
 
-    cfg = _cfg()
-    plan = _plan(cfg, hosts)
     pointer, results = st.collect(cfg, plan.targets, Store(cfg.s3, cfg.app))
     st.show(cfg, pointer, results, as_json=json)
     _fail_unless(all(r.ok for r in results))
@@ -175,10 +175,10 @@ def status(c, hosts=None, json=False):
 @clean_errors
 def roll(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
+    cfg = _cfg()
     from .config import _batch
     from .roll import run_roll
 
-    cfg = _cfg()
     if batch is not None:
         try:
             batch = _batch(batch)
@@ -192,9 +192,9 @@ def roll(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollb
 @clean_errors
 def unlock(c, force=False):
     """Break a stale deploy lock (only once it has expired, unless --force)."""
+    cfg = _cfg()
     from .store import Store
 
-    cfg = _cfg()
     lock = Store(cfg.s3, cfg.app).break_lock(force=force)
     print("no deploy lock was held" if lock is None else
           f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")

@@ -9,7 +9,6 @@ collected — nothing is lost when one host fails.
 from __future__ import annotations
 
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -197,7 +196,7 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
                 "the key (IdentityFile in ssh_config or ssh.identity_file) and authorized_keys",
             ) from None
         raise HostError(host.name, f"SSH to {host.name} ({addr}) failed: {text}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise HostError(
             host.name,
             f"cannot connect to {host.name} ({addr}): timed out after {cfg.ssh.connect_timeout:g}s; "

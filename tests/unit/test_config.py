@@ -1,0 +1,166 @@
+"""deploy.yml validation: every problem is one line naming the file and the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fabfile import config
+from fabfile.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+app: shop
+repo: ../shop
+s3:
+  bucket: acme-deploy
+deploy_to: /srv/shop
+hosts: [web1, web2]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "deploy.yml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_minimal_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL))
+    assert cfg.app == "shop"
+    assert cfg.repo == tmp_path.resolve() / "../shop"
+    assert cfg.s3.prefix == "shop"  # app name is the default prefix
+    assert cfg.keep_releases == 5
+    assert [h.name for h in cfg.hosts] == ["web1", "web2"]
+    assert cfg.ssh.strict_host_keys is True
+    assert cfg.node_dir == "/usr/local/lib/fabdeploy/shop"
+
+
+def test_example_deploy_yml_in_repo_is_valid() -> None:
+    cfg = config.load(REPO / "deploy.yml")
+    assert cfg.s3.endpoint_url and cfg.hosts
+
+
+def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write(tmp_path, MINIMAL.replace("shop", "cart", 1))
+    monkeypatch.setenv("DEPLOY_CONFIG", str(p))
+    assert config.load().app == "cart"
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + "keep_relases: 3\n")
+    assert "unknown key 'keep_relases'" in msg
+    assert "keep_releases" in msg and str(tmp_path / "deploy.yml") in msg
+
+
+def test_unknown_nested_key_names_section(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL.replace("bucket: acme-deploy", "bucket: acme-deploy\n  bukket: x"))
+    assert "unknown key 's3.bukket'" in msg and "endpoint_url" in msg
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + "keep_releases: five\n")
+    assert "keep_releases must be a whole number" in msg and "'five'" in msg
+
+
+def test_wrong_type_bool(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + "ssh:\n  strict_host_keys: 'no'\n")
+    assert "ssh.strict_host_keys must be true or false" in msg
+
+
+def test_missing_bucket(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL.replace("  bucket: acme-deploy\n", "  region: eu-west-1\n"))
+    assert "missing required key 's3.bucket'" in msg
+
+
+def test_missing_top_level_key(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL.replace("deploy_to: /srv/shop\n", ""))
+    assert "missing required key 'deploy_to'" in msg
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yml")
+    d = tmp_path / "adir.yml"
+    d.mkdir()
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(d)
+
+
+def test_bad_yaml_names_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + "hosts: [web1\n")
+    assert "invalid YAML at line" in msg
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert "empty" in error_of(tmp_path, "")
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "config/../x", "a//b"])
+def test_linked_paths_must_stay_inside_release(tmp_path: Path, bad: str) -> None:
+    msg = error_of(tmp_path, MINIMAL + f"linked_files: [{bad!r}]\n")
+    assert "linked_files must be a plain relative path" in msg
+
+
+def test_deploy_to_must_be_absolute(tmp_path: Path) -> None:
+    assert "deploy_to must be an absolute path" in error_of(tmp_path, MINIMAL.replace("/srv/shop", "srv/shop"))
+
+
+def test_shell_metacharacters_in_names_rejected(tmp_path: Path) -> None:
+    assert "app must be a name" in error_of(tmp_path, MINIMAL.replace("app: shop", "app: 'shop; rm -rf /'"))
+    assert "hosts" in error_of(tmp_path, MINIMAL.replace("[web1, web2]", "['web1;reboot']"))
+
+
+def test_hosts_mapping_and_duplicates(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL.replace(
+        "hosts: [web1, web2]", "hosts:\n  web1: {host: 10.0.0.5, roles: [web]}\n  web2:\n")))
+    assert cfg.hosts[0].host == "10.0.0.5" and cfg.hosts[0].roles == ("web",)
+    assert cfg.hosts[1].host == "web2"
+    assert "more than once" in error_of(tmp_path, MINIMAL.replace("[web1, web2]", "[web1, web1]"))
+    assert "unknown key 'hosts.web1.hots'" in error_of(
+        tmp_path, MINIMAL.replace("hosts: [web1, web2]", "hosts:\n  web1: {hots: x}\n"))
+
+
+def test_node_env_values_must_be_strings(tmp_path: Path) -> None:
+    assert "node_env" in error_of(tmp_path, MINIMAL + "node_env: {A: [1]}\n")
+
+
+def test_roll_batch_forms(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL + "roll: {batch: 25%}\n")).roll.batch == "25%"
+    assert config.load(write(tmp_path, MINIMAL + "roll: {batch: 2}\n")).roll.batch == "2"
+    assert "roll.batch" in error_of(tmp_path, MINIMAL + "roll: {batch: 0}\n")
+
+
+def test_unknown_host_lists_known(tmp_path: Path) -> None:
+    from fabfile.fleet import select_hosts
+
+    cfg = config.load(write(tmp_path, MINIMAL))
+    with pytest.raises(ConfigError, match="unknown host web9 .* known hosts: web1, web2"):
+        select_hosts(cfg, "web9")
+    assert [h.name for h in select_hosts(cfg, "web2, web1,web2")] == ["web2", "web1"]
+
+
+def test_fab_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
+    """The real CLI: a config typo is one line on stderr, exit 1, no traceback."""
+    p = write(tmp_path, MINIMAL + "restrat: x\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["DEPLOY_CONFIG"] = str(p)
+    r = subprocess.run([str(Path(sys.executable).parent / "fab"), "deploy.status"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown key 'restrat'" in lines[0], r.stderr
