@@ -1,0 +1,107 @@
+"""Fleet plumbing that needs no hosts: host-key policy, quoting, batching, node commands."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from fabfile import config, nodectl
+from fabfile.fleet import connect, select_hosts
+from fabfile.roll import batches
+
+
+def make_cfg(tmp_path: Path, extra: str = "", ssh_config: str = "") -> config.Config:
+    (tmp_path / "ssh_config").write_text(ssh_config or "Host web1\n  HostName 10.1.2.3\n  Port 2222\n")
+    (tmp_path / "known_hosts").write_text("")
+    p = tmp_path / "deploy.yml"
+    p.write_text(
+        "app: shop\nrepo: .\ns3: {bucket: b}\ndeploy_to: /srv/shop\nhosts: [web1, web2, web3, web4, web5]\n"
+        "ssh: {config: ssh_config, known_hosts: known_hosts" + extra + "}\n"
+    )
+    return config.load(p)
+
+
+def test_connections_reject_unknown_host_keys_by_default(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    conn = connect(cfg, cfg.hosts[0])
+    assert isinstance(conn.client._policy, paramiko.RejectPolicy)
+    assert (conn.host, conn.port) == ("10.1.2.3", 2222)  # resolved through ssh_config
+
+
+def test_gateways_are_strict_too(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, ssh_config=(
+        "Host web1\n  HostName 10.0.0.1\n  ProxyJump bastion\nHost bastion\n  HostName 192.0.2.1\n"))
+    conn = connect(cfg, cfg.hosts[0])
+    assert conn.gateway is not None and conn.gateway.host == "192.0.2.1"
+    assert isinstance(conn.gateway.client._policy, paramiko.RejectPolicy)
+
+
+def test_opting_out_trusts_on_first_use_without_writing_known_hosts(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, extra=", strict_host_keys: false")
+    conn = connect(cfg, cfg.hosts[0])
+    assert isinstance(conn.client._policy, paramiko.AutoAddPolicy)
+    assert conn.client._host_keys_filename is None  # paramiko would save added keys there
+
+
+def test_batches_by_count_and_percent(tmp_path: Path) -> None:
+    hosts = list(make_cfg(tmp_path).hosts)
+    assert [[h.name for h in b] for b in batches(hosts, "2")] == [["web1", "web2"], ["web3", "web4"], ["web5"]]
+    assert [len(b) for b in batches(hosts, "40%")] == [2, 2, 1]
+    assert [len(b) for b in batches(hosts, "1%")] == [1] * 5
+    assert [len(b) for b in batches(hosts, "100")] == [5]
+
+
+def test_select_hosts_keeps_order_given(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    assert [h.name for h in select_hosts(cfg, "web3,web1")] == ["web3", "web1"]
+    assert len(select_hosts(cfg, None)) == 5
+
+
+def test_node_commands_are_quoted(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    cmd = nodectl.guarded(cfg, "activate", "--ref", "feature/x; rm -rf /", "--url", "http://h/k?a=1&b=2")
+    # The shell sees the hostile ref as one argument, never as a command.
+    words = shlex.split(cmd.split("exec ", 1)[1])
+    assert words[words.index("--ref") + 1] == "feature/x; rm -rf /"
+    assert words[words.index("--url") + 1] == "http://h/k?a=1&b=2"
+    assert f"exit {nodectl.NEEDS_INSTALL}" in cmd
+
+
+def test_fingerprint_changes_with_node_config(tmp_path: Path) -> None:
+    a = make_cfg(tmp_path)
+    p = tmp_path / "deploy.yml"
+    p.write_text(p.read_text() + "keep_releases: 3\n")
+    b = config.load(p)
+    assert nodectl.fingerprint(a) != nodectl.fingerprint(b)
+    assert nodectl.node_json(b)["keep_releases"] == 3
+
+
+def test_boot_unit_orders_before_app(tmp_path: Path) -> None:
+    p = tmp_path / "deploy.yml"
+    make_cfg(tmp_path)
+    p.write_text(p.read_text() + "node: {app_unit: shop.service}\n")
+    text = nodectl.unit_text(config.load(p))
+    assert "Type=oneshot" in text and "Before=shop.service" in text
+    assert "WantedBy=multi-user.target" in text
+    assert "node.py --config /usr/local/lib/fabdeploy/shop/node.json boot" in text
+
+
+@pytest.mark.parametrize("stdout,expected", [
+    ('log line\n{"ok": true, "release": "1"}\n', {"ok": True, "release": "1"}),
+    ('{"ok": false, "error": "x"}', {"ok": False, "error": "x"}),
+])
+def test_parse_takes_last_json_line(tmp_path: Path, stdout: str, expected: dict) -> None:
+    cfg = make_cfg(tmp_path)
+    assert nodectl.parse(cfg.hosts[0], "cmd", stdout, "", 0) == expected
+
+
+def test_parse_without_answer_carries_output(tmp_path: Path) -> None:
+    from fabfile.fleet import HostError
+
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(HostError) as e:
+        nodectl.parse(cfg.hosts[0], "cmd", "", "python3: can't open file\n", 2)
+    assert e.value.exit_code == 2 and "can't open file" in str(e.value) and e.value.host == "web1"
