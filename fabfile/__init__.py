@@ -81,33 +81,30 @@ def _fail_unless(ok: bool) -> None:
 # --- deploy.* -------------------------------------------------------------------
 
 
-@task(help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
+@task(name="bundle", help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
             "verify": "rebuild even if the bundle exists and compare sha256"})
 @clean_errors
-def bundle(c, ref=None, verify=False):
+def bundle_task(c, ref=None, verify=False):
     """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
     cfg = _cfg()
-    from . import bundle as bundles
-    from .store import Store
+    from .bundle import bundle_for
 
-    bundles.build_and_upload(cfg, Store(cfg.s3, cfg.app), ref, verify=verify) if verify else \
-        bundles.ensure_bundle(cfg, Store(cfg.s3, cfg.app), ref)
+    bundle_for(cfg, ref, verify=verify)
 
 
-@task(help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
+@task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
 @clean_errors
-def publish(c, ref=None):
+def publish_task(c, ref=None):
     """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
     cfg = _cfg()
-    from . import bundle as bundles
-    from .store import Store
+    from .bundle import publish_for
 
-    bundles.publish(cfg, Store(cfg.s3, cfg.app), ref)
+    publish_for(cfg, ref)
 
 
-@task(help={"hosts": "comma-separated deploy.yml host names (default: all)"})
+@task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)"})
 @clean_errors
-def setup(c, hosts=None):
+def setup_task(c, hosts=None):
     """Install/update the node program, its config and boot unit; create the layout."""
     cfg = _cfg()
     from . import nodectl
@@ -124,14 +121,14 @@ def setup(c, hosts=None):
     _fail_unless(all(r.ok for r in results))
 
 
-@task(help={"hosts": "comma-separated host names (default: all, which also publishes)",
+@task(name="hotfix", help={"hosts": "comma-separated host names (default: all, which also publishes)",
             "ref": "branch, tag or sha (default: ref in deploy.yml)",
             "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
             "dry_run": "print what would happen and change nothing",
             "force": "activate even if a host already runs that commit",
             "parallel": "hosts at once (default: parallel in deploy.yml)"})
 @clean_errors
-def hotfix(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
+def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg()
     from .hotfix import run_hotfix
@@ -140,11 +137,11 @@ def hotfix(c, hosts=None, ref=None, push=False, dry_run=False, force=False, para
                             parallel=int(parallel) if parallel else None))
 
 
-@task(help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
+@task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
             "release": "release timestamp to go back to (default: each host's previous one)",
             "dry_run": "print what would happen and change nothing"})
 @clean_errors
-def rollback(c, hosts=None, release=None, dry_run=False):
+def rollback_task(c, hosts=None, release=None, dry_run=False):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
     cfg = _cfg()
     from .hotfix import run_rollback
@@ -152,28 +149,28 @@ def rollback(c, hosts=None, release=None, dry_run=False):
     _fail_unless(run_rollback(cfg, _plan(cfg, hosts), release=release, dry_run=dry_run))
 
 
-@task(help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
+@task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
 @clean_errors
-def status(c, hosts=None, json=False):
+def status_task(c, hosts=None, json=False):
     """What every host runs, its last boot, and drift from the published bundle."""
     cfg = _cfg()
     plan = _plan(cfg, hosts)
     from . import status as st
-    from .store import Store
+    from .bundle import store_for
 
-    pointer, results = st.collect(cfg, plan.targets, Store(cfg.s3, cfg.app))
+    pointer, results = st.collect(cfg, plan.targets, store_for(cfg))
     st.show(cfg, pointer, results, as_json=json)
     _fail_unless(all(r.ok for r in results))
 
 
-@task(help={"hosts": "comma-separated host names (default: all)",
+@task(name="roll", help={"hosts": "comma-separated host names (default: all)",
             "ref": "branch, tag or sha (default: ref in deploy.yml)",
             "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
             "resume": "skip hosts already on the published commit",
             "dry_run": "print the plan and change nothing",
             "rollback_on_failure": "on failure, move the pointer back and reboot the failed host"})
 @clean_errors
-def roll(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False):
+def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
     cfg = _cfg()
     from .config import _batch
@@ -188,14 +185,14 @@ def roll(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollb
                           rollback_on_failure=rollback_on_failure))
 
 
-@task(help={"force": "break the lock even if it has not expired yet"})
+@task(name="unlock", help={"force": "break the lock even if it has not expired yet"})
 @clean_errors
-def unlock(c, force=False):
+def unlock_task(c, force=False):
     """Break a stale deploy lock (only once it has expired, unless --force)."""
     cfg = _cfg()
-    from .store import Store
+    from .bundle import store_for
 
-    lock = Store(cfg.s3, cfg.app).break_lock(force=force)
+    lock = store_for(cfg).break_lock(force=force)
     print("no deploy lock was held" if lock is None else
           f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
 
@@ -232,7 +229,10 @@ def sandbox_down(c, dir=None):
     print("sandbox down" + (f": stopped {', '.join(stopped)}" if stopped else " (nothing was running)"))
 
 
-deploy = Collection("deploy", bundle, publish, setup, hotfix, rollback, roll, status, unlock)
+deploy = Collection(
+    "deploy", bundle_task, publish_task, setup_task, hotfix_task, rollback_task, roll_task,
+    status_task, unlock_task,
+)
 sandbox_ns = Collection("sandbox")
 sandbox_ns.add_task(sandbox_up, "up")
 sandbox_ns.add_task(sandbox_down, "down")

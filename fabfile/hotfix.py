@@ -189,7 +189,6 @@ def run_hotfix(
     parallel: int | None = None,
 ) -> bool:
     from . import bundle as bundles
-    from .store import Store
 
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
@@ -199,14 +198,14 @@ def run_hotfix(
             + ("then publish it (whole fleet), under the deploy lock" if plan.whole_fleet
                else "without publishing (subset: these hosts would drift from the published bundle)"))
         return True
-    store = Store(cfg.s3, cfg.app)
+    store = bundles.store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
     with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=plan.whole_fleet):
         start = time.monotonic()
         results = hotfix(cfg, store, b, plan, push=push, force=force, parallel=parallel)
         ok = all(r.ok for r in results)
         if plan.whole_fleet and ok:
-            bundles.publish(cfg, store, b.commit, log=say)
+            bundles.publish_bundle(store, b, log=say)
     print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", results)
     if plan.whole_fleet and not ok:
         warn("some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again")
@@ -217,14 +216,15 @@ def run_hotfix(
 
 def run_rollback(cfg: Config, plan: Plan, *, release: str | None = None, dry_run: bool = False,
                  parallel: int | None = None) -> bool:
-    from .store import Store
+
+    from . import bundle as bundles
 
     if dry_run:
         say(f"dry run: would roll back {', '.join(h.name for h in plan.targets)} to "
             + (release or "each host's previous release")
             + (" and move the published pointer back" if plan.whole_fleet else ""))
         return True
-    store = Store(cfg.s3, cfg.app)
+    store = bundles.store_for(cfg)
     with fleet_lock(cfg, store, "rollback", enabled=plan.whole_fleet):
         start = time.monotonic()
         results = rollback(cfg, plan, release=release, parallel=parallel)

@@ -169,7 +169,6 @@ def run_roll(
     rollback_on_failure: bool = False,
 ) -> bool:
     from . import bundle as bundles
-    from .store import Store
 
     groups = batches(plan.targets, batch or cfg.roll.batch)
     if dry_run:
@@ -179,13 +178,13 @@ def run_roll(
             say(f"  batch {i}: {', '.join(h.name for h in g)}")
         return True
 
-    store = Store(cfg.s3, cfg.app)
+    store = bundles.store_for(cfg)
     results: list[HostRoll] = []
     t0 = time.monotonic()
     with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer()
-        bundles.publish(cfg, store, b.commit, log=say)
+        bundles.publish_bundle(store, b, log=say)
         for i, group in enumerate(groups, 1):
             if stop.requested:
                 warn(f"stopped by Ctrl-C before batch {i}")

@@ -1,0 +1,447 @@
+"""Build the release bundle (`git archive` of one commit, gzipped) and put it in S3.
+
+A bundle is addressed by its commit sha: {prefix}/bundles/<sha>.tar.gz. The
+bytes are deterministic for a given commit on a given git/zlib, so the sha256 in
+the object's metadata is stable, and a rebuild that disagrees means something
+else wrote the object.
+
+Compression: git's internal gzip (`git archive --format=tar.gz`, git >= 2.38)
+at level 1. Its header carries mtime 0 and no file name, so it is byte-for-byte
+reproducible like `gzip -n`; it runs in the git process, i.e. on another core
+than our hashing and upload; measured on a 225 MB / 20k-file tree it is ~1.7x
+faster than level 6 (and ~2.4x faster than Python's gzip at 6, which also
+serialises with our own work) for a bundle only ~6% bigger. Level 9 costs
+several times more for ~1% less.
+
+Upload: the gzip stream is spooled to an anonymous temp file while hashing
+(bounded memory, one sequential disk write that normally stays in the page
+cache), then uploaded with the sha256 already in its metadata. The alternative
+-- upload first, then copy_object onto itself to add the sha256 -- doubles the
+server-side bytes, briefly exposes an object without its checksum and cannot
+be made conditional, so a racing builder could be overwritten.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from .config import Config
+from .store import ConflictError, Pointer, Store, StoreError
+
+Log = Callable[[str], None]
+
+GZIP_LEVEL = 1
+READ_CHUNK = 1024 * 1024
+SHOW_FILES = 10
+# The progress bar appears only once an upload has run this long: short uploads
+# stay quiet instead of flashing a bar.
+PROGRESS_AFTER = 0.7
+REQUIRED_META = ("sha256", "size", "commit")
+
+
+class BundleError(Exception):
+    """A bundling problem phrased as one line for the user."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    commit: str
+    ref: str
+    sha256: str
+    size: int
+    key: str
+    uri: str
+    uploaded: bool
+    committed_at: int
+
+
+def local_user() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = os.environ.get("USER") or "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"},
+    )
+
+
+def resolve_commit(repo: Path, ref: str) -> tuple[str, int]:
+    """(full sha, committer epoch) of `ref` in `repo`."""
+    if not repo.exists():
+        raise BundleError(f"repo {repo} does not exist: fix `repo` in deploy.yml")
+    if not repo.is_dir():
+        raise BundleError(f"repo {repo} is not a directory: fix `repo` in deploy.yml")
+    if not ref or ref.startswith("-"):
+        raise BundleError(f"invalid ref {ref!r} for repo {repo}: give a branch, tag or commit sha")
+    r = _git(repo, "show", "-s", "--format=%H %ct", "--end-of-options", f"{ref}^{{commit}}")
+    if r.returncode != 0:
+        err = r.stderr.strip()
+        if "not a git repository" in err:
+            raise BundleError(f"{repo} is not a git repository: fix `repo` in deploy.yml")
+        raise BundleError(
+            f"unknown ref {ref!r} in repo {repo}: no such branch, tag or commit (fetch it, or fix `ref`)"
+        )
+    sha, _, epoch = r.stdout.strip().partition(" ")
+    return sha, int(epoch)
+
+
+def branch_name(repo: Path, ref: str) -> str:
+    """HEAD as the branch it names, so revisions.log says `Branch main`, as Capistrano's does."""
+    if ref != "HEAD":
+        return ref
+    r = _git(repo, "symbolic-ref", "--short", "-q", "HEAD")
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else ref
+
+
+def dirty_files(repo: Path) -> list[str]:
+    """Paths with uncommitted changes (untracked included): they will NOT ship."""
+    r = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=normal")
+    if r.returncode != 0:
+        return []
+    out: list[str] = []
+    entries = iter(r.stdout.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        out.append(entry[3:])
+        if entry[0] in "RC":
+            next(entries, None)  # -z puts a rename's source in the following field
+    return out
+
+
+def submodule_paths(repo: Path, commit: str) -> list[str]:
+    r = _git(repo, "ls-tree", "-r", "-z", "--full-tree", commit)
+    paths = []
+    for entry in r.stdout.split("\0"):
+        meta, _, path = entry.partition("\t")
+        if meta.startswith("160000 "):
+            paths.append(path)
+    return paths
+
+
+def has_submodules(repo: Path, commit: str) -> bool:
+    return bool(submodule_paths(repo, commit))
+
+
+def _head_commit(repo: Path) -> str | None:
+    r = _git(repo, "rev-parse", "--verify", "-q", "HEAD")
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _list(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOW_FILES])
+    more = len(items) - SHOW_FILES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _warn(repo: Path, commit: str, log: Log) -> None:
+    # The working tree only matters when it is the commit being bundled.
+    if _head_commit(repo) == commit:
+        dirty = dirty_files(repo)
+        if dirty:
+            log(f"warning: uncommitted changes are NOT in the bundle: {_list(dirty)}")
+    subs = submodule_paths(repo, commit)
+    if subs:
+        log(f"warning: submodules are not included in the bundle: {_list(subs)}")
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def archive(repo: Path, commit: str, out: IO[bytes]) -> tuple[str, int]:
+    """Write the gzipped tar of `commit` to `out`; (sha256, size). Streams in chunks."""
+    cmd = [
+        "git",
+        "-C",
+        str(repo),
+        # Pin the internal gzip so a user's tar.tar.gz.command cannot change the bytes.
+        "-c",
+        "tar.tar.gz.command=git archive gzip",
+        "archive",
+        "--format=tar.gz",
+        f"-{GZIP_LEVEL}",
+        commit,
+    ]
+    h = hashlib.sha256()
+    size = 0
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf)
+        assert proc.stdout is not None
+        try:
+            while chunk := proc.stdout.read(READ_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+        if rc != 0:
+            errf.seek(0)
+            msg = errf.read().decode(errors="replace").strip().splitlines()
+            raise BundleError(f"git archive of {commit[:12]} in {repo} failed: {msg[-1] if msg else rc}")
+    return h.hexdigest(), size
+
+
+class _Progress:
+    """Upload progress callback: a rich bar on a TTY once the upload is slow enough."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total = total
+        self.label = label
+        self.enabled = enabled
+        self.done = 0
+        self.started = time.monotonic()
+        self._bar = None
+        self._task = None
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            if not self.enabled:
+                return
+            if self._bar is None and time.monotonic() - self.started >= PROGRESS_AFTER:
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    Progress,
+                    TransferSpeedColumn,
+                )
+
+                self._bar = Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    transient=True,
+                )
+                self._bar.start()
+                self._task = self._bar.add_task(self.label, total=self.total)
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _bundle_from_meta(store: Store, commit: str, ref: str, ct: int, meta: dict[str, str]) -> Bundle:
+    key = store.bundle_key(commit)
+    return Bundle(
+        commit=commit,
+        ref=ref,
+        sha256=meta["sha256"],
+        size=int(meta.get("size") or meta.get("content-length") or 0),
+        key=key,
+        uri=store.uri(key),
+        uploaded=False,
+        committed_at=int(meta.get("committed-at") or ct),
+    )
+
+
+def _mismatch(store: Store, commit: str, theirs: str, ours: str) -> BundleError:
+    return BundleError(
+        f"{store.uri(store.bundle_key(commit))} exists with sha256 {theirs} but this build is {ours}: "
+        "something else wrote it; investigate before deploying"
+    )
+
+
+def _report(b: Bundle, log: Log) -> None:
+    log(f"bundle  {b.uri}")
+    log(f"commit  {b.commit} ({b.ref})")
+    log(f"sha256  {b.sha256}  ({_human_size(b.size)})")
+
+
+def _build(
+    cfg: Config,
+    store: Store,
+    commit: str,
+    ref: str,
+    ct: int,
+    existing: dict[str, str] | None,
+    progress: bool | None,
+    log: Log,
+) -> Bundle:
+    key = store.bundle_key(commit)
+    uri = store.uri(key)
+    with tempfile.TemporaryFile(prefix="fabdeploy-bundle-") as spool:
+        sha, size = archive(cfg.repo, commit, spool)
+        bundle = Bundle(commit, ref, sha, size, key, uri, uploaded=False, committed_at=ct)
+        if existing is not None and existing.get("sha256"):
+            if existing["sha256"] != sha:
+                raise _mismatch(store, commit, existing["sha256"], sha)
+            log(f"bundle for {commit[:12]} already in {uri} (sha256 {sha}), nothing uploaded")
+            return bundle
+        spool.seek(0)
+        meta = {
+            "commit": commit,
+            "ref": ref,
+            "sha256": sha,
+            "size": size,
+            "built-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "built-by": local_user(),
+            "app": cfg.app,
+            "committed-at": ct,
+        }
+        show = sys.stdout.isatty() if progress is None else progress
+        bar = _Progress(size, f"uploading {commit[:12]}", show)
+        try:
+            store.upload_bundle(spool, commit, meta, size_hint=size, progress=bar)
+        except ConflictError:
+            # Another builder created it between our HEAD and our upload: fine if
+            # it is the same bytes, alarming otherwise.
+            theirs = store.head_bundle(commit) or {}
+            if theirs.get("sha256") != sha:
+                raise _mismatch(store, commit, theirs.get("sha256", "<none>"), sha) from None
+            log(f"bundle for {commit[:12]} was uploaded meanwhile by {theirs.get('built-by', 'someone')}, same sha256")
+            return bundle
+        finally:
+            bar.close()
+    return Bundle(commit, ref, sha, size, key, uri, uploaded=True, committed_at=ct)
+
+
+def build_and_upload(
+    cfg: Config,
+    store: Store,
+    ref: str | None = None,
+    progress: bool | None = None,
+    log: Log = print,
+    verify: bool = True,
+) -> Bundle:
+    """Always build; upload unless the same bytes are already there.
+
+    `verify` is accepted for symmetry with ensure_bundle: building always
+    compares against an existing object, so it cannot be turned off here.
+    """
+    ref = ref or cfg.ref
+    commit, ct = resolve_commit(cfg.repo, ref)
+    _warn(cfg.repo, commit, log)
+    b = _build(cfg, store, commit, ref, ct, store.head_bundle(commit), progress, log)
+    _report(b, log)
+    return b
+
+
+def ensure_bundle(
+    cfg: Config,
+    store: Store,
+    ref: str | None = None,
+    log: Log = print,
+    verify: bool = False,
+    progress: bool | None = None,
+) -> Bundle:
+    """Make sure the bundle of `ref` is in S3, building only if it is missing.
+
+    The commit sha determines the content, so an existing object with full
+    metadata is trusted without rebuilding (that makes a re-bundle cost one
+    HEAD request); `verify=True` rebuilds and compares the sha256 instead.
+    """
+    ref = ref or cfg.ref
+    commit, ct = resolve_commit(cfg.repo, ref)
+    ref = branch_name(cfg.repo, ref)
+    _warn(cfg.repo, commit, log)
+    meta = store.head_bundle(commit)
+    if meta is not None and not verify and all(meta.get(k) for k in REQUIRED_META):
+        b = _bundle_from_meta(store, commit, ref, ct, meta)
+        log(f"bundle for {commit[:12]} already in {b.uri} (sha256 {b.sha256}), nothing uploaded")
+    else:
+        b = _build(cfg, store, commit, ref, ct, meta, progress, log)
+    _report(b, log)
+    return b
+
+
+def publish(
+    cfg: Config, store: Store, ref: str | None = None, log: Log = print
+) -> tuple[Bundle, Pointer]:
+    """Ensure the bundle, then point {prefix}/published.json at it (conditional write)."""
+    b = ensure_bundle(cfg, store, ref, log)
+    return b, publish_bundle(store, b, log)
+
+
+def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
+    """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept)."""
+    current, etag = store.read_pointer()
+    if current is not None and current.commit == b.commit:
+        log(
+            f"{b.commit[:12]} is already published (by {current.published_by} at {current.published_at}); "
+            "nothing changed"
+        )
+        return current
+    pointer = Pointer(
+        key=b.key,
+        commit=b.commit,
+        sha256=b.sha256,
+        ref=b.ref,
+        size=b.size,
+        published_by=local_user(),
+        published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        committed_at=b.committed_at,
+    )
+    store.write_pointer(pointer, etag)
+    was = f" (was {current.commit[:12]})" if current else " (first publish)"
+    log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}")
+    return pointer
+
+
+# --- short aliases for the tasks ---------------------------------------------------------
+
+
+def store_for(cfg: Config) -> Store:
+    return Store(cfg.s3, cfg.app, config_path=cfg.path)
+
+
+def bundle_for(cfg: Config, ref: str | None = None, *, verify: bool = False, log: Log = print) -> Bundle:
+    """`fab deploy.bundle`: ensure_bundle with a Store made from the config."""
+    return ensure_bundle(cfg, store_for(cfg), ref, log, verify=verify)
+
+
+def publish_for(cfg: Config, ref: str | None = None, *, log: Log = print) -> tuple[Bundle, Pointer]:
+    """`fab deploy.publish`: publish with a Store made from the config."""
+    return publish(cfg, store_for(cfg), ref, log)
+
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "StoreError",
+    "archive",
+    "build_and_upload",
+    "bundle_for",
+    "dirty_files",
+    "ensure_bundle",
+    "has_submodules",
+    "local_user",
+    "publish",
+    "publish_for",
+    "resolve_commit",
+    "store_for",
+    "submodule_paths",
+]

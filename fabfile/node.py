@@ -1,0 +1,1504 @@
+#!/usr/bin/python3
+"""fabdeploy node program: activates bundles on one host in Capistrano 3's release layout.
+
+Copied to each host as /usr/local/lib/fabdeploy/<app>/node.py next to its node.json and run
+by the controller over SSH (activate, rollback, status, cleanup) and by a systemd oneshot at
+boot (boot). It must run on Debian 12's /usr/bin/python3 (3.11.2) with the standard library
+only; boto3 is imported lazily, and only when S3 is actually touched.
+
+Every command prints exactly one JSON object as the last line of stdout; human-readable log
+lines go to stderr so the controller can parse stdout blindly.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - typing only, keeps import time low
+    import tarfile
+    from collections.abc import Callable
+    from typing import Any
+
+VERSION = "1.0.0"
+LOG_PREFIX = "fabdeploy-node: "
+RELEASE_RE = re.compile(r"^\d{14}$")
+STAGING_PREFIX = ".staging-"
+CURRENT_TMP_PREFIX = ".current-tmp-"
+DOWNLOAD_PREFIX = "dl-"
+STATE_DIR = ".fabdeploy"
+OUTPUT_TAIL_LINES = 20
+# Per-file overhead when estimating disk needs: most filesystems allocate whole 4 KiB blocks.
+BLOCK = 4096
+SPACE_SLACK = 16 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class NodeError(Exception):
+    """An expected failure: reported as one JSON line, never as a traceback."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class VerificationError(NodeError):
+    """The bundle's sha256 did not match: retrying rarely helps, so boot retries it once."""
+
+
+class UnsafeBundle(NodeError):
+    """A member failed a safety check; extract_bundle adds host/bundle context."""
+
+
+class CommandFailed(Exception):
+    def __init__(self, command: str, returncode: int, tail: list[str]) -> None:
+        super().__init__(f"`{command}` exited with {returncode}")
+        self.command = command
+        self.returncode = returncode
+        self.tail = tail
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(message: str) -> None:
+    print(LOG_PREFIX + message, file=sys.stderr, flush=True)
+
+
+def hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def default_user() -> str:
+    # SUDO_USER first: deploys run via sudo, and revisions.log should name the human.
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or os.environ.get("LOGNAME")
+    if user:
+        return user
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def utc_stamp(epoch: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(epoch))
+
+
+def iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def remove_path(path: str) -> None:
+    """rm -rf without ever following a symlink (a link is unlinked, never descended)."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        import shutil
+
+        shutil.rmtree(path)
+
+
+def disk_free(path: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
+def mb(nbytes: int) -> str:
+    return f"{nbytes / (1024 * 1024):.1f}"
+
+
+def redact_url(url: str) -> str:
+    # Presigned URLs carry a signature in the query string: never echo it into logs.
+    return url.split("?", 1)[0]
+
+
+def atomic_write(path: str, data: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+class S3Config:
+    def __init__(self, bucket: str, prefix: str, region: str | None, endpoint_url: str | None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.region = region
+        self.endpoint_url = endpoint_url
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+
+class BootConfig:
+    def __init__(
+        self,
+        attempts: int = 5,
+        first_boot_attempts: int = 30,
+        backoff: float = 1.0,
+        max_backoff: float = 10.0,
+        max_seconds: float = 900.0,
+    ) -> None:
+        self.attempts = max(1, int(attempts))
+        self.first_boot_attempts = max(1, int(first_boot_attempts))
+        self.backoff = max(0.0, float(backoff))
+        self.max_backoff = max(0.0, float(max_backoff))
+        self.max_seconds = max(0.0, float(max_seconds))
+
+
+class Config:
+    def __init__(self, raw: dict[str, Any], source: str = "<dict>") -> None:
+        def need(value: Any, name: str) -> Any:
+            if value in (None, ""):
+                raise NodeError(
+                    f"{source}: required key {name!r} is missing on {hostname()}: "
+                    "re-run the controller's setup to rewrite node.json"
+                )
+            return value
+
+        if not isinstance(raw, dict):
+            raise NodeError(f"{source}: expected a JSON object")
+        self.app: str = str(need(raw.get("app"), "app"))
+        deploy_to = str(need(raw.get("deploy_to"), "deploy_to"))
+        if not os.path.isabs(deploy_to):
+            raise NodeError(f"{source}: deploy_to must be an absolute path, got {deploy_to!r}")
+        # abspath, not realpath: Capistrano stores the configured path in `current` verbatim.
+        self.deploy_to: str = os.path.abspath(deploy_to)
+        self.keep_releases: int = max(1, int(raw.get("keep_releases") or 5))
+        self.linked_files: list[str] = [str(p) for p in raw.get("linked_files") or []]
+        self.linked_dirs: list[str] = [str(p) for p in raw.get("linked_dirs") or []]
+        s3 = raw.get("s3") or {}
+        self.s3 = S3Config(
+            bucket=str(need(s3.get("bucket"), "s3.bucket")),
+            prefix=str(s3.get("prefix") or ""),
+            region=s3.get("region") or None,
+            endpoint_url=s3.get("endpoint_url") or None,
+        )
+        self.env: dict[str, str] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
+        hooks = raw.get("hooks") or {}
+        self.before_swap: list[str] = [str(c) for c in hooks.get("before_swap") or []]
+        self.restart: str | None = raw.get("restart") or None
+        boot = raw.get("boot") or {}
+        known = ("attempts", "first_boot_attempts", "backoff", "max_backoff", "max_seconds")
+        self.boot = BootConfig(**{k: boot[k] for k in known if boot.get(k) is not None})
+        self.max_files: int = int(raw.get("max_files") or 200000)
+        self.lock_timeout: float = float(raw.get("lock_timeout") or 120.0)
+        self.download_timeout: float = float(raw.get("download_timeout") or 60.0)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise NodeError(
+            f"config {path} not found on {hostname()}: run the controller's setup for this host"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"cannot read config {path} on {hostname()}: {exc}") from None
+    return Config(raw, source=path)
+
+
+# --------------------------------------------------------------------------------------------
+# layout and release inspection
+
+
+class Layout:
+    def __init__(self, deploy_to: str) -> None:
+        self.deploy_to = deploy_to
+        self.releases = os.path.join(deploy_to, "releases")
+        self.shared = os.path.join(deploy_to, "shared")
+        self.current = os.path.join(deploy_to, "current")
+        self.state = os.path.join(deploy_to, STATE_DIR)
+        self.lock = os.path.join(self.state, "lock")
+        self.status = os.path.join(self.state, "status.json")
+        self.revisions_log = os.path.join(deploy_to, "revisions.log")
+
+    def ensure(self) -> None:
+        for path in (self.deploy_to, self.releases, self.shared, self.state):
+            os.makedirs(path, exist_ok=True)
+
+    def release_path(self, name: str) -> str:
+        return os.path.join(self.releases, name)
+
+
+def read_revision(release_dir: str) -> str | None:
+    try:
+        with open(os.path.join(release_dir, "REVISION"), encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def list_releases(layout: Layout) -> list[str]:
+    try:
+        names = os.listdir(layout.releases)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if RELEASE_RE.match(n))
+
+
+def complete_releases(layout: Layout) -> list[str]:
+    return [n for n in list_releases(layout) if read_revision(layout.release_path(n))]
+
+
+class Current:
+    """What `current` points at; `ok` means the target exists and has a REVISION."""
+
+    def __init__(self, target: str, path: str, release: str, commit: str | None, ok: bool):
+        self.target = target
+        self.path = path
+        self.release = release
+        self.commit = commit
+        self.ok = ok
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"release": self.release, "commit": self.commit, "path": self.path, "ok": self.ok}
+
+    def brief(self) -> dict[str, Any]:
+        return {"release": self.release, "commit": self.commit}
+
+
+def read_current(layout: Layout) -> Current | None:
+    if not os.path.islink(layout.current):
+        if os.path.isdir(layout.current):
+            raise NodeError(
+                f"{layout.current} on {hostname()} is a real directory, not a symlink: "
+                "move it aside (it is not a release) and deploy again"
+            )
+        return None
+    target = os.readlink(layout.current)
+    path = target if os.path.isabs(target) else os.path.join(layout.deploy_to, target)
+    path = os.path.normpath(path)
+    commit = read_revision(path) if os.path.isdir(path) else None
+    return Current(target, path, os.path.basename(path), commit, commit is not None)
+
+
+def next_release_name(layout: Layout, now: float) -> str:
+    """UTC timestamp name that does not exist yet and sorts after every existing release."""
+    name = utc_stamp(now)
+    existing = list_releases(layout)
+    newest = existing[-1] if existing else None
+    while (newest is not None and name <= newest) or os.path.lexists(layout.release_path(name)):
+        base = newest if newest is not None and newest >= name else name
+        name = _add_second(base)
+        newest = name if newest is None or name > newest else newest
+    return name
+
+
+def _add_second(stamp: str) -> str:
+    import calendar
+
+    try:
+        epoch = calendar.timegm(time.strptime(stamp, "%Y%m%d%H%M%S"))
+        return utc_stamp(epoch + 1)
+    except ValueError:
+        # Not a real date (e.g. hand-made dir): still produce a name that sorts after it.
+        return str(int(stamp) + 1).zfill(14)
+
+
+# --------------------------------------------------------------------------------------------
+# host lock and status
+
+
+class HostLock:
+    """flock on .fabdeploy/lock: released by the kernel if we die, so it can never go stale."""
+
+    def __init__(self, layout: Layout, action: str, timeout: float) -> None:
+        self.layout = layout
+        self.action = action
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def __enter__(self) -> HostLock:
+        os.makedirs(self.layout.state, exist_ok=True)
+        fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = self._holder(fd)
+                    os.close(fd)
+                    raise NodeError(
+                        f"another fabdeploy run holds {self.layout.lock} on {hostname()} "
+                        f"({holder}); waited {self.timeout:.0f}s: wait for it to finish, "
+                        "then retry"
+                    ) from None
+                if not announced:
+                    log(f"waiting for lock {self.layout.lock} ({self._holder(fd)})")
+                    announced = True
+                time.sleep(0.1)
+        info = {
+            "pid": os.getpid(),
+            "action": self.action,
+            "user": default_user(),
+            "since": iso_now(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return (
+                f"held by pid {info.get('pid')} running {info.get('action')} "
+                f"for {info.get('user')} since {info.get('since')}"
+            )
+        except (OSError, ValueError):
+            return "holder unknown"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            finally:
+                os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def read_status(layout: Layout) -> dict[str, Any]:
+    try:
+        with open(layout.status, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record_status(layout: Layout, key: str, entry: dict[str, Any]) -> None:
+    """Best effort: a status write must never turn a good deploy into a failed one."""
+    try:
+        os.makedirs(layout.state, exist_ok=True)
+        data = read_status(layout)
+        data[key] = {**entry, "at": iso_now(), "boot_id": boot_id()}
+        atomic_write(layout.status, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        log(f"warning: cannot write {layout.status}: {exc}")
+
+
+# --------------------------------------------------------------------------------------------
+# fetching bundles
+
+
+class Source:
+    """Where a bundle comes from: kind is 'url', 's3' or 'file'."""
+
+    def __init__(self, kind: str, value: str) -> None:
+        if kind not in ("url", "s3", "file"):
+            raise ValueError(kind)
+        self.kind = kind
+        self.value = value
+
+    def describe(self, cfg: Config) -> str:
+        if self.kind == "url":
+            return redact_url(self.value)
+        if self.kind == "s3":
+            return f"s3://{cfg.s3.bucket}/{self.value}"
+        return self.value
+
+
+def s3_client(cfg: Config) -> Any:
+    os.environ.update(cfg.env)
+    # New boto3 sends CRC32 checksums that some S3-compatible servers reject; old boto3
+    # ignores these variables, so setting them is harmless either way.
+    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    try:
+        import boto3
+        from botocore.config import Config as BotoConfig
+    except ImportError:
+        raise NodeError(
+            f"boto3 is not installed on {hostname()}: apt-get install python3-boto3"
+        ) from None
+    # Short timeouts and few retries: boot must stay bounded, we do our own retrying.
+    boto_cfg = BotoConfig(
+        connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}
+    )
+    return boto3.client(
+        "s3", region_name=cfg.s3.region, endpoint_url=cfg.s3.endpoint_url, config=boto_cfg
+    )
+
+
+def _s3_error(exc: Exception, what: str, cfg: Config) -> NodeError:
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    where = cfg.s3.endpoint_url or f"region {cfg.s3.region or 'default'}"
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return NodeError(
+            f"{what} does not exist ({where}) as seen from {hostname()}: publish it first"
+        )
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return NodeError(
+            f"access denied reading {what} from {hostname()} ({code}): check the host's S3 credentials"
+        )
+    text = str(exc).replace("\n", " ")
+    return NodeError(
+        f"cannot read {what} from {hostname()} via {where}: {type(exc).__name__}: {text}"
+    )
+
+
+def fetch_bundle(cfg: Config, layout: Layout, source: Source, expected: str) -> tuple[str, bool]:
+    """Returns (path, is_temporary); the sha256 is verified before returning."""
+    import hashlib
+
+    expected = expected.strip().lower()
+    digest = hashlib.sha256()
+    desc = source.describe(cfg)
+    if source.kind == "file":
+        path = os.path.abspath(source.value)
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise NodeError(f"cannot read bundle {path} on {hostname()}: {exc.strerror}") from None
+        inside_state = os.path.commonpath([path, layout.state]) == layout.state
+        _verify(digest.hexdigest(), expected, desc, path if inside_state else None)
+        return path, inside_state
+
+    import tempfile
+
+    os.makedirs(layout.state, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", suffix=".tar.gz", dir=layout.state
+    )
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source.kind == "url":
+                _download_url(source.value, out, digest, cfg.download_timeout)
+            else:
+                _download_s3(cfg, source.value, out, digest)
+        _verify(digest.hexdigest(), expected, desc, tmp)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp, True
+
+
+def _download_url(url: str, out: Any, digest: Any, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    shown = redact_url(url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            while chunk := resp.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+    except urllib.error.HTTPError as exc:
+        hint = " (presigned URL expired? deploy again)" if exc.code in (400, 403) else ""
+        raise NodeError(f"HTTP {exc.code} fetching {shown} on {hostname()}{hint}") from None
+    except OSError as exc:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise _space_error(os.path.dirname(out.name), None) from None
+        reason = getattr(exc, "reason", exc)
+        raise NodeError(f"cannot download {shown} on {hostname()}: {reason}") from None
+
+
+def _download_s3(cfg: Config, key: str, out: Any, digest: Any) -> None:
+    what = f"bundle s3://{cfg.s3.bucket}/{key}"
+    client = s3_client(cfg)
+    try:
+        body = client.get_object(Bucket=cfg.s3.bucket, Key=key)["Body"]
+        while chunk := body.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _space_error(os.path.dirname(out.name), None) from None
+        raise _s3_error(exc, what, cfg) from None
+    except Exception as exc:  # botocore's exception classes are only known after import
+        raise _s3_error(exc, what, cfg) from None
+
+
+def _verify(actual: str, expected: str, desc: str, path: str | None) -> None:
+    if actual != expected:
+        if path and os.path.lexists(path):
+            os.unlink(path)
+        raise VerificationError(
+            f"sha256 mismatch for bundle {desc} on {hostname()}: expected {expected}, "
+            f"got {actual}; nothing was extracted: re-publish the bundle or check the source"
+        )
+
+
+def read_pointer_s3(cfg: Config) -> dict[str, Any]:
+    key = cfg.s3.key("published.json")
+    what = f"pointer s3://{cfg.s3.bucket}/{key}"
+    client = s3_client(cfg)
+    try:
+        raw = client.get_object(Bucket=cfg.s3.bucket, Key=key)["Body"].read()
+    except Exception as exc:  # botocore's exception classes are only known after import
+        raise _s3_error(exc, what, cfg) from None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise NodeError(f"{what} is not valid JSON ({exc}): re-publish") from None
+
+
+def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
+    where = f"pointer s3://{cfg.s3.bucket}/{cfg.s3.key('published.json')}"
+    if not isinstance(pointer, dict):
+        raise NodeError(f"{where} is not a JSON object: re-publish")
+    for field in ("key", "commit", "sha256"):
+        if not isinstance(pointer.get(field), str) or not pointer[field]:
+            raise NodeError(f"{where} lacks field {field!r}: re-publish")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", pointer["sha256"]):
+        raise NodeError(f"{where} has a malformed sha256: re-publish")
+    return pointer
+
+
+# --------------------------------------------------------------------------------------------
+# safe extraction (Python 3.11.2 has no tarfile data filter, so every check is ours)
+
+
+def _member_path(raw: str, what: str) -> str:
+    if raw.startswith("/"):
+        raise UnsafeBundle(f"{what} {raw!r} is an absolute path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeBundle(f"{what} {raw!r} contains a '..' component")
+    return "/".join(parts)
+
+
+def _resolve(
+    base: list[str], target: str, symlinks: dict[str, str], depth: int
+) -> list[str] | None:
+    """Resolve `target` from dir `base` like the kernel would, using the archive's own
+    symlinks; None means it escapes the release (or loops, which we treat the same)."""
+    if target.startswith("/") or depth > 40:
+        return None
+    cur = list(base)
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not cur:
+                return None
+            cur.pop()
+            continue
+        cur.append(comp)
+        link = symlinks.get("/".join(cur))
+        if link is not None:
+            resolved = _resolve(cur[:-1], link, symlinks, depth + 1)
+            if resolved is None:
+                return None
+            cur = resolved
+    return cur
+
+
+def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """Reject the whole bundle on the first unsafe member; returns sanitised members."""
+    kinds: dict[str, str] = {}
+    symlinks: dict[str, str] = {}
+    accepted: list[tarfile.TarInfo] = []
+    for m in members:
+        name = _member_path(m.name, "member")
+        if not name:
+            if m.isdir():
+                continue  # the "./" entry of `tar -C dir .`
+            raise UnsafeBundle(f"member {m.name!r} has an empty path")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            kind = kinds.get(prefix)
+            if kind is not None and kind != "dir":
+                raise UnsafeBundle(f"member {m.name!r} goes through {kind} member {prefix!r}")
+        previous = kinds.get(name)
+        if previous is not None and not (previous == "dir" and m.isdir()):
+            # tarfile would write through an existing symlink, so no overwriting at all.
+            raise UnsafeBundle(f"member {m.name!r} appears twice in the bundle")
+        if m.isdir():
+            kind = "dir"
+            m.mode = (m.mode & 0o777) | 0o700  # we must be able to link shared dirs inside
+        elif m.isreg():
+            kind = "file"
+            m.mode &= 0o777  # drop setuid/setgid/sticky
+        elif m.issym():
+            kind = "symlink"
+            if m.linkname.startswith("/"):
+                raise UnsafeBundle(f"symlink {m.name!r} points to absolute path {m.linkname!r}")
+            symlinks[name] = m.linkname
+        elif m.islnk():
+            kind = "hardlink"
+            target = _member_path(m.linkname, f"hard link {m.name!r} target")
+            if kinds.get(target) not in ("file", "hardlink"):
+                raise UnsafeBundle(
+                    f"hard link {m.name!r} points to {m.linkname!r}, which is not an earlier "
+                    "regular file of the bundle"
+                )
+            m.linkname = target
+            m.mode &= 0o777
+        else:
+            raise UnsafeBundle(
+                f"member {m.name!r} is a special file (device, fifo or unknown type "
+                f"{m.type!r}): not allowed in a bundle"
+            )
+        m.name = name
+        m.uid = m.gid = 0
+        m.uname = m.gname = ""
+        kinds[name] = kind
+        for i in range(1, len(parts)):  # implicit parents must not become symlinks later
+            kinds.setdefault("/".join(parts[:i]), "dir")
+        accepted.append(m)
+    for name, target in symlinks.items():
+        if _resolve(name.split("/")[:-1], target, symlinks, 0) is None:
+            raise UnsafeBundle(f"symlink {name!r} -> {target!r} resolves outside the release")
+    return accepted
+
+
+def space_needed(members: list[tarfile.TarInfo]) -> int:
+    total = SPACE_SLACK
+    for m in members:
+        size = m.size if m.isreg() else 0
+        total += max(BLOCK, -(-size // BLOCK) * BLOCK)
+    return total
+
+
+def _space_error(path: str, needed: int | None) -> NodeError:
+    try:
+        free = disk_free(path)
+    except OSError:
+        free = 0
+    need = f"{mb(needed)} MB needed, " if needed is not None else ""
+    return NodeError(
+        f"not enough disk space on {hostname()} at {path}: {need}{mb(free)} MB free: "
+        "free some space (e.g. `cleanup`, lower keep_releases) and deploy again",
+        needed_mb=round(needed / 1048576, 1) if needed is not None else None,
+        free_mb=round(free / 1048576, 1),
+    )
+
+
+def _safe_tarfile_class() -> type[tarfile.TarFile]:
+    import tarfile
+
+    class SafeTarFile(tarfile.TarFile):
+        def chown(self, tarinfo: tarfile.TarInfo, targetpath: str, numeric_owner: bool) -> None:
+            # Files belong to whoever runs the deploy; bundle owners mean nothing here.
+            return None
+
+    return SafeTarFile
+
+
+def extract_bundle(bundle: str, dest: str, max_files: int) -> int:
+    """Extract into `dest` (must not exist); on any failure `dest` is removed. Returns the
+    number of members extracted."""
+    import gzip
+    import tarfile
+    import zlib
+
+    corrupt = (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile)
+    created = False
+    try:
+        with _safe_tarfile_class().open(bundle, "r:*") as tf:
+            members: list[tarfile.TarInfo] = []
+            while (member := tf.next()) is not None:
+                members.append(member)
+                if len(members) > max_files:
+                    raise UnsafeBundle(
+                        f"it has more than max_files={max_files} members "
+                        "(raise max_files in node.json if that is intended)"
+                    )
+            # tarfile stops at the end-of-archive blocks; read the rest so a truncated
+            # gzip stream (missing CRC trailer) is detected before anything is written.
+            while tf.fileobj is not None and tf.fileobj.read(CHUNK):
+                pass
+            members = validate_members(members)
+            needed = space_needed(members)
+            parent = os.path.dirname(dest)
+            if disk_free(parent) < needed:
+                raise _space_error(parent, needed)
+            os.mkdir(dest, 0o755)
+            created = True
+            extra: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tf.extractall(dest, members=members, numeric_owner=True, **extra)
+            return len(members)
+    except UnsafeBundle as exc:
+        _discard(dest, created)
+        raise NodeError(
+            f"unsafe bundle {bundle} rejected on {hostname()}: {exc.message}; nothing was "
+            "extracted: fix the bundle (or its build) and publish again"
+        ) from None
+    except corrupt as exc:
+        _discard(dest, created)
+        raise NodeError(
+            f"bundle {bundle} is corrupt or truncated on {hostname()} ({type(exc).__name__}: {exc}): "
+            "re-publish it and deploy again"
+        ) from None
+    except OSError as exc:
+        _discard(dest, created)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _space_error(os.path.dirname(dest), None) from None
+        raise NodeError(
+            f"cannot extract bundle {bundle} into {dest} on {hostname()}: {exc}"
+        ) from None
+    except BaseException:
+        _discard(dest, created)
+        raise
+
+
+def _discard(path: str, created: bool) -> None:
+    if created and os.path.lexists(path):
+        remove_path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# release assembly
+
+
+def check_linked_path(rel: str, kind: str) -> str:
+    norm = [p for p in rel.split("/") if p not in ("", ".")]
+    if rel.startswith("/") or not norm or ".." in norm:
+        raise NodeError(
+            f"linked {kind} {rel!r} in node.json must be a relative path inside the release "
+            "without '..': fix linked_{kind}s in the deploy config"
+        )
+    return "/".join(norm)
+
+
+def check_linked_files(cfg: Config, layout: Layout) -> None:
+    for rel in cfg.linked_files:
+        rel = check_linked_path(rel, "file")
+        full = os.path.join(layout.shared, rel)
+        if not os.path.exists(full):
+            raise NodeError(
+                f"linked file shared/{rel} is missing on {hostname()} ({full}): "
+                "create it, then deploy again"
+            )
+    for rel in cfg.linked_dirs:
+        check_linked_path(rel, "dir")
+
+
+def write_revision(release: str, commit: str, committed_at: int | None) -> None:
+    # Same format as Capistrano's `echo "#{rev}" > REVISION`: value plus newline.
+    stamp = int(committed_at) if committed_at is not None else int(time.time())
+    for name, value in (("REVISION", commit), ("REVISION_TIME", str(stamp))):
+        path = os.path.join(release, name)
+        if os.path.lexists(path):
+            remove_path(path)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(value + "\n")
+
+
+def _inside(release: str, path: str) -> bool:
+    real_release = os.path.realpath(release)
+    return os.path.commonpath([real_release, os.path.realpath(path)]) == real_release
+
+
+def link_shared(cfg: Config, layout: Layout, release: str) -> None:
+    """Capistrano's deploy:symlink:linked_dirs / linked_files, with absolute targets."""
+    check_linked_files(cfg, layout)
+    pairs = [(check_linked_path(d, "dir"), True) for d in cfg.linked_dirs]
+    pairs += [(check_linked_path(f, "file"), False) for f in cfg.linked_files]
+    for rel, is_dir in pairs:
+        shared = os.path.join(layout.shared, rel)
+        if is_dir:
+            os.makedirs(shared, exist_ok=True)
+        target = os.path.join(release, rel)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        if not _inside(release, parent):
+            raise NodeError(f"linked path {rel!r} would leave release {release} via a symlink")
+        if os.path.lexists(target):
+            remove_path(target)
+        os.symlink(shared, target)
+
+
+def run_shell(command: str, cwd: str, env: dict[str, str], label: str) -> None:
+    """Run through /bin/sh, relaying output to stderr (stdout is reserved for our JSON)."""
+    import subprocess
+    from collections import deque
+
+    log(f"{label}: {command}")
+    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    except OSError as exc:
+        raise CommandFailed(command, 127, [str(exc)]) from None
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        tail.append(line)
+        print(f"{LOG_PREFIX}  | {line}", file=sys.stderr, flush=True)
+    rc = proc.wait()
+    if rc != 0:
+        raise CommandFailed(command, rc, list(tail))
+
+
+def swap_current(layout: Layout, release: str) -> None:
+    """Atomic: a new symlink under a temp name renamed over `current` (rename(2) replaces
+    the link itself, so readers see either the old or the new release, never nothing)."""
+    if os.path.isdir(layout.current) and not os.path.islink(layout.current):
+        raise NodeError(
+            f"{layout.current} on {hostname()} is a real directory, not a symlink: "
+            "move it aside and deploy again"
+        )
+    tmp = os.path.join(layout.deploy_to, f"{CURRENT_TMP_PREFIX}{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(os.path.abspath(release), tmp)
+    os.replace(tmp, layout.current)
+
+
+def append_revision_log(layout: Layout, line: str) -> None:
+    with open(layout.revisions_log, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def remove_leftovers(layout: Layout) -> list[str]:
+    """Staging dirs, temp downloads and temp links of runs that died; call with the lock held."""
+    removed: list[str] = []
+    for directory, prefixes in (
+        (layout.releases, (STAGING_PREFIX,)),
+        (layout.state, (DOWNLOAD_PREFIX, "status.json.tmp-")),
+        (layout.deploy_to, (CURRENT_TMP_PREFIX,)),
+    ):
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in sorted(names):
+            if name.startswith(prefixes):
+                path = os.path.join(directory, name)
+                remove_path(path)
+                removed.append(path)
+    return removed
+
+
+def prune(layout: Layout, keep: int) -> list[str]:
+    """Capistrano's deploy:cleanup: keep the newest `keep` names, never remove current."""
+    releases = list_releases(layout)
+    cur = read_current(layout)
+    doomed = releases[:-keep] if len(releases) > keep else []
+    pruned: list[str] = []
+    for name in doomed:
+        if cur is not None and os.path.normpath(layout.release_path(name)) == cur.path:
+            continue
+        remove_path(layout.release_path(name))
+        pruned.append(name)
+    if pruned:
+        log(f"pruned releases: {', '.join(pruned)}")
+    return pruned
+
+
+def _hook_env(layout: Layout, release: str, commit: str) -> dict[str, str]:
+    return {"RELEASE_PATH": release, "DEPLOY_TO": layout.deploy_to, "REVISION": commit}
+
+
+def _tail_text(tail: list[str]) -> str:
+    return (
+        " | ".join(line.strip() for line in tail[-OUTPUT_TAIL_LINES:] if line.strip())
+        or "(no output)"
+    )
+
+
+def _restart_with_fallback(
+    cfg: Config, layout: Layout, new: str, previous: Current | None, user: str
+) -> None:
+    """Restart; if it fails, put `current` back on the previous release and restart that."""
+    assert cfg.restart
+    try:
+        run_shell(cfg.restart, new, _hook_env(layout, new, read_revision(new) or ""), "restart")
+        return
+    except CommandFailed as exc:
+        failure = exc
+    host = hostname()
+    if previous is None or not previous.ok:
+        raise NodeError(
+            f"restart `{failure.command}` failed with exit code {failure.returncode} on {host} "
+            f"for release {os.path.basename(new)} and there is no previous release to go back "
+            f"to: fix the app and deploy again. Output tail: {_tail_text(failure.tail)}",
+            output_tail=failure.tail,
+        )
+    swap_current(layout, previous.path)
+    append_revision_log(layout, f"{user} rolled back to release {previous.release}")
+    log(f"restart failed; current is back on {previous.release}, restarting it")
+    try:
+        run_shell(
+            cfg.restart,
+            previous.path,
+            _hook_env(layout, previous.path, previous.commit or ""),
+            "restart",
+        )
+        again = "restarted OK"
+    except CommandFailed as exc2:
+        again = f"its restart failed too (exit code {exc2.returncode})"
+    raise NodeError(
+        f"restart `{failure.command}` failed with exit code {failure.returncode} on {host} "
+        f"for release {os.path.basename(new)}; current is back on {previous.release} and "
+        f"{again}: check the app's logs. Output tail: {_tail_text(failure.tail)}",
+        output_tail=failure.tail,
+        current=previous.release,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def activate(
+    cfg: Config,
+    *,
+    sha256: str,
+    commit: str,
+    source: Source,
+    ref: str | None = None,
+    user: str | None = None,
+    committed_at: int | None = None,
+    restart: bool = False,
+    force: bool = False,
+    action: str = "activate",
+    now: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    layout = Layout(cfg.deploy_to)
+    try:
+        result = _activate(
+            cfg,
+            layout,
+            sha256,
+            commit,
+            source,
+            ref,
+            user,
+            committed_at,
+            restart,
+            force,
+            action,
+            now,
+        )
+    except NodeError as exc:
+        record_status(
+            layout,
+            "last",
+            {"action": action, "outcome": "failed", "reason": exc.message, "commit": commit},
+        )
+        raise
+    record_status(
+        layout,
+        "last",
+        {
+            "action": action,
+            "outcome": "ok" if result["changed"] else "unchanged",
+            "reason": None,
+            "commit": commit,
+            "release": result["release"],
+        },
+    )
+    return result
+
+
+def _activate(
+    cfg: Config,
+    layout: Layout,
+    sha256: str,
+    commit: str,
+    source: Source,
+    ref: str | None,
+    user: str | None,
+    committed_at: int | None,
+    restart: bool,
+    force: bool,
+    action: str,
+    now: Callable[[], float],
+) -> dict[str, Any]:
+    started = time.monotonic()
+    user = user or default_user()
+    try:
+        layout.ensure()
+    except OSError as exc:
+        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    with HostLock(layout, action, cfg.lock_timeout):
+        remove_leftovers(layout)
+        previous = read_current(layout)
+        if not force and previous is not None and previous.ok and previous.commit == commit:
+            log(f"current already is release {previous.release} of {commit}: nothing to do")
+            return {"ok": True, "changed": False, "release": previous.release, "commit": commit}
+        check_linked_files(cfg, layout)
+
+        t0 = time.monotonic()
+        bundle, is_temp = fetch_bundle(cfg, layout, source, sha256)
+        t_download = time.monotonic() - t0
+        staging = layout.release_path(f"{STAGING_PREFIX}{utc_stamp(now())}-{os.getpid()}")
+        t0 = time.monotonic()
+        try:
+            count = extract_bundle(bundle, staging, cfg.max_files)
+        finally:
+            if is_temp and os.path.lexists(bundle):
+                os.unlink(bundle)
+        t_extract = time.monotonic() - t0
+        log(f"extracted {count} members from {source.describe(cfg)}")
+
+        try:
+            write_revision(staging, commit, committed_at)
+            link_shared(cfg, layout, staging)
+            name = next_release_name(layout, now())
+            release = layout.release_path(name)
+            os.rename(staging, release)
+        except BaseException:
+            remove_path(staging)
+            raise
+
+        env = _hook_env(layout, release, commit)
+        for command in cfg.before_swap:
+            try:
+                run_shell(command, release, env, "before_swap")
+            except CommandFailed as exc:
+                remove_path(release)
+                raise NodeError(
+                    f"before_swap hook `{exc.command}` failed with exit code {exc.returncode} "
+                    f"on {hostname()} in {release}; release removed, current unchanged: fix it "
+                    f"and deploy again. Output tail: {_tail_text(exc.tail)}",
+                    output_tail=exc.tail,
+                ) from None
+
+        # Flush file data before publishing: after a power cut `current` must not point at
+        # a release whose files were never written (Debian has no os.syncfs in 3.11).
+        os.sync()
+        swap_current(layout, release)
+        append_revision_log(
+            layout, f"Branch {ref or 'HEAD'} (at {commit}) deployed as release {name} by {user}"
+        )
+        log(f"current -> {release}")
+        if restart and cfg.restart:
+            try:
+                _restart_with_fallback(cfg, layout, release, previous, user)
+            except NodeError:
+                if previous is not None and previous.ok:
+                    remove_path(release)  # known bad, and must not linger as the newest release
+                raise
+        pruned = prune(layout, cfg.keep_releases)
+        remove_leftovers(layout)
+    return {
+        "ok": True,
+        "changed": True,
+        "release": name,
+        "commit": commit,
+        "previous": previous.brief() if previous is not None else None,
+        "pruned": pruned,
+        "seconds": {
+            "download": round(t_download, 3),
+            "extract": round(t_extract, 3),
+            "total": round(time.monotonic() - started, 3),
+        },
+    }
+
+
+def rollback(
+    cfg: Config,
+    *,
+    release: str | None = None,
+    user: str | None = None,
+    restart: bool = False,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    layout = Layout(cfg.deploy_to)
+    try:
+        result = _rollback(cfg, layout, release, user or default_user(), restart)
+    except NodeError as exc:
+        record_status(
+            layout, "last", {"action": "rollback", "outcome": "failed", "reason": exc.message}
+        )
+        raise
+    record_status(
+        layout,
+        "last",
+        {
+            "action": "rollback",
+            "outcome": "ok" if result.get("changed", True) else "unchanged",
+            "reason": reason,
+            "commit": result["commit"],
+            "release": result["release"],
+        },
+    )
+    return result
+
+
+def _rollback(
+    cfg: Config, layout: Layout, wanted: str | None, user: str, restart: bool
+) -> dict[str, Any]:
+    if not os.path.isdir(layout.releases):
+        raise NodeError(
+            f"no releases directory {layout.releases} on {hostname()}: nothing to roll back to"
+        )
+    with HostLock(layout, "rollback", cfg.lock_timeout):
+        current = read_current(layout)
+        complete = complete_releases(layout)
+        if wanted is not None:
+            if not RELEASE_RE.match(wanted) or wanted not in complete:
+                raise NodeError(
+                    f"release {wanted} does not exist or is incomplete (no REVISION) on "
+                    f"{hostname()} in {layout.releases} (complete releases: "
+                    f"{', '.join(complete) or 'none'}): pick one of those"
+                )
+            target = wanted
+        else:
+            older = [
+                n
+                for n in complete
+                if current is None or not RELEASE_RE.match(current.release) or n < current.release
+            ]
+            if current is not None:
+                older = [n for n in older if layout.release_path(n) != current.path]
+            if not older:
+                raise NodeError(
+                    f"no previous release to roll back to on {hostname()} (releases: "
+                    f"{', '.join(list_releases(layout)) or 'none'}; current: "
+                    f"{current.release if current else 'none'})"
+                )
+            target = older[-1]
+        path = layout.release_path(target)
+        commit = read_revision(path)
+        if current is not None and current.path == path:
+            return {
+                "ok": True,
+                "changed": False,
+                "release": target,
+                "commit": commit,
+                "previous": current.brief(),
+            }
+        swap_current(layout, path)
+        append_revision_log(layout, f"{user} rolled back to release {target}")
+        log(f"current -> {path}")
+        if restart and cfg.restart:
+            _restart_with_fallback(cfg, layout, path, current, user)
+    return {
+        "ok": True,
+        "changed": True,
+        "release": target,
+        "commit": commit,
+        "previous": current.brief() if current is not None else None,
+    }
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    layout = Layout(cfg.deploy_to)
+    try:
+        current = read_current(layout)
+        current_info: dict[str, Any] | None = current.as_dict() if current else None
+    except NodeError as exc:
+        current_info = {
+            "release": None,
+            "commit": None,
+            "path": layout.current,
+            "ok": False,
+            "error": exc.message,
+        }
+    try:
+        names = sorted(os.listdir(layout.releases))
+    except FileNotFoundError:
+        names = []
+    tail: list[str] = []
+    try:
+        with open(layout.revisions_log, encoding="utf-8", errors="replace") as fh:
+            tail = [line.rstrip("\n") for line in fh.readlines()[-3:]]
+    except OSError:
+        pass
+    saved = read_status(layout)
+    return {
+        "ok": True,
+        "host": hostname(),
+        "deploy_to": cfg.deploy_to,
+        "current": current_info,
+        "releases": [
+            {"release": n, "commit": read_revision(layout.release_path(n))}
+            for n in names
+            if RELEASE_RE.match(n)
+        ],
+        "stray": [n for n in names if not RELEASE_RE.match(n) and not n.startswith(STAGING_PREFIX)],
+        "staging": [n for n in names if n.startswith(STAGING_PREFIX)],
+        "last": saved.get("last"),
+        "last_boot": saved.get("last_boot"),
+        "boot_id": boot_id(),
+        "revision_log_tail": tail,
+        "node_version": VERSION,
+    }
+
+
+def cleanup(cfg: Config) -> dict[str, Any]:
+    layout = Layout(cfg.deploy_to)
+    if not os.path.isdir(layout.deploy_to):
+        return {"ok": True, "pruned": [], "removed": []}
+    with HostLock(layout, "cleanup", cfg.lock_timeout):
+        removed = remove_leftovers(layout)
+        pruned = prune(layout, cfg.keep_releases)
+    return {"ok": True, "pruned": pruned, "removed": removed}
+
+
+def boot(
+    cfg: Config,
+    *,
+    pointer_source: Callable[[], Any] | None = None,
+    source_for: Callable[[dict[str, Any]], Source] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Bring `current` to the published commit; keep the last good release if that fails.
+
+    pointer_source/source_for are injectable so tests need no S3."""
+    layout = Layout(cfg.deploy_to)
+    read_pointer = pointer_source or (lambda: read_pointer_s3(cfg))
+    bundle_source = source_for or (lambda p: Source("s3", p["key"]))
+    try:
+        current = read_current(layout)
+    except NodeError as exc:
+        record_status(layout, "last_boot", {"outcome": "failed", "reason": exc.message})
+        raise
+    have_current = current is not None and current.ok
+    attempts = cfg.boot.attempts if have_current else cfg.boot.first_boot_attempts
+    started = time.monotonic()
+    verification_failures = 0
+    reason = "no attempt made"
+    for attempt in range(1, attempts + 1):
+        try:
+            pointer = validate_pointer(read_pointer(), cfg)
+            current = read_current(layout)
+            if current is not None and current.ok and current.commit == pointer["commit"]:
+                log(f"current release {current.release} already runs {pointer['commit']}")
+                record_status(
+                    layout,
+                    "last_boot",
+                    {
+                        "outcome": "unchanged",
+                        "reason": None,
+                        "commit": current.commit,
+                        "release": current.release,
+                    },
+                )
+                return {
+                    "ok": True,
+                    "outcome": "unchanged",
+                    "release": current.release,
+                    "commit": current.commit,
+                }
+            committed = pointer.get("committed_at")
+            result = activate(
+                cfg,
+                sha256=pointer["sha256"],
+                commit=pointer["commit"],
+                source=bundle_source(pointer),
+                ref=pointer.get("ref") or None,
+                user=str(pointer.get("published_by") or "boot"),
+                committed_at=int(committed) if isinstance(committed, int | float) else None,
+                restart=False,
+                action="boot",
+            )
+            record_status(
+                layout,
+                "last_boot",
+                {
+                    "outcome": "activated",
+                    "reason": None,
+                    "commit": result["commit"],
+                    "release": result["release"],
+                },
+            )
+            return {**result, "outcome": "activated"}
+        except VerificationError as exc:
+            reason = exc.message
+            verification_failures += 1
+        except NodeError as exc:
+            reason = exc.message
+        log(f"boot attempt {attempt}/{attempts} failed: {reason}")
+        if verification_failures >= 2 or attempt == attempts:
+            break
+        delay = min(cfg.boot.backoff * (2 ** (attempt - 1)), cfg.boot.max_backoff)
+        if time.monotonic() - started + delay > cfg.boot.max_seconds:
+            log(f"giving up: boot retries are bounded to {cfg.boot.max_seconds:.0f}s")
+            break
+        sleep(delay)
+
+    current = read_current(layout)
+    if current is not None and current.ok:
+        log(f"keeping release {current.release} ({current.commit}) because: {reason}")
+        record_status(
+            layout,
+            "last_boot",
+            {
+                "outcome": "kept",
+                "reason": reason,
+                "commit": current.commit,
+                "release": current.release,
+            },
+        )
+        return {
+            "ok": True,
+            "outcome": "kept",
+            "reason": reason,
+            "release": current.release,
+            "commit": current.commit,
+        }
+    log(
+        f"FIRST BOOT FAILED: no release is active in {cfg.deploy_to} and activation failed: {reason}"
+    )
+    record_status(layout, "last_boot", {"outcome": "failed", "reason": reason})
+    raise NodeError(
+        f"boot activation failed on {hostname()} and there is no current release in "
+        f"{cfg.deploy_to}: {reason}",
+        outcome="failed",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="node.py", description="fabdeploy node program")
+    p.add_argument("--config", default=None, help="node.json (default: next to this script)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("activate")
+    a.add_argument("--sha256", required=True)
+    a.add_argument("--commit", required=True)
+    a.add_argument("--ref")
+    a.add_argument("--user")
+    a.add_argument("--committed-at", type=int)
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url")
+    src.add_argument("--s3-key")
+    src.add_argument("--file")
+    a.add_argument("--restart", action="store_true")
+    a.add_argument("--force", action="store_true")
+
+    r = sub.add_parser("rollback")
+    r.add_argument("--release")
+    r.add_argument("--user")
+    r.add_argument("--restart", action="store_true")
+    r.add_argument("--reason")
+
+    for name in ("boot", "status", "cleanup", "version"):
+        sub.add_parser(name)
+    return p
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["version"]:  # hot path: no argparse, no config
+        print(json.dumps({"ok": True, "version": VERSION}))
+        return 0
+    parser = _parser()
+    parser.exit = _raise_usage  # type: ignore[method-assign]
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(json.dumps({"ok": False, "error": f"usage error: {exc}"}))
+        return 1 if str(exc) else 0
+    try:
+        result = _dispatch(args)
+    except NodeError as exc:
+        log(f"error: {exc.message}")
+        print(
+            json.dumps({"ok": False, "error": exc.message, "host": _safe_hostname(), **exc.extra})
+        )
+        return 1
+    except KeyboardInterrupt:
+        print(json.dumps({"ok": False, "error": f"interrupted on {_safe_hostname()}"}))
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort: the controller still needs JSON
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        print(json.dumps({"ok": False, "error": f"unexpected error on {_safe_hostname()}: {text}"}))
+        return 1
+    print(json.dumps(result))
+    return 0 if result.get("ok") else 1
+
+
+def _raise_usage(status: int = 0, message: str | None = None) -> None:
+    if message:
+        sys.stderr.write(message)
+    raise _UsageError((message or "").strip())
+
+
+def _safe_hostname() -> str:
+    try:
+        return hostname()
+    except OSError:
+        return "unknown-host"
+
+
+def _dispatch(args: Any) -> dict[str, Any]:
+    if args.command == "version":
+        return {"ok": True, "version": VERSION}
+    config = args.config or os.path.join(os.path.dirname(os.path.abspath(__file__)), "node.json")
+    cfg = load_config(config)
+    if args.command == "activate":
+        if args.s3_key:
+            source = Source("s3", args.s3_key)
+        elif args.url:
+            source = Source("url", args.url)
+        else:
+            source = Source("file", args.file)
+        return activate(
+            cfg,
+            sha256=args.sha256,
+            commit=args.commit,
+            source=source,
+            ref=args.ref,
+            user=args.user,
+            committed_at=args.committed_at,
+            restart=args.restart,
+            force=args.force,
+        )
+    if args.command == "rollback":
+        return rollback(
+            cfg, release=args.release, user=args.user, restart=args.restart, reason=args.reason
+        )
+    if args.command == "status":
+        return status(cfg)
+    if args.command == "cleanup":
+        return cleanup(cfg)
+    if args.command == "boot":
+        return boot(cfg)
+    raise NodeError(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Sandbox fleet: web1..webN as real sshd hosts in their own namespaces, plus a local S3.
+
+Each host is `unshare --mount --pid --uts --fork --mount-proc --kill-child host_init.py`, so
+killing the unshare process takes the whole host (its PID namespace) down with it. Hosts share
+the network namespace and listen on {subnet}.K:22; /srv, /etc and /usr/local are private per host
+(see sandbox_files/host_init.py). S3 is a moto server process.
+
+Each boot of a host appends a JSON line to DIR/hosts/webK/boots.jsonl: boot_id, down_at (when
+the previous run had been fully stopped; null on the first boot), boot_start, units_done and
+sshd_ready (time.time() floats), for tests and benchmarks. Logs: DIR/hosts/webK/log/*.log.
+
+`up` on a dir whose sandbox is still running raises SandboxError (run `down` first); stale state
+from a dead sandbox is cleaned up silently. All processes are tracked by pid in the state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FILES = Path(__file__).resolve().parent / "sandbox_files"
+BUCKET = "fabdeploy-sandbox"
+REGION = "us-east-1"
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+}
+STATE_FILE = "sandbox.json"
+S3_STATE_FILE = "s3.json"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+POLL = 0.01
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Mounted over inside each host, so the state dir must not live below them.
+PRIVATE_DIRS = ("/srv", "/etc", "/usr/local", "/run", "/proc")
+# Files and dirs `up` generates in the state dir (removed on re-up; nothing else is touched).
+GENERATED = (
+    "hosts",
+    "app",
+    "log",
+    "id_ed25519",
+    "id_ed25519.pub",
+    "authorized_keys",
+    "known_hosts",
+    "ssh_config",
+    "deploy.yml",
+    "env",
+    STATE_FILE,
+    S3_STATE_FILE,
+)
+
+# Children started by this process: kept so they can be reaped (not left as zombies) by down().
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed; the message says what to do about it."""
+
+
+@dataclass
+class Sandbox:
+    dir: Path
+    hosts: dict[str, str]
+    s3_endpoint: str
+    bucket: str
+    app_repo: Path
+    deploy_yml: Path
+    ssh_config: Path
+    known_hosts: Path
+    key: Path
+    env: dict[str, str]
+
+
+def host_dir(dir: Path, name: str) -> Path:
+    return Path(dir).resolve() / "hosts" / name
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+def _ours(pid: int, marker: str) -> bool:
+    # Guards against pid reuse: only signal a pid whose command line still names our state.
+    return _alive(pid) and marker in _cmdline(pid)
+
+
+def _child_pids(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the controller (fab sandbox.up exits) and its ^C
+            cwd="/",
+            env=env,
+        )
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if _alive(p)]
+        if not left or time.monotonic() > deadline:
+            for p in pids:
+                if p not in left:
+                    _children.pop(p, None)
+            return left
+        time.sleep(POLL)
+
+
+# --- network --------------------------------------------------------------------------------
+
+
+def _listening(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _ssh_banner(ip: str) -> bool:
+    try:
+        with socket.create_connection((ip, 22), timeout=0.5) as s:
+            s.settimeout(1.0)
+            if not s.recv(64).startswith(b"SSH-"):
+                return False
+            s.sendall(b"SSH-2.0-sandbox-probe\r\n")  # else sshd logs an error for every probe
+            return True
+    except OSError:
+        return False
+
+
+def _http_ready(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is serving
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- S3 -------------------------------------------------------------------------------------
+
+
+def _moto_marker(port: int) -> str:
+    return f"moto.server -H 127.0.0.1 -p {port}"
+
+
+def _spawn_s3(dir: Path, port: int) -> tuple[int, int]:
+    if port == 0:
+        port = _free_port()
+    elif _listening("127.0.0.1", port):
+        raise SandboxError(
+            f"port 127.0.0.1:{port} is already in use; pick another s3_port (0 = any free port)"
+        )
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    pid = _spawn(cmd, dir / "log" / "s3.log")
+    state = {"pid": pid, "port": port, "endpoint": f"http://127.0.0.1:{port}"}
+    (dir / S3_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return pid, port
+
+
+def _wait_s3(dir: Path, pid: int, port: int, bucket: str, deadline: float) -> str:
+    endpoint = f"http://127.0.0.1:{port}"
+    while not _http_ready(endpoint + "/"):
+        if not _alive(pid):
+            raise SandboxError(f"S3 (moto server) exited on start; see {dir / 'log' / 's3.log'}")
+        if time.monotonic() > deadline:
+            raise SandboxError(
+                f"S3 did not answer on {endpoint} in time; see {dir / 'log' / 's3.log'}"
+            )
+        time.sleep(POLL)
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+    s3.create_bucket(Bucket=bucket)
+    return endpoint
+
+
+def start_s3(dir: Path, port: int, bucket: str = BUCKET) -> str:
+    """Start only the local S3 (moto server) with `bucket` created; returns the endpoint URL."""
+    dir = Path(dir).resolve()
+    dir.mkdir(parents=True, exist_ok=True)
+    _refuse_if_running(dir)
+    pid, port = _spawn_s3(dir, port)
+    try:
+        return _wait_s3(dir, pid, port, bucket, time.monotonic() + READY_TIMEOUT)
+    except BaseException:
+        down(dir)
+        raise
+
+
+# --- state ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise SandboxError(f"{path} is corrupt ({e}); remove it and run `fab sandbox.up`") from e
+
+
+def _running(dir: Path) -> list[str]:
+    """Names of the recorded processes of this state dir that are still alive."""
+    names = []
+    state = _read_json(dir / STATE_FILE) or {}
+    for name, pid in state.get("pids", {}).items():
+        if _ours(pid, str(host_dir(dir, name))):
+            names.append(name)
+    s3 = _read_json(dir / S3_STATE_FILE)
+    if s3 and _ours(s3["pid"], _moto_marker(s3["port"])):
+        names.append("s3")
+    return names
+
+
+def _refuse_if_running(dir: Path) -> None:
+    running = _running(dir)
+    if running:
+        raise SandboxError(
+            f"sandbox in {dir} is already up ({', '.join(running)}); run `fab sandbox.down` first"
+        )
+
+
+def load(dir: Path) -> Sandbox:
+    dir = Path(dir).resolve()
+    state = _read_json(dir / STATE_FILE)
+    if state is None:
+        raise SandboxError(f"no sandbox in {dir}; run `fab sandbox.up` first")
+    dead = [n for n, pid in state["pids"].items() if not _ours(pid, str(host_dir(dir, n)))]
+    if dead:
+        raise SandboxError(
+            f"sandbox in {dir} is not running ({', '.join(dead)} gone); "
+            "run `fab sandbox.down` then `fab sandbox.up`"
+        )
+    return _sandbox(dir, state["hosts"], state["s3"]["endpoint"], state["bucket"])
+
+
+def _sandbox(dir: Path, hosts: dict[str, str], endpoint: str, bucket: str) -> Sandbox:
+    return Sandbox(
+        dir=dir,
+        hosts=dict(hosts),
+        s3_endpoint=endpoint,
+        bucket=bucket,
+        app_repo=dir / "app",
+        deploy_yml=dir / "deploy.yml",
+        ssh_config=dir / "ssh_config",
+        known_hosts=dir / "known_hosts",
+        key=dir / "id_ed25519",
+        env=dict(AWS_ENV),
+    )
+
+
+# --- generated files ------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        out = (proc.stderr or proc.stdout).strip().splitlines()
+        raise SandboxError(f"`{' '.join(cmd)}` failed: {out[-1] if out else proc.returncode}")
+
+
+def _keygen(path: Path, comment: str) -> str:
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    kind, blob = path.with_suffix(".pub").read_text().split()[:2]
+    return f"{kind} {blob}"
+
+
+SSHD_CONFIG = """\
+# Written by fabfile/sandbox.py for {name}.
+ListenAddress {ip}:22
+HostKey {hdir}/ssh_host_ed25519_key
+PidFile /run/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+MaxStartups 100:30:200
+MaxSessions 50
+LogLevel ERROR
+ClientAliveInterval 10
+UseDNS no
+# sntrup761 costs ~0.15 s of CPU per connection on small VMs; tests open hundreds.
+KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org
+PrintMotd no
+PrintLastLog no
+Subsystem sftp internal-sftp
+"""
+
+APP_UNIT = """\
+[Unit]
+Description={app} sample app (sandbox)
+After=fabdeploy-{app}.service
+
+[Service]
+Type=simple
+WorkingDirectory=/srv/{app}/current
+ExecStart=/usr/bin/python3 /srv/{app}/current/app.py --bind {ip} --port 8080
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+DATABASE_YML = """\
+# Shared config for {name}, linked into every release as config/database.yml.
+production:
+  adapter: sqlite3
+  database: /srv/{app}/shared/db/{name}.sqlite3
+  host: {name}
+"""
+
+DEPLOY_YML = """\
+# Sandbox fleet written by `fab sandbox.up`. Paths are relative to this file.
+app: {app}
+repo: app
+ref: HEAD
+s3:
+  bucket: {bucket}
+  prefix: {app}
+  region: {region}
+  endpoint_url: {endpoint}
+deploy_to: /srv/{app}
+keep_releases: 5
+linked_files: [config/database.yml]
+linked_dirs: [log, tmp/pids]
+ssh:
+  user: root
+  config: ssh_config
+  known_hosts: known_hosts
+  strict_host_keys: true
+  connect_timeout: 5
+hosts: [{hosts}]
+parallel: 10
+restart: systemctl restart {app}
+reboot: systemctl reboot
+health:
+  url: http://{{host}}:8080/health
+  timeout: 30
+node:
+  python: /usr/bin/python3
+  app_unit: {app}.service
+node_env:
+{node_env}
+"""
+
+
+def _prepare_host(dir: Path, name: str, ip: str, app: str) -> str:
+    """Lay out webK's state dir before its first boot; returns its known_hosts key."""
+    hdir = host_dir(dir, name)
+    for sub in ("etc/upper", "etc/work", "usr_local/upper", "usr_local/work", "log"):
+        (hdir / sub).mkdir(parents=True)
+    host_key = _keygen(hdir / "ssh_host_ed25519_key", f"root@{name}")
+    (hdir / "sshd_config").write_text(SSHD_CONFIG.format(name=name, ip=ip, hdir=hdir, dir=dir))
+
+    # Written into the overlay upper dirs before the overlay is mounted (that is allowed).
+    units = hdir / "etc/upper/systemd/system"
+    (units / "multi-user.target.wants").mkdir(parents=True)
+    # Opaque: the host starts with no units, not with the real machine's (ssh, postgresql, ...).
+    os.setxattr(units, "trusted.overlay.opaque", b"y")
+    (units / f"{app}.service").write_text(APP_UNIT.format(app=app, ip=ip))
+    (units / "multi-user.target.wants" / f"{app}.service").symlink_to(
+        f"/etc/systemd/system/{app}.service"
+    )
+    for sub, tool in (("bin", "systemctl"), ("sbin", "reboot")):
+        target = hdir / "usr_local/upper" / sub / tool
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(FILES / tool, target)
+        target.chmod(0o755)
+
+    shared = hdir / "srv" / app / "shared"
+    for sub in ("config", "log", "tmp/pids"):
+        (shared / sub).mkdir(parents=True)
+    (shared / "config/database.yml").write_text(DATABASE_YML.format(name=name, app=app))
+    return f"{name},{ip} {host_key}"
+
+
+def _make_app_repo(dir: Path) -> None:
+    repo = dir / "app"
+    shutil.copytree(FILES / "app", repo, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The user's git config (templates, hooks, signing) must not shape the sample repo.
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["config", "user.name", "fabdeploy sandbox"],
+        ["config", "user.email", "sandbox@fabdeploy.invalid"],
+        ["add", "-A"],
+        ["commit", "-q", "-m", "initial"],
+    ):
+        _run(["git", *args], cwd=repo, env=env)
+
+
+def _write_client_files(dir: Path, hosts: dict[str, str], known: list[str]) -> None:
+    (dir / "known_hosts").write_text("".join(line + "\n" for line in known))
+    blocks = [
+        f"Host {name}\n"
+        f"    HostName {ip}\n"
+        "    User root\n"
+        f"    IdentityFile {dir / 'id_ed25519'}\n"
+        "    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {dir / 'known_hosts'}\n"
+        "    GlobalKnownHostsFile /dev/null\n"
+        "    StrictHostKeyChecking yes\n"
+        "    BatchMode yes\n"
+        for name, ip in hosts.items()
+    ]
+    (dir / "ssh_config").write_text("\n".join(blocks))
+
+
+def _write_deploy_files(dir: Path, hosts: dict[str, str], endpoint: str, app: str) -> None:
+    node_env = "\n".join(f"  {k}: {v}" for k, v in AWS_ENV.items())
+    (dir / "deploy.yml").write_text(
+        DEPLOY_YML.format(
+            app=app,
+            bucket=BUCKET,
+            region=REGION,
+            endpoint=endpoint,
+            hosts=", ".join(hosts),
+            node_env=node_env,
+        )
+    )
+    exports = {**AWS_ENV, "DEPLOY_CONFIG": str(dir / "deploy.yml")}
+    (dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in exports.items()))
+
+
+# --- up / down ------------------------------------------------------------------------------
+
+
+def _check_prerequisites(dir: Path, hosts: int, subnet: str, app: str) -> None:
+    if os.geteuid() != 0:
+        raise SandboxError("the sandbox needs root (namespaces and mounts); run as root")
+    for tool in ("/usr/sbin/sshd", "/usr/bin/python3"):
+        if not os.access(tool, os.X_OK):
+            raise SandboxError(
+                f"{tool} not found; install it (apt-get install openssh-server python3)"
+            )
+    for tool in ("unshare", "ssh-keygen", "git", "mount"):
+        if shutil.which(tool) is None:
+            raise SandboxError(f"`{tool}` not found on PATH; install it")
+    if not 1 <= hosts <= 254:
+        raise SandboxError(f"hosts must be between 1 and 254, not {hosts}")
+    parts = subnet.split(".")
+    if len(parts) != 3 or parts[0] != "127" or not all(p.isdigit() and int(p) < 256 for p in parts):
+        raise SandboxError(f"subnet must look like 127.X.Y (loopback), not {subnet!r}")
+    if not app.isidentifier():
+        raise SandboxError(f"app must be a simple name like 'shop', not {app!r}")
+    if any(c.isspace() for c in str(dir)):
+        raise SandboxError(f"state dir {dir} contains whitespace; ssh_config cannot use it")
+    for private in PRIVATE_DIRS:
+        if dir == Path(private) or Path(private) in dir.parents:
+            raise SandboxError(
+                f"state dir {dir} is under {private}, which hosts mount over; use another dir"
+            )
+
+
+def up(
+    dir: Path,
+    hosts: int = 3,
+    subnet: str = "127.0.10",
+    s3_port: int = 9555,
+    reboot_delay: float = 1.0,
+    app: str = "shop",
+) -> Sandbox:
+    """Start the fleet and S3; returns once every sshd shows its banner and S3 has the bucket."""
+    started = time.monotonic()
+    dir = Path(dir).resolve()
+    _check_prerequisites(dir, hosts, subnet, app)
+    dir.mkdir(parents=True, exist_ok=True)
+    _refuse_if_running(dir)
+    addrs = {f"web{k}": f"{subnet}.{k}" for k in range(1, hosts + 1)}
+    busy = [f"{ip}:22" for ip in addrs.values() if _listening(ip, 22)]
+    if busy:
+        raise SandboxError(
+            f"{', '.join(busy)} already in use (another sandbox?); `fab sandbox.down` it or pick another subnet"
+        )
+    for name in GENERATED:
+        path = dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    client_key = _keygen(dir / "id_ed25519", "fabdeploy-sandbox")
+    (dir / "authorized_keys").write_text(client_key + "\n")
+    known = [_prepare_host(dir, name, ip, app) for name, ip in addrs.items()]
+
+    s3_pid, port = _spawn_s3(dir, s3_port)
+    endpoint = f"http://127.0.0.1:{port}"
+    host_env = {"PATH": HOST_PATH, "LANG": "C.UTF-8"}
+    pids: dict[str, int] = {}
+    state = {
+        "dir": str(dir),
+        "hosts": addrs,
+        "pids": pids,
+        "s3": {"pid": s3_pid, "port": port, "endpoint": endpoint},
+        "bucket": BUCKET,
+        "app": app,
+        "subnet": subnet,
+        "reboot_delay": reboot_delay,
+    }
+    try:
+        for name, ip in addrs.items():
+            hdir = host_dir(dir, name)
+            cmd = [
+                "unshare",
+                "--mount",
+                "--pid",
+                "--uts",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "/usr/bin/python3",
+                str(FILES / "host_init.py"),
+                "--name",
+                name,
+                "--ip",
+                ip,
+                "--host-dir",
+                str(hdir),
+                "--reboot-delay",
+                str(reboot_delay),
+            ]
+            pids[name] = _spawn(cmd, hdir / "log" / "init.log", env=host_env)
+        (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+        # Overlaps with the hosts' and moto's start-up.
+        _make_app_repo(dir)
+        _write_client_files(dir, addrs, known)
+        _write_deploy_files(dir, addrs, endpoint, app)
+
+        deadline = time.monotonic() + READY_TIMEOUT
+        pending = dict(addrs)
+        while pending:
+            for name, ip in list(pending.items()):
+                log = host_dir(dir, name) / "log" / "init.log"
+                if _ssh_banner(ip):
+                    del pending[name]
+                elif not _alive(pids[name]):
+                    raise SandboxError(f"{name} died while booting; see {log}")
+                elif time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"{name} did not answer on {ip}:22 within {READY_TIMEOUT:.0f}s; see {log}"
+                    )
+            if pending:
+                time.sleep(POLL)
+        _wait_s3(dir, s3_pid, port, BUCKET, deadline)
+    except BaseException:
+        # Whatever was started is recorded, so down() can stop it.
+        (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        down(dir)
+        raise
+    state["up_seconds"] = round(time.monotonic() - started, 3)
+    (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return _sandbox(dir, addrs, endpoint, BUCKET)
+
+
+def down(dir: Path) -> list[str]:
+    """Stop every process recorded in `dir`; returns e.g. ["web1 (pid 123)", "s3 (pid 456)"]."""
+    dir = Path(dir).resolve()
+    stopped: list[str] = []
+    kills: list[int] = []
+    ports: list[tuple[str, int]] = []
+    state = _read_json(dir / STATE_FILE) or {}
+    for name, pid in state.get("pids", {}).items():
+        ports.append((state["hosts"][name], 22))
+        if _ours(pid, str(host_dir(dir, name))):
+            # The host's PID 1 exits only once every process in its namespace is gone.
+            kills += _child_pids(pid)
+            # --kill-child: the host's PID 1 gets SIGKILL, and with it the whole PID namespace.
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+            stopped.append(f"{name} (pid {pid})")
+    s3 = _read_json(dir / S3_STATE_FILE)
+    if s3:
+        ports.append(("127.0.0.1", s3["port"]))
+        if _ours(s3["pid"], _moto_marker(s3["port"])):
+            os.kill(s3["pid"], signal.SIGTERM)
+            kills.append(s3["pid"])
+            stopped.append(f"s3 (pid {s3['pid']})")
+    left = _wait_gone(kills, STOP_TIMEOUT)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    left = _wait_gone(left, STOP_TIMEOUT)
+    if left:
+        raise SandboxError(f"processes {left} did not exit after SIGKILL; check `ps -p {left[0]}`")
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while busy := [f"{ip}:{port}" for ip, port in ports if _listening(ip, port)]:
+        if time.monotonic() > deadline:
+            raise SandboxError(
+                f"{', '.join(busy)} still listening after down; find the owner with `ss -ltnp`"
+            )
+        time.sleep(POLL)
+    (dir / STATE_FILE).unlink(missing_ok=True)
+    (dir / S3_STATE_FILE).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Sample app for the fabdeploy sandbox: GET /health -> "ok", GET /version -> REVISION."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Resolved once at start-up: `current` is a symlink that a later deploy may repoint, but this
+# process must keep reporting the release it was started from.
+RELEASE_DIR = os.path.dirname(os.path.realpath(__file__))
+
+
+def read_revision() -> str:
+    try:
+        with open(os.path.join(RELEASE_DIR, "REVISION")) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self.reply(200, "ok")
+        elif self.path == "/version":
+            self.reply(200, read_revision())
+        else:
+            self.reply(404, "not found")
+
+    def reply(self, status: int, body: str) -> None:
+        data = (body + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(
+        f"serving {RELEASE_DIR} (revision {read_revision()}) on {args.bind}:{args.port}", flush=True
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,673 @@
+"""The only module that talks to S3: bundles, the published pointer, history, the lock.
+
+Everything here turns botocore failures into `StoreError` lines that say what
+failed, where (s3://bucket/key and the endpoint) and what to do, so tasks can
+print them without a traceback. Lost conditional writes are `ConflictError`.
+
+Concurrency rests on S3 conditional writes, not on a separate lock service:
+bundles are created with If-None-Match: * (two builders never overwrite each
+other), the pointer is replaced with If-Match: <etag> (a publish that raced
+another one fails instead of silently undoing it), and the fleet lock is an
+object created with If-None-Match: * and deleted with If-Match.
+
+boto3 is imported lazily: `fab --list` imports this module and must stay fast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+from .config import S3Config
+
+PART_SIZE = 8 * 1024 * 1024
+# Parts in flight at once. Bounds memory to ~(UPLOAD_THREADS + 1) * PART_SIZE
+# whatever the bundle size, while keeping the connection pool busy.
+UPLOAD_THREADS = 4
+HISTORY_SPAN = 10**13  # ms; inverted timestamps stay 13 digits until year 2286
+METADATA_KEYS = ("commit", "ref", "sha256", "size", "built-at", "built-by", "app", "committed-at")
+
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_BADCREDS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class StoreError(Exception):
+    """An S3 problem phrased as one line: what, where, what to do."""
+
+
+class ConflictError(StoreError):
+    """A conditional write lost: someone else changed the object first."""
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_duration(seconds: float) -> str:
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The published bundle; JSON at {prefix}/published.json."""
+
+    key: str
+    commit: str
+    sha256: str
+    ref: str
+    size: int
+    published_by: str
+    published_at: str  # UTC ISO 8601
+    committed_at: int | None = None
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Pointer:
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where} is not valid JSON ({e}); fix or re-publish it with `fab deploy.publish`") from None
+        if not isinstance(raw, dict):
+            raise StoreError(f"{where} is not a JSON object; re-publish with `fab deploy.publish`")
+        str_fields = ("key", "commit", "sha256", "ref", "published_by", "published_at")
+        missing = [f for f in (*str_fields, "size") if f not in raw]
+        if missing:
+            raise StoreError(f"{where} lacks {', '.join(missing)}; re-publish with `fab deploy.publish`")
+        bad = [f for f in str_fields if not isinstance(raw[f], str) or not raw[f]]
+        if not isinstance(raw["size"], int) or isinstance(raw["size"], bool) or raw["size"] < 0:
+            bad.append("size")
+        committed_at = raw.get("committed_at")
+        if committed_at is not None and (not isinstance(committed_at, int) or isinstance(committed_at, bool)):
+            bad.append("committed_at")
+        if bad:
+            raise StoreError(f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`")
+        return cls(
+            key=raw["key"],
+            commit=raw["commit"],
+            sha256=raw["sha256"],
+            ref=raw["ref"],
+            size=raw["size"],
+            published_by=raw["published_by"],
+            published_at=raw["published_at"],
+            committed_at=committed_at,
+        )
+
+
+@dataclass(frozen=True)
+class Lock:
+    """The fleet lock; JSON at {prefix}/lock.json. `etag` identifies our copy."""
+
+    holder: str
+    action: str
+    created_at: float
+    expires_at: float
+    etag: str | None = None
+
+    @property
+    def age(self) -> float:
+        return max(0.0, time.time() - self.created_at)
+
+    @property
+    def expired(self) -> bool:
+        return time.time() >= self.expires_at
+
+    def describe(self) -> str:
+        return f"{self.holder} ({self.action}) for {human_duration(self.age)}"
+
+    def to_json(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if k != "etag"}
+        return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str, etag: str | None) -> Lock:
+        try:
+            raw = json.loads(data)
+            return cls(
+                holder=str(raw["holder"]),
+                action=str(raw["action"]),
+                created_at=float(raw["created_at"]),
+                expires_at=float(raw["expires_at"]),
+                etag=etag,
+            )
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            raise StoreError(
+                f"{where} is not a valid lock; if nobody is deploying, remove it with `fab deploy.unlock --force`"
+            ) from None
+
+
+def _meta_value(value: object) -> str:
+    # S3 user metadata travels in HTTP headers: ASCII only. Quote anything else
+    # (a branch name with non-ASCII characters) rather than fail the upload.
+    s = str(value)
+    return s if s.isascii() and s.isprintable() else quote(s, safe="")
+
+
+def _chunks(source: IO[bytes] | Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Re-cut a file object or an iterable of byte strings into `size`-byte parts."""
+    if hasattr(source, "read"):
+        reader: IO[bytes] = source  # type: ignore[assignment]
+        while True:
+            part = reader.read(size)
+            # read() may return short on pipes; top up so only the last part is small
+            while part and len(part) < size:
+                more = reader.read(size - len(part))
+                if not more:
+                    break
+                part += more
+            if not part:
+                return
+            yield part
+            if len(part) < size:
+                return
+    else:
+        buf = bytearray()
+        for piece in source:  # type: ignore[union-attr]
+            buf += piece
+            while len(buf) >= size:
+                yield bytes(buf[:size])
+                del buf[:size]
+        if buf:
+            yield bytes(buf)
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window [start, start+length) of a file, read with pread.
+
+    Parts of a spooled bundle are sent straight from the file: no 8 MiB
+    copies per part, so memory does not depend on bundle size (and glibc does
+    not keep freed part buffers around in per-thread arenas), and retries can
+    rewind. pread keeps the shared fd's offset out of it, so threads do not race.
+    """
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._len, self._pos = fd, start, length, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = min(max(0, base + offset), self._len)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._len - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._start + self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _file_slices(fileobj: Any, size_hint: int | None) -> Iterator[_FileSlice] | None:
+    """Part-sized slices of a regular, seekable file; None if it is not one."""
+    try:
+        fd = fileobj.fileno()
+        start = fileobj.tell()
+        total = os.fstat(fd).st_size - start
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    if size_hint is not None and size_hint != total:
+        return None
+    return (_FileSlice(fd, start + off, min(PART_SIZE, total - off)) for off in range(0, total, PART_SIZE))
+
+
+class Store:
+    def __init__(self, s3: S3Config, app: str, config_path: Path | None = None) -> None:
+        self.s3 = s3
+        self.app = app
+        self.config_path = config_path
+        self.prefix = s3.prefix.strip("/")
+        self._client_obj: Any = None
+        self._client_lock = threading.Lock()
+
+    # --- plumbing -----------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self.s3.endpoint_url or f"AWS S3 ({self.s3.region or 'default region'})"
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.s3.bucket}/{key}"
+
+    def bundle_key(self, commit: str) -> str:
+        return self._key(f"bundles/{commit}.tar.gz")
+
+    @property
+    def pointer_key(self) -> str:
+        return self._key("published.json")
+
+    @property
+    def lock_key(self) -> str:
+        return self._key("lock.json")
+
+    @property
+    def history_prefix(self) -> str:
+        return self._key("history/")
+
+    @property
+    def client(self) -> Any:
+        with self._client_lock:
+            if self._client_obj is None:
+                self._client_obj = self._make_client()
+            return self._client_obj
+
+    def _make_client(self) -> Any:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        try:
+            session = boto3.Session(profile_name=self.s3.profile, region_name=self.s3.region)
+        except botocore.exceptions.ProfileNotFound:
+            raise StoreError(
+                f"AWS profile {self.s3.profile!r} (s3.profile) not found in ~/.aws/config or ~/.aws/credentials: "
+                "create it or fix s3.profile"
+            ) from None
+        cfg = botocore.config.Config(
+            # boto3 >= 1.36 adds CRC checksums by default; several S3-compatible
+            # servers reject them, and S3 itself does not need them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=5,
+            read_timeout=60,
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=UPLOAD_THREADS + 2,
+            signature_version="s3v4",  # presigned URLs must be v4 on every region
+        )
+        return session.client("s3", endpoint_url=self.s3.endpoint_url, config=cfg)
+
+    def _error(self, exc: BaseException, key: str | None, action: str) -> StoreError:
+        """Map a botocore failure to one actionable line."""
+        import botocore.exceptions as bex
+
+        where = self.uri(key) if key else f"s3://{self.s3.bucket}"
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+            return StoreError("no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile")
+        if isinstance(exc, bex.ProfileNotFound):
+            return StoreError(f"AWS profile {self.s3.profile!r} (s3.profile) not found: create it or fix s3.profile")
+        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
+            return StoreError(f"cannot reach S3 endpoint {self.endpoint} ({action} {where}): is it up?")
+        if isinstance(exc, bex.ReadTimeoutError):
+            return StoreError(f"S3 endpoint {self.endpoint} timed out ({action} {where}): is it overloaded? retry")
+        if isinstance(exc, bex.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            msg = err.get("Message") or code
+            if code == "NoSuchBucket":
+                return self._no_bucket()
+            if code in _CONFLICT_CODES or status in ("412", "409"):
+                return ConflictError(f"{where} changed while we were writing it ({action}): {msg}")
+            if code in _BADCREDS_CODES:
+                return StoreError(
+                    f"S3 at {self.endpoint} rejected the AWS credentials ({code}) for {where}: "
+                    "check AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
+                )
+            if code in _DENIED_CODES or status == "403":
+                return StoreError(
+                    f"access denied to {where} ({action}): check the credentials/IAM policy "
+                    "(s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket on the bucket and prefix)"
+                )
+            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {code} {msg}".rstrip())
+        if isinstance(exc, bex.BotoCoreError):
+            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {exc}")
+        return StoreError(f"S3 {action} {where} failed: {exc}")
+
+    def _no_bucket(self) -> StoreError:
+        where = self.config_path or "deploy.yml"
+        return StoreError(
+            f"bucket {self.s3.bucket} does not exist at {self.endpoint}: create it or fix s3.bucket in {where}"
+        )
+
+    @staticmethod
+    def _is_missing(exc: BaseException) -> bool:
+        import botocore.exceptions as bex
+
+        if not isinstance(exc, bex.ClientError):
+            return False
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in _MISSING_CODES or (status == 404 and code != "NoSuchBucket")
+
+    def _missing_object(self) -> None:
+        """A HEAD 404 can't tell a missing key from a missing bucket; ask the bucket."""
+        try:
+            self.client.head_bucket(Bucket=self.s3.bucket)
+        except Exception as e:
+            if self._is_missing(e):
+                raise self._no_bucket() from None
+            raise self._error(e, None, "checking bucket") from None
+
+    def _get(self, key: str, action: str) -> tuple[bytes, str] | None:
+        try:
+            r = self.client.get_object(Bucket=self.s3.bucket, Key=key)
+            return r["Body"].read(), r["ETag"]
+        except Exception as e:
+            if self._is_missing(e):
+                return None
+            raise self._error(e, key, action) from None
+
+    # --- bundles ------------------------------------------------------------------
+
+    def head_bundle(self, commit: str) -> dict[str, str] | None:
+        key = self.bundle_key(commit)
+        try:
+            r = self.client.head_object(Bucket=self.s3.bucket, Key=key)
+        except Exception as e:
+            if self._is_missing(e):
+                self._missing_object()
+                return None
+            raise self._error(e, key, "checking bundle") from None
+        meta = {k.lower(): v for k, v in r.get("Metadata", {}).items()}
+        meta.setdefault("etag", r.get("ETag", ""))
+        meta.setdefault("content-length", str(r.get("ContentLength", "")))
+        return meta
+
+    def upload_bundle(
+        self,
+        fileobj_or_iter: IO[bytes] | Iterable[bytes],
+        commit: str,
+        metadata: dict[str, Any],
+        size_hint: int | None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Create the bundle object; never replace one (If-None-Match: *).
+
+        Fits in one part -> a single PutObject. Otherwise a multipart upload of
+        PART_SIZE parts sent by a small thread pool: a regular file is sent
+        slice by slice straight from disk, any other stream is read part by
+        part, so memory is bounded by UPLOAD_THREADS parts whatever the size.
+        Aborted on any failure so no half-upload lingers (and bills) in the bucket.
+        ConflictError if the object appeared meanwhile.
+        """
+        key = self.bundle_key(commit)
+        meta = {str(k).lower(): _meta_value(v) for k, v in metadata.items() if v is not None}
+        extra = {"Metadata": meta, "ContentType": "application/gzip"}
+        client = self.client
+        bodies: Iterator[Any] | None = _file_slices(fileobj_or_iter, size_hint)
+        if bodies is None:
+            bodies = _chunks(fileobj_or_iter, PART_SIZE)  # type: ignore[arg-type]
+        first = next(bodies, b"")
+        second = next(bodies, None)
+        if second is None:
+            try:
+                client.put_object(Bucket=self.s3.bucket, Key=key, Body=first, IfNoneMatch="*", **extra)
+            except Exception as e:
+                raise self._error(e, key, "uploading bundle") from None
+            if progress:
+                progress(len(first))
+            return
+
+        # A list popped as parts go, so the bytes path holds each part only until sent.
+        head: list[Any] = [first, second]
+        del first, second
+
+        def all_parts() -> Iterator[Any]:
+            while head:
+                yield head.pop(0)
+            yield from bodies
+
+        parts = all_parts()
+
+        try:
+            upload_id = client.create_multipart_upload(Bucket=self.s3.bucket, Key=key, **extra)["UploadId"]
+        except Exception as e:
+            raise self._error(e, key, "starting bundle upload") from None
+        done_lock = threading.Lock()
+        etags: dict[int, str] = {}
+
+        def send(number: int, body: Any) -> None:
+            r = client.upload_part(
+                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )
+            with done_lock:
+                etags[number] = r["ETag"]
+            if progress:
+                progress(len(body))
+
+        try:
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="s3-part") as pool:
+                pending: set[Future[None]] = set()
+                for number, body in enumerate(parts, start=1):
+                    if len(pending) >= UPLOAD_THREADS:
+                        finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        for f in finished:
+                            f.result()
+                    pending.add(pool.submit(send, number, body))
+                for f in wait(pending).done:
+                    f.result()
+            client.complete_multipart_upload(
+                Bucket=self.s3.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]},
+                IfNoneMatch="*",
+            )
+        except BaseException as e:
+            try:
+                client.abort_multipart_upload(Bucket=self.s3.bucket, Key=key, UploadId=upload_id)
+            except Exception:
+                pass  # best effort: the original failure is the one worth reporting
+            if isinstance(e, Exception):
+                raise self._error(e, key, "uploading bundle") from None
+            raise
+
+    def presign_bundle(self, commit: str, expires: int = 3600) -> str:
+        key = self.bundle_key(commit)
+        try:
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.s3.bucket, "Key": key}, ExpiresIn=expires
+            )
+        except Exception as e:
+            raise self._error(e, key, "presigning bundle") from None
+
+    def open_bundle(self, commit: str) -> IO[bytes]:
+        key = self.bundle_key(commit)
+        try:
+            return self.client.get_object(Bucket=self.s3.bucket, Key=key)["Body"]
+        except Exception as e:
+            if self._is_missing(e):
+                self._missing_object()
+                raise StoreError(f"no bundle at {self.uri(key)}: run `fab deploy.bundle` first") from None
+            raise self._error(e, key, "downloading bundle") from None
+
+    # --- published pointer ----------------------------------------------------------
+
+    def read_pointer(self) -> tuple[Pointer | None, str | None]:
+        got = self._get(self.pointer_key, "reading pointer")
+        if got is None:
+            return None, None
+        data, etag = got
+        return Pointer.from_json(data, self.uri(self.pointer_key)), etag
+
+    def write_pointer(self, pointer: Pointer, expected_etag: str | None) -> str:
+        """Replace the pointer only if it is still what we read (or still absent)."""
+        key = self.pointer_key
+        cond = {"IfMatch": expected_etag} if expected_etag else {"IfNoneMatch": "*"}
+        try:
+            r = self.client.put_object(
+                Bucket=self.s3.bucket,
+                Key=key,
+                Body=pointer.to_json(),
+                ContentType="application/json",
+                **cond,
+            )
+        except Exception as e:
+            # If-Match on a pointer deleted meanwhile answers NoSuchKey: also a lost race.
+            if isinstance(self._error(e, key, "publishing"), ConflictError) or (
+                expected_etag and self._is_missing(e)
+            ):
+                raise self._conflict(pointer) from None
+            raise self._error(e, key, "publishing") from None
+        # History is written after the pointer so it only ever lists real publishes.
+        millis = int(time.time() * 1000)
+        hkey = f"{self.history_prefix}{HISTORY_SPAN - millis:013d}-{pointer.commit[:12]}.json"
+        try:
+            self.client.put_object(
+                Bucket=self.s3.bucket, Key=hkey, Body=pointer.to_json(), ContentType="application/json"
+            )
+        except Exception as e:
+            err = self._error(e, hkey, "recording history")
+            raise StoreError(f"published {pointer.commit[:12]}, but could not record it in history: {err}") from None
+        return r["ETag"]
+
+    def _conflict(self, mine: Pointer) -> ConflictError:
+        try:
+            current, _ = self.read_pointer()
+        except StoreError:
+            current = None
+        if current is None:
+            who = "the pointer was removed meanwhile"
+        else:
+            who = f"{current.published_by} published {current.commit[:12]} ({current.ref}) at {current.published_at} meanwhile"
+        return ConflictError(
+            f"publishing {mine.commit[:12]} to {self.uri(self.pointer_key)} lost a race: {who}; "
+            "check what is published and retry"
+        )
+
+    def pointer_history(self, limit: int = 20) -> list[Pointer]:
+        try:
+            r = self.client.list_objects_v2(Bucket=self.s3.bucket, Prefix=self.history_prefix, MaxKeys=limit)
+        except Exception as e:
+            raise self._error(e, self.history_prefix, "listing history") from None
+        # Keys hold inverted millis, so S3's lexicographic listing is newest first.
+        out: list[Pointer] = []
+        for obj in r.get("Contents", [])[:limit]:
+            got = self._get(obj["Key"], "reading history")
+            if got is not None:
+                out.append(Pointer.from_json(got[0], self.uri(obj["Key"])))
+        return out
+
+    # --- fleet lock -------------------------------------------------------------------
+
+    def read_lock(self) -> Lock | None:
+        got = self._get(self.lock_key, "reading lock")
+        if got is None:
+            return None
+        return Lock.from_json(got[0], self.uri(self.lock_key), got[1])
+
+    def acquire_lock(self, holder: str, action: str, expiry: float) -> Lock:
+        key = self.lock_key
+        for _ in range(3):  # the holder may release between our failed create and our read
+            now = time.time()
+            lock = Lock(holder=holder, action=action, created_at=now, expires_at=now + expiry)
+            try:
+                r = self.client.put_object(
+                    Bucket=self.s3.bucket,
+                    Key=key,
+                    Body=lock.to_json(),
+                    ContentType="application/json",
+                    IfNoneMatch="*",
+                )
+                return replace(lock, etag=r["ETag"])
+            except Exception as e:
+                err = self._error(e, key, "taking the deploy lock")
+                if not isinstance(err, ConflictError):
+                    raise err from None
+            held = self.read_lock()
+            if held is not None:
+                raise StoreError(self._held_message(held))
+        raise ConflictError(f"could not take the deploy lock {self.uri(key)}: it keeps changing; retry")
+
+    @staticmethod
+    def _held_message(held: Lock) -> str:
+        left = held.expires_at - time.time()
+        if left <= 0:
+            return (
+                f"deploy lock held by {held.describe()}; it expired {human_duration(-left)} ago: "
+                "wait, or if it is stale run `fab deploy.unlock`"
+            )
+        return (
+            f"deploy lock held by {held.describe()} (expires in {human_duration(left)}); "
+            "wait, or if it is stale run `fab deploy.unlock --force`"
+        )
+
+    def release_lock(self, lock: Lock) -> None:
+        """Delete our lock; already gone is fine, someone else's lock is left alone."""
+        key = self.lock_key
+        try:
+            if lock.etag:
+                self.client.delete_object(Bucket=self.s3.bucket, Key=key, IfMatch=lock.etag)
+            else:
+                self.client.delete_object(Bucket=self.s3.bucket, Key=key)
+        except Exception as e:
+            if self._is_missing(e):
+                return
+            err = self._error(e, key, "releasing the deploy lock")
+            if isinstance(err, ConflictError):
+                current = self.read_lock()
+                if current is None:
+                    return
+                raise ConflictError(
+                    f"our deploy lock was broken and is now held by {current.describe()}; left it in place"
+                ) from None
+            raise err from None
+
+    def break_lock(self, force: bool = False) -> Lock | None:
+        """Remove the lock if it expired (or always with force); returns what was removed."""
+        key = self.lock_key
+        held = self.read_lock()
+        if held is None:
+            return None
+        if not held.expired and not force:
+            raise StoreError(
+                f"deploy lock held by {held.describe()} has not expired "
+                f"(expires in {human_duration(held.expires_at - time.time())}): "
+                "wait, or use `fab deploy.unlock --force` if you are sure nobody is deploying"
+            )
+        try:
+            self.client.delete_object(Bucket=self.s3.bucket, Key=key, IfMatch=held.etag)
+        except Exception as e:
+            if self._is_missing(e):
+                return held
+            err = self._error(e, key, "breaking the deploy lock")
+            if isinstance(err, ConflictError):
+                raise ConflictError(
+                    f"deploy lock {self.uri(key)} changed while breaking it (someone took it again); "
+                    "check `fab deploy.status` and retry"
+                ) from None
+            raise err from None
+        return held
