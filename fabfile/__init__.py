@@ -237,6 +237,6 @@ sandbox_ns = Collection("sandbox")
 sandbox_ns.add_task(sandbox_up, "up")
 sandbox_ns.add_task(sandbox_down, "down")
 
+# -H before the task name means the same as --hosts after it: fabric.yaml names
+# fleet.FleetExecutor as the executor (a collection's own config is read too late for that).
 ns = Collection(deploy, sandbox_ns)
-# -H/--hosts before the task name means the same as --hosts after it (see fleet.FleetExecutor).
-ns.configure({"tasks": {"executor_class": "fabfile.fleet.FleetExecutor"}})

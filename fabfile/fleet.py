@@ -70,7 +70,7 @@ class FleetExecutor(Executor):
         for call in calls:
             if not isinstance(call, Call):
                 call = Call(task=call)
-            if "hosts" in call.task.argspec(call.task.body)[0]:
+            if "hosts" in call.task.argspec(call.task.body).parameters:
                 if not call.kwargs.get("hosts"):
                     call.kwargs["hosts"] = host_str
                 out.extend(super().expand_calls(call.pre, apply_hosts=False))
