@@ -148,6 +148,15 @@ class Fleet:
         assert after != before
         return after
 
+    def is_down(self, host: str) -> bool:
+        import socket
+
+        try:
+            socket.create_connection((self.sb.hosts[host], 22), timeout=1).close()
+            return False
+        except OSError:
+            return True
+
     def _try_boot_id(self, host: str) -> str | None:
         try:
             return self.boot_id(host)

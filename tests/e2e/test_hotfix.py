@@ -107,8 +107,7 @@ def test_host_down_is_reported_others_succeed(fleet: Fleet) -> None:
     hold = sandbox.host_dir(fleet.sb.dir, "web3") / "hold"
     hold.touch()
     fleet.ssh("web3", "systemctl reboot", check=False)
-    wait_for(lambda: fleet.boots("web3")[-1].get("down_at") or len(fleet.boots("web3")) > 1,
-             what="web3 to go down")
+    wait_for(lambda: fleet.is_down("web3"), what="web3 to go down")
     try:
         new = fleet.git("rev-parse", "HEAD")
         r = fleet.fab("deploy.hotfix", check=False)
