@@ -237,5 +237,5 @@ def _print(cfg: Config, plan: Plan, b: Any, results: list[HostRoll], t0: float) 
     table(f"roll {short(b.commit)} ({b.ref}) in {time.monotonic() - t0:.1f}s",
           ["host", "old", "new", "back after", "healthy after", "outcome"], rows)
     if any(not r.ok for r in results) or len(done) < len(plan.targets):
-        say("the roll stopped; hosts marked 'not touched' still run their old release. "
+        say("the roll stopped; the hosts it did not reach still run their old release. "
             "Resume with `fab deploy.roll --resume`, or go back with `fab deploy.rollback`.")
