@@ -1,0 +1,956 @@
+"""Unit tests for the node-side program (fabfile/node.py) on temp dirs: no network, no root."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabfile import node
+
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_cfg(tmp_path: Path, **overrides: Any) -> node.Config:
+    raw: dict[str, Any] = {
+        "app": "shop",
+        "deploy_to": str(tmp_path / "srv"),
+        "keep_releases": 5,
+        "linked_files": [],
+        "linked_dirs": [],
+        "s3": {"bucket": "b", "prefix": "shop", "region": "us-east-1", "endpoint_url": None},
+        "boot": {"attempts": 3, "first_boot_attempts": 4, "backoff": 0.001, "max_backoff": 0.002},
+        "lock_timeout": 0.3,
+    }
+    raw.update(overrides)
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps(raw))
+    return node.load_config(str(path))
+
+
+Entry = tuple[str, str, Any]
+
+
+def make_tar(path: Path, entries: Iterable[Entry], mode: str = "w:gz") -> str:
+    """Build a tarball member by member (so hostile members are possible); returns sha256."""
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, payload in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = int(T0)
+            if kind == "file":
+                data = str(payload).encode()
+                ti.size = len(data)
+                ti.mode = 0o644
+                tf.addfile(ti, io.BytesIO(data))
+                continue
+            if kind == "suid":
+                ti.size = 2
+                ti.mode = 0o6755
+                tf.addfile(ti, io.BytesIO(b"#!"))
+                continue
+            ti.type = {
+                "dir": tarfile.DIRTYPE,
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "chr": tarfile.CHRTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[kind]
+            ti.mode = 0o755 if kind == "dir" else 0o644
+            if kind in ("symlink", "hardlink"):
+                ti.linkname = payload
+            tf.addfile(ti)
+    return sha256(path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def app_entries(tag: str = "v1") -> list[Entry]:
+    return [
+        ("./", "dir", None),
+        ("./app", "dir", None),
+        ("./app/main.py", "file", f"print('{tag}')"),
+        ("./log", "dir", None),
+        ("./log/dev.log", "file", "should be replaced by the shared link"),
+        ("./bin", "dir", None),
+        ("./bin/run", "suid", None),
+    ]
+
+
+def good_bundle(tmp_path: Path, tag: str = "v1") -> tuple[Path, str]:
+    path = tmp_path / f"bundle-{tag}.tar.gz"
+    return path, make_tar(path, app_entries(tag))
+
+
+def activate(cfg: node.Config, bundle: Path, sha: str, commit: str, **kw: Any) -> dict[str, Any]:
+    return node.activate(
+        cfg, sha256=sha, commit=commit, source=node.Source("file", str(bundle)), **kw
+    )
+
+
+def deploy(cfg: node.Config, tmp_path: Path, commit: str, **kw: Any) -> dict[str, Any]:
+    bundle, sha = good_bundle(tmp_path, commit)
+    return activate(cfg, bundle, sha, commit, **kw)
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Everything under root (without following links), to prove nothing was written."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                out[str(p)] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[str(p)] = ("file", p.read_bytes())
+            else:
+                out[str(p)] = ("dir",)
+    return out
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> node.Config:
+    return make_cfg(tmp_path)
+
+
+@pytest.fixture
+def layout(cfg: node.Config) -> node.Layout:
+    return node.Layout(cfg.deploy_to)
+
+
+# ------------------------------------------------------------------------------------------
+# activation basics
+
+
+def test_activate_builds_capistrano_layout(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    result = activate(
+        cfg, bundle, sha, "c1", ref="main", user="alice", committed_at=1234, now=lambda: T0
+    )
+
+    assert result["ok"] and result["changed"]
+    assert result["release"] == "20231114221320"
+    assert result["previous"] is None
+    assert set(result["seconds"]) == {"download", "extract", "total"}
+    release = Path(layout.release_path("20231114221320"))
+    # current is a symlink holding the absolute release path, as Capistrano writes it.
+    assert os.path.islink(layout.current)
+    assert os.readlink(layout.current) == str(release)
+    assert os.path.isabs(os.readlink(layout.current))
+    assert (release / "REVISION").read_text() == "c1\n"
+    assert (release / "REVISION_TIME").read_text() == "1234\n"
+    assert (release / "app/main.py").read_text() == "print('v1')"
+    mode = (release / "bin/run").stat().st_mode
+    assert not mode & (stat.S_ISUID | stat.S_ISGID)
+    assert mode & 0o777 == 0o755
+    assert Path(layout.revisions_log).read_text() == (
+        "Branch main (at c1) deployed as release 20231114221320 by alice\n"
+    )
+    # Nothing of ours is visible to Capistrano's `ls -x releases`.
+    assert sorted(os.listdir(layout.releases)) == ["20231114221320"]
+    assert sorted(os.listdir(layout.state)) == ["lock", "status.json"]
+    last = node.read_status(layout)["last"]
+    assert (
+        last["outcome"] == "ok" and last["commit"] == "c1" and last["release"] == "20231114221320"
+    )
+
+
+def test_same_commit_is_no_change_unless_forced(tmp_path: Path, cfg: node.Config) -> None:
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    again = deploy(cfg, tmp_path, "c1", now=lambda: T0 + 5)
+    assert again == {"ok": True, "changed": False, "release": first["release"], "commit": "c1"}
+    forced = deploy(cfg, tmp_path, "c1", now=lambda: T0 + 5, force=True)
+    assert forced["changed"] and forced["release"] == "20231114221325"
+
+
+def test_default_ref_and_user(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUDO_USER", "bob")
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    assert Path(layout.revisions_log).read_text() == (
+        "Branch HEAD (at c1) deployed as release 20231114221320 by bob\n"
+    )
+
+
+def test_two_activations_in_the_same_second_do_not_collide(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    a = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    b = deploy(cfg, tmp_path, "c2", now=lambda: T0)
+    c = deploy(cfg, tmp_path, "c3", now=lambda: T0 - 3600)  # clock stepped back
+    assert [a["release"], b["release"], c["release"]] == [
+        "20231114221320",
+        "20231114221321",
+        "20231114221322",
+    ]
+    assert node.list_releases(layout)[-1] == c["release"]
+    assert node.read_current(layout).release == c["release"]  # type: ignore[union-attr]
+    assert b["previous"] == {"release": "20231114221320", "commit": "c1"}
+
+
+def test_next_release_name_after_odd_newest(layout: node.Layout) -> None:
+    os.makedirs(layout.release_path("20231114221320"))
+    assert node.next_release_name(layout, T0) == "20231114221321"
+    os.makedirs(layout.release_path("20231399999999"))  # not a real date, still must sort last
+    assert node.next_release_name(layout, T0) == "20231400000000"
+
+
+def test_pruning_keeps_newest_and_never_current(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, keep_releases=2)
+    layout = node.Layout(cfg.deploy_to)
+    results = [deploy(cfg, tmp_path, f"c{i}", now=lambda i=i: T0 + i) for i in range(4)]
+    assert results[2]["pruned"] == ["20231114221320"]
+    assert results[3]["pruned"] == ["20231114221321"]
+    assert node.list_releases(layout) == ["20231114221322", "20231114221323"]
+
+    # current on the oldest release: pruning must skip it, and leave stray dirs alone.
+    os.makedirs(layout.release_path("20231114221324"))
+    Path(layout.release_path("20231114221324"), "REVISION").write_text("x\n")
+    os.makedirs(layout.release_path("not-a-release"))
+    node.swap_current(layout, layout.release_path("20231114221322"))
+    pruned = node.prune(layout, 2)
+    assert pruned == []  # 22 is current, 23 and 24 are the newest two
+    cfg3 = make_cfg(tmp_path, keep_releases=1)
+    assert node.cleanup(cfg3)["pruned"] == ["20231114221323"]
+    assert sorted(os.listdir(layout.releases)) == [
+        "20231114221322",
+        "20231114221324",
+        "not-a-release",
+    ]
+
+
+def test_prune_unlinks_symlinked_release_without_following(
+    tmp_path: Path, layout: node.Layout
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    os.makedirs(layout.releases)
+    os.symlink(victim, layout.release_path("20200101000000"))
+    for name in ("20231114221320", "20231114221321"):
+        os.makedirs(layout.release_path(name))
+    node.swap_current(layout, layout.release_path("20231114221321"))
+    assert node.prune(layout, 1) == ["20200101000000", "20231114221320"]
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+def test_swap_refuses_real_current_directory(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    os.makedirs(layout.current)
+    with pytest.raises(node.NodeError, match="real directory"):
+        deploy(cfg, tmp_path, "c1")
+    assert os.path.isdir(layout.current) and not os.path.islink(layout.current)
+
+
+# ------------------------------------------------------------------------------------------
+# safe extraction
+
+
+HOSTILE: list[tuple[str, Any, str]] = [
+    ("dotdot", [("../x", "file", "pwned")], "'..'"),
+    ("dotdot-nested", [("a/../../x", "file", "pwned")], "'..'"),
+    ("absolute", lambda out: [(str(out / "abs"), "file", "pwned")], "absolute"),
+    (
+        "symlink-abs-then-write",
+        lambda out: [("evil", "symlink", str(out)), ("evil/passwd", "file", "pwned")],
+        "absolute path",
+    ),
+    (
+        "symlink-rel-then-write",
+        [("evil", "symlink", "../outside"), ("evil/passwd", "file", "pwned")],
+        "goes through symlink",
+    ),
+    ("symlink-abs", lambda out: [("evil", "symlink", str(out))], "absolute"),
+    (
+        "symlink-relative-escape",
+        [("a", "dir", None), ("a/evil", "symlink", "../../outside")],
+        "outside",
+    ),
+    (
+        "symlink-chain-escape",
+        [("d", "dir", None), ("d/s", "symlink", ".."), ("t", "symlink", "d/s/..")],
+        "outside",
+    ),
+    ("symlink-loop", [("a", "symlink", "b"), ("b", "symlink", "a/x")], "outside"),
+    (
+        "write-through-inner-symlink",
+        [("d", "dir", None), ("l", "symlink", "d"), ("l/f", "file", "x")],
+        "goes through symlink",
+    ),
+    (
+        "symlink-then-same-name-file",
+        [("f", "symlink", "g"), ("f", "file", "x")],
+        "appears twice",
+    ),
+    ("implicit-dir-then-symlink", [("d/f", "file", "x"), ("d", "symlink", "..")], "appears twice"),
+    ("hardlink-abs", [("h", "hardlink", "/etc/passwd")], "absolute"),
+    ("hardlink-dotdot", [("h", "hardlink", "../outside/secret")], "'..'"),
+    ("hardlink-nonmember", [("h", "hardlink", "etc/passwd")], "not an earlier regular file"),
+    (
+        "hardlink-to-later",
+        [("h", "hardlink", "f"), ("f", "file", "x")],
+        "not an earlier regular file",
+    ),
+    ("chardev", [("null", "chr", None)], "special file"),
+    ("fifo", [("pipe", "fifo", None)], "special file"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_bundles_are_rejected_without_side_effects(
+    tmp_path: Path, case: tuple[str, Any, str]
+) -> None:
+    _, entries, expected = case
+    cfg = make_cfg(tmp_path)
+    layout = node.Layout(cfg.deploy_to)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("secret")
+    good = deploy(cfg, tmp_path, "good", now=lambda: T0)
+    before_out = snapshot(outside)
+    before_releases = snapshot(Path(layout.releases))
+    members = entries(outside) if callable(entries) else entries
+    bundle = tmp_path / "hostile.tar.gz"
+    sha = make_tar(bundle, [("ok.txt", "file", "fine"), *members])
+
+    with pytest.raises(node.NodeError, match=expected) as err:
+        activate(cfg, bundle, sha, "evil", now=lambda: T0 + 10)
+
+    assert "unsafe bundle" in err.value.message and "nothing was extracted" in err.value.message
+    assert snapshot(outside) == before_out
+    assert snapshot(Path(layout.releases)) == before_releases  # no staging left, no new release
+    assert node.read_current(layout).release == good["release"]  # type: ignore[union-attr]
+    assert node.read_status(layout)["last"]["outcome"] == "failed"
+
+
+def test_safe_inside_symlinks_and_hardlinks_are_fine(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    bundle = tmp_path / "b.tar.gz"
+    sha = make_tar(
+        bundle,
+        [
+            ("lib", "dir", None),
+            ("lib/real.txt", "file", "data"),
+            ("lib/alias", "symlink", "real.txt"),
+            ("up", "symlink", "lib/.."),
+            ("hard", "hardlink", "lib/real.txt"),
+            ("dangling", "symlink", "lib/missing"),
+        ],
+    )
+    result = activate(cfg, bundle, sha, "c1")
+    release = Path(layout.release_path(result["release"]))
+    assert (release / "lib/alias").read_text() == "data"
+    assert (release / "hard").read_text() == "data"
+    assert os.readlink(release / "up") == "lib/.."
+
+
+def test_too_many_files(tmp_path: Path, layout: node.Layout) -> None:
+    cfg = make_cfg(tmp_path, max_files=5)
+    bundle = tmp_path / "many.tar.gz"
+    sha = make_tar(bundle, [(f"f{i}", "file", i) for i in range(10)])
+    with pytest.raises(node.NodeError, match="max_files=5"):
+        activate(cfg, bundle, sha, "c1")
+    assert os.listdir(layout.releases) == []
+    assert not os.path.lexists(layout.current)
+
+
+@pytest.mark.parametrize("cut", ["half", "trailer"])
+def test_truncated_gzip(tmp_path: Path, cfg: node.Config, layout: node.Layout, cut: str) -> None:
+    full = tmp_path / "full.tar.gz"
+    make_tar(full, [(f"f{i}", "file", os.urandom(2000).hex()) for i in range(20)])
+    data = full.read_bytes()
+    bundle = tmp_path / "cut.tar.gz"
+    bundle.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-4])
+    with pytest.raises(node.NodeError, match="corrupt or truncated"):
+        activate(cfg, bundle, sha256(bundle), "c1")
+    assert os.listdir(layout.releases) == []
+
+
+def test_not_a_tarball(tmp_path: Path, cfg: node.Config) -> None:
+    bundle = tmp_path / "junk.tar.gz"
+    bundle.write_bytes(gzip.compress(b"hello world, not a tar"))
+    with pytest.raises(node.NodeError, match="corrupt or truncated"):
+        activate(cfg, bundle, sha256(bundle), "c1")
+
+
+def test_sha_mismatch_extracts_nothing(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    with pytest.raises(node.VerificationError) as err:
+        activate(cfg, bundle, "0" * 64, "c1")
+    assert f"expected {'0' * 64}" in err.value.message and f"got {sha}" in err.value.message
+    assert str(bundle) in err.value.message
+    assert os.listdir(layout.releases) == []
+    assert bundle.exists()  # a --file bundle outside .fabdeploy is left alone
+
+
+def test_bundle_inside_state_dir_is_consumed(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    os.makedirs(layout.state)
+    bundle = Path(layout.state) / "upload.tar.gz"
+    sha = make_tar(bundle, app_entries())
+    activate(cfg, bundle, sha, "c1")
+    assert not bundle.exists()
+
+
+def test_not_enough_space(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node, "disk_free", lambda path: 1024 * 1024)
+    with pytest.raises(node.NodeError) as err:
+        deploy(cfg, tmp_path, "c1")
+    msg = err.value.message
+    assert "not enough disk space" in msg and "MB needed" in msg and "1.0 MB free" in msg
+    assert node.hostname() in msg and layout.releases in msg
+    assert os.listdir(layout.releases) == []
+
+
+def test_enospc_during_extraction(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = node._safe_tarfile_class
+
+    def full_disk_class() -> type[tarfile.TarFile]:
+        class Full(original()):  # type: ignore[misc]
+            def makefile(self, tarinfo: tarfile.TarInfo, targetpath: str) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        return Full
+
+    monkeypatch.setattr(node, "_safe_tarfile_class", full_disk_class)
+    with pytest.raises(node.NodeError, match="not enough disk space"):
+        deploy(cfg, tmp_path, "c1")
+    assert os.listdir(layout.releases) == []
+
+
+def test_validate_members_drops_owner_and_special_bits() -> None:
+    ti = tarfile.TarInfo("./a/b")
+    ti.mode = 0o4777
+    ti.uid, ti.uname = 1234, "mallory"
+    (out,) = node.validate_members([ti])
+    assert out.name == "a/b" and out.mode == 0o777 and out.uid == 0 and out.uname == ""
+
+
+# ------------------------------------------------------------------------------------------
+# linked files/dirs and hooks
+
+
+def test_linked_files_and_dirs(tmp_path: Path, layout: node.Layout) -> None:
+    cfg = make_cfg(tmp_path, linked_files=["config/database.yml"], linked_dirs=["log", "tmp/pids"])
+    shared_db = Path(layout.shared) / "config/database.yml"
+    shared_db.parent.mkdir(parents=True)
+    shared_db.write_text("prod: {}")
+    release = Path(layout.release_path(deploy(cfg, tmp_path, "c1")["release"]))
+
+    assert os.readlink(release / "config/database.yml") == str(shared_db)
+    assert os.readlink(release / "log") == os.path.join(layout.shared, "log")
+    assert os.readlink(release / "tmp/pids") == os.path.join(layout.shared, "tmp/pids")
+    assert os.path.isdir(os.path.join(layout.shared, "log"))
+    assert not os.path.exists(os.path.join(layout.shared, "log", "dev.log"))  # release copy dropped
+
+
+def test_missing_linked_file_fails_before_current_changes(
+    tmp_path: Path, layout: node.Layout
+) -> None:
+    cfg0 = make_cfg(tmp_path)
+    good = deploy(cfg0, tmp_path, "c1", now=lambda: T0)
+    cfg = make_cfg(tmp_path, linked_files=["config/database.yml"])
+    with pytest.raises(node.NodeError) as err:
+        deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    full = os.path.join(layout.shared, "config/database.yml")
+    assert err.value.message == (
+        f"linked file shared/config/database.yml is missing on {node.hostname()} ({full}): "
+        "create it, then deploy again"
+    )
+    assert node.read_current(layout).release == good["release"]  # type: ignore[union-attr]
+    assert node.list_releases(layout) == [good["release"]]
+
+
+@pytest.mark.parametrize("key", ["linked_files", "linked_dirs"])
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a/../../b", "."])
+def test_linked_paths_must_stay_inside(tmp_path: Path, key: str, bad: str) -> None:
+    cfg = make_cfg(tmp_path, **{key: [bad]})
+    with pytest.raises(node.NodeError, match="must be a relative path"):
+        deploy(cfg, tmp_path, "c1")
+    assert not os.path.exists(tmp_path / "etc")
+
+
+def test_before_swap_hook_runs_in_release(tmp_path: Path, layout: node.Layout) -> None:
+    out = tmp_path / "hook.out"
+    cfg = make_cfg(
+        tmp_path, hooks={"before_swap": [f'echo "$PWD $RELEASE_PATH $DEPLOY_TO $REVISION" > {out}']}
+    )
+    release = layout.release_path(deploy(cfg, tmp_path, "c1")["release"])
+    assert out.read_text().split() == [release, release, cfg.deploy_to, "c1"]
+
+
+def test_before_swap_hook_failure(tmp_path: Path, layout: node.Layout) -> None:
+    good = deploy(make_cfg(tmp_path), tmp_path, "c1", now=lambda: T0)
+    cfg = make_cfg(
+        tmp_path,
+        hooks={
+            "before_swap": ["for i in $(seq 1 30); do echo line$i; done; echo boom >&2; exit 3"]
+        },
+    )
+    with pytest.raises(node.NodeError) as err:
+        deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    msg = err.value.message
+    assert "exit code 3" in msg and "boom" in msg and "line30" in msg and "line5 " not in msg
+    assert "\n" not in msg
+    assert err.value.extra["output_tail"][-1] == "boom"
+    assert len(err.value.extra["output_tail"]) == 20
+    assert node.list_releases(layout) == [good["release"]]
+    assert node.read_current(layout).release == good["release"]  # type: ignore[union-attr]
+
+
+def test_restart_failure_swaps_back(tmp_path: Path, layout: node.Layout) -> None:
+    marker = tmp_path / "restarts"
+    cfg = make_cfg(
+        tmp_path, restart=f'echo "$REVISION" >> {marker}; echo nope; test "$REVISION" != c2'
+    )
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
+    with pytest.raises(node.NodeError) as err:
+        deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True, user="alice")
+    assert (
+        f"back on {first['release']}" in err.value.message and "restarted OK" in err.value.message
+    )
+    assert node.read_current(layout).release == first["release"]  # type: ignore[union-attr]
+    assert node.list_releases(layout) == [first["release"]]
+    assert marker.read_text().split() == ["c1", "c2", "c1"]
+    assert Path(layout.revisions_log).read_text().splitlines()[-1] == (
+        f"alice rolled back to release {first['release']}"
+    )
+
+
+def test_restart_only_when_asked(tmp_path: Path) -> None:
+    marker = tmp_path / "restarted"
+    cfg = make_cfg(tmp_path, restart=f"touch {marker}")
+    deploy(cfg, tmp_path, "c1")
+    assert not marker.exists()
+    deploy(cfg, tmp_path, "c2", restart=True)
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# rollback
+
+
+def test_rollback(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    r = [deploy(cfg, tmp_path, f"c{i}", now=lambda i=i: T0 + i)["release"] for i in range(3)]
+    result = node.rollback(cfg, user="alice", reason="bad deploy")
+    assert result == {
+        "ok": True,
+        "changed": True,
+        "release": r[1],
+        "commit": "c1",
+        "previous": {"release": r[2], "commit": "c2"},
+    }
+    assert os.readlink(layout.current) == layout.release_path(r[1])
+    assert (
+        Path(layout.revisions_log).read_text().splitlines()[-1]
+        == f"alice rolled back to release {r[1]}"
+    )
+    assert node.rollback(cfg, user="alice")["release"] == r[0]
+    with pytest.raises(
+        node.NodeError, match=r"no previous release to roll back to on .* \(releases: "
+    ):
+        node.rollback(cfg)
+    assert node.read_current(layout).release == r[0]  # type: ignore[union-attr]
+    # Named forward "rollback" is allowed.
+    assert node.rollback(cfg, release=r[2], user="bob")["commit"] == "c2"
+    last = node.read_status(layout)["last"]
+    assert last["action"] == "rollback" and last["outcome"] == "ok"
+
+
+def test_rollback_errors(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    with pytest.raises(node.NodeError, match="nothing to roll back to"):
+        node.rollback(cfg)
+    r = [deploy(cfg, tmp_path, f"c{i}", now=lambda i=i: T0 + i)["release"] for i in range(2)]
+    with pytest.raises(node.NodeError, match="does not exist or is incomplete"):
+        node.rollback(cfg, release="20990101000000")
+    with pytest.raises(node.NodeError, match="does not exist or is incomplete"):
+        node.rollback(cfg, release="../../etc")
+    os.unlink(os.path.join(layout.release_path(r[0]), "REVISION"))  # e.g. Capistrano mid-deploy
+    with pytest.raises(node.NodeError, match="no previous release"):
+        node.rollback(cfg)
+    assert node.read_current(layout).release == r[1]  # type: ignore[union-attr]
+    assert node.read_status(layout)["last"]["outcome"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------
+# status, cleanup, lock
+
+
+def test_status_with_dangling_current(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    a = deploy(cfg, tmp_path, "c1", now=lambda: T0)["release"]
+    b = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)["release"]
+    node.remove_path(layout.release_path(b))
+    os.makedirs(layout.release_path(".staging-20231114221399-1"))
+    os.makedirs(layout.release_path("manual-copy"))
+    s = node.status(cfg)
+    assert s["ok"] and s["host"] == node.hostname() and s["node_version"] == node.VERSION
+    assert s["current"] == {
+        "release": b,
+        "commit": None,
+        "path": layout.release_path(b),
+        "ok": False,
+    }
+    assert s["releases"] == [{"release": a, "commit": "c1"}]
+    assert s["stray"] == ["manual-copy"]
+    assert s["staging"] == [".staging-20231114221399-1"]
+    assert s["last"]["commit"] == "c2"
+    assert s["revision_log_tail"][-1].startswith("Branch HEAD (at c2)")
+    json.dumps(s)
+
+
+def test_status_on_empty_host(cfg: node.Config) -> None:
+    s = node.status(cfg)
+    assert s["current"] is None and s["releases"] == [] and s["last"] is None
+
+
+def test_status_does_not_take_the_lock(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1")
+    with open(layout.lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        assert node.status(cfg)["current"]["commit"] == "c1"
+
+
+def test_cleanup_removes_leftovers(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    deploy(cfg, tmp_path, "c1")
+    staging = layout.release_path(".staging-20231114221320-99999")
+    os.makedirs(os.path.join(staging, "app"))
+    download = os.path.join(layout.state, "dl-99999-abc.tar.gz")
+    Path(download).write_bytes(b"partial")
+    tmp_link = os.path.join(layout.deploy_to, ".current-tmp-99999")
+    os.symlink("/nonexistent", tmp_link)
+    result = node.cleanup(cfg)
+    assert sorted(result["removed"]) == sorted([staging, download, tmp_link])
+    assert not os.path.lexists(staging) and not os.path.lexists(download)
+    assert os.path.islink(layout.current)
+
+
+def test_lock_is_bounded_and_names_holder(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    layout.ensure()
+    with open(layout.lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps({"pid": 4242, "action": "activate", "user": "carol", "since": "x"}))
+        fh.flush()
+        with pytest.raises(node.NodeError, match="pid 4242 running activate for carol"):
+            deploy(cfg, tmp_path, "c1")
+    assert not os.path.lexists(layout.current)
+    deploy(cfg, tmp_path, "c1")  # released lock: works again
+
+
+# ------------------------------------------------------------------------------------------
+# boot
+
+
+def pointer_for(tmp_path: Path, commit: str) -> tuple[dict[str, Any], Path]:
+    bundle, sha = good_bundle(tmp_path, commit)
+    pointer = {
+        "key": f"shop/bundles/{commit}.tar.gz",
+        "commit": commit,
+        "sha256": sha,
+        "ref": "main",
+        "size": bundle.stat().st_size,
+        "published_by": "ci",
+        "published_at": "2023-11-14T22:13:20Z",
+        "committed_at": 1_699_000_000,
+    }
+    return pointer, bundle
+
+
+class Sleeper:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def test_boot_unchanged(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    deploy(cfg, tmp_path, "c1")
+    pointer, _ = pointer_for(tmp_path, "c1")
+    result = node.boot(
+        cfg, pointer_source=lambda: pointer, source_for=lambda p: pytest.fail("no fetch")
+    )
+    assert result["outcome"] == "unchanged" and result["commit"] == "c1"
+    assert node.read_status(layout)["last_boot"]["outcome"] == "unchanged"
+
+
+def test_boot_activates_published_commit(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    pointer, bundle = pointer_for(tmp_path, "c2")
+    result = node.boot(
+        cfg, pointer_source=lambda: pointer, source_for=lambda p: node.Source("file", str(bundle))
+    )
+    assert result["ok"] and result["outcome"] == "activated" and result["commit"] == "c2"
+    current = node.read_current(layout)
+    assert current is not None and current.commit == "c2"
+    release = layout.release_path(current.release)
+    assert Path(release, "REVISION_TIME").read_text() == "1699000000\n"
+    assert Path(layout.revisions_log).read_text().splitlines()[-1].startswith("Branch main (at c2)")
+    assert node.read_status(layout)["last_boot"]["outcome"] == "activated"
+
+
+def test_boot_keeps_current_when_s3_fails(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1")
+    calls: list[int] = []
+
+    def broken() -> dict[str, Any]:
+        calls.append(1)
+        raise node.NodeError("cannot read pointer s3://b/shop/published.json: connection refused")
+
+    sleeper = Sleeper()
+    result = node.boot(cfg, pointer_source=broken, sleep=sleeper)
+    assert result["ok"] and result["outcome"] == "kept" and result["commit"] == "c1"
+    assert "connection refused" in result["reason"]
+    assert len(calls) == 3 and sleeper.calls == [0.001, 0.002]
+    last_boot = node.read_status(layout)["last_boot"]
+    assert last_boot["outcome"] == "kept" and "connection refused" in last_boot["reason"]
+
+
+@pytest.mark.parametrize(
+    "pointer",
+    [{"commit": "c2"}, ["not", "an", "object"], {"key": "k", "commit": "c2", "sha256": "xyz"}],
+)
+def test_boot_bad_pointer_keeps_current(tmp_path: Path, cfg: node.Config, pointer: Any) -> None:
+    deploy(cfg, tmp_path, "c1")
+    result = node.boot(cfg, pointer_source=lambda: pointer, sleep=Sleeper())
+    assert result["outcome"] == "kept" and "re-publish" in result["reason"]
+
+
+def test_boot_verification_failure_retried_once(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1")
+    pointer, bundle = pointer_for(tmp_path, "c2")
+    pointer["sha256"] = "f" * 64
+    fetches: list[int] = []
+
+    def source_for(p: dict[str, Any]) -> node.Source:
+        fetches.append(1)
+        return node.Source("file", str(bundle))
+
+    cfg.boot.attempts = 10
+    result = node.boot(cfg, pointer_source=lambda: pointer, source_for=source_for, sleep=Sleeper())
+    assert result["outcome"] == "kept" and "sha256 mismatch" in result["reason"]
+    assert len(fetches) == 2
+    assert node.read_current(layout).commit == "c1"  # type: ignore[union-attr]
+
+
+def test_first_boot_failure_is_loud(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    calls: list[int] = []
+
+    def missing() -> dict[str, Any]:
+        calls.append(1)
+        raise node.NodeError("pointer s3://b/shop/published.json does not exist")
+
+    with pytest.raises(node.NodeError, match="no current release"):
+        node.boot(cfg, pointer_source=missing, sleep=Sleeper())
+    assert len(calls) == cfg.boot.first_boot_attempts == 4
+    assert node.read_status(layout)["last_boot"]["outcome"] == "failed"
+
+
+def test_first_boot_recovers_after_retries(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    pointer, bundle = pointer_for(tmp_path, "c1")
+    answers: list[Any] = [node.NodeError("s3 down"), node.NodeError("s3 down"), pointer]
+
+    def flaky() -> dict[str, Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    result = node.boot(
+        cfg,
+        pointer_source=flaky,
+        source_for=lambda p: node.Source("file", str(bundle)),
+        sleep=Sleeper(),
+    )
+    assert result["outcome"] == "activated"
+    assert node.read_current(layout).commit == "c1"  # type: ignore[union-attr]
+
+
+def test_boot_total_time_is_bounded(tmp_path: Path) -> None:
+    cfg = make_cfg(
+        tmp_path, boot={"attempts": 50, "backoff": 10, "max_backoff": 100, "max_seconds": 25}
+    )
+    deploy(cfg, tmp_path, "c1")
+    sleeper = Sleeper()
+
+    def broken() -> dict[str, Any]:
+        raise node.NodeError("down")
+
+    assert node.boot(cfg, pointer_source=broken, sleep=sleeper)["outcome"] == "kept"
+    assert sleeper.calls == [10]  # 10 + 20 would exceed the 25 s budget
+
+
+# ------------------------------------------------------------------------------------------
+# config and CLI
+
+
+def run_main(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> tuple[int, dict[str, Any], str]:
+    code = node.main(argv)
+    out, err = capsys.readouterr()
+    return code, json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(capsys, ["version"])[:2] == (0, {"ok": True, "version": node.VERSION})
+
+
+def test_cli_activate_and_status(
+    tmp_path: Path, cfg: node.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    conf = str(tmp_path / "node.json")
+    args = ["--config", conf, "activate", "--sha256", sha, "--commit", "c1", "--file", str(bundle)]
+    code, out, err = run_main(capsys, [*args, "--ref", "main", "--committed-at", "5"])
+    assert code == 0 and out["changed"] and out["commit"] == "c1"
+    assert all(line.startswith("fabdeploy-node: ") for line in err.splitlines())
+    code, out, _ = run_main(capsys, ["--config", conf, "status"])
+    assert code == 0 and out["current"]["commit"] == "c1"
+    code, out, _ = run_main(capsys, [*args[:-1], str(tmp_path / "missing.tar.gz"), "--force"])
+    assert code == 1 and out["ok"] is False and "missing.tar.gz" in out["error"]
+    assert out["host"] == node.hostname()
+
+
+def test_cli_missing_required_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "node.json"
+    conf.write_text(json.dumps({"app": "shop", "deploy_to": str(tmp_path / "srv")}))
+    code, out, _ = run_main(capsys, ["--config", str(conf), "status"])
+    assert code == 1 and "'s3.bucket'" in out["error"] and "\n" not in out["error"]
+
+
+def test_cli_bad_config_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "node.json"
+    conf.write_text("{nope")
+    code, out, _ = run_main(capsys, ["--config", str(conf), "status"])
+    assert code == 1 and "cannot read config" in out["error"]
+    code, out, _ = run_main(capsys, ["activate", "--commit", "x"])
+    assert code == 1 and out["ok"] is False and "usage error" in out["error"]
+
+
+def test_cli_unexpected_exception_is_json(
+    tmp_path: Path,
+    cfg: node.Config,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def boom(cfg: node.Config) -> dict[str, Any]:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(node, "status", boom)
+    code, out, _ = run_main(capsys, ["--config", str(tmp_path / "node.json"), "status"])
+    assert code == 1 and "RuntimeError: kaboom" in out["error"]
+
+
+def test_config_defaults(tmp_path: Path) -> None:
+    conf = tmp_path / "node.json"
+    conf.write_text(
+        json.dumps({"app": "a", "deploy_to": "/srv/a", "s3": {"bucket": "b"}, "new_key": 1})
+    )
+    cfg = node.load_config(str(conf))
+    assert cfg.keep_releases == 5 and cfg.max_files == 200000 and cfg.restart is None
+    assert cfg.boot.attempts == 5 and cfg.boot.first_boot_attempts == 30
+    assert cfg.s3.key("published.json") == "published.json"
+
+
+def test_import_is_lean() -> None:
+    import subprocess
+    import sys
+
+    # Load the file on its own, as on a host (fabfile/__init__.py is not shipped there).
+    code = (
+        "import importlib.util, sys;"
+        f"spec = importlib.util.spec_from_file_location('node', {node.__file__!r});"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec));"
+        "print(sorted(m for m in ('boto3', 'botocore', 'tarfile', 'subprocess', 'urllib.request',"
+        " 'argparse', 'socket', 'shutil') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_activation_cleans_leftovers_of_a_killed_run(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    # What a kill -9 mid-extraction / mid-swap leaves behind.
+    staging = layout.release_path(".staging-20231114221320-4242")
+    os.makedirs(os.path.join(staging, "half"))
+    os.symlink(
+        layout.release_path(first["release"]), os.path.join(layout.deploy_to, ".current-tmp-4242")
+    )
+    assert node.read_current(layout).ok  # type: ignore[union-attr]
+    deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    assert not os.path.lexists(staging)
+    assert not os.path.lexists(os.path.join(layout.deploy_to, ".current-tmp-4242"))
+    assert node.status(cfg)["staging"] == []
+
+
+def test_release_killed_during_hooks_is_never_a_rollback_target(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    r1 = deploy(cfg, tmp_path, "c1", now=lambda: T0)["release"]
+    r2 = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)["release"]
+    # A run killed while its before_swap hook ran: renamed, has REVISION, never went live.
+    orphan = layout.release_path("20231114221330")
+    os.makedirs(orphan)
+    Path(orphan, "REVISION").write_text("c9\n")
+    Path(orphan, node.PENDING_MARKER).write_text("4242\n")
+    assert node.status(cfg)["pending"] == ["20231114221330"]
+    assert node.complete_releases(layout) == [r1, r2]
+    assert node.rollback(cfg)["release"] == r1
+    assert not os.path.lexists(orphan)  # the locked run cleaned it up first
+    assert node.status(cfg)["pending"] == []
+
+
+def test_pending_marker_on_current_is_cleared(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    r1 = deploy(cfg, tmp_path, "c1")["release"]
+    Path(layout.release_path(r1), node.PENDING_MARKER).write_text("1\n")  # killed right after swap
+    node.cleanup(cfg)
+    assert os.path.isdir(layout.release_path(r1))
+    assert not node.is_pending(layout.release_path(r1))
