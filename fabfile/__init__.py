@@ -36,6 +36,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from .aws import AWSError
+
+        errors.append(AWSError)
+    except ImportError:
+        pass
+    try:
         from .sandbox import SandboxError
 
         errors.append(SandboxError)
@@ -168,11 +174,23 @@ def status_task(c, hosts=None, json=False):
             "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
             "resume": "skip hosts already on the published commit",
             "dry_run": "print the plan and change nothing",
-            "rollback_on_failure": "on failure, move the pointer back and reboot the failed host"})
+            "rollback_on_failure": "on failure, move the pointer back and reboot the failed host",
+            "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)"})
 @clean_errors
-def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False):
+def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False,
+              engine="ssh"):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
     cfg = _cfg()
+    if engine == "instance-refresh":
+        if hosts or batch or resume or rollback_on_failure:
+            raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --batch, --resume "
+                       "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)", 1)
+        from .aws import run_instance_refresh
+
+        _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run))
+        return
+    if engine != "ssh":
+        raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
     from .config import _batch
     from .roll import run_roll
 

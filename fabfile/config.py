@@ -48,6 +48,8 @@ class Host:
     name: str
     host: str  # what we hand to ssh (an alias resolved through ssh_config)
     roles: tuple[str, ...] = ()
+    instance_id: str | None = None  # set for hosts discovered from AWS (fabfile/aws.py)
+    az: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class NodeConfig:
     boot_attempts: int = 5
     first_boot_attempts: int = 30
     boot_backoff: float = 1.0
+    boot_max_seconds: float = 900.0
+    download_timeout: float = 60.0
     max_files: int = 200_000
 
 
@@ -80,6 +84,34 @@ class RollConfig:
     reboot_timeout: float = 300.0
     boot_timeout: float = 300.0
     lock_expiry: float = 3600.0
+
+
+@dataclass(frozen=True)
+class InstanceRefreshConfig:
+    min_healthy_percentage: int = 90
+    instance_warmup: int | None = None
+    checkpoint_percentages: tuple[int, ...] = ()
+    checkpoint_delay: int | None = None
+
+
+@dataclass(frozen=True)
+class AWSConfig:
+    region: str | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    autoscaling_groups: tuple[str, ...] = ()
+    tag_filters: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    address: str = "private_ip"
+    target_groups: tuple[str, ...] = ()
+    classic_elbs: tuple[str, ...] = ()
+    standby: bool = False
+    min_healthy: str | None = None
+    healthy_timeout: float = 300.0
+    instance_refresh: InstanceRefreshConfig = field(default_factory=InstanceRefreshConfig)
+
+    @property
+    def discovers(self) -> bool:
+        return bool(self.autoscaling_groups or self.tag_filters)
 
 
 @dataclass(frozen=True)
@@ -103,6 +135,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     node_env: dict[str, str] = field(default_factory=dict)
     roll: RollConfig = field(default_factory=RollConfig)
+    aws: AWSConfig | None = None
 
     @property
     def node_dir(self) -> str:
@@ -220,6 +253,59 @@ def _batch(v: Any) -> str:
     return s
 
 
+def _names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise TypeError("a list of names")
+    return tuple(_str(x) for x in v)
+
+
+def _tag_filters(v: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(v, dict) or not v:
+        raise TypeError("a mapping of tag key -> value or list of values, e.g. {role: [web]}")
+    out = {}
+    for k, vals in v.items():
+        vals = [vals] if isinstance(vals, str) else vals
+        if not isinstance(k, str) or not k or not isinstance(vals, list) or not vals:
+            raise TypeError(f"a mapping of tag key -> list of values (bad entry {k!r})")
+        out[k] = tuple(_str(x) for x in vals)
+    return out
+
+
+def _address(v: Any) -> str:
+    if v in ("private_ip", "public_ip", "public_dns", "private_dns") or (
+        isinstance(v, str) and v.startswith("tag:") and len(v) > 4
+    ):
+        return v
+    raise TypeError("private_ip, public_ip, public_dns, private_dns or tag:<Key> (e.g. tag:Name)")
+
+
+def _min_healthy(v: Any) -> str:
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(s, str) or not re.match(r"^\d+%?$", s) or (s.endswith("%") and int(s[:-1]) > 100):
+        raise TypeError("a host count like 2 or a percentage like '66%'")
+    return s
+
+
+def _percentages(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 100 for x in v):
+        raise TypeError("a list of whole percentages 1..100, ascending, e.g. [20, 50, 100]")
+    if list(v) != sorted(set(v)):
+        raise TypeError("a list of whole percentages 1..100, ascending, e.g. [20, 50, 100]")
+    return tuple(v)
+
+
+def _percent(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 100:
+        raise TypeError("a whole percentage 0..100")
+    return v
+
+
+def _seconds(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError("whole seconds >= 0")
+    return v
+
+
 SCHEMA: dict[str, Any] = {
     "app": (_name, True),
     "repo": (_str, True),
@@ -251,7 +337,8 @@ SCHEMA: dict[str, Any] = {
         },
         False,
     ),
-    "hosts": ("hosts", True),
+    # Required unless aws.autoscaling_groups / aws.tag_filters name the fleet (see _build).
+    "hosts": ("hosts", False),
     "parallel": (_pos_int, False),
     "restart": (_opt_str, False),
     "reboot": (_str, False),
@@ -276,6 +363,8 @@ SCHEMA: dict[str, Any] = {
             "boot_attempts": (_pos_int, False),
             "first_boot_attempts": (_pos_int, False),
             "boot_backoff": (_pos_num, False),
+            "boot_max_seconds": (_pos_num, False),
+            "download_timeout": (_pos_num, False),
             "max_files": (_pos_int, False),
         },
         False,
@@ -287,6 +376,31 @@ SCHEMA: dict[str, Any] = {
             "reboot_timeout": (_pos_num, False),
             "boot_timeout": (_pos_num, False),
             "lock_expiry": (_pos_num, False),
+        },
+        False,
+    ),
+    "aws": (
+        {
+            "region": (_opt_str, False),
+            "endpoint_url": (_opt_str, False),
+            "profile": (_opt_str, False),
+            "autoscaling_groups": (_names, False),
+            "tag_filters": (_tag_filters, False),
+            "address": (_address, False),
+            "target_groups": (_names, False),
+            "classic_elbs": (_names, False),
+            "standby": (_bool, False),
+            "min_healthy": (_min_healthy, False),
+            "healthy_timeout": (_pos_num, False),
+            "instance_refresh": (
+                {
+                    "min_healthy_percentage": (_percent, False),
+                    "instance_warmup": (_seconds, False),
+                    "checkpoint_percentages": (_percentages, False),
+                    "checkpoint_delay": (_seconds, False),
+                },
+                False,
+            ),
         },
         False,
     ),
@@ -393,6 +507,14 @@ def _build(v: dict[str, Any], p: Path) -> Config:
         return q if q.is_absolute() else base / q
 
     s3 = v["s3"]
+    aws = None
+    if "aws" in v:
+        a = dict(v["aws"])
+        aws = AWSConfig(**{k: val for k, val in a.items() if k != "instance_refresh"},
+                        instance_refresh=InstanceRefreshConfig(**a.get("instance_refresh", {})))
+    if "hosts" not in v and not (aws and aws.discovers):
+        raise ConfigError(f"{p}: missing required key 'hosts' (or name the fleet with "
+                          "aws.autoscaling_groups / aws.tag_filters)")
     ssh = v.get("ssh", {})
     node = v.get("node", {})
     app = v["app"]
@@ -422,7 +544,7 @@ def _build(v: dict[str, Any], p: Path) -> Config:
             keepalive=ssh.get("keepalive", 15),
             identity_file=local_path(ssh.get("identity_file")),
         ),
-        hosts=v["hosts"],
+        hosts=v.get("hosts", ()),
         parallel=v.get("parallel", 10),
         restart=v.get("restart"),
         reboot=v.get("reboot", "sudo systemctl reboot"),
@@ -431,4 +553,5 @@ def _build(v: dict[str, Any], p: Path) -> Config:
         node=NodeConfig(**node),
         node_env=v.get("node_env", {}),
         roll=RollConfig(**v.get("roll", {})),
+        aws=aws,
     )

@@ -458,9 +458,12 @@ def s3_client(cfg: Config) -> Any:
         raise NodeError(
             f"boto3 is not installed on {hostname()}: apt-get install python3-boto3"
         ) from None
-    # Short timeouts and few retries: boot must stay bounded, we do our own retrying.
+    # Short timeouts, no botocore retries: boot must stay bounded and does its own
+    # retrying with backoff; a hung endpoint costs download_timeout per attempt.
     boto_cfg = BotoConfig(
-        connect_timeout=5, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}
+        connect_timeout=5,
+        read_timeout=cfg.download_timeout,
+        retries={"max_attempts": 1, "mode": "standard"},
     )
     return boto3.client(
         "s3", region_name=cfg.s3.region, endpoint_url=cfg.s3.endpoint_url, config=boto_cfg

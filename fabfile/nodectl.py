@@ -46,7 +46,9 @@ def node_json(cfg: Config) -> dict[str, Any]:
             "first_boot_attempts": cfg.node.first_boot_attempts,
             "backoff": cfg.node.boot_backoff,
             "max_backoff": max(cfg.node.boot_backoff, 10.0),
+            "max_seconds": cfg.node.boot_max_seconds,
         },
+        "download_timeout": cfg.node.download_timeout,
         "max_files": cfg.node.max_files,
     }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import nodectl
+from .aws import AWSError
 from .config import Config, Host
 from .fleet import HostError, connect, run, say, warn
 from .health import wait_healthy
@@ -81,7 +82,7 @@ def _boot_id(cfg: Config, host: Host) -> tuple[str | None, dict[str, Any] | None
         conn.close()
 
 
-def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool) -> HostRoll:
+def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None) -> HostRoll:
     res = HostRoll(host.name)
     conn = connect(cfg, host)
     try:
@@ -93,6 +94,8 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool) ->
             _log(t0, host.name, f"already on {short(commit)}, skipped (--resume)")
             return res
         old_boot = before.get("boot_id")
+        if traffic is not None:
+            traffic.before_reboot(host)  # out of the load balancer (and into standby) first
         _log(t0, host.name, f"rebooting ({cfg.reboot})")
         start = time.monotonic()
         try:
@@ -143,18 +146,20 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool) ->
     h = wait_healthy(cfg, connect(cfg, host).host)
     if not h.ok:
         raise HostError(host.name, f"{host.name} is on {short(commit)} but {h.detail}")
+    if traffic is not None:
+        traffic.after_healthy(host)
     res.healthy_s = time.monotonic() - start
     res.ok = True
     _log(t0, host.name, f"on {short(commit)} release {cur.get('release')}, healthy ({res.healthy_s:.1f}s)")
     return res
 
 
-def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool) -> HostRoll:
+def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None) -> HostRoll:
     try:
-        return reboot_one(cfg, host, commit, t0, resume)
-    except HostError as e:
-        _log(t0, host.name, f"FAILED: {e.message}")
-        r = HostRoll(host.name, error=e.message)
+        return reboot_one(cfg, host, commit, t0, resume, traffic)
+    except (HostError, AWSError) as e:
+        _log(t0, host.name, f"FAILED: {e}")
+        r = HostRoll(host.name, error=str(e))
         return r
 
 
@@ -170,38 +175,56 @@ def run_roll(
 ) -> bool:
     from . import bundle as bundles
 
-    groups = batches(plan.targets, batch or cfg.roll.batch)
+    if cfg.aws is not None:
+        from . import aws
+        from .fleet import resolve_hosts
+
+        # AZs interleaved and capped by aws.min_healthy of the live fleet.
+        groups = aws.batches(cfg, plan.targets, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
+    else:
+        groups = batches(plan.targets, batch or cfg.roll.batch)
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
         say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and reboot, in this order:")
         for i, g in enumerate(groups, 1):
-            say(f"  batch {i}: {', '.join(h.name for h in g)}")
+            say(f"  batch {i}: {', '.join(h.name + (f' ({h.az})' if h.az else '') for h in g)}")
         return True
 
     store = bundles.store_for(cfg)
     results: list[HostRoll] = []
     t0 = time.monotonic()
+    traffic = None
+    if cfg.aws is not None:
+        from .aws import Traffic
+
+        traffic = Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
     with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer()
         bundles.publish_bundle(store, b, log=say)
-        for i, group in enumerate(groups, 1):
-            if stop.requested:
-                warn(f"stopped by Ctrl-C before batch {i}")
-                break
-            with ThreadPoolExecutor(max_workers=len(group)) as pool:
-                batch_results = list(pool.map(lambda h: _attempt(cfg, h, b.commit, t0, resume), group))
-            results += batch_results
-            failed = [r for r in batch_results if not r.ok]
-            if failed:
-                if rollback_on_failure:
-                    _roll_back_failed(cfg, store, previous, group, failed, t0)
-                break
+        try:
+            for i, group in enumerate(groups, 1):
+                if stop.requested:
+                    warn(f"stopped by Ctrl-C before batch {i}")
+                    break
+                with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                    batch_results = list(pool.map(lambda h: _attempt(cfg, h, b.commit, t0, resume, traffic), group))
+                results += batch_results
+                failed = [r for r in batch_results if not r.ok]
+                if failed:
+                    if rollback_on_failure:
+                        _roll_back_failed(cfg, store, previous, group, failed, t0, traffic)
+                    break
+        finally:
+            if traffic is not None:
+                # A failed host, or Ctrl-C, must not leave instances out of the LB or in Standby.
+                traffic.restore_all()
     _print(cfg, plan, b, results, t0)
     return bool(results) and all(r.ok for r in results) and len(results) == len(plan.targets)
 
 
-def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float) -> None:
+def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float,
+                      traffic: Any = None) -> None:
     if previous is None:
         warn("--rollback-on-failure: there is no previous published bundle to go back to")
         return
@@ -211,7 +234,7 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
     names = {f.host for f in failed}
     for host in group:
         if host.name in names:
-            r = _attempt(cfg, host, previous.commit, t0, resume=True)
+            r = _attempt(cfg, host, previous.commit, t0, resume=True, traffic=traffic)
             for f in failed:
                 if f.host == host.name:
                     f.error = (f.error or "") + (

@@ -25,7 +25,10 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
         return data
 
     results = run_parallel(cfg, targets, work)
+    aws_ids = {h.name: (h.instance_id, h.az) for h in targets if h.instance_id}
     for r in results:
+        if r.host in aws_ids:  # also for unreachable hosts: the id is what you look up in the console
+            r.data["instance_id"], r.data["az"] = aws_ids[r.host]
         cur = (r.data or {}).get("current") or {}
         r.data["drift"] = bool(pointer and r.ok and cur.get("commit") != pointer.commit)
     return (pointer, pointer_error), results
@@ -49,15 +52,18 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
     else:
         print("published: nothing yet (run `fab deploy.publish`)")
     rows = []
+    # Hosts discovered from AWS: show which instance and AZ each one is.
+    ids = any(r.data.get("instance_id") for r in results)
     for r in results:
         d = r.data
+        aws_cols = [d.get("instance_id") or "-", d.get("az") or "-"] if ids else []
         cur = d.get("current") or {}
         last_boot = d.get("last_boot") or {}
         boot = last_boot.get("outcome", "")
         if last_boot.get("reason") and boot != "activated":
             boot = f"{boot}: {last_boot['reason']}"
         if not r.ok:
-            rows.append([r.host, "-", "-", "-", "-", "-", f"UNREACHABLE/ERROR: {r.error}"])
+            rows.append([r.host, *aws_cols, "-", "-", "-", "-", "-", f"UNREACHABLE/ERROR: {r.error}"])
             continue
         state = "ok"
         if not cur:
@@ -73,6 +79,7 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
         last = d.get("last") or {}
         rows.append([
             r.host,
+            *aws_cols,
             cur.get("release", "-"),
             short(cur.get("commit")) or "-",
             f"{last.get('at', '')} {last.get('user', '') or ''}".strip() or "-",
@@ -80,4 +87,4 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
             boot or "-",
             state,
         ])
-    table(f"{cfg.app}: {len(results)} host(s)", ["host", "release", "commit", "last change", "releases", "last boot", "state"], rows)
+    table(f"{cfg.app}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "last change", "releases", "last boot", "state"], rows)

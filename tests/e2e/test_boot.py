@@ -62,7 +62,8 @@ def test_s3_down_at_boot_keeps_previous_release(fleet: Fleet) -> None:
     old = fleet.revision("web1")
     new = fleet.commit("a change published while S3 will be down")
     fleet.fab("deploy.publish")
-    cfg = fleet.variant("s3down", node={"boot_attempts": 2, "boot_backoff": 0.2})
+    cfg = fleet.variant("s3down", node={"boot_attempts": 2, "boot_backoff": 0.2,
+                                                  "download_timeout": 2})
     fleet.fab("deploy.setup", config=cfg)
     state = fleet.sb.dir / "sandbox.json"
     import json
