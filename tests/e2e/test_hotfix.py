@@ -64,6 +64,14 @@ def test_dash_H_means_the_same(fleet: Fleet) -> None:
     assert r.stdout.count("1 ok, 0 failed") == 1
 
 
+def test_push_sends_bundle_over_sftp_for_nodes_without_s3(fleet: Fleet) -> None:
+    new = fleet.commit("pushed, not pulled")
+    r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push")
+    assert fleet.revision("web1") == new and fleet.version("web1") == new, r.stdout
+    # The pushed copy is the node program's to clean up once activated.
+    assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
+
+
 def test_unknown_host_lists_known_ones(fleet: Fleet) -> None:
     r = fleet.fab("deploy.hotfix", "--hosts=web9", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr

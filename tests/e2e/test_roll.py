@@ -80,6 +80,22 @@ def test_failed_health_check_stops_the_roll(fleet: Fleet, monkeypatch: pytest.Mo
     fleet.fab("deploy.roll", "--hosts=web1")
 
 
+def test_rollback_on_failure_moves_pointer_back_and_reboots_failed_host(fleet: Fleet) -> None:
+    good = fleet.revision("web1")
+    assert fleet.pointer()["commit"] == good
+    app = (fleet.sb.app_repo / "app.py").read_text()
+    fleet.commit("break /health again", {"app.py": app.replace('"/health"', '"/healthz-moved"')})
+    cfg = fleet.variant("quickhealth", health={"timeout": 3})
+    boots_before = {h: len(fleet.boots(h)) for h in HOSTS}
+    r = fleet.fab("deploy.roll", "--rollback-on-failure", config=cfg, check=False)
+    assert r.returncode != 0 and "rolled back to" in r.stdout
+    assert fleet.pointer()["commit"] == good
+    assert len(fleet.boots("web1")) == boots_before["web1"] + 2  # the failed boot, then the way back
+    assert fleet.revision("web1") == good and fleet.version("web1") == good
+    assert all(len(fleet.boots(h)) == boots_before[h] for h in ("web2", "web3"))
+    fleet.commit("fix /health", {"app.py": app})
+
+
 def test_host_not_back_in_time_stops_the_roll(fleet: Fleet) -> None:
     hold = sandbox.host_dir(fleet.sb.dir, "web1") / "hold"
     hold.touch()
