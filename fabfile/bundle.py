@@ -371,7 +371,7 @@ def ensure_bundle(
     meta = store.head_bundle(commit)
     if meta is not None and not verify and all(meta.get(k) for k in REQUIRED_META):
         b = _bundle_from_meta(store, commit, ref, ct, meta)
-        log(f"bundle for {commit[:12]} already in {b.uri} (sha256 {b.sha256}), nothing uploaded")
+        log(f"bundle for {commit[:12]} already in S3 with its sha256, nothing uploaded")
     else:
         b = _build(cfg, store, commit, ref, ct, meta, progress, log)
     _report(b, log)

@@ -7,7 +7,6 @@ keeps (or is put back on) its previous `current`.
 
 from __future__ import annotations
 
-import getpass
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,17 +15,11 @@ from typing import Any
 from fabric import Connection
 
 from . import nodectl
+from .bundle import local_user
 from .config import Config, Host
 from .fleet import HostError, HostResult, run_parallel, say, warn
 from .health import wait_healthy
 from .report import short, table
-
-
-def local_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
 
 
 @contextmanager
@@ -35,9 +28,7 @@ def fleet_lock(cfg: Config, store: Any, action: str, enabled: bool = True):
     if not enabled:
         yield None
         return
-    from .bundle import local_user as who
-
-    lock = store.acquire_lock(who(), action, cfg.roll.lock_expiry)
+    lock = store.acquire_lock(local_user(), action, cfg.roll.lock_expiry)
     try:
         yield lock
     finally:
@@ -167,14 +158,14 @@ def print_results(title: str, results: list[HostResult]) -> None:
     say(f"{len(results) - len(failed)} ok, {len(failed)} failed")
 
 
-def drift_note(cfg: Config, plan: Plan, what: str) -> None:
+def drift_note(cfg: Config, plan: Plan, what: str, commit: str) -> None:
     if plan.whole_fleet:
         return
     names = ", ".join(h.name for h in plan.targets)
     warn(
         f"{names} now run{'s' if len(plan.targets) == 1 else ''} {what}, which is NOT the published "
         "bundle: a reboot or a new instance would get the published one. To make it stick, "
-        "run `fab deploy.publish --ref=<ref>` (or hotfix the whole fleet)."
+        f"run `fab deploy.publish --ref={commit}` (or hotfix the whole fleet)."
     )
 
 
@@ -210,7 +201,7 @@ def run_hotfix(
     if plan.whole_fleet and not ok:
         warn("some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again")
     elif ok:
-        drift_note(cfg, plan, f"{short(b.commit)} ({b.ref})")
+        drift_note(cfg, plan, f"{short(b.commit)} ({b.ref})", b.commit)
     return ok
 
 
@@ -232,8 +223,9 @@ def run_rollback(cfg: Config, plan: Plan, *, release: str | None = None, dry_run
         if plan.whole_fleet and ok:
             _pointer_back(cfg, store, {r.data.get("commit") for r in results})
     print_results(f"rollback in {time.monotonic() - start:.1f}s", results)
-    if ok:
-        drift_note(cfg, plan, "a rolled-back release")
+    commits = {r.data.get("commit") for r in results}
+    if ok and len(commits) == 1:
+        drift_note(cfg, plan, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits))))
     return ok
 
 
@@ -241,8 +233,6 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
     """Point the published bundle at what the fleet now runs, taken from the history."""
     import dataclasses
     from datetime import UTC, datetime
-
-    from .bundle import local_user as who
 
     current, etag = store.read_pointer()
     if len(commits) != 1:
@@ -253,7 +243,7 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
         return
     for p in store.pointer_history(limit=100):
         if p.commit == commit:
-            new = dataclasses.replace(p, published_by=who(),
+            new = dataclasses.replace(p, published_by=local_user(),
                                       published_at=datetime.now(UTC).isoformat(timespec="seconds"))
             store.write_pointer(new, etag)
             say(f"published pointer moved back to {short(commit)} ({p.ref})")

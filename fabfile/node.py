@@ -36,6 +36,10 @@ DOWNLOAD_PREFIX = "dl-"
 # Marks a release whose before_swap hooks have not finished: if we are killed then, the dir
 # has a REVISION but was never live, so rollback must not pick it and the next run deletes it.
 PENDING_MARKER = ".fabdeploy-pending"
+# In .fabdeploy/: `current` was swapped for a run that was to restart the app, and that restart
+# has not finished. If we are killed in between, the app still serves the old release; the
+# next activate of the same commit (a rerun) sees this and restarts instead of "nothing to do".
+RESTART_MARKER = "restart-pending"
 STATE_DIR = ".fabdeploy"
 OUTPUT_TAIL_LINES = 20
 # Per-file overhead when estimating disk needs: most filesystems allocate whole 4 KiB blocks.
@@ -74,7 +78,16 @@ class CommandFailed(Exception):
 
 
 def log(message: str) -> None:
-    print(LOG_PREFIX + message, file=sys.stderr, flush=True)
+    _emit(LOG_PREFIX + message)
+
+
+def _emit(line: str) -> None:
+    # If the controller dies (kill -9, lost network), sshd closes our stderr: a log line must
+    # not then abort an activation half-way (e.g. after the swap, before the restart).
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def hostname() -> str:
@@ -885,7 +898,7 @@ def run_shell(command: str, cwd: str, env: dict[str, str], label: str) -> None:
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\n")
         tail.append(line)
-        print(f"{LOG_PREFIX}  | {line}", file=sys.stderr, flush=True)
+        _emit(f"{LOG_PREFIX}  | {line}")
     rc = proc.wait()
     if rc != 0:
         raise CommandFailed(command, rc, list(tail))
@@ -967,6 +980,28 @@ def _tail_text(tail: list[str]) -> str:
         " | ".join(line.strip() for line in tail[-OUTPUT_TAIL_LINES:] if line.strip())
         or "(no output)"
     )
+
+
+def _restart_pending(layout: Layout, current: Current) -> bool:
+    """A run swapped `current` to this release in this boot and died before restarting."""
+    try:
+        with open(os.path.join(layout.state, RESTART_MARKER), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    # After a reboot the app was started from `current` anyway: a stale marker means nothing.
+    return (
+        isinstance(data, dict)
+        and data.get("release") == current.release
+        and data.get("boot_id") == boot_id()
+    )
+
+
+def _clear_restart_pending(layout: Layout) -> None:
+    try:
+        os.unlink(os.path.join(layout.state, RESTART_MARKER))
+    except FileNotFoundError:
+        pass
 
 
 def _restart_with_fallback(
@@ -1088,8 +1123,25 @@ def _activate(
         remove_leftovers(layout)
         previous = read_current(layout)
         if not force and previous is not None and previous.ok and previous.commit == commit:
-            log(f"current already is release {previous.release} of {commit}: nothing to do")
-            return {"ok": True, "changed": False, "release": previous.release, "commit": commit}
+            restarted = False
+            if restart and cfg.restart and _restart_pending(layout, previous):
+                log(f"the run that activated {previous.release} died before restarting: restarting now")
+                try:
+                    run_shell(cfg.restart, previous.path, _hook_env(layout, previous.path, commit),
+                              "restart")
+                except CommandFailed as exc:
+                    raise NodeError(
+                        f"restart `{exc.command}` failed with exit code {exc.returncode} on "
+                        f"{hostname()} for release {previous.release}: check the app's logs. "
+                        f"Output tail: {_tail_text(exc.tail)}",
+                        output_tail=exc.tail,
+                    ) from None
+                _clear_restart_pending(layout)
+                restarted = True
+            else:
+                log(f"current already is release {previous.release} of {commit}: nothing to do")
+            result = {"ok": True, "changed": False, "release": previous.release, "commit": commit}
+            return {**result, "restarted": True} if restarted else result
         check_linked_files(cfg, layout)
 
         t0 = time.monotonic()
@@ -1133,6 +1185,9 @@ def _activate(
         # Flush file data before publishing: after a power cut `current` must not point at
         # a release whose files were never written (Debian has no os.syncfs in 3.11).
         os.sync()
+        if restart and cfg.restart:
+            atomic_write(os.path.join(layout.state, RESTART_MARKER),
+                         json.dumps({"release": name, "boot_id": boot_id()}) + "\n")
         swap_current(layout, release)
         append_revision_log(
             layout, f"Branch {ref or 'HEAD'} (at {commit}) deployed as release {name} by {user}"
@@ -1146,6 +1201,8 @@ def _activate(
                 if previous is not None and previous.ok:
                     remove_path(release)  # known bad, and must not linger as the newest release
                 raise
+            finally:
+                _clear_restart_pending(layout)
         pruned = prune(layout, cfg.keep_releases)
         remove_leftovers(layout)
     return {

@@ -34,6 +34,14 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
     return (pointer, pointer_error), results
 
 
+def _deployed(last: dict[str, Any], log_tail: list[str]) -> str:
+    """When, and by whom (from revisions.log, which Capistrano writes too)."""
+    by = log_tail[-1].rsplit(" by ", 1)[1] if log_tail and " by " in log_tail[-1] else ""
+    if log_tail and " rolled back to release " in log_tail[-1]:
+        by = log_tail[-1].split(" rolled back", 1)[0] + " (rollback)"
+    return f"{last.get('at', '')} {by}".strip() or "-"
+
+
 def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostResult], as_json: bool) -> None:
     pointer, pointer_error = pointer_info
     if as_json:
@@ -82,9 +90,9 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
             *aws_cols,
             cur.get("release", "-"),
             short(cur.get("commit")) or "-",
-            f"{last.get('at', '')} {last.get('user', '') or ''}".strip() or "-",
+            _deployed(last, d.get("revision_log_tail") or []),
             str(len(d.get("releases") or [])),
             boot or "-",
             state,
         ])
-    table(f"{cfg.app}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "last change", "releases", "last boot", "state"], rows)
+    table(f"{cfg.app}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)

@@ -123,6 +123,7 @@ class Lock:
     created_at: float
     expires_at: float
     etag: str | None = None
+    pid: int | None = None  # of the fab process on the holder's machine (see dead_local_holder)
 
     @property
     def age(self) -> float:
@@ -132,11 +133,27 @@ class Lock:
     def expired(self) -> bool:
         return time.time() >= self.expires_at
 
+    @property
+    def dead_local_holder(self) -> bool:
+        """Taken by a fab process on this machine that no longer runs (kill -9, crash, power cut
+        of the controller's terminal): nobody can release it, and nobody is deploying."""
+        import socket
+
+        if self.pid is None or self.holder.rsplit("@", 1)[-1] != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
     def describe(self) -> str:
         return f"{self.holder} ({self.action}) for {human_duration(self.age)}"
 
     def to_json(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "etag"}
+        body = {k: v for k, v in asdict(self).items() if k != "etag" and not (k == "pid" and v is None)}
         return (json.dumps(body, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -149,6 +166,7 @@ class Lock:
                 created_at=float(raw["created_at"]),
                 expires_at=float(raw["expires_at"]),
                 etag=etag,
+                pid=raw["pid"] if isinstance(raw.get("pid"), int) else None,
             )
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise StoreError(
@@ -593,7 +611,8 @@ class Store:
         key = self.lock_key
         for _ in range(3):  # the holder may release between our failed create and our read
             now = time.time()
-            lock = Lock(holder=holder, action=action, created_at=now, expires_at=now + expiry)
+            lock = Lock(holder=holder, action=action, created_at=now, expires_at=now + expiry,
+                        pid=os.getpid())
             try:
                 r = self.client.put_object(
                     Bucket=self.s3.bucket,
@@ -608,6 +627,19 @@ class Store:
                 if not isinstance(err, ConflictError):
                     raise err from None
             held = self.read_lock()
+            if held is not None and held.dead_local_holder:
+                try:  # conditional: if someone else took it meanwhile, theirs stays
+                    self.client.delete_object(Bucket=self.s3.bucket, Key=key, IfMatch=held.etag)
+                except Exception as e:
+                    err = self._error(e, key, "breaking a dead holder's deploy lock")
+                    if self._is_missing(e) or isinstance(err, ConflictError):
+                        continue  # gone or replaced meanwhile: look again
+                    raise err from None
+                import sys
+
+                print(f"warning: broke the deploy lock of {held.describe()}: its process "
+                      f"{held.pid} no longer runs on this machine", file=sys.stderr, flush=True)
+                continue
             if held is not None:
                 raise StoreError(self._held_message(held))
         raise ConflictError(f"could not take the deploy lock {self.uri(key)}: it keeps changing; retry")
