@@ -178,7 +178,8 @@ def _harden(conn: Connection, cfg: Config) -> None:
 
 def connect(cfg: Config, host: Host) -> Connection:
     """A Connection for one deploy.yml host, not yet opened, strict about host keys."""
-    fc = _FabricConfigCache.get(cfg)
+    # Each Connection gets its own copy: Fabric configs are not safe to share between threads.
+    fc = _FabricConfigCache.get(cfg).clone()
     kwargs: dict[str, Any] = {"config": fc, "connect_timeout": int(max(1, cfg.ssh.connect_timeout))}
     if cfg.ssh.user:
         kwargs["user"] = cfg.ssh.user

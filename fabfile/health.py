@@ -29,6 +29,9 @@ def wait_healthy(cfg: Config, address: str, timeout: float | None = None) -> Hea
         return Health(True, "no health check configured", 0.0)
     deadline = start + (timeout if timeout is not None else cfg.health.timeout)
     last = "no answer"
+    # A restarted app usually answers within milliseconds: start probing fast, back off
+    # to health.interval, so no host pays a whole interval for nothing.
+    pause = min(0.01, cfg.health.interval)
     while True:
         try:
             with urllib.request.urlopen(url, timeout=min(5.0, cfg.health.timeout)) as resp:
@@ -43,4 +46,5 @@ def wait_healthy(cfg: Config, address: str, timeout: float | None = None) -> Hea
         if time.monotonic() >= deadline:
             waited = time.monotonic() - start
             return Health(False, f"health check failed after {waited:.0f}s: {last}", waited)
-        time.sleep(cfg.health.interval)
+        time.sleep(pause)
+        pause = min(pause * 2, cfg.health.interval)

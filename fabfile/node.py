@@ -1085,6 +1085,18 @@ def activate(
             {"action": action, "outcome": "failed", "reason": exc.message, "commit": commit},
         )
         raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Full disk outside the checked spots (lock file, the temp download's final flush,
+        # REVISION, links): still one clear line, not "unexpected error: OSError".
+        err = _space_error(cfg.deploy_to, None)
+        record_status(
+            layout,
+            "last",
+            {"action": action, "outcome": "failed", "reason": err.message, "commit": commit},
+        )
+        raise err from None
     record_status(
         layout,
         "last",

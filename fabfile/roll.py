@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,11 +83,73 @@ def _boot_id(cfg: Config, host: Host) -> tuple[str | None, dict[str, Any] | None
         conn.close()
 
 
-def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None) -> HostRoll:
-    res = HostRoll(host.name)
+def _sshd_answers(address: str, port: int) -> bool:
+    """A TCP probe for sshd's banner: far cheaper than an SSH login while a host boots."""
+    try:
+        with socket.create_connection((address, port), timeout=0.5) as s:
+            s.settimeout(0.5)
+            return s.recv(4) == b"SSH-"
+    except OSError:
+        return False
+
+
+@dataclass
+class Prepared:
+    """A host's connection and status, fetched while the batch before it was rebooting."""
+
+    conn: Any
+    status: dict[str, Any] | None = None
+    error: HostError | None = None
+
+
+def prepare(cfg: Config, host: Host) -> Prepared:
     conn = connect(cfg, host)
     try:
-        before = nodectl.call(cfg, host, conn, "status", timeout=30)
+        return Prepared(conn, nodectl.call(cfg, host, conn, "status", timeout=30))
+    except HostError as e:
+        return Prepared(conn, error=e)
+
+
+def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> tuple[str, dict[str, Any] | None]:
+    """Wait for a new boot id; returns it with the node status read at that moment."""
+    probe = connect(cfg, host)
+    # Through a gateway only SSH can tell; directly, a banner probe every 20 ms can.
+    direct = not probe.gateway
+    deadline = start + cfg.roll.reboot_timeout
+    went_down: float | None = None
+    last_login = 0.0
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            raise HostError(host.name, f"{host.name} did not come back within {cfg.roll.reboot_timeout:g}s "
+                            f"after the reboot ({'it went down' if went_down else 'it never went down'}); "
+                            "check its console, then `fab deploy.roll --resume`")
+        if direct and not _sshd_answers(probe.host, probe.port):
+            went_down = went_down or now
+            time.sleep(0.02)
+            continue
+        if direct and went_down is None and now - last_login < 0.5:
+            # sshd still answers: most likely the old boot, not yet gone down.
+            time.sleep(0.02)
+            continue
+        last_login = now
+        boot_id, status = _boot_id(cfg, host)
+        if boot_id is None:
+            went_down = went_down or now
+        elif boot_id != old_boot:
+            return boot_id, status
+        time.sleep(0.02 if direct else 0.1)
+
+
+def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
+               prepared: Prepared | None = None) -> HostRoll:
+    res = HostRoll(host.name)
+    prepared = prepared or prepare(cfg, host)
+    conn = prepared.conn
+    try:
+        if prepared.error is not None:
+            raise prepared.error
+        before = prepared.status or {}
         cur = before.get("current") or {}
         res.old = {"release": cur.get("release"), "commit": cur.get("commit")}
         if resume and cur.get("ok") and cur.get("commit") == commit:
@@ -111,23 +174,9 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
     finally:
         conn.close()  # a rebooted host needs a new transport (and SFTP client)
 
-    deadline = start + cfg.roll.reboot_timeout
-    went_down: float | None = None
-    status: dict[str, Any] | None = None
-    while True:
-        boot_id, status = _boot_id(cfg, host)
-        now = time.monotonic()
-        if boot_id is None and went_down is None:
-            went_down = now
-        if boot_id and boot_id != old_boot:
-            res.down_s = now - start
-            _log(t0, host.name, f"back after {res.down_s:.1f}s (new boot id)")
-            break
-        if now > deadline:
-            raise HostError(host.name, f"{host.name} did not come back within {cfg.roll.reboot_timeout:g}s "
-                            f"after the reboot ({'it went down' if went_down else 'it never went down'}); "
-                            "check its console, then `fab deploy.roll --resume`")
-        time.sleep(0.1)
+    boot_id, status = _wait_back(cfg, host, old_boot, start)
+    res.down_s = time.monotonic() - start
+    _log(t0, host.name, f"back after {res.down_s:.1f}s (new boot id)")
 
     # Wait until the boot unit has recorded its outcome for this boot.
     boot_deadline = time.monotonic() + cfg.roll.boot_timeout
@@ -154,9 +203,10 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
     return res
 
 
-def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None) -> HostRoll:
+def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
+             prepared: Any = None) -> HostRoll:
     try:
-        return reboot_one(cfg, host, commit, t0, resume, traffic)
+        return reboot_one(cfg, host, commit, t0, resume, traffic, prepared.result() if prepared else None)
     except (HostError, AWSError) as e:
         _log(t0, host.name, f"FAILED: {e}")
         r = HostRoll(host.name, error=str(e))
@@ -202,13 +252,20 @@ def run_roll(
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer()
         bundles.publish_bundle(store, b, log=say)
+        ahead = ThreadPoolExecutor(max_workers=max(len(g) for g in groups), thread_name_prefix="ahead")
+        nxt: dict[str, Any] = {}
         try:
+            # The next batch's connections and status are fetched while this one reboots.
+            nxt = {h.name: ahead.submit(prepare, cfg, h) for h in groups[0]}
             for i, group in enumerate(groups, 1):
                 if stop.requested:
                     warn(f"stopped by Ctrl-C before batch {i}")
                     break
+                mine, nxt = nxt, ({h.name: ahead.submit(prepare, cfg, h) for h in groups[i]}
+                                  if i < len(groups) else {})
                 with ThreadPoolExecutor(max_workers=len(group)) as pool:
-                    batch_results = list(pool.map(lambda h: _attempt(cfg, h, b.commit, t0, resume, traffic), group))
+                    batch_results = list(pool.map(
+                        lambda h, mine=mine: _attempt(cfg, h, b.commit, t0, resume, traffic, mine.get(h.name)), group))
                 results += batch_results
                 failed = [r for r in batch_results if not r.ok]
                 if failed:
@@ -216,6 +273,9 @@ def run_roll(
                         _roll_back_failed(cfg, store, previous, group, failed, t0, traffic)
                     break
         finally:
+            for f in nxt.values():  # prepared for a batch that will not run
+                f.add_done_callback(lambda f: f.result().conn.close())
+            ahead.shutdown(wait=False)
             if traffic is not None:
                 # A failed host, or Ctrl-C, must not leave instances out of the LB or in Standby.
                 traffic.restore_all()

@@ -103,14 +103,16 @@ class Host:
     def run(self) -> int:
         self.setup()
         down_at: float | None = None
+        requested_at: float | None = None
         booted = False
         while True:
-            self.boot(down_at, remount_run=booted)
+            self.boot(down_at, remount_run=booted, requested_at=requested_at)
             booted = True
             while not (self.reboot_requested or self.poweroff_requested):
                 self.wait(None)
+            requested_at = time.time()
             # Let the ssh session that asked for the reboot usually get its exit status.
-            self.wait(0.25)
+            self.wait(0.05)
             self.stop_all()
             down_at = time.time()
             if self.poweroff_requested:
@@ -168,7 +170,7 @@ class Host:
             if not self.others():
                 return
 
-    def boot(self, down_at: float | None, remount_run: bool) -> None:
+    def boot(self, down_at: float | None, remount_run: bool, requested_at: float | None = None) -> None:
         boot_start = time.time()
         self.reboot_requested = False
         boot_id = str(uuid.uuid4())
@@ -196,6 +198,7 @@ class Host:
         sshd_ready = self.wait_sshd()
         record = {
             "boot_id": boot_id,
+            "reboot_requested_at": requested_at,  # shutdown took down_at - this
             "down_at": down_at,
             "boot_start": boot_start,
             "units_done": units_done,
