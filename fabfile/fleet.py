@@ -223,6 +223,11 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
                 "the key (IdentityFile in ssh_config or ssh.identity_file) and authorized_keys",
             ) from None
         raise HostError(host.name, f"SSH to {host.name} ({addr}) failed: {text}") from None
+    except EOFError:
+        # sshd accepted and hung up mid-handshake: typical of a host going down or booting.
+        raise HostError(
+            host.name, f"cannot connect to {host.name} ({addr}): sshd closed the connection during the handshake"
+        ) from None
     except TimeoutError:
         raise HostError(
             host.name,
