@@ -127,6 +127,21 @@ def setup_task(c, hosts=None):
     _fail_unless(all(r.ok for r in results))
 
 
+@task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)"})
+@clean_errors
+def export_node_task(c, out="node-bundle"):
+    """Write the node program, its config, boot unit and install.sh, for AMIs and user-data."""
+    from pathlib import Path
+
+    from . import nodectl
+
+    cfg = _cfg()
+    for p in nodectl.export(cfg, Path(out)):
+        print(p)
+    print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
+          f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})")
+
+
 @task(name="hotfix", help={"hosts": "comma-separated host names (default: all, which also publishes)",
             "ref": "branch, tag or sha (default: ref in deploy.yml)",
             "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
@@ -249,7 +264,7 @@ def sandbox_down(c, dir=None):
 
 deploy = Collection(
     "deploy", bundle_task, publish_task, setup_task, hotfix_task, rollback_task, roll_task,
-    status_task, unlock_task,
+    status_task, unlock_task, export_node_task,
 )
 sandbox_ns = Collection("sandbox")
 sandbox_ns.add_task(sandbox_up, "up")

@@ -90,3 +90,20 @@ def test_status_table_shows_hosts(fleet: Fleet) -> None:
     r = fleet.fab("deploy.status", check=False)
     assert "web1" in r.stdout and "web2" in r.stdout
     assert "no current release" in r.stdout  # web2 never booted with a publish
+
+
+def test_exported_node_files_boot_a_fresh_instance(fleet: Fleet, tmp_path) -> None:
+    """What an AMI build or user-data does: install.sh from `deploy.export-node`, then boot."""
+    # A fresh instance: no node program, no releases; its shared config comes with the image.
+    fleet.ssh("web2", "rm -rf /usr/local/lib/fabdeploy /etc/systemd/system/fabdeploy-shop.service "
+                      "/etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service "
+                      "/srv/shop/releases /srv/shop/current /srv/shop/.fabdeploy /srv/shop/revisions.log")
+    out = tmp_path / "node-bundle"  # /tmp is shared with the sandbox hosts
+    fleet.fab("deploy.export-node", f"--out={out}")
+    fleet.ssh("web2", f"sh {out}/install.sh")
+    fleet.reboot("web2")
+    published = fleet.pointer()["commit"]
+    assert fleet.revision("web2") == published
+    assert wait_for(lambda: fleet.version("web2"), what="app on web2") == published
+    r = fleet.fab("deploy.setup", "--hosts=web2")
+    assert "unchanged" in r.stdout and "no changes" in r.stdout
