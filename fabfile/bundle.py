@@ -388,7 +388,7 @@ def publish(
 
 def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
     """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept)."""
-    current, etag = store.read_pointer()
+    current, etag = store.read_pointer(replacing=True)
     if current is not None and current.commit == b.commit:
         log(
             f"{b.commit[:12]} is already published (by {current.published_by} at {current.published_at}); "

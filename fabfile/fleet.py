@@ -275,8 +275,10 @@ def run(
         kwargs["in_stream"] = io.StringIO(stdin.decode())
     else:
         kwargs["in_stream"] = False
+    limit = timeout or cfg.ssh.command_timeout
+    started = time.monotonic()
     try:
-        r = conn.run(command, timeout=timeout or cfg.ssh.command_timeout, **kwargs)
+        r = conn.run(command, timeout=limit, **kwargs)
     except CommandTimedOut as e:
         raise HostError(
             host.name,
@@ -292,6 +294,15 @@ def run(
         if isinstance(e, paramiko.SSHException):
             raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command) from None
         raise
+    if r.exited is None and time.monotonic() - started >= limit:
+        # invoke's timer closed the channel but, racing with the close, returned a result
+        # without an exit status instead of raising CommandTimedOut: still a timeout.
+        raise HostError(
+            host.name,
+            f"command on {host.name} timed out after {limit:g}s: {command[:120]}",
+            command=command,
+            output=(r.stdout or "") + (r.stderr or ""),
+        )
     return CommandResult(r.stdout, r.stderr, r.exited if r.exited is not None else -1)
 
 

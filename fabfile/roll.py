@@ -250,7 +250,7 @@ def run_roll(
         traffic = Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
     with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
-        previous, _ = store.read_pointer()
+        previous, _ = store.read_pointer(replacing=True)
         bundles.publish_bundle(store, b, log=say)
         ahead = ThreadPoolExecutor(max_workers=max(len(g) for g in groups), thread_name_prefix="ahead")
         nxt: dict[str, Any] = {}

@@ -534,12 +534,23 @@ class Store:
 
     # --- published pointer ----------------------------------------------------------
 
-    def read_pointer(self) -> tuple[Pointer | None, str | None]:
+    def read_pointer(self, *, replacing: bool = False) -> tuple[Pointer | None, str | None]:
+        """`replacing`: the caller is about to overwrite it, so a corrupt pointer is reported
+        as a warning and treated as absent (with its etag, so the write stays conditional);
+        otherwise nobody could ever re-publish over it."""
         got = self._get(self.pointer_key, "reading pointer")
         if got is None:
             return None, None
         data, etag = got
-        return Pointer.from_json(data, self.uri(self.pointer_key)), etag
+        try:
+            return Pointer.from_json(data, self.uri(self.pointer_key)), etag
+        except StoreError as e:
+            if not replacing:
+                raise
+            import sys
+
+            print(f"warning: replacing a corrupt pointer: {e}", file=sys.stderr, flush=True)
+            return None, etag
 
     def write_pointer(self, pointer: Pointer, expected_etag: str | None) -> str:
         """Replace the pointer only if it is still what we read (or still absent)."""
