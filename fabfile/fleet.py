@@ -9,6 +9,7 @@ collected — nothing is lost when one host fails.
 from __future__ import annotations
 
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -244,8 +245,19 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
         ) from None
     transport = conn.client.get_transport()
     if transport is not None:
-        # Notice a dead TCP connection instead of waiting on it forever.
+        # paramiko's keepalive only sends (it never waits for a reply), so it keeps a NAT
+        # mapping alive but cannot notice a dead peer; TCP keepalive on the socket can.
         transport.set_keepalive(cfg.ssh.keepalive)
+        _tcp_keepalive(transport.sock, cfg.ssh.keepalive)
+
+
+def _tcp_keepalive(sock: Any, idle: int) -> None:
+    if not isinstance(sock, socket.socket):  # through a gateway: a channel, the gateway's socket has it
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
 
 @dataclass

@@ -105,3 +105,19 @@ def test_parse_without_answer_carries_output(tmp_path: Path) -> None:
     with pytest.raises(HostError) as e:
         nodectl.parse(cfg.hosts[0], "cmd", "", "python3: can't open file\n", 2)
     assert e.value.exit_code == 2 and "can't open file" in str(e.value) and e.value.host == "web1"
+
+
+def test_tcp_keepalive_is_set_so_dead_peers_are_noticed() -> None:
+    import socket
+
+    from fabfile.fleet import _tcp_keepalive
+
+    s = socket.socket()
+    try:
+        _tcp_keepalive(s, 15)
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        s.close()
+    _tcp_keepalive(object(), 15)  # a gateway channel: left alone, no error
