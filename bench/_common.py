@@ -16,14 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 FAB = str(Path(sys.executable).parent / "fab")
 TRACE = str(BENCH / "_trace.py")
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
+
+import fleet_helpers  # noqa: E402  (the e2e tests' Fleet: one way to drive a sandbox)
 
 from fabfile import sandbox  # noqa: E402
 
@@ -63,32 +63,22 @@ def fleet(root: Path, hosts: int, subnet: str, reboot_delay: float = 1.0):
             print(f"warning: sandbox.down({root / 'sb'}) failed: {e}", file=sys.stderr)
 
 
-class Fleet:
+class Fleet(fleet_helpers.Fleet):
+    """The e2e tests' Fleet, timing each `fab` run and failing the bench (not a test) on errors."""
+
     def __init__(self, sb: sandbox.Sandbox, home: Path) -> None:
-        self.sb = sb
-        self.home = home
+        super().__init__(sb, home)
         self.up_seconds = 0.0
 
     @property
     def names(self) -> list[str]:
         return list(self.sb.hosts)
 
-    def env(self, config: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "SSH_", "DEPLOY_")) and k != "HOME"}
-        env.update(self.sb.env)
-        env["HOME"] = str(self.home)
-        env["DEPLOY_CONFIG"] = str(config or self.sb.deploy_yml)
-        env["COLUMNS"] = "200"
-        env.update(extra or {})
-        return env
-
-    def fab(self, *args: str, config: Path | None = None, check: bool = True,
+    def fab(self, *args: str, config: Path | None = None, check: bool = True,  # type: ignore[override]
             timeout: float = 300) -> tuple[float, subprocess.CompletedProcess[str]]:
         """(wall seconds, result) of one `fab` run."""
         t = time.perf_counter()
-        r = subprocess.run([FAB, *args], cwd=ROOT, env=self.env(config), capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = super().fab(*args, config=config, check=False, timeout=timeout)
         wall = time.perf_counter() - t
         if check and r.returncode != 0:
             raise SystemExit(f"fab {' '.join(args)} exited {r.returncode}\n--- stdout\n{r.stdout}\n"
@@ -115,11 +105,10 @@ class Fleet:
         return wall, trace, r
 
     def ssh(self, host: str, cmd: str, check: bool = True) -> str:
-        r = subprocess.run(["ssh", "-F", str(self.sb.ssh_config), "-o", "BatchMode=yes", host, cmd],
-                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        if check and r.returncode != 0:
-            raise SystemExit(f"ssh {host} {cmd!r} exited {r.returncode}: {r.stderr}")
-        return r.stdout
+        try:
+            return super().ssh(host, cmd, check=check)
+        except AssertionError as e:
+            raise SystemExit(str(e)) from None
 
     def ssh_all(self, hosts: list[str], cmd_for) -> None:
         """Run cmd_for(host) on every host, in parallel (OpenSSH client)."""
@@ -130,34 +119,6 @@ class Fleet:
             out, err = p.communicate(timeout=60)
             if p.returncode != 0:
                 raise SystemExit(f"ssh {h} exited {p.returncode}: {err}")
-
-    def git(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", str(self.sb.app_repo), *args], check=True,
-                              capture_output=True, text=True).stdout.strip()
-
-    def commit(self, message: str) -> str:
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
-
-    def variant(self, name: str, **overrides: Any) -> Path:
-        """A copy of the fleet's deploy.yml with some keys changed (nested dicts merge)."""
-        data = yaml.safe_load(self.sb.deploy_yml.read_text())
-
-        def merge(a: dict, b: dict) -> None:
-            for k, v in b.items():
-                if isinstance(v, dict) and isinstance(a.get(k), dict):
-                    merge(a[k], v)
-                else:
-                    a[k] = v
-
-        merge(data, overrides)
-        p = self.sb.deploy_yml.with_name(f"deploy-{name}.yml")
-        p.write_text(yaml.safe_dump(data))
-        return p
-
-    def boots(self, host: str) -> list[dict[str, Any]]:
-        path = sandbox.host_dir(self.sb.dir, host) / "boots.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --- reporting -----------------------------------------------------------------------------
