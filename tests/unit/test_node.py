@@ -954,3 +954,12 @@ def test_pending_marker_on_current_is_cleared(
     node.cleanup(cfg)
     assert os.path.isdir(layout.release_path(r1))
     assert not node.is_pending(layout.release_path(r1))
+
+
+def test_sync_filesystem_flushes_only_that_filesystem(tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(node.os, "sync", lambda: calls.append("sync"))
+    node.sync_filesystem(str(tmp_path))  # syncfs(2) via libc: no global sync needed
+    assert calls == []
+    node.sync_filesystem(str(tmp_path / "missing"))  # cannot open it: the safe fallback
+    assert calls == ["sync"]
