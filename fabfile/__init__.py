@@ -79,6 +79,14 @@ def _plan(cfg, hosts):
     return Plan(targets, is_whole_fleet(cfg, targets))
 
 
+def _count(value, flag: str) -> int | None:
+    if value is None:
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise Exit(f"error: {flag} must be a whole number >= 1 (got {value!r})", 1)
+    return int(value)
+
+
 def _fail_unless(ok: bool) -> None:
     if not ok:
         raise Exit(code=1)
@@ -155,7 +163,7 @@ def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False,
     from .hotfix import run_hotfix
 
     _fail_unless(run_hotfix(cfg, _plan(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
-                            parallel=int(parallel) if parallel else None))
+                            parallel=_count(parallel, '--parallel')))
 
 
 @task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",

@@ -164,3 +164,16 @@ def test_fab_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown key 'restrat'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["deploy.hotfix", "--parallel=abc"], "--parallel must be a whole number"),
+    (["deploy.roll", "--batch=0"], "--batch must be"),
+])
+def test_bad_flags_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["DEPLOY_CONFIG"] = str(write(tmp_path, MINIMAL))
+    r = subprocess.run([str(Path(sys.executable).parent / "fab"), *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
