@@ -1015,6 +1015,26 @@ def _restart_pending(layout: Layout, current: Current) -> bool:
     )
 
 
+def _finish_interrupted_restart(cfg: Config, layout: Layout, current: Current) -> bool:
+    """If a run (activate or rollback) swapped `current` and died before restarting the app,
+    restart it now, so a rerun of the same command ends with the app on `current`."""
+    if not cfg.restart or not _restart_pending(layout, current):
+        return False
+    log(f"the run that made {current.release} current died before restarting: restarting now")
+    try:
+        run_shell(cfg.restart, current.path, _hook_env(layout, current.path, current.commit or ""),
+                  "restart")
+    except CommandFailed as exc:
+        raise NodeError(
+            f"restart `{exc.command}` failed with exit code {exc.returncode} on "
+            f"{hostname()} for release {current.release}: check the app's logs. "
+            f"Output tail: {_tail_text(exc.tail)}",
+            output_tail=exc.tail,
+        ) from None
+    _clear_restart_pending(layout)
+    return True
+
+
 def _clear_restart_pending(layout: Layout) -> None:
     try:
         os.unlink(os.path.join(layout.state, RESTART_MARKER))
@@ -1153,22 +1173,8 @@ def _activate(
         remove_leftovers(layout)
         previous = read_current(layout)
         if not force and previous is not None and previous.ok and previous.commit == commit:
-            restarted = False
-            if restart and cfg.restart and _restart_pending(layout, previous):
-                log(f"the run that activated {previous.release} died before restarting: restarting now")
-                try:
-                    run_shell(cfg.restart, previous.path, _hook_env(layout, previous.path, commit),
-                              "restart")
-                except CommandFailed as exc:
-                    raise NodeError(
-                        f"restart `{exc.command}` failed with exit code {exc.returncode} on "
-                        f"{hostname()} for release {previous.release}: check the app's logs. "
-                        f"Output tail: {_tail_text(exc.tail)}",
-                        output_tail=exc.tail,
-                    ) from None
-                _clear_restart_pending(layout)
-                restarted = True
-            else:
+            restarted = restart and _finish_interrupted_restart(cfg, layout, previous)
+            if not restarted:
                 log(f"current already is release {previous.release} of {commit}: nothing to do")
             result = {"ok": True, "changed": False, "release": previous.release, "commit": commit}
             return {**result, "restarted": True} if restarted else result
@@ -1317,6 +1323,8 @@ def _rollback(
         path = layout.release_path(target)
         commit = read_revision(path)
         if current is not None and current.path == path:
+            if restart:
+                _finish_interrupted_restart(cfg, layout, current)
             return {
                 "ok": True,
                 "changed": False,
@@ -1324,11 +1332,17 @@ def _rollback(
                 "commit": commit,
                 "previous": current.brief(),
             }
+        if restart and cfg.restart:
+            atomic_write(os.path.join(layout.state, RESTART_MARKER),
+                         json.dumps({"release": target, "boot_id": boot_id()}) + "\n")
         swap_current(layout, path)
         append_revision_log(layout, f"{user} rolled back to release {target}")
         log(f"current -> {path}")
         if restart and cfg.restart:
-            _restart_with_fallback(cfg, layout, path, current, user)
+            try:
+                _restart_with_fallback(cfg, layout, path, current, user)
+            finally:
+                _clear_restart_pending(layout)
     return {
         "ok": True,
         "changed": True,

@@ -504,7 +504,10 @@ def test_hook_hanging_is_bounded_by_command_timeout(fleet: Fleet) -> None:
 def test_sshd_hanging_mid_command_is_bounded(fleet: Fleet) -> None:
     """SIGSTOP web2's sshd processes while its activation runs: fab gives up on web2 after
     ssh.command_timeout, the other hosts finish, nothing hangs; after SIGCONT web2 is whole."""
-    cfg = fleet.variant("hang2", **{**FAST, "ssh": {**FAST["ssh"], "command_timeout": 5}})
+    # The 2 s hook keeps every activation in flight long enough for the SIGSTOP to land
+    # mid-command (without it a fast activation could finish first and the test would flake).
+    cfg = fleet.variant("hang2", **{**FAST, "ssh": {**FAST["ssh"], "command_timeout": 5},
+                                    "hooks": {"before_swap": ["sleep 2"]}})
     commit = fleet.commit("sshd hangs on web2")
     p = fleet.fab_bg("deploy.hotfix", config=cfg)
     stopped: list[int] = []

@@ -963,3 +963,31 @@ def test_sync_filesystem_flushes_only_that_filesystem(tmp_path, monkeypatch) -> 
     assert calls == []
     node.sync_filesystem(str(tmp_path / "missing"))  # cannot open it: the safe fallback
     assert calls == ["sync"]
+
+
+def test_rollback_rerun_finishes_an_interrupted_restart(tmp_path: Path) -> None:
+    """A rollback killed between its swap and its restart: the rerun restarts the app."""
+    restarts = tmp_path / "restarts"
+    cfg = make_cfg(tmp_path, restart=f'echo "$REVISION" >> {restarts}')
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    layout = node.Layout(cfg.deploy_to)
+    # What the killed rollback left behind: marker written, current swapped, no restart.
+    state = Path(layout.state) / node.RESTART_MARKER
+    state.write_text(json.dumps({"release": first["release"], "boot_id": node.boot_id()}))
+    node.swap_current(layout, layout.release_path(first["release"]))
+    again = node.rollback(cfg, release=first["release"], restart=True, user="bob")
+    assert again["changed"] is False
+    assert restarts.read_text().split() == ["c1"]
+    assert not state.exists()
+    # Without the marker, a rerun is a no-op: no needless restart.
+    node.rollback(cfg, release=first["release"], restart=True, user="bob")
+    assert restarts.read_text().split() == ["c1"]
+
+
+def test_rollback_clears_its_restart_marker(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, restart="true")
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    node.rollback(cfg, restart=True, user="bob")
+    assert not (Path(node.Layout(cfg.deploy_to).state) / node.RESTART_MARKER).exists()
