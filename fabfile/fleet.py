@@ -37,10 +37,12 @@ class HostError(Exception):
         command: str | None = None,
         exit_code: int | None = None,
         output: str = "",
+        data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.host = host
         self.message = message
+        self.data = data or {}  # what the host reported before failing (releases, commits)
         self.command = command
         self.exit_code = exit_code
         self.output = output
@@ -354,7 +356,7 @@ def run_parallel(
             data = work(host, conn)
             res = HostResult(host.name, True, data or {})
         except HostError as e:
-            res = HostResult(host.name, False, getattr(e, "data", {}) or {}, e.message)
+            res = HostResult(host.name, False, e.data, e.message)
         except ConfigError as e:
             res = HostResult(host.name, False, {}, str(e))
         except Exception as e:  # one host's bug must not hide the other hosts' outcomes

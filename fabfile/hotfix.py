@@ -7,6 +7,7 @@ keeps (or is put back on) its previous `current`.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,9 +60,7 @@ def _health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str,
             reverted = f"; put back on {prev}"
         except HostError as e:
             reverted = f"; reverting to {prev} ALSO failed: {e.message}"
-    err = HostError(host.name, f"{host.name}: {h.detail}{reverted}")
-    err.data = data  # type: ignore[attr-defined]
-    raise err
+    raise HostError(host.name, f"{host.name}: {h.detail}{reverted}", data=data)
 
 
 def hotfix(
@@ -82,9 +81,7 @@ def hotfix(
     if force:
         base.append("--force")
     url = None if push else store.presign_bundle(bundle.commit)
-    local_file = None
-    if push:
-        local_file = _download_for_push(store, bundle)
+    local_file = _download_for_push(store, bundle) if push else None
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
         args = list(base)
@@ -100,12 +97,19 @@ def hotfix(
             data = _health_or_revert(cfg, host, conn, data, user)
         return data
 
-    return run_parallel(cfg, plan.targets, work, parallel=parallel)
+    try:
+        return run_parallel(cfg, plan.targets, work, parallel=parallel)
+    finally:
+        if local_file:
+            os.unlink(local_file)
 
 
-def _download_for_push(store: Any, bundle: Any):
+def _download_for_push(store: Any, bundle: Any) -> str:
+    """The bundle in a local temp file, verified, for nodes that cannot reach S3 themselves."""
     import hashlib
     import tempfile
+
+    from .bundle import BundleError
 
     tmp = tempfile.NamedTemporaryFile(prefix="fabdeploy-push-", suffix=".tar.gz", delete=False)
     h = hashlib.sha256()
@@ -114,7 +118,9 @@ def _download_for_push(store: Any, bundle: Any):
             h.update(chunk)
             tmp.write(chunk)
     if h.hexdigest() != bundle.sha256:
-        raise HostError("-", f"bundle {store.uri(bundle.key)} does not match its sha256 {bundle.sha256}; rebuild it")
+        os.unlink(tmp.name)
+        raise BundleError(f"bundle {store.uri(bundle.key)} does not match its sha256 {bundle.sha256} "
+                          f"(got {h.hexdigest()}): something rewrote it; rebuild with `fab deploy.bundle --verify`")
     return tmp.name
 
 
@@ -129,9 +135,8 @@ def rollback(cfg: Config, plan: Plan, *, release: str | None = None, parallel: i
         h = wait_healthy(cfg, conn.host)
         data["health"] = h.detail
         if not h.ok:
-            err = HostError(host.name, f"{host.name}: rolled back to {data.get('release')} but {h.detail}")
-            err.data = data  # type: ignore[attr-defined]
-            raise err
+            raise HostError(host.name, f"{host.name}: rolled back to {data.get('release')} but {h.detail}",
+                            data=data)
         return data
 
     return run_parallel(cfg, plan.targets, work, parallel=parallel)

@@ -143,15 +143,14 @@ def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float |
         r = run(cfg, host, conn, cmd, timeout=timeout)
     data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
     if not data.get("ok"):
-        err = HostError(
+        raise HostError(
             host.name,
             f"{host.name}: {data.get('error') or 'node program failed'}",
             command=args[0] if args else None,
             exit_code=r.exit_code,
             output=r.stderr,
+            data=data,
         )
-        err.data = data  # type: ignore[attr-defined]
-        raise err
     return data
 
 

@@ -66,7 +66,10 @@ def test_dash_H_means_the_same(fleet: Fleet) -> None:
 
 def test_push_sends_bundle_over_sftp_for_nodes_without_s3(fleet: Fleet) -> None:
     new = fleet.commit("pushed, not pulled")
-    r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push")
+    tmpdir = fleet.home / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push", env={"TMPDIR": str(tmpdir)})
+    assert list(tmpdir.iterdir()) == []  # the controller's copy is gone too
     assert fleet.revision("web1") == new and fleet.version("web1") == new, r.stdout
     # The pushed copy is the node program's to clean up once activated.
     assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
