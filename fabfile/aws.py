@@ -512,13 +512,6 @@ def _tg_name(arn: str) -> str:
     return parts[1] if len(parts) >= 3 and parts[0].endswith("targetgroup") else arn
 
 
-def live_count(cfg: Config) -> int:
-    """In-service instances right now (the base of min_healthy percentages)."""
-    from .fleet import resolve_hosts
-
-    return len(resolve_hosts(cfg))
-
-
 # --- the instance-refresh engine -----------------------------------------------------
 
 _REFRESH_DONE = {"Successful", "Failed", "Cancelled", "RollbackSuccessful", "RollbackFailed"}

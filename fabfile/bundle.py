@@ -34,12 +34,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from .config import Config
-from .store import ConflictError, Pointer, Store, StoreError
+from .store import ConflictError, Pointer, Store, StoreError, now_iso
 
 Log = Callable[[str], None]
 
@@ -307,7 +306,7 @@ def _build(
             "ref": ref,
             "sha256": sha,
             "size": size,
-            "built-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "built-at": now_iso(),
             "built-by": local_user(),
             "app": cfg.app,
             "committed-at": ct,
@@ -402,7 +401,7 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
         ref=b.ref,
         size=b.size,
         published_by=local_user(),
-        published_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        published_at=now_iso(),
         committed_at=b.committed_at,
     )
     store.write_pointer(pointer, etag)

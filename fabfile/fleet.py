@@ -276,19 +276,12 @@ def run(
     command: str,
     *,
     timeout: float | None = None,
-    stdin: bytes | None = None,
 ) -> CommandResult:
     """Run one remote command; never raises on a non-zero exit (callers decide)."""
     from invoke.exceptions import CommandTimedOut
 
     open_connection(cfg, host, conn)
-    kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False}
-    if stdin is not None:
-        import io
-
-        kwargs["in_stream"] = io.StringIO(stdin.decode())
-    else:
-        kwargs["in_stream"] = False
+    kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": False}
     limit = timeout or cfg.ssh.command_timeout
     started = time.monotonic()
     try:

@@ -237,7 +237,8 @@ def run_rollback(cfg: Config, plan: Plan, *, release: str | None = None, dry_run
 def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
     """Point the published bundle at what the fleet now runs, taken from the history."""
     import dataclasses
-    from datetime import UTC, datetime
+
+    from .store import now_iso
 
     current, etag = store.read_pointer()
     if len(commits) != 1:
@@ -248,8 +249,7 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
         return
     for p in store.pointer_history(limit=100):
         if p.commit == commit:
-            new = dataclasses.replace(p, published_by=local_user(),
-                                      published_at=datetime.now(UTC).isoformat(timespec="seconds"))
+            new = dataclasses.replace(p, published_by=local_user(), published_at=now_iso())
             store.write_pointer(new, etag)
             say(f"published pointer moved back to {short(commit)} ({p.ref})")
             return

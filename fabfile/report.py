@@ -28,6 +28,3 @@ def dump_json(data: Any) -> None:
 def short(commit: str | None) -> str:
     return (commit or "")[:8]
 
-
-def seconds(s: float | None) -> str:
-    return "" if s is None else f"{s:.1f}s"

@@ -51,7 +51,8 @@ class ConflictError(StoreError):
     """A conditional write lost: someone else changed the object first."""
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
+    """UTC, second precision: the one timestamp format of bundle metadata and pointers."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

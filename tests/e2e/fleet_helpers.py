@@ -109,6 +109,16 @@ class Fleet:
         p.write_text(yaml.safe_dump(data))
         return p
 
+    def forged_known_hosts(self, victim: str, donor: str, name: str) -> str:
+        """A known_hosts where `victim`'s recorded key is `donor`'s: as if the victim's key changed."""
+        kh = Path(self.sb.known_hosts)
+        lines = kh.read_text().splitlines(True)
+        key = next(line for line in lines if line.startswith(donor + ",")).split()[2]
+        forged = kh.with_name(name)
+        forged.write_text("".join(line.replace(line.split()[2], key) if line.startswith(victim + ",") else line
+                                  for line in lines))
+        return forged.name
+
     # --- observing --------------------------------------------------------------
     def revision(self, host: str) -> str:
         return self.ssh(host, "cat /srv/shop/current/REVISION").strip()

@@ -548,13 +548,8 @@ def test_unreachable_host_is_bounded(fleet: Fleet, fast: Path) -> None:
 
 
 def test_changed_host_key_refused_for_hotfix(fleet: Fleet) -> None:
-    kh = Path(fleet.sb.known_hosts)
-    lines = kh.read_text().splitlines(True)
-    other = next(line for line in lines if line.startswith("web1")).split()[2]
-    forged = kh.with_name("known_hosts.changed")
-    forged.write_text("".join(
-        line.replace(line.split()[2], other) if line.startswith("web2") else line for line in lines))
-    cfg = fleet.variant("changedkey", **{**FAST, "ssh": {**FAST["ssh"], "known_hosts": forged.name}})
+    forged = fleet.forged_known_hosts("web2", "web1", "known_hosts.changed")
+    cfg = fleet.variant("changedkey", **{**FAST, "ssh": {**FAST["ssh"], "known_hosts": forged}})
     before = layout(fleet, "web2")["target"]
     fleet.commit("must not reach web2")
     r = fleet.fab("deploy.hotfix", "--hosts=web2", config=cfg, check=False)

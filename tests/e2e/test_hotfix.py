@@ -158,13 +158,7 @@ def test_strict_host_keys_refuse_unknown_key(fleet: Fleet) -> None:
 
 
 def test_changed_host_key_is_refused(fleet: Fleet) -> None:
-    kh = Path(fleet.sb.known_hosts)
-    lines = kh.read_text().splitlines(True)
-    web1_key = next(line for line in lines if line.startswith("web1")).split()[2]
-    forged = kh.with_name("known_hosts.forged")
-    forged.write_text("".join(
-        line.replace(line.split()[2], web1_key) if line.startswith("web2") else line for line in lines))
-    cfg = fleet.variant("forged", ssh={"known_hosts": forged.name})
+    cfg = fleet.variant("forged", ssh={"known_hosts": fleet.forged_known_hosts("web2", "web1", "known_hosts.forged")})
     r = fleet.fab("deploy.status", "--hosts=web2", config=cfg, check=False)
     assert r.returncode != 0 and "CHANGED" in r.stdout
 
