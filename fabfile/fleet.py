@@ -38,11 +38,14 @@ class HostError(Exception):
         exit_code: int | None = None,
         output: str = "",
         data: dict[str, Any] | None = None,
+        session_ended: bool = False,
     ) -> None:
         super().__init__(message)
         self.host = host
         self.message = message
         self.data = data or {}  # what the host reported before failing (releases, commits)
+        # The command's session died or timed out after it started: what a reboot looks like.
+        self.session_ended = session_ended
         self.command = command
         self.exit_code = exit_code
         self.output = output
@@ -291,15 +294,18 @@ def run(
             host.name,
             f"command on {host.name} timed out after {e.timeout:g}s: {command[:120]}",
             command=command,
+            session_ended=True,
             output=(e.result.stdout or "") + (e.result.stderr or ""),
         ) from None
     except (EOFError, OSError) as e:
-        raise HostError(host.name, f"connection to {host.name} lost while running a command ({e or type(e).__name__})", command=command) from None
+        raise HostError(host.name, f"connection to {host.name} lost while running a command ({e or type(e).__name__})", command=command,
+                        session_ended=True) from None
     except Exception as e:  # paramiko raises a zoo of types when a session dies
         import paramiko
 
         if isinstance(e, paramiko.SSHException):
-            raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command) from None
+            raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command,
+                            session_ended=True) from None
         raise
     if r.exited is None and time.monotonic() - started >= limit:
         # invoke's timer closed the channel but, racing with the close, returned a result
@@ -308,6 +314,7 @@ def run(
             host.name,
             f"command on {host.name} timed out after {limit:g}s: {command[:120]}",
             command=command,
+            session_ended=True,
             output=(r.stdout or "") + (r.stderr or ""),
         )
     return CommandResult(r.stdout, r.stderr, r.exited if r.exited is not None else -1)

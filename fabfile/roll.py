@@ -168,7 +168,7 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
                                 + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
                                 command=cfg.reboot, exit_code=r.exit_code, output=r.stderr)
         except HostError as e:
-            if "lost" not in e.message and "timed out" not in e.message:
+            if not e.session_ended:
                 raise
             # The session dropping is what a reboot looks like from here.
     finally:
