@@ -67,7 +67,9 @@ def wrap(owner, name: str, label: str | None = None, extra=None) -> None:
 
 def install() -> None:
     t = time.time()
-    from fabfile import bundle, fleet, health, hotfix, nodectl, roll, status, store  # noqa: F401
+    from fabdeploy.adapters import bundle, health, nodectl, store  # noqa: F401
+    from fabdeploy.adapters import ssh as fleet
+    from fabdeploy.ops import hotfix, inplace, roll, rollback, status
 
     MILESTONES["fabfile_imported"] = time.time()
     MILESTONES["fabfile_import_s"] = MILESTONES["fabfile_imported"] - t
@@ -113,7 +115,7 @@ def install() -> None:
     wrap(fleet, "run", "ssh_run", run_extra)
     for mod in (nodectl, roll):
         mod.run = fleet.run
-    for mod in (hotfix, roll):
+    for mod in (inplace, rollback, roll):
         wrap(mod, "wait_healthy", "health", lambda a, kw, r: {"address": a[1],
              "health_s": getattr(r, "seconds", None)})
     wrap(nodectl, "call", "node_call", lambda a, kw, r: {"host": a[1].name, "cmd": a[3] if len(a) > 3 else ""})
@@ -121,7 +123,7 @@ def install() -> None:
     wrap(roll, "_boot_id", "roll_status_poll", lambda a, kw, r: {"host": a[1].name, "up": bool(r and r[0])})
     wrap(roll, "reboot_one", "roll_host", lambda a, kw, r: {"host": a[1].name})
     wrap(fleet, "connect", "conn_object", lambda a, kw, r: {"host": a[1].name})
-    for mod in (fleet, hotfix, roll, nodectl):
+    for mod in (fleet, hotfix, rollback, roll, nodectl):
         if hasattr(mod, "connect"):
             mod.connect = fleet.connect
     wrap(bundle, "ensure_bundle", "ensure_bundle")
@@ -130,10 +132,10 @@ def install() -> None:
               "head_bundle", "_make_client", "pointer_history"):
         wrap(store.Store, m, f"s3.{m}")
     wrap(hotfix, "run_hotfix", "task_body")
-    wrap(hotfix, "run_rollback", "task_body")
+    wrap(rollback, "run_rollback", "task_body")
     wrap(roll, "run_roll", "task_body")
     wrap(fleet, "run_parallel", "run_parallel")
-    for mod in (hotfix, status):
+    for mod in (hotfix, rollback, status):
         mod.run_parallel = fleet.run_parallel
 
 

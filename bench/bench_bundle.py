@@ -252,9 +252,9 @@ def write_config(dir: Path, repo: Path, endpoint: str, prefix: str) -> Path:
 API_PY = textwrap.dedent(
     """
     import importlib
-    config = importlib.import_module("fabfile.config")
-    bundle = importlib.import_module("fabfile.bundle")
-    bundle.bundle_for(config.load())
+    config = importlib.import_module("fabdeploy.basics.config")
+    publish = importlib.import_module("fabdeploy.ops.publish")
+    publish.bundle_for(config.load())
     """
 )
 

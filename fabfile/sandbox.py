@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fabdeploy.basics.errors import DeployError
+
 FILES = Path(__file__).resolve().parent / "sandbox_files"
 BUCKET = "fabdeploy-sandbox"
 REGION = "us-east-1"
@@ -62,7 +64,7 @@ GENERATED = (
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class SandboxError(Exception):
+class SandboxError(DeployError):
     """A sandbox operation failed; the message says what to do about it."""
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from fabfile.bundle import Bundle, BundleError, build_and_upload, ensure_bundle, publish
-from fabfile.config import Config, Host, S3Config
-from fabfile.store import ConflictError, Pointer, Store, StoreError
+from fabdeploy.adapters.bundle import Bundle, BundleError, build_and_upload, ensure_bundle, publish
+from fabdeploy.adapters.store import ConflictError, Pointer, Store, StoreError
+from fabdeploy.basics.config import Config, Host, S3Config
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,9 @@ import signal
 import pytest
 from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
-from fabfile import config, sandbox
-from fabfile.store import Store
+from fabdeploy.adapters.store import Store
+from fabdeploy.basics import config
+from fabfile import sandbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
 

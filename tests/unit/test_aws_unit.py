@@ -1,4 +1,4 @@
-"""fabfile/aws.py: the aws: config section, discovery, traffic/standby, batches, instance refresh.
+"""fabdeploy/adapters/aws.py: the aws: config section, discovery, traffic/standby, batches, instance refresh.
 
 Two kinds of AWS here, and each test says which:
 - moto's server (the session fixture `s3_server`: a real HTTP process that also
@@ -21,10 +21,12 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from fabfile import aws, config, sandbox
-from fabfile.aws import AWSError, Clients, Traffic
-from fabfile.config import ConfigError, Host
-from fabfile.fleet import select_hosts
+from fabdeploy.adapters import aws
+from fabdeploy.adapters.aws import AWSError, Clients, Traffic
+from fabdeploy.basics import config
+from fabdeploy.basics.config import ConfigError, Host
+from fabdeploy.ops.targets import select_hosts
+from fabfile import sandbox
 
 BASE = """\
 app: shop
@@ -358,6 +360,6 @@ def test_no_boto3_at_import() -> None:
     import subprocess
     import sys
 
-    code = "import sys, fabfile, fabfile.aws, fabfile.roll; print('boto3' in sys.modules)"
+    code = "import sys, fabdeploy, fabdeploy.adapters.aws, fabdeploy.ops.roll, fabdeploy.ops.refresh; print('boto3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

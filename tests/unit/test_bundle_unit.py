@@ -1,4 +1,4 @@
-"""Pure logic of fabfile.bundle / fabfile.store: no S3 server.
+"""Pure logic of fabdeploy.adapters.bundle / .store: no S3 server.
 
 Error mapping for responses moto cannot produce (AccessDenied: moto's server
 accepts any credentials) is checked with botocore's Stubber on a real client.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from gitrepo import GIT_ENV, git  # noqa: E402,F401
 
-from fabfile.bundle import (
+from fabdeploy.adapters.bundle import (
     BundleError,
     archive,
     dirty_files,
@@ -28,8 +28,7 @@ from fabfile.bundle import (
     resolve_commit,
     submodule_paths,
 )
-from fabfile.config import S3Config
-from fabfile.store import (
+from fabdeploy.adapters.store import (
     HISTORY_SPAN,
     PART_SIZE,
     ConflictError,
@@ -41,6 +40,7 @@ from fabfile.store import (
     _file_slices,
     _meta_value,
 )
+from fabdeploy.basics.config import S3Config
 
 
 @pytest.fixture
@@ -339,5 +339,5 @@ def test_unknown_profile(creds: None) -> None:
 
 
 def test_fab_list_does_not_import_boto3() -> None:
-    code = "import sys, fabfile.bundle, fabfile.store; sys.exit('boto3' in sys.modules)"
+    code = "import sys, fabdeploy.adapters.bundle, fabdeploy.adapters.store; sys.exit('boto3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0

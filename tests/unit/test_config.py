@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import config
-from fabfile.config import ConfigError
+from fabdeploy.basics import config
+from fabdeploy.basics.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,7 +145,7 @@ def test_roll_batch_forms(tmp_path: Path) -> None:
 
 
 def test_unknown_host_lists_known(tmp_path: Path) -> None:
-    from fabfile.fleet import select_hosts
+    from fabdeploy.ops.targets import select_hosts
 
     cfg = config.load(write(tmp_path, MINIMAL))
     with pytest.raises(ConfigError, match="unknown host web9 .* known hosts: web1, web2"):

@@ -8,9 +8,11 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from fabfile import config, nodectl
-from fabfile.fleet import connect, select_hosts
-from fabfile.roll import batches
+from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.ssh import connect
+from fabdeploy.basics import config
+from fabdeploy.ops.roll import batches
+from fabdeploy.ops.targets import select_hosts
 
 
 def make_cfg(tmp_path: Path, extra: str = "", ssh_config: str = "") -> config.Config:
@@ -99,7 +101,7 @@ def test_parse_takes_last_json_line(tmp_path: Path, stdout: str, expected: dict)
 
 
 def test_parse_without_answer_carries_output(tmp_path: Path) -> None:
-    from fabfile.fleet import HostError
+    from fabdeploy.adapters.ssh import HostError
 
     cfg = make_cfg(tmp_path)
     with pytest.raises(HostError) as e:
@@ -110,7 +112,7 @@ def test_parse_without_answer_carries_output(tmp_path: Path) -> None:
 def test_tcp_keepalive_is_set_so_dead_peers_are_noticed() -> None:
     import socket
 
-    from fabfile.fleet import _tcp_keepalive
+    from fabdeploy.adapters.ssh import _tcp_keepalive
 
     s = socket.socket()
     try:

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from fabfile import config, nodectl
-from fabfile.bundle import BundleError, resolve_commit
-from fabfile.config import SCHEMA, ConfigError
+from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.bundle import BundleError, resolve_commit
+from fabdeploy.basics import config
+from fabdeploy.basics.config import SCHEMA, ConfigError
 
 BASE: dict[str, Any] = {"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
                         "hosts": ["web1"]}

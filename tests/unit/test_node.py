@@ -1,4 +1,4 @@
-"""Unit tests for the node-side program (fabfile/node.py) on temp dirs: no network, no root."""
+"""Unit tests for the node-side program (fabdeploy/node/node.py) on temp dirs: no network, no root."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fabfile import node
+from fabdeploy.node import node
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
@@ -898,7 +898,7 @@ def test_import_is_lean() -> None:
     import subprocess
     import sys
 
-    # Load the file on its own, as on a host (fabfile/__init__.py is not shipped there).
+    # Load the file on its own, as on a host (the fabdeploy package is not shipped there).
     code = (
         "import importlib.util, sys;"
         f"spec = importlib.util.spec_from_file_location('node', {node.__file__!r});"

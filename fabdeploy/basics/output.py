@@ -28,3 +28,11 @@ def dump_json(data: Any) -> None:
 def short(commit: str | None) -> str:
     return (commit or "")[:8]
 
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)

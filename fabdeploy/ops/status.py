@@ -6,10 +6,10 @@ from typing import Any
 
 from fabric import Connection
 
-from . import nodectl
-from .config import Config, Host
-from .fleet import HostResult, run_parallel
-from .report import dump_json, short, table
+from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.ssh import HostResult, run_parallel
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.output import dump_json, short, table
 
 
 def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[HostResult]]:

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from .config import S3Config
+from fabdeploy.basics.config import Config, S3Config
+from fabdeploy.basics.errors import ConflictError, StoreError
 
 PART_SIZE = 8 * 1024 * 1024
 # Parts in flight at once. Bounds memory to ~(UPLOAD_THREADS + 1) * PART_SIZE
@@ -43,12 +44,6 @@ _BADCREDS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-class StoreError(Exception):
-    """An S3 problem phrased as one line: what, where, what to do."""
-
-
-class ConflictError(StoreError):
-    """A conditional write lost: someone else changed the object first."""
 
 
 def now_iso() -> str:
@@ -715,3 +710,7 @@ class Store:
                 ) from None
             raise err from None
         return held
+
+
+def store_for(cfg: Config) -> Store:
+    return Store(cfg.s3, cfg.app, config_path=cfg.path)

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fabdeploy.basics.errors import ConfigError
+
 ENV_VAR = "DEPLOY_CONFIG"
 DEFAULT_NAME = "deploy.yml"
 
-
-class ConfigError(Exception):
-    """A deploy.yml problem, already phrased as one line for the user."""
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from typing import Any
 
 from fabric import Connection
 
-from .config import Config, Host
-from .fleet import HostError, q, run
+from fabdeploy.adapters.ssh import q, run
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import HostError
 
-NODE_SRC = Path(__file__).with_name("node.py")
+NODE_SRC = Path(__file__).resolve().parent.parent / "node" / "node.py"
 NEEDS_INSTALL = 97  # exit code of the guard: node program missing or different
 
 

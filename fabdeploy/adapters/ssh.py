@@ -10,131 +10,18 @@ from __future__ import annotations
 
 import shlex
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fabric import Config as FabricConfig
 from fabric import Connection
-from fabric.executor import Executor
-from invoke import Call
 
-from .config import Config, ConfigError, Host
-
-
-class HostError(Exception):
-    """Something went wrong on one host; carries the data needed to act on it."""
-
-    def __init__(
-        self,
-        host: str,
-        message: str,
-        *,
-        command: str | None = None,
-        exit_code: int | None = None,
-        output: str = "",
-        data: dict[str, Any] | None = None,
-        session_ended: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.host = host
-        self.message = message
-        self.data = data or {}  # what the host reported before failing (releases, commits)
-        # The command's session died or timed out after it started: what a reboot looks like.
-        self.session_ended = session_ended
-        self.command = command
-        self.exit_code = exit_code
-        self.output = output
-
-    def tail(self, lines: int = 8) -> str:
-        return "\n".join(self.output.strip().splitlines()[-lines:])
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# --- -H / --hosts: both spellings mean one run over the named hosts -------------------
-
-
-class FleetExecutor(Executor):
-    """`fab -H web2 deploy.hotfix` must mean `fab deploy.hotfix --hosts=web2`.
-
-    Stock Fabric would call the task once per host with a Connection; our tasks
-    work on the whole target set at once (one pool, one table, one exit code), so
-    the -H list is handed to tasks that take a `hosts` parameter instead.
-    """
-
-    def expand_calls(self, calls: list[Any], apply_hosts: bool = True) -> list[Any]:
-        host_str = self.core[0].args.hosts.value if apply_hosts else None
-        if not host_str:
-            return super().expand_calls(calls, apply_hosts=apply_hosts)
-        out = []
-        for call in calls:
-            if not isinstance(call, Call):
-                call = Call(task=call)
-            if "hosts" in call.task.argspec(call.task.body).parameters:
-                if not call.kwargs.get("hosts"):
-                    call.kwargs["hosts"] = host_str
-                out.extend(super().expand_calls(call.pre, apply_hosts=False))
-                out.append(call)
-                out.extend(super().expand_calls(call.post, apply_hosts=False))
-            else:
-                out.extend(super().expand_calls([call], apply_hosts=True))
-        return out
-
-
-_resolved: dict[int, tuple[Config, list[Host]]] = {}
-_resolved_lock = threading.Lock()
-
-
-def resolve_hosts(cfg: Config) -> list[Host]:
-    """deploy.yml's static hosts plus, when aws: names the fleet, its live instances.
-
-    Discovery is lazy (here, not at config load) so config errors stay fast and
-    offline; it runs once per Config per run.
-    """
-    if cfg.aws is None or not cfg.aws.discovers:
-        return list(cfg.hosts)
-    with _resolved_lock:
-        hit = _resolved.get(id(cfg))
-        if hit is None or hit[0] is not cfg:
-            from . import aws
-
-            static = list(cfg.hosts)
-            names = {h.name for h in static}
-            hit = (cfg, static + [h for h in aws.discover(cfg) if h.name not in names])
-            _resolved[id(cfg)] = hit
-        return list(hit[1])
-
-
-def select_hosts(cfg: Config, hosts: str | Sequence[str] | None) -> list[Host]:
-    """The hosts named by --hosts/-H (comma-separated names or instance ids), or all of them."""
-    fleet = resolve_hosts(cfg)
-    if not hosts:
-        return fleet
-    names = hosts.split(",") if isinstance(hosts, str) else list(hosts)
-    names = [n.strip() for n in names if n.strip()]
-    known = {h.name: h for h in fleet}
-    known.update({h.instance_id: h for h in fleet if h.instance_id and h.instance_id not in known})
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(
-            f"unknown host{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-            f"(not in hosts of {cfg.path}); known hosts: {', '.join(h.name for h in fleet)}"
-        )
-    seen: dict[str, Host] = {}
-    for n in names:
-        seen.setdefault(known[n].name, known[n])
-    return list(seen.values())
-
-
-def is_whole_fleet(cfg: Config, targets: Sequence[Host]) -> bool:
-    return {h.name for h in targets} == {h.name for h in resolve_hosts(cfg)}
-
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import ConfigError, HostError
 
 # --- connections ---------------------------------------------------------------
 
@@ -307,9 +194,10 @@ def run(
             raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command,
                             session_ended=True) from None
         raise
-    if r.exited is None and time.monotonic() - started >= limit:
+    if r.exited in (None, -1) and time.monotonic() - started >= limit:
         # invoke's timer closed the channel but, racing with the close, returned a result
-        # without an exit status instead of raising CommandTimedOut: still a timeout.
+        # without an exit status (None, or paramiko's -1) instead of raising CommandTimedOut:
+        # still a timeout.
         raise HostError(
             host.name,
             f"command on {host.name} timed out after {limit:g}s: {command[:120]}",
@@ -377,9 +265,3 @@ def run_parallel(
     return results
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)

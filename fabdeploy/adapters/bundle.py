@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .config import Config
-from .store import ConflictError, Pointer, Store, StoreError, now_iso
+from fabdeploy.adapters.store import Pointer, Store, now_iso
+from fabdeploy.basics.config import Config
+from fabdeploy.basics.errors import BundleError, ConflictError
 
 Log = Callable[[str], None]
 
@@ -50,9 +51,6 @@ SHOW_FILES = 10
 PROGRESS_AFTER = 0.7
 REQUIRED_META = ("sha256", "size", "commit")
 
-
-class BundleError(Exception):
-    """A bundling problem phrased as one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -408,39 +406,3 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
     was = f" (was {current.commit[:12]})" if current else " (first publish)"
     log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}")
     return pointer
-
-
-# --- short aliases for the tasks ---------------------------------------------------------
-
-
-def store_for(cfg: Config) -> Store:
-    return Store(cfg.s3, cfg.app, config_path=cfg.path)
-
-
-def bundle_for(cfg: Config, ref: str | None = None, *, verify: bool = False, log: Log = print) -> Bundle:
-    """`fab deploy.bundle`: ensure_bundle with a Store made from the config."""
-    return ensure_bundle(cfg, store_for(cfg), ref, log, verify=verify)
-
-
-def publish_for(cfg: Config, ref: str | None = None, *, log: Log = print) -> tuple[Bundle, Pointer]:
-    """`fab deploy.publish`: publish with a Store made from the config."""
-    return publish(cfg, store_for(cfg), ref, log)
-
-
-__all__ = [
-    "Bundle",
-    "BundleError",
-    "StoreError",
-    "archive",
-    "build_and_upload",
-    "bundle_for",
-    "dirty_files",
-    "ensure_bundle",
-    "has_submodules",
-    "local_user",
-    "publish",
-    "publish_for",
-    "resolve_commit",
-    "store_for",
-    "submodule_paths",
-]

@@ -16,13 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import nodectl
-from .aws import AWSError
-from .config import Config, Host
-from .fleet import HostError, connect, run, say, warn
-from .health import wait_healthy
-from .hotfix import Plan, fleet_lock
-from .report import short, table
+from fabdeploy.adapters import aws, nodectl
+from fabdeploy.adapters import bundle as bundles
+from fabdeploy.adapters.health import wait_healthy
+from fabdeploy.adapters.ssh import connect, run
+from fabdeploy.adapters.store import store_for
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import AWSError, HostError
+from fabdeploy.basics.output import say, short, table, warn
+from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.targets import Targets, resolve_hosts
 
 
 @dataclass
@@ -215,7 +218,7 @@ def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traf
 
 def run_roll(
     cfg: Config,
-    plan: Plan,
+    targets: Targets,
     ref: str | None,
     *,
     batch: str | None = None,
@@ -223,16 +226,11 @@ def run_roll(
     dry_run: bool = False,
     rollback_on_failure: bool = False,
 ) -> bool:
-    from . import bundle as bundles
-
     if cfg.aws is not None:
-        from . import aws
-        from .fleet import resolve_hosts
-
         # AZs interleaved and capped by aws.min_healthy of the live fleet.
-        groups = aws.batches(cfg, plan.targets, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
+        groups = aws.batches(cfg, targets.hosts, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
     else:
-        groups = batches(plan.targets, batch or cfg.roll.batch)
+        groups = batches(targets.hosts, batch or cfg.roll.batch)
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
         say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and reboot, in this order:")
@@ -240,14 +238,12 @@ def run_roll(
             say(f"  batch {i}: {', '.join(h.name + (f' ({h.az})' if h.az else '') for h in g)}")
         return True
 
-    store = bundles.store_for(cfg)
+    store = store_for(cfg)
     results: list[HostRoll] = []
     t0 = time.monotonic()
     traffic = None
     if cfg.aws is not None:
-        from .aws import Traffic
-
-        traffic = Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
+        traffic = aws.Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
     with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer(replacing=True)
@@ -279,8 +275,8 @@ def run_roll(
             if traffic is not None:
                 # A failed host, or Ctrl-C, must not leave instances out of the LB or in Standby.
                 traffic.restore_all()
-    _print(cfg, plan, b, results, t0)
-    return bool(results) and all(r.ok for r in results) and len(results) == len(plan.targets)
+    _print(cfg, targets, b, results, t0)
+    return bool(results) and all(r.ok for r in results) and len(results) == len(targets.hosts)
 
 
 def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float,
@@ -301,7 +297,7 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
                         f"; rolled back to {short(previous.commit)}" if r.ok else f"; rollback ALSO failed: {r.error}")
 
 
-def _print(cfg: Config, plan: Plan, b: Any, results: list[HostRoll], t0: float) -> None:
+def _print(cfg: Config, targets: Targets, b: Any, results: list[HostRoll], t0: float) -> None:
     done = {r.host for r in results}
     rows = []
     for r in results:
@@ -314,11 +310,11 @@ def _print(cfg: Config, plan: Plan, b: Any, results: list[HostRoll], t0: float) 
             "" if r.healthy_s is None else f"{r.healthy_s:.1f}s",
             outcome,
         ])
-    for h in plan.targets:
+    for h in targets.hosts:
         if h.name not in done:
             rows.append([h.name, "", "", "", "", "not touched"])
     table(f"roll {short(b.commit)} ({b.ref}) in {time.monotonic() - t0:.1f}s",
           ["host", "old", "new", "back after", "healthy after", "outcome"], rows)
-    if any(not r.ok for r in results) or len(done) < len(plan.targets):
+    if any(not r.ok for r in results) or len(done) < len(targets.hosts):
         say("the roll stopped; the hosts it did not reach still run their old release. "
             "Resume with `fab deploy.roll --resume`, or go back with `fab deploy.rollback`.")

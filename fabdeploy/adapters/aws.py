@@ -25,14 +25,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AWSConfig, Config, Host
+from fabdeploy.basics.config import AWSConfig, Config, Host
+from fabdeploy.basics.errors import AWSError
 
 POLL = 1.0  # seconds between AWS polls; tests lower it (moto answers at once)
 DRAIN_MARGIN = 30.0  # past the deregistration delay, AWS should have finished draining
 
-
-class AWSError(Exception):
-    """An AWS problem phrased as one line: what, where, what to do."""
 
 
 # IAM service prefix of each boto3 client, to name the missing permission on AccessDenied.
@@ -604,34 +602,3 @@ def follow_refresh(cfg: Config, c: Clients, group: str, refresh_id: str, *,
             cancelling = True
 
 
-def run_instance_refresh(cfg: Config, ref: str | None, *, dry_run: bool = False,
-                         clients: Clients | None = None, poll: float = 15.0) -> bool:
-    """Publish, then replace every instance of each ASG (one group at a time) by an instance refresh."""
-    from . import bundle as bundles
-    from .fleet import say
-    from .hotfix import fleet_lock
-    from .report import short
-
-    aws = cfg.aws
-    if aws is None or not aws.autoscaling_groups:
-        raise AWSError(f"--engine=instance-refresh needs aws.autoscaling_groups in {cfg.path}")
-    if dry_run:
-        commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
-        say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and start an instance refresh of "
-            f"{', '.join(aws.autoscaling_groups)} with {refresh_preferences(cfg)}")
-        return True
-    c = clients or Clients(cfg)
-    _group_instances(cfg, c, aws.autoscaling_groups)  # fail on a missing group before publishing
-    store = bundles.store_for(cfg)
-    with fleet_lock(cfg, store, "roll (instance refresh)"):
-        b = bundles.ensure_bundle(cfg, store, ref)
-        bundles.publish_bundle(store, b, log=say)
-        for group in aws.autoscaling_groups:
-            rid = start_refresh(cfg, c, group)
-            say(f"instance refresh {rid} of {group} started ({refresh_preferences(cfg)})")
-            status = follow_refresh(cfg, c, group, rid, poll=poll)
-            if status != "Successful":
-                say(f"instance refresh of {group} ended {status}; the published pointer stays at "
-                    f"{short(b.commit)}: instances that boot from now on run it")
-                return False
-    return True

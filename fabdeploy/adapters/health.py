@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .config import Config
+from fabdeploy.basics.config import Config
 
 
 @dataclass

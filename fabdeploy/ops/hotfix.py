@@ -1,0 +1,121 @@
+"""Hotfix over SSH: activate a bundle on running nodes now.
+
+It goes through the node program on each host (the same code path the boot unit
+runs), in parallel over a bounded pool, and ends in one table. A host that fails
+keeps (or is put back on) its previous `current`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from fabric import Connection
+
+from fabdeploy.adapters import bundle as bundles
+from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.bundle import local_user
+from fabdeploy.adapters.ssh import HostResult, run_parallel
+from fabdeploy.adapters.store import store_for
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import BundleError
+from fabdeploy.basics.output import say, short, warn
+from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
+from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.targets import Targets
+
+
+def hotfix(
+    cfg: Config,
+    store: Any,
+    bundle: Any,
+    targets: Targets,
+    *,
+    push: bool = False,
+    force: bool = False,
+    parallel: int | None = None,
+) -> list[HostResult]:
+    user = local_user()
+    base = ["activate", "--sha256", bundle.sha256, "--commit", bundle.commit, "--ref", bundle.ref,
+            "--user", user, "--restart"]
+    if bundle.committed_at:
+        base += ["--committed-at", str(bundle.committed_at)]
+    if force:
+        base.append("--force")
+    url = None if push else store.presign_bundle(bundle.commit)
+    local_file = _download_for_push(store, bundle) if push else None
+
+    def work(host: Host, conn: Connection) -> dict[str, Any]:
+        args = list(base)
+        if push:
+            remote = f"{cfg.deploy_to}/.fabdeploy/push-{bundle.commit}.tar.gz"
+            nodectl.call(cfg, host, conn, "version")  # installs the node program and its dirs
+            conn.sftp().put(str(local_file), remote)
+            args += ["--file", remote]
+        else:
+            args += ["--url", url]
+        data = nodectl.call(cfg, host, conn, *args)
+        if data.get("changed"):
+            data = health_or_revert(cfg, host, conn, data, user)
+        return data
+
+    try:
+        return run_parallel(cfg, targets.hosts, work, parallel=parallel)
+    finally:
+        if local_file:
+            os.unlink(local_file)
+
+
+def _download_for_push(store: Any, bundle: Any) -> str:
+    """The bundle in a local temp file, verified, for nodes that cannot reach S3 themselves."""
+    import hashlib
+    import tempfile
+
+    tmp = tempfile.NamedTemporaryFile(prefix="fabdeploy-push-", suffix=".tar.gz", delete=False)
+    h = hashlib.sha256()
+    with tmp, store.open_bundle(bundle.commit) as src:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            tmp.write(chunk)
+    if h.hexdigest() != bundle.sha256:
+        os.unlink(tmp.name)
+        raise BundleError(f"bundle {store.uri(bundle.key)} does not match its sha256 {bundle.sha256} "
+                          f"(got {h.hexdigest()}): something rewrote it; rebuild with `fab deploy.bundle --verify`")
+    return tmp.name
+
+
+def run_hotfix(
+    cfg: Config,
+    targets: Targets,
+    ref: str | None,
+    *,
+    push: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    parallel: int | None = None,
+) -> bool:
+    if dry_run:
+        commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
+        say(f"dry run: would hotfix {short(commit)} ({ref or cfg.ref}) onto "
+            + ", ".join(h.name for h in targets.hosts)
+            + (f" via {'SFTP push' if push else 'S3'}; " )
+            + ("then publish it (whole fleet), under the deploy lock" if targets.whole_fleet
+               else "without publishing (subset: these hosts would drift from the published bundle)"))
+        return True
+    store = store_for(cfg)
+    b = bundles.ensure_bundle(cfg, store, ref)
+    with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet):
+        start = time.monotonic()
+        results = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel)
+        ok = all(r.ok for r in results)
+        if targets.whole_fleet and ok:
+            bundles.publish_bundle(store, b, log=say)
+    print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", results)
+    if targets.whole_fleet and not ok:
+        warn("some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again")
+    elif ok:
+        drift_note(cfg, targets, f"{short(b.commit)} ({b.ref})", b.commit)
+    return ok
+
+

@@ -1,0 +1,81 @@
+"""Rollback over SSH: hosts back to their previous (or a named) release; fleet-wide, the pointer too."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fabric import Connection
+
+from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.bundle import local_user
+from fabdeploy.adapters.health import wait_healthy
+from fabdeploy.adapters.ssh import HostResult, run_parallel
+from fabdeploy.adapters.store import now_iso, store_for
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import HostError
+from fabdeploy.basics.output import say, short, warn
+from fabdeploy.ops.inplace import drift_note, print_results
+from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.targets import Targets
+
+
+def rollback(cfg: Config, targets: Targets, *, release: str | None = None, parallel: int | None = None) -> list[HostResult]:
+    user = local_user()
+    args = ["rollback", "--user", user, "--restart"]
+    if release:
+        args += ["--release", release]
+
+    def work(host: Host, conn: Connection) -> dict[str, Any]:
+        data = nodectl.call(cfg, host, conn, *args)
+        h = wait_healthy(cfg, conn.host)
+        data["health"] = h.detail
+        if not h.ok:
+            raise HostError(host.name, f"{host.name}: rolled back to {data.get('release')} but {h.detail}",
+                            data=data)
+        return data
+
+    return run_parallel(cfg, targets.hosts, work, parallel=parallel)
+
+
+def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, dry_run: bool = False,
+                 parallel: int | None = None) -> bool:
+
+    if dry_run:
+        say(f"dry run: would roll back {', '.join(h.name for h in targets.hosts)} to "
+            + (release or "each host's previous release")
+            + (" and move the published pointer back" if targets.whole_fleet else ""))
+        return True
+    store = store_for(cfg)
+    with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet):
+        start = time.monotonic()
+        results = rollback(cfg, targets, release=release, parallel=parallel)
+        ok = all(r.ok for r in results)
+        if targets.whole_fleet and ok:
+            _pointer_back(cfg, store, {r.data.get("commit") for r in results})
+    print_results(f"rollback in {time.monotonic() - start:.1f}s", results)
+    commits = {r.data.get("commit") for r in results}
+    if ok and len(commits) == 1:
+        drift_note(cfg, targets, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits))))
+    return ok
+
+
+def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
+    """Point the published bundle at what the fleet now runs, taken from the history."""
+    import dataclasses
+
+    current, etag = store.read_pointer()
+    if len(commits) != 1:
+        warn("hosts rolled back to different commits; the published pointer was left alone")
+        return
+    commit = next(iter(commits))
+    if current is not None and current.commit == commit:
+        return
+    for p in store.pointer_history(limit=100):
+        if p.commit == commit:
+            new = dataclasses.replace(p, published_by=local_user(), published_at=now_iso())
+            store.write_pointer(new, etag)
+            say(f"published pointer moved back to {short(commit)} ({p.ref})")
+            return
+    warn(f"{short(commit)} is not in the pointer history; the published pointer was left alone. "
+         f"Run `fab deploy.publish --ref={commit}` to make reboots keep it.")

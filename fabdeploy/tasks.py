@@ -1,0 +1,205 @@
+"""The `deploy` collection: each task parses its flags, loads deploy.yml, calls one operation.
+
+Expected failures (`DeployError`) become one line and a non-zero exit (`invoke.Exit`),
+never a traceback. Importing this module installs fabdeploy's executor into a running
+`fab` (see cli.py), so `-H` means "these hosts, one run" in any app repo.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+from fabdeploy import cli
+from fabdeploy.basics.errors import DeployError
+
+
+def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """@task for fabdeploy: one-line errors, never run once per -H host, marked as ours."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def body(c: Any, *args: Any, **kwargs: Any) -> Any:
+            cli.refuse_per_host_call(c, name)
+            try:
+                return fn(c, *args, **kwargs)
+            except DeployError as e:
+                raise Exit(f"error: {e}", 1) from None
+            except KeyboardInterrupt:
+                raise Exit("interrupted", 130) from None
+
+        t = task(name=name, help=help or {})(body)
+        t.fabdeploy = True
+        return t
+
+    return wrap
+
+
+def _cfg():
+    from fabdeploy.basics import config
+
+    return config.load()
+
+
+def _targets(cfg, hosts):
+    from fabdeploy.ops.targets import targets_for
+
+    return targets_for(cfg, hosts)
+
+
+def _count(value, flag: str) -> int | None:
+    if value is None:
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise Exit(f"error: {flag} must be a whole number >= 1 (got {value!r})", 1)
+    return int(value)
+
+
+def _fail_unless(ok: bool) -> None:
+    if not ok:
+        raise Exit(code=1)
+
+
+@deploy_task(name="bundle", help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
+            "verify": "rebuild even if the bundle exists and compare sha256"})
+def bundle_task(c, ref=None, verify=False):
+    """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
+    cfg = _cfg()
+    from fabdeploy.ops.publish import bundle_for
+
+    bundle_for(cfg, ref, verify=verify)
+
+
+@deploy_task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
+def publish_task(c, ref=None):
+    """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
+    cfg = _cfg()
+    from fabdeploy.ops.publish import publish_for
+
+    publish_for(cfg, ref)
+
+
+@deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)"})
+def setup_task(c, hosts=None):
+    """Install/update the node program, its config and boot unit; create the layout."""
+    cfg = _cfg()
+    from fabdeploy.adapters import nodectl
+    from fabdeploy.adapters.ssh import run_parallel
+    from fabdeploy.basics.output import table
+
+    targets = _targets(cfg, hosts)
+    results = run_parallel(cfg, targets.hosts, lambda h, conn: {
+        "outcome": nodectl.install(cfg, h, conn, require_boto3=True)})
+    table(f"setup {cfg.app}", ["host", "outcome"],
+          [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results])
+    if all(r.ok and r.data.get("outcome") == "unchanged" for r in results):
+        print("no changes: every host already has this node program, config and boot unit")
+    _fail_unless(all(r.ok for r in results))
+
+
+@deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)"})
+def export_node_task(c, out="node-bundle"):
+    """Write the node program, its config, boot unit and install.sh, for AMIs and user-data."""
+    from pathlib import Path
+
+    from fabdeploy.adapters import nodectl
+
+    cfg = _cfg()
+    for p in nodectl.export(cfg, Path(out)):
+        print(p)
+    print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
+          f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})")
+
+
+@deploy_task(name="hotfix", help={"hosts": "comma-separated host names (default: all, which also publishes)",
+            "ref": "branch, tag or sha (default: ref in deploy.yml)",
+            "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
+            "dry_run": "print what would happen and change nothing",
+            "force": "activate even if a host already runs that commit",
+            "parallel": "hosts at once (default: parallel in deploy.yml)"})
+def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
+    """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
+    cfg = _cfg()
+    from fabdeploy.ops.hotfix import run_hotfix
+
+    _fail_unless(run_hotfix(cfg, _targets(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
+                            parallel=_count(parallel, '--parallel')))
+
+
+@deploy_task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
+            "release": "release timestamp to go back to (default: each host's previous one)",
+            "dry_run": "print what would happen and change nothing"})
+def rollback_task(c, hosts=None, release=None, dry_run=False):
+    """Swap hosts back to their previous (or a named) release, restart, health-check."""
+    cfg = _cfg()
+    from fabdeploy.ops.rollback import run_rollback
+
+    _fail_unless(run_rollback(cfg, _targets(cfg, hosts), release=release, dry_run=dry_run))
+
+
+@deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
+def status_task(c, hosts=None, json=False):
+    """What every host runs, its last boot, and drift from the published bundle."""
+    cfg = _cfg()
+    targets = _targets(cfg, hosts)
+    from fabdeploy.adapters.store import store_for
+    from fabdeploy.ops import status as st
+
+    pointer, results = st.collect(cfg, targets.hosts, store_for(cfg))
+    st.show(cfg, pointer, results, as_json=json)
+    _fail_unless(all(r.ok for r in results))
+
+
+@deploy_task(name="roll", help={"hosts": "comma-separated host names (default: all)",
+            "ref": "branch, tag or sha (default: ref in deploy.yml)",
+            "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
+            "resume": "skip hosts already on the published commit",
+            "dry_run": "print the plan and change nothing",
+            "rollback_on_failure": "on failure, move the pointer back and reboot the failed host",
+            "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)"})
+def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False,
+              engine="ssh"):
+    """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
+    cfg = _cfg()
+    if engine == "instance-refresh":
+        if hosts or batch or resume or rollback_on_failure:
+            raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --batch, --resume "
+                       "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)", 1)
+        from fabdeploy.ops.refresh import run_instance_refresh
+
+        _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run))
+        return
+    if engine != "ssh":
+        raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
+    from fabdeploy.basics.config import _batch
+    from fabdeploy.ops.roll import run_roll
+
+    if batch is not None:
+        try:
+            batch = _batch(batch)
+        except TypeError as e:
+            raise Exit(f"error: --batch must be {e} (got {batch!r})", 1) from None
+    _fail_unless(run_roll(cfg, _targets(cfg, hosts), ref, batch=batch, resume=resume, dry_run=dry_run,
+                          rollback_on_failure=rollback_on_failure))
+
+
+@deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})
+def unlock_task(c, force=False):
+    """Break a stale deploy lock (only once it has expired, unless --force)."""
+    cfg = _cfg()
+    from fabdeploy.adapters.store import store_for
+
+    lock = store_for(cfg).break_lock(force=force)
+    print("no deploy lock was held" if lock is None else
+          f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
+
+
+deploy = Collection(
+    "deploy", bundle_task, publish_task, setup_task, hotfix_task, rollback_task, roll_task,
+    status_task, unlock_task, export_node_task,
+)
+
+cli.install()
