@@ -107,7 +107,7 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
                 host.name,
                 f"host key of {host.name} ({addr}) is not in {cfg.ssh.known_hosts}: verify it and "
                 f"add it (ssh-keyscan -H {conn.host} >> {cfg.ssh.known_hosts}), "
-                "or set ssh.strict_host_keys: false to trust on first use",
+                "or set ssh.strict_host_keys: false to skip host key checking (unsafe: nothing is remembered)",
             ) from None
         if isinstance(e, paramiko.AuthenticationException):
             raise HostError(

@@ -41,11 +41,28 @@ def test_gateways_are_strict_too(tmp_path: Path) -> None:
     assert isinstance(conn.gateway.client._policy, paramiko.RejectPolicy)
 
 
-def test_opting_out_trusts_on_first_use_without_writing_known_hosts(tmp_path: Path) -> None:
+def test_opting_out_checks_no_unknown_host_key_and_writes_no_known_hosts(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, extra=", strict_host_keys: false")
     conn = connect(cfg, cfg.hosts[0])
     assert isinstance(conn.client._policy, paramiko.AutoAddPolicy)
     assert conn.client._host_keys_filename is None  # paramiko would save added keys there
+
+
+def test_unknown_key_message_does_not_promise_trust_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is remembered with strict_host_keys: false, so the hint must not call it TOFU."""
+    from fabdeploy.adapters.ssh import HostError, open_connection
+
+    cfg = make_cfg(tmp_path)
+    conn = connect(cfg, cfg.hosts[0])
+
+    def refuse() -> None:
+        raise paramiko.SSHException("Server 'web1' not found in known_hosts")
+
+    monkeypatch.setattr(conn, "open", refuse)
+    with pytest.raises(HostError) as e:
+        open_connection(cfg, cfg.hosts[0], conn)
+    msg = str(e.value)
+    assert "first use" not in msg and "skip host key checking" in msg and "\n" not in msg
 
 
 def test_batches_by_count_and_percent(tmp_path: Path) -> None:
