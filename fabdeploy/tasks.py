@@ -193,8 +193,12 @@ def unlock_task(c, force=False):
     from fabdeploy.adapters.store import store_for
 
     lock = store_for(cfg).break_lock(force=force)
-    print("no deploy lock was held" if lock is None else
-          f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
+    if lock is None:
+        print("no deploy lock was held")
+    elif lock.unparsable:
+        print("removed an unreadable deploy lock (it was not valid lock JSON)")
+    else:
+        print(f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
 
 
 deploy = Collection(

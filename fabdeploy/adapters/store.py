@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import threading
 import time
@@ -44,6 +45,31 @@ _BADCREDS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadJSON(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON(f"number {text[:20]} is out of range")
+    return value
+
+
+def load_json(data: bytes) -> Any:
+    """json.loads for objects anyone with bucket access may have written: NaN, Infinity,
+    1e999 and nesting deep enough to exhaust the recursion limit are ValueErrors, like
+    any other malformed input, so callers catch one exception type."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _BadJSON("nested too deeply") from None
 
 
 def now_iso() -> str:
@@ -81,9 +107,9 @@ class Pointer:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Pointer:
         try:
-            raw = json.loads(data)
+            raw = load_json(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{where} is not valid JSON ({e}); fix or re-publish it with `fab deploy.publish`") from None
+            raise StoreError(f"{where} is not valid JSON ({_short(e)}); fix or re-publish it with `fab deploy.publish`") from None
         if not isinstance(raw, dict):
             raise StoreError(f"{where} is not a JSON object; re-publish with `fab deploy.publish`")
         str_fields = ("key", "commit", "sha256", "ref", "published_by", "published_at")
@@ -91,10 +117,10 @@ class Pointer:
         if missing:
             raise StoreError(f"{where} lacks {', '.join(missing)}; re-publish with `fab deploy.publish`")
         bad = [f for f in str_fields if not isinstance(raw[f], str) or not raw[f]]
-        if not isinstance(raw["size"], int) or isinstance(raw["size"], bool) or raw["size"] < 0:
+        if not _is_int(raw["size"]) or not 0 <= raw["size"] < 2**63:
             bad.append("size")
         committed_at = raw.get("committed_at")
-        if committed_at is not None and (not isinstance(committed_at, int) or isinstance(committed_at, bool)):
+        if committed_at is not None and (not _is_int(committed_at) or not 0 <= committed_at < 2**63):
             bad.append("committed_at")
         if bad:
             raise StoreError(f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`")
@@ -120,6 +146,12 @@ class Lock:
     expires_at: float
     etag: str | None = None
     pid: int | None = None  # of the fab process on the holder's machine (see dead_local_holder)
+    unparsable: bool = False  # only from break_lock(force=True): an object we could not read
+
+    @classmethod
+    def unreadable(cls, etag: str | None) -> Lock:
+        return cls(holder="(unreadable)", action="unknown", created_at=time.time(), expires_at=0.0,
+                   etag=etag, unparsable=True)
 
     @property
     def age(self) -> float:
@@ -149,25 +181,45 @@ class Lock:
         return f"{self.holder} ({self.action}) for {human_duration(self.age)}"
 
     def to_json(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if k != "etag" and not (k == "pid" and v is None)}
+        body = {k: v for k, v in asdict(self).items()
+                if k not in ("etag", "unparsable") and not (k == "pid" and v is None)}
         return (json.dumps(body, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str, etag: str | None) -> Lock:
         try:
-            raw = json.loads(data)
+            raw = load_json(data)
+            if not isinstance(raw, dict):
+                raise TypeError("not an object")
+            holder, action = raw["holder"], raw["action"]
+            created_at, expires_at = raw["created_at"], raw["expires_at"]
+            if not (isinstance(holder, str) and isinstance(action, str)):
+                raise TypeError("holder and action must be strings")
+            if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and abs(t) < 1e11
+                       for t in (created_at, expires_at)):
+                raise TypeError("created_at and expires_at must be timestamps")
+            pid = raw.get("pid")
             return cls(
-                holder=str(raw["holder"]),
-                action=str(raw["action"]),
-                created_at=float(raw["created_at"]),
-                expires_at=float(raw["expires_at"]),
+                holder=holder,
+                action=action,
+                created_at=float(created_at),
+                expires_at=float(expires_at),
                 etag=etag,
-                pid=raw["pid"] if isinstance(raw.get("pid"), int) else None,
+                pid=pid if _is_int(pid) and 0 < pid < 2**31 else None,
             )
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise StoreError(
                 f"{where} is not a valid lock; if nobody is deploying, remove it with `fab deploy.unlock --force`"
             ) from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(e: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _meta_value(value: object) -> str:
@@ -686,11 +738,20 @@ class Store:
             raise err from None
 
     def break_lock(self, force: bool = False) -> Lock | None:
-        """Remove the lock if it expired (or always with force); returns what was removed."""
+        """Remove the lock if it expired (or always with force); returns what was removed.
+
+        With force, a lock object that cannot even be parsed is removed too (conditionally
+        on the ETag we read, so a lock taken meanwhile stays): that is what its error says to do."""
         key = self.lock_key
-        held = self.read_lock()
-        if held is None:
+        got = self._get(key, "reading lock")
+        if got is None:
             return None
+        try:
+            held = Lock.from_json(got[0], self.uri(key), got[1])
+        except StoreError:
+            if not force:
+                raise
+            held = Lock.unreadable(got[1])
         if not held.expired and not force:
             raise StoreError(
                 f"deploy lock held by {held.describe()} has not expired "
