@@ -1461,7 +1461,7 @@ def boot(
                 source=bundle_source(pointer),
                 ref=pointer.get("ref") or None,
                 user=str(pointer.get("published_by") or "boot"),
-                committed_at=int(committed) if isinstance(committed, int | float) else None,
+                committed_at=int(committed) if isinstance(committed, (int, float)) else None,
                 restart=False,
                 action="boot",
             )

@@ -1,4 +1,9 @@
-"""Unit tests for the node-side program (fabdeploy/node/node.py) on temp dirs: no network, no root."""
+"""Unit tests for the node-side program (fabdeploy/node/node.py) on temp dirs: no network, no root.
+
+Like the node program itself, this file runs on Python 3.8+ with only pytest installed:
+scripts/test also runs it under Python 3.8. So: no fabdeploy package import (node.py is
+loaded as a file, as on a host), no controller packages, and no 3.9+ syntax at runtime.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from fabdeploy.node import node
+from node_program import node
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 
@@ -43,7 +47,8 @@ def make_cfg(tmp_path: Path, **overrides: Any) -> node.Config:
     return node.load_config(str(path))
 
 
-Entry = tuple[str, str, Any]
+# Annotations are never evaluated here (postponed), so this alias is only a name for them.
+Entry = "tuple[str, str, Any]"
 
 
 def make_tar(path: Path, entries: Iterable[Entry], mode: str = "w:gz") -> str:
