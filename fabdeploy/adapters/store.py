@@ -651,11 +651,18 @@ class Store:
         except Exception as e:
             raise self._error(e, self.history_prefix, "listing history") from None
         # Keys hold inverted millis, so S3's lexicographic listing is newest first.
+        # One damaged entry must not hide the others (nor abort a rollback's pointer move).
         out: list[Pointer] = []
         for obj in r.get("Contents", [])[:limit]:
             got = self._get(obj["Key"], "reading history")
-            if got is not None:
+            if got is None:
+                continue
+            try:
                 out.append(Pointer.from_json(got[0], self.uri(obj["Key"])))
+            except StoreError as e:
+                import sys
+
+                print(f"warning: skipped a damaged history entry: {e}", file=sys.stderr, flush=True)
         return out
 
     # --- fleet lock -------------------------------------------------------------------

@@ -284,7 +284,7 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
     if previous is None:
         warn("--rollback-on-failure: there is no previous published bundle to go back to")
         return
-    _, etag = store.read_pointer()
+    _, etag = store.read_pointer(replacing=True)
     store.write_pointer(previous, etag)
     say(f"published pointer moved back to {short(previous.commit)} ({previous.ref})")
     names = {f.host for f in failed}

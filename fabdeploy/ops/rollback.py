@@ -51,9 +51,10 @@ def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, d
         start = time.monotonic()
         results = rollback(cfg, targets, release=release, parallel=parallel)
         ok = all(r.ok for r in results)
+        # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
+        print_results(f"rollback in {time.monotonic() - start:.1f}s", results)
         if targets.whole_fleet and ok:
             _pointer_back(cfg, store, {r.data.get("commit") for r in results})
-    print_results(f"rollback in {time.monotonic() - start:.1f}s", results)
     commits = {r.data.get("commit") for r in results}
     if ok and len(commits) == 1:
         drift_note(cfg, targets, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits))))
@@ -64,7 +65,7 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
     """Point the published bundle at what the fleet now runs, taken from the history."""
     import dataclasses
 
-    current, etag = store.read_pointer()
+    current, etag = store.read_pointer(replacing=True)  # a damaged pointer is replaced, not fatal
     if len(commits) != 1:
         warn("hosts rolled back to different commits; the published pointer was left alone")
         return
