@@ -11,6 +11,18 @@ sshd_ready (time.time() floats), for tests and benchmarks. Logs: DIR/hosts/webK/
 
 `up` on a dir whose sandbox is still running raises SandboxError (run `down` first); stale state
 from a dead sandbox is cleaned up silently. All processes are tracked by pid in the state dir.
+
+Latency (`up(rtt=0.1)`, `fab sandbox.up --rtt 100ms`): there is no netem here, so one userspace
+proxy process (sandbox_files/latency_proxy.py) stands between the deploying machine and the
+fleet, adding rtt/2 each way to every chunk (and one rtt per new connection, for the TCP
+handshake). Each host K gets a controller-facing address, latency_ip(): 127.(A^128).B.K for
+a host on 127.A.B.K, forwarding ports 22 and 8080; ssh_config's HostName and known_hosts name
+it, so fab, ssh and Capistrano all go through it, and so does the health check ({host} is the
+HostName). S3 gets a name, s3_name() (s3-A-B.sandbox.internal), in the endpoint URL: on the
+deploying machine it resolves (a marked line in /etc/hosts, added by up, removed by down) to
+the proxy on the same port as moto, at 127.(A^128).B.255; on the hosts (private /etc) to moto
+at 127.0.0.1 directly. Presigned URLs sign the host:port string, and both sides use the same
+one, so nodes download at local speed, as in one region. rtt=0 (the default) means no proxy.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fabdeploy.basics.errors import DeployError
 
@@ -58,7 +71,15 @@ GENERATED = (
     "env",
     STATE_FILE,
     S3_STATE_FILE,
+    "proxy.json",
+    "proxy.ready",
 )
+PROXY_CONFIG = "proxy.json"
+# The ports a host's latency address forwards: sshd and the sample app.
+PROXIED_PORTS = (22, 8080)
+ETC_HOSTS = Path("/etc/hosts")
+ETC_HOSTS_LOCK = Path("/tmp/fabdeploy-sandbox-etc-hosts.lock")
+ETC_HOSTS_MARK = "# fabdeploy sandbox"
 
 # Children started by this process: kept so they can be reaped (not left as zombies) by down().
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -80,6 +101,9 @@ class Sandbox:
     known_hosts: Path
     key: Path
     env: dict[str, str]
+    rtt: float = 0.0
+    # S3 as the hosts reach it (no latency); s3_endpoint is what the deploying machine uses.
+    s3_direct: str = ""
 
 
 def host_dir(dir: Path, name: str) -> Path:
@@ -194,6 +218,10 @@ def _free_port() -> int:
 # --- S3 -------------------------------------------------------------------------------------
 
 
+def _proxy_marker(dir: Path) -> str:
+    return str(dir / PROXY_CONFIG)
+
+
 def _moto_marker(port: int) -> str:
     return f"moto.server -H 127.0.0.1 -p {port}"
 
@@ -206,7 +234,10 @@ def _spawn_s3(dir: Path, port: int) -> tuple[int, int]:
             f"port 127.0.0.1:{port} is already in use; pick another s3_port (0 = any free port)"
         )
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    pid = _spawn(cmd, dir / "log" / "s3.log")
+    # The endpoint may be a name (s3_name(), with --rtt): moto would take its first label for a
+    # bucket (virtual-hosted style). Every client here uses path-style URLs.
+    env = {**os.environ, "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"}
+    pid = _spawn(cmd, dir / "log" / "s3.log", env=env)
     state = {"pid": pid, "port": port, "endpoint": f"http://127.0.0.1:{port}"}
     (dir / S3_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return pid, port
@@ -248,6 +279,153 @@ def start_s3(dir: Path, port: int, bucket: str = BUCKET) -> str:
         raise
 
 
+# --- latency --------------------------------------------------------------------------------
+
+
+def parse_rtt(text: str | float | int | None) -> float:
+    """'100ms', '0.1s' or '100' (milliseconds) -> seconds."""
+    if text is None or text == "":
+        return 0.0
+    if isinstance(text, (int, float)):
+        value, scale = float(text), 0.001
+    else:
+        t = str(text).strip().lower()
+        scale = 0.001
+        if t.endswith("ms"):
+            t = t[:-2]
+        elif t.endswith("s"):
+            t, scale = t[:-1], 1.0
+        try:
+            value = float(t)
+        except ValueError:
+            raise SandboxError(f"rtt {text!r} is not a duration; use e.g. 100ms, 0.1s or 100 (ms)") from None
+    seconds = value * scale
+    if not 0 <= seconds <= 10:
+        raise SandboxError(f"rtt {text!r} must be between 0 and 10s")
+    return seconds
+
+
+def latency_ip(ip: str) -> str:
+    """The deploying machine's address for a host on ip: 127.A.B.K -> 127.(A^128).B.K."""
+    parts = ip.split(".")
+    return ".".join([parts[0], str(int(parts[1]) ^ 128), *parts[2:]])
+
+
+def s3_name(subnet: str) -> str:
+    """The S3 endpoint's host name for a sandbox on 127.A.B (one per subnet, so sandboxes can coexist)."""
+    _, a, b = subnet.split(".")
+    return f"s3-{a}-{b}.sandbox.internal"
+
+
+def _s3_proxy_ip(subnet: str) -> str:
+    return latency_ip(f"{subnet}.255")  # never a host: hosts are .1-.254
+
+
+def _etc_hosts_lines(text: str, drop: str, dir: Path | None = None) -> list[str]:
+    """text's lines without our marked line for name `drop` (only dir's, when given)."""
+    keep = []
+    for line in text.splitlines(True):
+        ours = ETC_HOSTS_MARK in line and drop in line.split("#", 1)[0].split()
+        if ours and (dir is None or line.rstrip("\n").endswith(f"{ETC_HOSTS_MARK} {dir}")):
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
+
+
+def _set_etc_hosts(name: str, ip: str | None, dir: Path, path: Path = ETC_HOSTS) -> None:
+    """Add (ip) or remove (None) this sandbox's line for `name` in the machine's /etc/hosts.
+
+    Under a lock shared by every sandbox on the machine; replaced atomically where the file
+    can be renamed over, else rewritten in place (a container's bind-mounted /etc/hosts).
+    """
+    import fcntl
+
+    with open(ETC_HOSTS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text()
+        # Up replaces any stale line for the name; down removes only its own dir's line.
+        lines = _etc_hosts_lines(text, name, None if ip else dir)
+        if ip:
+            lines.append(f"{ip} {name}  {ETC_HOSTS_MARK} {dir}\n")
+        new = "".join(lines)
+        if new == text:
+            return
+        tmp = path.with_name(f".{path.name}.fabdeploy-{os.getpid()}")
+        try:
+            tmp.write_text(new)
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with open(path, "r+") as f:
+                f.write(new)
+                f.truncate()
+
+
+def _host_etc_hosts(name: str) -> str:
+    """A host's own /etc/hosts: the machine's, with the S3 name pointing at moto directly."""
+    text = "".join(_etc_hosts_lines(ETC_HOSTS.read_text(), name))
+    return text + f"127.0.0.1 {name}  # S3 in the same region: no latency\n"
+
+
+def _proxy_routes(hosts: dict[str, str], subnet: str, s3_port: int) -> list[list[Any]]:
+    routes: list[list[Any]] = [
+        [latency_ip(ip), port, ip, port] for ip in hosts.values() for port in PROXIED_PORTS
+    ]
+    routes.append([_s3_proxy_ip(subnet), s3_port, "127.0.0.1", s3_port])
+    return routes
+
+
+def _spawn_proxy(dir: Path, rtt: float, routes: list[list[Any]], handshake: bool = True) -> int:
+    ready = dir / "proxy.ready"
+    ready.unlink(missing_ok=True)
+    config = {"rtt": rtt, "handshake": handshake, "routes": routes, "ready_file": str(ready)}
+    (dir / PROXY_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    cmd = [sys.executable, str(FILES / "latency_proxy.py"), _proxy_marker(dir)]
+    return _spawn(cmd, dir / "log" / "proxy.log")
+
+
+def _wait_proxy(dir: Path, pid: int, deadline: float) -> None:
+    ready = dir / "proxy.ready"
+    while not ready.exists():
+        if not _alive(pid):
+            raise SandboxError(f"the latency proxy exited on start; see {dir / 'log' / 'proxy.log'}")
+        if time.monotonic() > deadline:
+            raise SandboxError(f"the latency proxy did not start in time; see {dir / 'log' / 'proxy.log'}")
+        time.sleep(POLL)
+
+
+def _stop_proxy(dir: Path, proxy: dict[str, Any]) -> list[int]:
+    if proxy.get("pid") and _ours(proxy["pid"], _proxy_marker(dir)):
+        os.kill(proxy["pid"], signal.SIGTERM)
+        return [proxy["pid"]]
+    return []
+
+
+def set_rtt(dir: Path, rtt: float, handshake: bool = True) -> Sandbox:
+    """Restart a running sandbox's latency proxy with another rtt (0 keeps the proxy, delay-free).
+
+    Only for a sandbox brought up with rtt > 0: the addresses stay the same, so deploy.yml,
+    ssh_config and known_hosts stay valid. Connections open through the old proxy are cut.
+    """
+    dir = Path(dir).resolve()
+    sb = load(dir)
+    state = _read_json(dir / STATE_FILE) or {}
+    proxy = state.get("proxy")
+    if not proxy:
+        raise SandboxError(f"sandbox in {dir} has no latency proxy; bring it up with --rtt to change the rtt")
+    left = _wait_gone(_stop_proxy(dir, proxy), STOP_TIMEOUT)
+    if left:
+        raise SandboxError(f"the latency proxy (pid {left[0]}) did not stop; check `ps -p {left[0]}`")
+    proxy["pid"] = _spawn_proxy(dir, rtt, proxy["routes"], handshake)
+    proxy["rtt"] = rtt
+    proxy["handshake"] = handshake
+    (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    _wait_proxy(dir, proxy["pid"], time.monotonic() + READY_TIMEOUT)
+    sb.rtt = rtt
+    return sb
+
+
 # --- state ----------------------------------------------------------------------------------
 
 
@@ -270,6 +448,9 @@ def _running(dir: Path) -> list[str]:
     s3 = _read_json(dir / S3_STATE_FILE)
     if s3 and _ours(s3["pid"], _moto_marker(s3["port"])):
         names.append("s3")
+    proxy = state.get("proxy") or {}
+    if proxy.get("pid") and _ours(proxy["pid"], _proxy_marker(dir)):
+        names.append("latency proxy")
     return names
 
 
@@ -292,10 +473,18 @@ def load(dir: Path) -> Sandbox:
             f"sandbox in {dir} is not running ({', '.join(dead)} gone); "
             "run `fab sandbox.down` then `fab sandbox.up`"
         )
-    return _sandbox(dir, state["hosts"], state["s3"]["endpoint"], state["bucket"])
+    proxy = state.get("proxy")
+    if proxy and not _ours(proxy["pid"], _proxy_marker(dir)):
+        raise SandboxError(
+            f"sandbox in {dir} is not running (its latency proxy is gone; see {dir / 'log' / 'proxy.log'}); "
+            "run `fab sandbox.down` then `fab sandbox.up`"
+        )
+    return _sandbox(dir, state["hosts"], state["s3"]["endpoint"], state["bucket"],
+                    rtt=proxy["rtt"] if proxy else 0.0, s3_direct=state["s3"].get("direct", ""))
 
 
-def _sandbox(dir: Path, hosts: dict[str, str], endpoint: str, bucket: str) -> Sandbox:
+def _sandbox(dir: Path, hosts: dict[str, str], endpoint: str, bucket: str, rtt: float = 0.0,
+             s3_direct: str = "") -> Sandbox:
     return Sandbox(
         dir=dir,
         hosts=dict(hosts),
@@ -307,6 +496,8 @@ def _sandbox(dir: Path, hosts: dict[str, str], endpoint: str, bucket: str) -> Sa
         known_hosts=dir / "known_hosts",
         key=dir / "id_ed25519",
         env=dict(AWS_ENV),
+        rtt=rtt,
+        s3_direct=s3_direct or endpoint,
     )
 
 
@@ -407,7 +598,7 @@ node_env:
 """
 
 
-def _prepare_host(dir: Path, name: str, ip: str, app: str) -> str:
+def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None = None) -> str:
     """Lay out webK's state dir before its first boot; returns its known_hosts key."""
     hdir = host_dir(dir, name)
     for sub in ("etc/upper", "etc/work", "usr_local/upper", "usr_local/work", "log"):
@@ -421,6 +612,8 @@ def _prepare_host(dir: Path, name: str, ip: str, app: str) -> str:
     # Opaque: the host starts with no units, not with the real machine's (ssh, postgresql, ...).
     os.setxattr(units, "trusted.overlay.opaque", b"y")
     (units / f"{app}.service").write_text(APP_UNIT.format(app=app, ip=ip))
+    if etc_hosts is not None:
+        (hdir / "etc/upper/hosts").write_text(etc_hosts)
     (units / "multi-user.target.wants" / f"{app}.service").symlink_to(
         f"/etc/systemd/system/{app}.service"
     )
@@ -434,7 +627,7 @@ def _prepare_host(dir: Path, name: str, ip: str, app: str) -> str:
     for sub in ("config", "log", "tmp/pids"):
         (shared / sub).mkdir(parents=True)
     (shared / "config/database.yml").write_text(DATABASE_YML.format(name=name, app=app))
-    return f"{name},{ip} {host_key}"
+    return f"{name},{ip}{',' + latency_ip(ip) if etc_hosts is not None else ''} {host_key}"
 
 
 def _make_app_repo(dir: Path) -> None:
@@ -452,11 +645,11 @@ def _make_app_repo(dir: Path) -> None:
         _run(["git", *args], cwd=repo, env=env)
 
 
-def _write_client_files(dir: Path, hosts: dict[str, str], known: list[str]) -> None:
+def _write_client_files(dir: Path, hosts: dict[str, str], known: list[str], via_proxy: bool = False) -> None:
     (dir / "known_hosts").write_text("".join(line + "\n" for line in known))
     blocks = [
         f"Host {name}\n"
-        f"    HostName {ip}\n"
+        f"    HostName {latency_ip(ip) if via_proxy else ip}\n"
         "    User root\n"
         f"    IdentityFile {dir / 'id_ed25519'}\n"
         "    IdentitiesOnly yes\n"
@@ -522,15 +715,27 @@ def up(
     s3_port: int = 9555,
     reboot_delay: float = 1.0,
     app: str = "shop",
+    rtt: float = 0.0,
+    handshake: bool = True,
 ) -> Sandbox:
-    """Start the fleet and S3; returns once every sshd shows its banner and S3 has the bucket."""
+    """Start the fleet and S3; returns once every sshd shows its banner and S3 has the bucket.
+
+    rtt > 0 puts the latency proxy between the deploying machine and the fleet and its S3
+    (see the module doc); handshake=False leaves out the round trip it charges per connection.
+    """
     started = time.monotonic()
     dir = Path(dir).resolve()
     _check_prerequisites(dir, hosts, subnet, app)
     dir.mkdir(parents=True, exist_ok=True)
     _refuse_if_running(dir)
     addrs = {f"web{k}": f"{subnet}.{k}" for k in range(1, hosts + 1)}
-    busy = [f"{ip}:22" for ip in addrs.values() if _listening(ip, 22)]
+    if not 0 <= rtt <= 10:
+        raise SandboxError(f"rtt must be between 0 and 10 seconds, not {rtt}")
+    via_proxy = rtt > 0
+    if via_proxy and s3_port in PROXIED_PORTS:
+        raise SandboxError(f"s3_port {s3_port} is a proxied host port; pick another (0 = any free port)")
+    listen = list(addrs.values()) + ([latency_ip(ip) for ip in addrs.values()] if via_proxy else [])
+    busy = [f"{ip}:22" for ip in listen if _listening(ip, 22)]
     if busy:
         raise SandboxError(
             f"{', '.join(busy)} already in use (another sandbox?); `fab sandbox.down` it or pick another subnet"
@@ -544,23 +749,33 @@ def up(
 
     client_key = _keygen(dir / "id_ed25519", "fabdeploy-sandbox")
     (dir / "authorized_keys").write_text(client_key + "\n")
-    known = [_prepare_host(dir, name, ip, app) for name, ip in addrs.items()]
+    s3host = s3_name(subnet)
+    host_hosts = _host_etc_hosts(s3host) if via_proxy else None
+    known = [_prepare_host(dir, n, ip, app, host_hosts) for n, ip in addrs.items()]
 
     s3_pid, port = _spawn_s3(dir, s3_port)
-    endpoint = f"http://127.0.0.1:{port}"
+    direct = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{s3host}:{port}" if via_proxy else direct
     host_env = {"PATH": HOST_PATH, "LANG": "C.UTF-8"}
     pids: dict[str, int] = {}
     state = {
         "dir": str(dir),
         "hosts": addrs,
         "pids": pids,
-        "s3": {"pid": s3_pid, "port": port, "endpoint": endpoint},
+        "s3": {"pid": s3_pid, "port": port, "endpoint": endpoint, "direct": direct},
         "bucket": BUCKET,
         "app": app,
         "subnet": subnet,
         "reboot_delay": reboot_delay,
     }
     try:
+        if via_proxy:
+            routes = _proxy_routes(addrs, subnet, port)
+            state["proxy"] = {"pid": None, "rtt": rtt, "handshake": handshake, "routes": routes,
+                              "s3_name": s3host, "s3_ip": _s3_proxy_ip(subnet)}
+            state["proxy"]["pid"] = _spawn_proxy(dir, rtt, routes, handshake)
+            (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            _set_etc_hosts(s3host, _s3_proxy_ip(subnet), dir)
         for name, ip in addrs.items():
             hdir = host_dir(dir, name)
             cmd = [
@@ -587,7 +802,7 @@ def up(
 
         # Overlaps with the hosts' and moto's start-up.
         _make_app_repo(dir)
-        _write_client_files(dir, addrs, known)
+        _write_client_files(dir, addrs, known, via_proxy)
         _write_deploy_files(dir, addrs, endpoint, app)
 
         deadline = time.monotonic() + READY_TIMEOUT
@@ -606,6 +821,8 @@ def up(
             if pending:
                 time.sleep(POLL)
         _wait_s3(dir, s3_pid, port, BUCKET, deadline)
+        if via_proxy:
+            _wait_proxy(dir, state["proxy"]["pid"], deadline)
     except BaseException:
         # Whatever was started is recorded, so down() can stop it.
         (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -613,7 +830,7 @@ def up(
         raise
     state["up_seconds"] = round(time.monotonic() - started, 3)
     (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    return _sandbox(dir, addrs, endpoint, BUCKET)
+    return _sandbox(dir, addrs, endpoint, BUCKET, rtt=rtt, s3_direct=direct)
 
 
 def down(dir: Path) -> list[str]:
@@ -639,6 +856,13 @@ def down(dir: Path) -> list[str]:
             os.kill(s3["pid"], signal.SIGTERM)
             kills.append(s3["pid"])
             stopped.append(f"s3 (pid {s3['pid']})")
+    proxy = state.get("proxy")
+    if proxy:
+        ports += [(r[0], r[1]) for r in proxy["routes"]]
+        pids = _stop_proxy(dir, proxy)
+        kills += pids
+        stopped += [f"latency proxy (pid {p})" for p in pids]
+        _set_etc_hosts(proxy["s3_name"], None, dir)
     left = _wait_gone(kills, STOP_TIMEOUT)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
@@ -654,4 +878,5 @@ def down(dir: Path) -> list[str]:
         time.sleep(POLL)
     (dir / STATE_FILE).unlink(missing_ok=True)
     (dir / S3_STATE_FILE).unlink(missing_ok=True)
+    (dir / "proxy.ready").unlink(missing_ok=True)
     return stopped

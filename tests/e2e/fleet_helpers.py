@@ -176,7 +176,7 @@ class Fleet:
     def pointer(self) -> dict[str, Any] | None:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.sb.s3_endpoint, region_name="us-east-1",
+        s3 = boto3.client("s3", endpoint_url=self.sb.s3_direct, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         try:
             body = s3.get_object(Bucket=self.sb.bucket, Key="shop/published.json")["Body"].read()
@@ -185,8 +185,8 @@ class Fleet:
         return json.loads(body)
 
 
-def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3) -> Fleet:
-    sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay)
+def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3, rtt: float = 0.0) -> Fleet:
+    sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay, rtt=rtt)
     home = tmp_root / "home"
     home.mkdir(exist_ok=True)
     return Fleet(sb, home)
