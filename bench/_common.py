@@ -44,13 +44,17 @@ def free_subnet(preferred: str | None = None) -> str:
 
 
 @contextmanager
-def fleet(root: Path, hosts: int, subnet: str, reboot_delay: float = 1.0):
-    """sandbox.up in root/sb, yielded as a Fleet; always sandbox.down at the end."""
+def fleet(root: Path, hosts: int, subnet: str, reboot_delay: float = 1.0, rtt: float = 0.0,
+          handshake: bool = True):
+    """sandbox.up in root/sb, yielded as a Fleet; always sandbox.down at the end.
+
+    rtt > 0: through the sandbox's latency proxy (sandbox.set_rtt changes it later)."""
     root.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     sb = None
     try:
-        sb = sandbox.up(root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay)
+        sb = sandbox.up(root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay,
+                        rtt=rtt, handshake=handshake)
         home = root / "home"
         home.mkdir(exist_ok=True)
         f = Fleet(sb, home)
