@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import sys
 import time
 
@@ -46,6 +47,17 @@ OUTPUT_TAIL_LINES = 20
 BLOCK = 4096
 SPACE_SLACK = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
+# Symlink validation may take this many path steps per member in total (memoized, a sane
+# bundle needs a few per link); beyond that the bundle is refused, not validated for hours.
+MAX_RESOLVE_STEPS_PER_MEMBER = 64
+# tarfile reads pax / GNU long-name headers whole into memory: refuse bigger ones unread.
+# git archive writes one small global header (the commit id) and short per-file ones.
+MAX_EXT_HEADER = 64 * 1024
+MAX_EXT_CHAIN = 8
+MAX_GLOBAL_HEADERS = 4096
+# Use tarfile's data filter where it exists; every check is ours anyway (Debian 12's 3.11.2
+# has no filter), and tests turn this off to exercise that path on newer Pythons.
+USE_DATA_FILTER = True
 
 
 class NodeError(Exception):
@@ -168,13 +180,50 @@ def redact_url(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symlink at `path`: files at fixed names under deploy_to must
+    not lead root elsewhere (e.g. .fabdeploy/lock -> /etc/shadow)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NodeError(
+                f"{path} on {hostname()} is a symlink: refusing to follow it; remove it "
+                "(nobody but the deploy user should be able to write there)"
+            ) from None
+        raise
+
+
 def atomic_write(path: str, data: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # a leftover of a dead run with our pid; never followed
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def check_not_writable_by_others(path: str, follow: bool) -> None:
+    """Refuse a deploy_to (or its .fabdeploy) that users other than its owner can write:
+    they could plant symlinks at the names we open as root."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise NodeError(
+            f"{path} on {hostname()} is not a directory"
+            + (" (it is a symlink)" if stat.S_ISLNK(st.st_mode) else "")
+            + ": move it aside and run the command again"
+        )
+    if st.st_mode & 0o022:
+        raise NodeError(
+            f"{path} on {hostname()} is writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): run `chmod go-w {path}` and retry"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +327,7 @@ class Layout:
 
     def ensure(self) -> None:
         for path in (self.deploy_to, self.releases, self.shared, self.state):
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, 0o755, exist_ok=True)  # never group/other-writable, whatever umask
 
     def release_path(self, name: str) -> str:
         return os.path.join(self.releases, name)
@@ -383,8 +432,10 @@ class HostLock:
         self.fd: int | None = None
 
     def __enter__(self) -> HostLock:
-        os.makedirs(self.layout.state, exist_ok=True)
-        fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        check_not_writable_by_others(self.layout.deploy_to, follow=True)
+        os.makedirs(self.layout.state, 0o755, exist_ok=True)
+        check_not_writable_by_others(self.layout.state, follow=False)
+        fd = open_nofollow(self.layout.lock, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + self.timeout
         announced = False
         while True:
@@ -447,12 +498,15 @@ def read_status(layout: Layout) -> dict[str, Any]:
 def record_status(layout: Layout, key: str, entry: dict[str, Any]) -> None:
     """Best effort: a status write must never turn a good deploy into a failed one."""
     try:
-        os.makedirs(layout.state, exist_ok=True)
+        os.makedirs(layout.state, 0o755, exist_ok=True)
+        check_not_writable_by_others(layout.state, follow=False)
         data = read_status(layout)
         data[key] = {**entry, "at": iso_now(), "boot_id": boot_id()}
         atomic_write(layout.status, json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         log(f"warning: cannot write {layout.status}: {exc}")
+    except NodeError as exc:
+        log(f"warning: cannot write {layout.status}: {exc.message}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,13 +514,16 @@ def record_status(layout: Layout, key: str, entry: dict[str, Any]) -> None:
 
 
 class Source:
-    """Where a bundle comes from: kind is 'url', 's3' or 'file'."""
+    """Where a bundle comes from: kind is 'url', 's3' or 'file'. `size`, when known (the
+    pointer and the controller give it), bounds a download: a wrong object must not fill
+    the disk before its sha256 is checked."""
 
-    def __init__(self, kind: str, value: str) -> None:
+    def __init__(self, kind: str, value: str, size: int | None = None) -> None:
         if kind not in ("url", "s3", "file"):
             raise ValueError(kind)
         self.kind = kind
         self.value = value
+        self.size = size
 
     def describe(self, cfg: Config) -> str:
         if self.kind == "url":
@@ -541,16 +598,17 @@ def fetch_bundle(cfg: Config, layout: Layout, source: Source, expected: str) -> 
 
     import tempfile
 
-    os.makedirs(layout.state, exist_ok=True)
+    os.makedirs(layout.state, 0o755, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
         prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", suffix=".tar.gz", dir=layout.state
     )
     try:
         with os.fdopen(fd, "wb") as out:
+            sink = _Sink(out, digest, source.size, desc)
             if source.kind == "url":
-                _download_url(source.value, out, digest, cfg.download_timeout)
+                _download_url(source.value, sink, cfg.download_timeout)
             else:
-                _download_s3(cfg, source.value, out, digest)
+                _download_s3(cfg, source.value, sink)
         _verify(digest.hexdigest(), expected, desc, tmp)
     except BaseException:
         if os.path.lexists(tmp):
@@ -559,16 +617,57 @@ def fetch_bundle(cfg: Config, layout: Layout, source: Source, expected: str) -> 
     return tmp, True
 
 
-def _download_url(url: str, out: Any, digest: Any, timeout: float) -> None:
+class _Sink:
+    """Where downloaded bytes go: hashed and written, never more than `size` of them."""
+
+    def __init__(self, out: Any, digest: Any, size: int | None, desc: str) -> None:
+        self.out = out
+        self.digest = digest
+        self.size = size
+        self.desc = desc
+        self.count = 0
+
+    def announced(self, length: Any) -> None:
+        """Refuse up front when the server says it will send more than `size`."""
+        try:
+            length = int(length) if length is not None else None
+        except ValueError:
+            return
+        if length is not None and self.size is not None and length > self.size:
+            raise self._too_big(length)
+
+    def copy(self, stream: Any) -> None:
+        while True:
+            # Read at most one byte past the limit: enough to know it was exceeded.
+            want = CHUNK if self.size is None else min(CHUNK, self.size - self.count + 1)
+            chunk = stream.read(want)
+            if not chunk:
+                return
+            self.count += len(chunk)
+            if self.size is not None and self.count > self.size:
+                raise self._too_big(None)
+            self.digest.update(chunk)
+            self.out.write(chunk)
+
+    def _too_big(self, length: int | None) -> NodeError:
+        got = f"{length} bytes announced" if length is not None else "more bytes than that"
+        return VerificationError(
+            f"bundle {self.desc} on {hostname()} should be {self.size} bytes, but the store "
+            f"sent {got}; download stopped, nothing was extracted: re-publish the bundle "
+            "or check the store"
+        )
+
+
+def _download_url(url: str, sink: _Sink, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
     shown = redact_url(url)
+    out = sink.out
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+            sink.announced(resp.headers.get("Content-Length"))
+            sink.copy(resp)
     except urllib.error.HTTPError as exc:
         hint = {
             400: ": the presigned URL may have expired, deploy again",
@@ -586,14 +685,16 @@ def _download_url(url: str, out: Any, digest: Any, timeout: float) -> None:
         ) from None
 
 
-def _download_s3(cfg: Config, key: str, out: Any, digest: Any) -> None:
+def _download_s3(cfg: Config, key: str, sink: _Sink) -> None:
     what = f"bundle s3://{cfg.s3.bucket}/{key}"
+    out = sink.out
     client = s3_client(cfg)
     try:
-        body = client.get_object(Bucket=cfg.s3.bucket, Key=key)["Body"]
-        while chunk := body.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
+        obj = client.get_object(Bucket=cfg.s3.bucket, Key=key)
+        sink.announced(obj.get("ContentLength"))
+        sink.copy(obj["Body"])
+    except NodeError:
+        raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _space_error(os.path.dirname(out.name), None) from None
@@ -635,6 +736,9 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
             raise NodeError(f"{where} lacks field {field!r}: re-publish")
     if not re.fullmatch(r"[0-9a-fA-F]{64}", pointer["sha256"]):
         raise NodeError(f"{where} has a malformed sha256: re-publish")
+    size = pointer.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise NodeError(f"{where} lacks a valid 'size' (bytes of the bundle): re-publish")
     return pointer
 
 
@@ -651,30 +755,61 @@ def _member_path(raw: str, what: str) -> str:
     return "/".join(parts)
 
 
-def _resolve(
-    base: list[str], target: str, symlinks: dict[str, str], depth: int
-) -> list[str] | None:
-    """Resolve `target` from dir `base` like the kernel would, using the archive's own
-    symlinks; None means it escapes the release (or loops, which we treat the same)."""
-    if target.startswith("/") or depth > 40:
-        return None
-    cur = list(base)
-    for comp in target.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if not cur:
-                return None
-            cur.pop()
-            continue
-        cur.append(comp)
-        link = symlinks.get("/".join(cur))
-        if link is not None:
-            resolved = _resolve(cur[:-1], link, symlinks, depth + 1)
-            if resolved is None:
-                return None
-            cur = resolved
-    return cur
+class _Resolver:
+    """Resolves paths like the kernel would, using the archive's own symlinks only.
+
+    Each symlink is resolved once (memo): without it, links like L2 -> L1/../L1 double the
+    work at every level, and ~40 of them would hold the host lock for days. The total
+    number of steps is capped as well, so no bundle can make validation slow."""
+
+    def __init__(self, symlinks: dict[str, str], max_steps: int) -> None:
+        self.symlinks = symlinks
+        self.memo: dict[str, list[str] | None] = {}
+        self.steps = 0
+        self.max_steps = max_steps
+        self.member = ""
+
+    def link(self, name: str) -> list[str] | None:
+        """Where the symlink member `name` leads; None if it escapes or loops."""
+        return self._link(name, 0)
+
+    def _link(self, name: str, depth: int) -> list[str] | None:
+        if name in self.memo:
+            return self.memo[name]
+        if depth > 40:
+            return None  # like ELOOP; also what a cycle ends in
+        parts = name.split("/")
+        resolved = self._walk(parts[:-1], self.symlinks[name], depth)
+        self.memo[name] = resolved
+        return resolved
+
+    def _walk(self, base: list[str], target: str, depth: int) -> list[str] | None:
+        if target.startswith("/"):
+            return None
+        cur = list(base)
+        for comp in target.split("/"):
+            self.steps += 1
+            if self.steps > self.max_steps:
+                raise UnsafeBundle(
+                    f"its symlinks take more than {self.max_steps} steps to resolve "
+                    f"(at symlink {self.member!r}): flatten the symlink chains"
+                )
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if not cur:
+                    return None
+                cur.pop()
+                continue
+            cur.append(comp)
+            key = "/".join(cur)
+            if key in self.symlinks:
+                resolved = self._link(key, depth + 1)
+                if resolved is None:
+                    return None
+                self.steps += len(resolved)  # the copy costs too
+                cur = list(resolved)
+        return cur
 
 
 def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
@@ -698,12 +833,14 @@ def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
         if previous is not None and not (previous == "dir" and m.isdir()):
             # tarfile would write through an existing symlink, so no overwriting at all.
             raise UnsafeBundle(f"member {m.name!r} appears twice in the bundle")
+        # git archive's default tar.umask (002) makes members group-writable: a release
+        # must not be writable by anyone but its owner, filter or no filter.
         if m.isdir():
             kind = "dir"
-            m.mode = (m.mode & 0o777) | 0o700  # we must be able to link shared dirs inside
+            m.mode = (m.mode & 0o755) | 0o700  # we must be able to link shared dirs inside
         elif m.isreg():
             kind = "file"
-            m.mode &= 0o777  # drop setuid/setgid/sticky
+            m.mode &= 0o755  # drop setuid/setgid/sticky and group/other write
         elif m.issym():
             kind = "symlink"
             if m.linkname.startswith("/"):
@@ -718,7 +855,7 @@ def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
                     "regular file of the bundle"
                 )
             m.linkname = target
-            m.mode &= 0o777
+            m.mode &= 0o755
         else:
             raise UnsafeBundle(
                 f"member {m.name!r} is a special file (device, fifo or unknown type "
@@ -731,8 +868,10 @@ def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
         for i in range(1, len(parts)):  # implicit parents must not become symlinks later
             kinds.setdefault("/".join(parts[:i]), "dir")
         accepted.append(m)
+    resolver = _Resolver(symlinks, max_steps=MAX_RESOLVE_STEPS_PER_MEMBER * max(1, len(accepted)))
     for name, target in symlinks.items():
-        if _resolve(name.split("/")[:-1], target, symlinks, 0) is None:
+        resolver.member = name
+        if resolver.link(name) is None:
             raise UnsafeBundle(f"symlink {name!r} -> {target!r} resolves outside the release")
     return accepted
 
@@ -762,7 +901,52 @@ def _space_error(path: str, needed: int | None) -> NodeError:
 def _safe_tarfile_class() -> type[tarfile.TarFile]:
     import tarfile
 
+    class SafeTarInfo(tarfile.TarInfo):
+        """Refuses oversized metadata before tarfile reads it: tarfile reads a pax or GNU
+        long-name header's whole payload into memory, whatever size the header claims.
+        _proc_member is tarfile's documented extension point for subclasses (3.8 to 3.13)."""
+
+        def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+            ext = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                   tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+            if self.type in ext:
+                what = {tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+                        tarfile.GNUTYPE_LONGLINK: "GNU long-link"}.get(self.type, "pax")
+                if self.size > MAX_EXT_HEADER:
+                    raise UnsafeBundle(
+                        f"a {what} header at offset {self.offset} claims {self.size} bytes "
+                        f"(limit {MAX_EXT_HEADER})"
+                    )
+                # Each header stacks on the next (and tarfile recurses): bound the chain.
+                chain = getattr(tf, "_fabdeploy_chain", 0) + 1
+                if chain > MAX_EXT_CHAIN:
+                    raise UnsafeBundle(
+                        f"more than {MAX_EXT_CHAIN} extended headers in a row at offset "
+                        f"{self.offset}"
+                    )
+                tf._fabdeploy_chain = chain  # type: ignore[attr-defined]
+                if self.type == tarfile.XGLTYPE:
+                    # Global headers accumulate and are copied into every later member.
+                    total = getattr(tf, "_fabdeploy_global", 0) + self.size
+                    if total > MAX_GLOBAL_HEADERS:
+                        raise UnsafeBundle(
+                            f"its pax global headers exceed {MAX_GLOBAL_HEADERS} bytes"
+                        )
+                    tf._fabdeploy_global = total  # type: ignore[attr-defined]
+            elif self.type == tarfile.GNUTYPE_SPARSE:
+                raise UnsafeBundle(f"member {self.name!r} is a GNU sparse file")
+            else:
+                tf._fabdeploy_chain = 0  # type: ignore[attr-defined]
+            return super()._proc_member(tf)  # type: ignore[misc]
+
+        def _proc_gnusparse_00(self, *args: Any) -> None:
+            raise UnsafeBundle("it has a pax sparse file")
+
+        _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
     class SafeTarFile(tarfile.TarFile):
+        tarinfo = SafeTarInfo
+
         def chown(self, tarinfo: tarfile.TarInfo, targetpath: str, numeric_owner: bool) -> None:
             # Files belong to whoever runs the deploy; bundle owners mean nothing here.
             return None
@@ -783,6 +967,7 @@ def extract_bundle(bundle: str, dest: str, max_files: int) -> int:
         with _safe_tarfile_class().open(bundle, "r:*") as tf:
             members: list[tarfile.TarInfo] = []
             while (member := tf.next()) is not None:
+                member.pax_headers = {}  # applied already; kept per member they add up
                 members.append(member)
                 if len(members) > max_files:
                     raise UnsafeBundle(
@@ -800,8 +985,14 @@ def extract_bundle(bundle: str, dest: str, max_files: int) -> int:
                 raise _space_error(parent, needed)
             os.mkdir(dest, 0o755)
             created = True
-            extra: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tf.extractall(dest, members=members, numeric_owner=True, **extra)
+            extra: dict[str, Any] = {}
+            if hasattr(tarfile, "data_filter"):  # 3.12+ and some backports, not 3.11.2
+                extra["filter"] = "data" if USE_DATA_FILTER else "fully_trusted"
+            old_umask = os.umask(0o022)  # parents tarfile creates on its own
+            try:
+                tf.extractall(dest, members=members, numeric_owner=True, **extra)
+            finally:
+                os.umask(old_umask)
             return len(members)
     except UnsafeBundle as exc:
         _discard(dest, created)
@@ -866,13 +1057,30 @@ def write_revision(release: str, commit: str, committed_at: int | None) -> None:
         path = os.path.join(release, name)
         if os.path.lexists(path):
             remove_path(path)
-        with open(path, "w", encoding="utf-8") as fh:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # 0644 whatever umask
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(value + "\n")
 
 
 def _inside(release: str, path: str) -> bool:
     real_release = os.path.realpath(release)
     return os.path.commonpath([real_release, os.path.realpath(path)]) == real_release
+
+
+def _makedirs_inside(release: str, rel_dir: str, what: str) -> None:
+    """mkdir -p release/rel_dir one level at a time, checking each level BEFORE creating
+    anything: a symlink in the release leading outside must not get directories made
+    through it."""
+    cur = release
+    for comp in [p for p in rel_dir.split("/") if p]:
+        cur = os.path.join(cur, comp)
+        if not _inside(release, cur):
+            raise NodeError(
+                f"linked path {what!r} would leave release {release} via symlink {cur} on "
+                f"{hostname()}: fix that symlink in the bundle or linked_files/linked_dirs"
+            )
+        if not os.path.lexists(cur):
+            os.mkdir(cur, 0o755)
 
 
 def link_shared(cfg: Config, layout: Layout, release: str) -> None:
@@ -883,12 +1091,9 @@ def link_shared(cfg: Config, layout: Layout, release: str) -> None:
     for rel, is_dir in pairs:
         shared = os.path.join(layout.shared, rel)
         if is_dir:
-            os.makedirs(shared, exist_ok=True)
+            os.makedirs(shared, 0o755, exist_ok=True)
         target = os.path.join(release, rel)
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        if not _inside(release, parent):
-            raise NodeError(f"linked path {rel!r} would leave release {release} via a symlink")
+        _makedirs_inside(release, os.path.dirname(rel), rel)
         if os.path.lexists(target):
             remove_path(target)
         os.symlink(shared, target)
@@ -938,7 +1143,13 @@ def swap_current(layout: Layout, release: str) -> None:
 
 
 def append_revision_log(layout: Layout, line: str) -> None:
-    with open(layout.revisions_log, "a", encoding="utf-8") as fh:
+    # Called after the swap: a refused log file must not fail a deploy that happened.
+    try:
+        fd = open_nofollow(layout.revisions_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except NodeError as exc:
+        log(f"warning: not logging to revisions.log: {exc.message}")
+        return
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
 
 
@@ -973,14 +1184,19 @@ def remove_leftovers(layout: Layout) -> list[str]:
     return removed
 
 
-def prune(layout: Layout, keep: int) -> list[str]:
-    """Capistrano's deploy:cleanup: keep the newest `keep` names, never remove current."""
+def prune(layout: Layout, keep: int, previous: str | None = None) -> list[str]:
+    """Capistrano's deploy:cleanup: keep the newest `keep` names, and never remove current
+    nor `previous` (what current was before the last swap: the health check's revert needs
+    it, even with keep_releases: 1 or after a rollback to an old release)."""
     releases = list_releases(layout)
     cur = read_current(layout)
+    spared = {os.path.normpath(layout.release_path(n)) for n in (previous,) if n}
+    if cur is not None:
+        spared.add(cur.path)
     doomed = releases[:-keep] if len(releases) > keep else []
     pruned: list[str] = []
     for name in doomed:
-        if cur is not None and os.path.normpath(layout.release_path(name)) == cur.path:
+        if os.path.normpath(layout.release_path(name)) in spared:
             continue
         remove_path(layout.release_path(name))
         pruned.append(name)
@@ -1144,6 +1360,7 @@ def activate(
             "reason": None,
             "commit": commit,
             "release": result["release"],
+            "previous": (result.get("previous") or {}).get("release"),
         },
     )
     return result
@@ -1239,7 +1456,7 @@ def _activate(
                 raise
             finally:
                 _clear_restart_pending(layout)
-        pruned = prune(layout, cfg.keep_releases)
+        pruned = prune(layout, cfg.keep_releases, previous.release if previous else None)
         remove_leftovers(layout)
     return {
         "ok": True,
@@ -1403,7 +1620,10 @@ def cleanup(cfg: Config) -> dict[str, Any]:
         return {"ok": True, "pruned": [], "removed": []}
     with HostLock(layout, "cleanup", cfg.lock_timeout):
         removed = remove_leftovers(layout)
-        pruned = prune(layout, cfg.keep_releases)
+        # The release the last activation replaced: a health-check revert may still need it.
+        last = read_status(layout).get("last")
+        previous = last.get("previous") if isinstance(last, dict) else None
+        pruned = prune(layout, cfg.keep_releases, previous if isinstance(previous, str) else None)
     return {"ok": True, "pruned": pruned, "removed": removed}
 
 
@@ -1419,7 +1639,7 @@ def boot(
     pointer_source/source_for are injectable so tests need no S3."""
     layout = Layout(cfg.deploy_to)
     read_pointer = pointer_source or (lambda: read_pointer_s3(cfg))
-    bundle_source = source_for or (lambda p: Source("s3", p["key"]))
+    bundle_source = source_for or (lambda p: Source("s3", p["key"], p["size"]))
     try:
         current = read_current(layout)
     except NodeError as exc:
@@ -1549,8 +1769,11 @@ def _parser() -> Any:
     a.add_argument("--committed-at", type=int)
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--url")
+    # The presigned URL is a credential: from stdin it stays out of every `ps` listing.
+    src.add_argument("--url-stdin", action="store_true", help="read the URL from stdin")
     src.add_argument("--s3-key")
     src.add_argument("--file")
+    a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
     a.add_argument("--restart", action="store_true")
     a.add_argument("--force", action="store_true")
 
@@ -1615,11 +1838,14 @@ def _dispatch(args: Any) -> dict[str, Any]:
     cfg = load_config(config)
     if args.command == "activate":
         if args.s3_key:
-            source = Source("s3", args.s3_key)
-        elif args.url:
-            source = Source("url", args.url)
+            source = Source("s3", args.s3_key, args.size)
+        elif args.url or args.url_stdin:
+            url = args.url or sys.stdin.readline().strip()
+            if not url:
+                raise NodeError(f"--url-stdin: no URL on stdin on {hostname()}")
+            source = Source("url", url, args.size)
         else:
-            source = Source("file", args.file)
+            source = Source("file", args.file, args.size)
         return activate(
             cfg,
             sha256=args.sha256,

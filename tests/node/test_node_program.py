@@ -14,8 +14,12 @@ import hashlib
 import io
 import json
 import os
+import resource
+import signal
 import stat
+import sys
 import tarfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -321,10 +325,13 @@ HOSTILE: list[tuple[str, Any, str]] = [
 ]
 
 
+@pytest.mark.parametrize("data_filter", [True, False], ids=["filter", "nofilter"])
 @pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_hostile_bundles_are_rejected_without_side_effects(
-    tmp_path: Path, case: tuple[str, Any, str]
+    tmp_path: Path, case: tuple[str, Any, str], data_filter: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Debian 12's Python 3.11.2 has no tarfile data filter: our own checks must suffice.
+    monkeypatch.setattr(node, "USE_DATA_FILTER", data_filter)
     _, entries, expected = case
     cfg = make_cfg(tmp_path)
     layout = node.Layout(cfg.deploy_to)
@@ -456,7 +463,7 @@ def test_validate_members_drops_owner_and_special_bits() -> None:
     ti.mode = 0o4777
     ti.uid, ti.uname = 1234, "mallory"
     (out,) = node.validate_members([ti])
-    assert out.name == "a/b" and out.mode == 0o777 and out.uid == 0 and out.uname == ""
+    assert out.name == "a/b" and out.mode == 0o755 and out.uid == 0 and out.uname == ""
 
 
 # ------------------------------------------------------------------------------------------
@@ -996,3 +1003,363 @@ def test_rollback_clears_its_restart_marker(tmp_path: Path) -> None:
     deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
     node.rollback(cfg, restart=True, user="bob")
     assert not (Path(node.Layout(cfg.deploy_to).state) / node.RESTART_MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# audit (issue 13 §2): bounded work and memory, no writes outside, no group-writable release
+
+
+class deadline:
+    """Fail (instead of hanging the suite) if the block takes more than `seconds`."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        raise AssertionError(f"took more than {self.seconds}s")
+
+    def __enter__(self) -> None:
+        self.old = signal.signal(signal.SIGALRM, self._fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def chained_links(n: int) -> list[Entry]:
+    # L_i -> L_{i-1}/../L_{i-1}: resolving naively doubles the work at every level.
+    entries: list[Entry] = [("L0", "dir", None)]
+    entries += [(f"L{i}", "symlink", f"L{i - 1}/../L{i - 1}") for i in range(1, n)]
+    return entries
+
+
+def test_symlink_chains_validate_in_linear_time(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    bundle = tmp_path / "chain.tar.gz"
+    sha = make_tar(bundle, chained_links(60))  # 2**60 steps without the memo
+    with deadline(20):
+        result = activate(cfg, bundle, sha, "c1")
+    assert os.path.islink(Path(layout.release_path(result["release"])) / "L59")
+
+
+def test_symlink_resolution_work_is_capped(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node, "MAX_RESOLVE_STEPS_PER_MEMBER", 1)
+    bundle = tmp_path / "chain.tar.gz"
+    sha = make_tar(bundle, chained_links(30))
+    with pytest.raises(node.NodeError, match=r"steps to resolve \(at symlink 'L\d+'\)") as err:
+        activate(cfg, bundle, sha, "c1")
+    assert "\n" not in err.value.message and "nothing was extracted" in err.value.message
+    assert os.listdir(layout.releases) == []
+
+
+def big_header_tar(path: Path, kind: str) -> str:
+    fmt = tarfile.GNU_FORMAT if kind == "longname" else tarfile.PAX_FORMAT
+    glob = {"comment": "x" * 8192} if kind == "global" else None
+    with tarfile.open(path, "w:gz", format=fmt, pax_headers=glob) as tf:
+        if kind == "pax":
+            ti = tarfile.TarInfo("f")
+            ti.pax_headers = {"comment": "x" * (4 << 20)}  # 4 MiB read into RAM by tarfile
+        elif kind == "global":
+            ti = tarfile.TarInfo("f")
+        else:
+            ti = tarfile.TarInfo("d/" * 60_000 + "f")  # a 120 KB GNU long name
+        tf.addfile(ti, io.BytesIO(b""))
+    return sha256(path)
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("pax", r"a pax header at offset \d+ claims \d+ bytes \(limit 65536\)"),
+    ("longname", r"a GNU long-name header at offset \d+ claims \d+ bytes"),
+    ("global", "pax global headers exceed 4096 bytes"),
+])
+def test_oversized_tar_metadata_is_refused_unread(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, kind: str, expected: str
+) -> None:
+    bundle = tmp_path / "big.tar.gz"
+    sha = big_header_tar(bundle, kind)
+    with pytest.raises(node.NodeError, match=expected) as err:
+        activate(cfg, bundle, sha, "c1")
+    assert "unsafe bundle" in err.value.message and "\n" not in err.value.message
+    assert os.listdir(layout.releases) == []
+
+
+def test_pax_header_memory_stays_small(tmp_path: Path) -> None:
+    """The 1.8 MB bundle of the audit (one pax header claiming ~420 MiB) in a child whose
+    address space is capped: refused with a clear line, no MemoryError."""
+    bundle = tmp_path / "bomb.tar.gz"
+    claimed = 420 << 20
+    with gzip.open(bundle, "wb", compresslevel=1) as gz:  # streamed: the test stays small too
+        header = tarfile.TarInfo("././@PaxHeader")
+        header.type, header.size = tarfile.XHDTYPE, claimed
+        gz.write(header.tobuf(tarfile.USTAR_FORMAT))
+        zeros = bytes(1 << 20)
+        for _ in range(claimed >> 20):
+            gz.write(zeros)
+        gz.write(tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT) + bytes(1024))
+    assert bundle.stat().st_size < 4 << 20
+    code = (
+        "import resource, sys, importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('n', sys.argv[1])\n"
+        "n = importlib.util.module_from_spec(spec); spec.loader.exec_module(n)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))\n"
+        "try:\n"
+        "    n.extract_bundle(sys.argv[2], sys.argv[2] + '.d', 1000)\n"
+        "except n.NodeError as e:\n"
+        "    print(e.message)\n"
+    )
+    import subprocess
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    limit = 300 << 20 if soft == resource.RLIM_INFINITY else min(soft, 300 << 20)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code, node.__file__, str(bundle), str(limit)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "claims" in out.stdout and "MemoryError" not in out.stderr, out.stdout + out.stderr
+
+
+def test_git_archive_style_metadata_is_fine(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    bundle = tmp_path / "git.tar.gz"
+    long_name = "src/" + "deep/" * 60 + "main.py"  # > 100 chars: a per-file pax header
+    with tarfile.open(bundle, "w:gz", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "c" * 40}) as tf:
+        ti = tarfile.TarInfo(long_name)
+        ti.size = 2
+        tf.addfile(ti, io.BytesIO(b"ok"))
+    result = activate(cfg, bundle, sha256(bundle), "c1")
+    assert (Path(layout.release_path(result["release"])) / long_name).read_text() == "ok"
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["filter", "nofilter"])
+def test_release_is_not_group_or_other_writable(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch,
+    data_filter: bool
+) -> None:
+    """git archive's default tar.umask (002) gives 0664/0775 members; even without tarfile's
+    data filter (Debian 12's 3.11.2) and under a loose umask, the release is 0644/0755."""
+    monkeypatch.setattr(node, "USE_DATA_FILTER", data_filter)
+    bundle = tmp_path / "loose.tar.gz"
+    with tarfile.open(bundle, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for name, mode, kind in (("app", 0o775, tarfile.DIRTYPE), ("app/x.py", 0o664, None),
+                                 ("bin/run", 0o777, None), ("implicit/y.txt", 0o666, None)):
+            ti = tarfile.TarInfo(name)
+            ti.mode = mode
+            if kind:
+                ti.type = kind
+                tf.addfile(ti)
+            else:
+                ti.size = 1
+                tf.addfile(ti, io.BytesIO(b"x"))
+    old = os.umask(0o002)
+    try:
+        result = activate(cfg, bundle, sha256(bundle), "c1")
+    finally:
+        os.umask(old)
+    release = Path(layout.release_path(result["release"]))
+    modes = {p.relative_to(release).as_posix(): stat.S_IMODE(p.lstat().st_mode)
+             for p in release.rglob("*") if not p.is_symlink()}
+    loose = {name: oct(mode) for name, mode in modes.items() if mode & 0o022}
+    assert loose == {}
+    assert modes["app/x.py"] == 0o644 and modes["bin/run"] == 0o755 and modes["app"] == 0o755
+
+
+def test_keep_releases_1_still_spares_the_previous_release(tmp_path: Path) -> None:
+    """The health check's revert needs the release that current pointed to before the swap."""
+    cfg = make_cfg(tmp_path, keep_releases=1)
+    layout = node.Layout(cfg.deploy_to)
+    r1 = deploy(cfg, tmp_path, "c1", now=lambda: T0)["release"]
+    r2 = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    assert r2["pruned"] == [] and r2["previous"]["release"] == r1
+    assert node.rollback(cfg, release=r1)["release"] == r1  # the revert works
+    r3 = deploy(cfg, tmp_path, "c3", now=lambda: T0 + 2)
+    assert r3["previous"]["release"] == r1 and r3["pruned"] == [r2["release"]]
+    assert node.list_releases(layout) == [r1, r3["release"]]
+    # A later cleanup spares it too: the revert may still be on its way.
+    assert node.cleanup(cfg)["pruned"] == []
+
+
+def test_rollback_to_an_old_release_then_activate_spares_it(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, keep_releases=3)
+    names = [deploy(cfg, tmp_path, f"c{i}", now=lambda i=i: T0 + i)["release"] for i in range(3)]
+    node.rollback(cfg, release=names[0])  # current: the oldest
+    new = deploy(cfg, tmp_path, "c9", now=lambda: T0 + 9)
+    assert new["previous"]["release"] == names[0]
+    assert new["pruned"] == []  # the oldest is beyond keep_releases, but it is the revert target
+    assert node.rollback(cfg, release=names[0])["release"] == names[0]
+
+
+def test_link_shared_creates_nothing_through_a_symlink(tmp_path: Path) -> None:
+    """A hand-built release whose `config` is a symlink leading outside (a bundle cannot
+    have one): link_shared refuses before creating any directory."""
+    cfg = make_cfg(tmp_path, linked_files=["config/sub/database.yml"], linked_dirs=["config/x/y"])
+    layout = node.Layout(cfg.deploy_to)
+    layout.ensure()
+    (Path(layout.shared) / "config/sub").mkdir(parents=True)
+    (Path(layout.shared) / "config/sub/database.yml").write_text("db")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    release = Path(layout.releases) / "20231114221320"
+    release.mkdir()
+    (release / "config").symlink_to(outside)
+    with pytest.raises(node.NodeError, match="would leave release .* via symlink") as err:
+        node.link_shared(cfg, layout, str(release))
+    assert "\n" not in err.value.message
+    assert list(outside.iterdir()) == []
+
+
+def test_lock_and_revisions_log_symlinks_are_not_followed(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.unlink(layout.lock)
+    os.symlink(victim, layout.lock)
+    with pytest.raises(node.NodeError, match="lock on .* is a symlink: refusing to follow it"):
+        deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    assert victim.read_text() == "precious\n"
+    os.unlink(layout.lock)
+    os.unlink(layout.revisions_log)
+    os.symlink(victim, layout.revisions_log)
+    result = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)  # the log line is skipped, not fatal
+    assert result["changed"] and victim.read_text() == "precious\n"
+
+
+def test_status_temp_file_symlink_is_not_followed(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, f"{layout.status}.tmp-{os.getpid()}")
+    node.record_status(layout, "last", {"outcome": "ok"})
+    assert victim.read_text() == "precious\n"
+    assert node.read_status(layout)["last"]["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("which", ["deploy_to", "state"])
+def test_deploy_to_writable_by_others_is_refused(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, which: str
+) -> None:
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    path = getattr(layout, which)
+    os.chmod(path, 0o777)
+    with pytest.raises(node.NodeError) as err:
+        deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    assert err.value.message == (
+        f"{path} on {node.hostname()} is writable by other users (mode 0777): "
+        f"run `chmod go-w {path}` and retry"
+    )
+    os.chmod(path, 0o755)
+    assert deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)["changed"]
+
+
+def test_state_dir_symlink_is_refused(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.makedirs(layout.deploy_to)
+    os.symlink(elsewhere, layout.state)
+    with pytest.raises(node.NodeError, match="is not a directory \\(it is a symlink\\)"):
+        deploy(cfg, tmp_path, "c1")
+    assert list(elsewhere.iterdir()) == []
+
+
+class Store:
+    """A real HTTP server that may send more than the bundle (a swapped object)."""
+
+    def __init__(self, body: bytes, content_length: bool = True) -> None:
+        import http.server
+
+        outer = self
+        self.body = body
+        self.sent = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                if content_length:
+                    self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(outer.body), 65536):
+                        self.wfile.write(outer.body[i:i + 65536])
+                        outer.sent += len(outer.body[i:i + 65536])
+                except OSError:
+                    pass  # the node hung up: what we want
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/b.tar.gz?X-Amz-Signature=s"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("content_length", [True, False], ids=["announced", "streamed"])
+def test_download_stops_at_the_bundle_size(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, content_length: bool
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    size = bundle.stat().st_size
+    store = Store(bundle.read_bytes() + os.urandom(32 << 20), content_length)  # +32 MiB
+    try:
+        with pytest.raises(node.VerificationError) as err:
+            node.activate(cfg, sha256=sha, commit="c1", source=node.Source("url", store.url, size))
+    finally:
+        store.close()
+    msg = err.value.message
+    assert f"should be {size} bytes" in msg and "download stopped" in msg and "\n" not in msg
+    assert "X-Amz-Signature" not in msg
+    assert os.listdir(layout.state) == ["lock", "status.json"]  # no temp download left
+    assert store.sent < (8 << 20)  # we hung up early, not after the whole object
+
+
+def test_download_of_the_right_size_works_and_url_comes_from_stdin(
+    tmp_path: Path, cfg: node.Config, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    store = Store(bundle.read_bytes())
+    monkeypatch.setattr(sys, "stdin", io.StringIO(store.url + "\n"))
+    try:
+        code, out, err = run_main(capsys, [
+            "--config", str(tmp_path / "node.json"), "activate", "--sha256", sha,
+            "--commit", "c1", "--url-stdin", "--size", str(bundle.stat().st_size)])
+    finally:
+        store.close()
+    assert code == 0 and out["changed"], out
+    assert "X-Amz-Signature" not in err
+
+
+def test_s3_download_stops_at_the_pointer_size(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle, sha = good_bundle(tmp_path)
+    size = bundle.stat().st_size
+
+    class Body(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            assert n != -1 and n <= node.CHUNK  # never "everything"
+            return super().read(n)
+
+    class Client:
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            return {"ContentLength": None, "Body": Body(bundle.read_bytes() + b"x" * (4 << 20))}
+
+    monkeypatch.setattr(node, "s3_client", lambda cfg: Client())
+    pointer, _ = pointer_for(tmp_path, "c1")
+    with pytest.raises(node.VerificationError, match=f"should be {size} bytes"):
+        node.activate(cfg, sha256=sha, commit="c1", source=node.Source("s3", "k", size))
+    bad = {**pointer, "size": "12"}
+    with pytest.raises(node.NodeError, match="lacks a valid 'size'"):
+        node.validate_pointer(bad, cfg)
