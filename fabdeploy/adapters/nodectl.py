@@ -51,6 +51,7 @@ def node_json(cfg: Config) -> dict[str, Any]:
         },
         "download_timeout": cfg.node.download_timeout,
         "max_files": cfg.node.max_files,
+        "lock_timeout": cfg.node.lock_timeout,
     }
 
 
@@ -69,7 +70,8 @@ def unit_text(cfg: Config) -> str:
         "Type=oneshot\n"
         f"ExecStart={cfg.node.python} {d}/node.py --config {d}/node.json boot\n"
         "RemainAfterExit=yes\n"
-        "TimeoutStartSec=900\n"
+        # Past the node program's own budget, so systemd never kills a boot that would still finish.
+        f"TimeoutStartSec={int(cfg.node.boot_max_seconds) + 60}\n"
         "\n[Install]\n"
         "WantedBy=multi-user.target\n"
     )

@@ -1,15 +1,24 @@
 """deploy.yml: one schema, validated at load.
 
-Every problem is reported as one line naming the file and the key (and, for an
-unknown key, the valid ones), raised as `ConfigError` so tasks can turn it into
-`invoke.Exit` without a traceback.
+Each key is declared once, as a dataclass field made by `key()`: its type, default,
+validator and doc live together, and the loader, the unknown-key message (which lists the
+valid keys of that section) and the docs are derived from those declarations. Every
+problem is one line naming the file and the key, raised as `ConfigError`.
+
+The file is `$DEPLOY_CONFIG` if set, else the first deploy.yml found from the current
+folder upwards, stopping at the repository root. A deploy.yml owned by another user or
+writable by group or others is refused: its hooks are code that runs here and on every node.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import posixpath
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,147 +28,31 @@ from fabdeploy.basics.errors import ConfigError
 ENV_VAR = "DEPLOY_CONFIG"
 DEFAULT_NAME = "deploy.yml"
 
+_REQUIRED: Any = object()
 
 
-@dataclass(frozen=True)
-class S3Config:
-    bucket: str
-    prefix: str
-    region: str | None = None
-    endpoint_url: str | None = None
-    profile: str | None = None
+def key(kind: Callable[[Any], Any] | type | str, default: Any = None, *, required: bool = False,
+        factory: Callable[[], Any] | None = None, optional_section: bool = False, doc: str = "") -> Any:
+    """Declare one deploy.yml key: its validator (or section class), default and doc.
+
+    A section (a dataclass kind) that is absent is built from its defaults, unless
+    `optional_section`: then it is None (e.g. no `aws:` means no AWS at all).
+    """
+    meta = {"kind": kind, "required": required, "doc": doc, "optional_section": optional_section}
+    if required:
+        return field(metadata=meta)
+    if dataclasses.is_dataclass(kind):
+        if optional_section:
+            return field(default=None, metadata=meta)
+        return field(default_factory=kind, metadata=meta)  # type: ignore[arg-type]
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
-class SSHConfig:
-    user: str | None = None
-    config: Path | None = None
-    known_hosts: Path | None = None
-    strict_host_keys: bool = True
-    connect_timeout: float = 10.0
-    command_timeout: float = 600.0
-    keepalive: int = 15
-    identity_file: Path | None = None
+# --- validators: each returns the clean value or raises TypeError("what it must be") ---
 
-
-@dataclass(frozen=True)
-class Host:
-    name: str
-    host: str  # what we hand to ssh (an alias resolved through ssh_config)
-    roles: tuple[str, ...] = ()
-    instance_id: str | None = None  # set for hosts discovered from AWS (fabfile/aws.py)
-    az: str | None = None
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    url: str | None = None
-    timeout: float = 120.0
-    interval: float = 0.2
-    expect_status: int = 200
-
-
-@dataclass(frozen=True)
-class HooksConfig:
-    before_swap: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    python: str = "/usr/bin/python3"
-    app_unit: str | None = None
-    install_dir: str | None = None  # default: /usr/local/lib/fabdeploy/<app>
-    boot_attempts: int = 5
-    first_boot_attempts: int = 30
-    boot_backoff: float = 1.0
-    boot_max_seconds: float = 900.0
-    download_timeout: float = 60.0
-    max_files: int = 200_000
-
-
-@dataclass(frozen=True)
-class RollConfig:
-    batch: str = "1"
-    reboot_timeout: float = 300.0
-    boot_timeout: float = 300.0
-    lock_expiry: float = 3600.0
-
-
-@dataclass(frozen=True)
-class InstanceRefreshConfig:
-    min_healthy_percentage: int = 90
-    instance_warmup: int | None = None
-    checkpoint_percentages: tuple[int, ...] = ()
-    checkpoint_delay: int | None = None
-
-
-@dataclass(frozen=True)
-class AWSConfig:
-    region: str | None = None
-    endpoint_url: str | None = None
-    profile: str | None = None
-    autoscaling_groups: tuple[str, ...] = ()
-    tag_filters: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    address: str = "private_ip"
-    target_groups: tuple[str, ...] = ()
-    classic_elbs: tuple[str, ...] = ()
-    standby: bool = False
-    min_healthy: str | None = None
-    healthy_timeout: float = 300.0
-    instance_refresh: InstanceRefreshConfig = field(default_factory=InstanceRefreshConfig)
-
-    @property
-    def discovers(self) -> bool:
-        return bool(self.autoscaling_groups or self.tag_filters)
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    app: str
-    repo: Path
-    s3: S3Config
-    deploy_to: str
-    hosts: tuple[Host, ...]
-    ref: str = "HEAD"
-    keep_releases: int = 5
-    linked_files: tuple[str, ...] = ()
-    linked_dirs: tuple[str, ...] = ()
-    ssh: SSHConfig = field(default_factory=SSHConfig)
-    parallel: int = 10
-    restart: str | None = None
-    reboot: str = "sudo systemctl reboot"
-    health: HealthConfig = field(default_factory=HealthConfig)
-    hooks: HooksConfig = field(default_factory=HooksConfig)
-    node: NodeConfig = field(default_factory=NodeConfig)
-    node_env: dict[str, str] = field(default_factory=dict)
-    roll: RollConfig = field(default_factory=RollConfig)
-    aws: AWSConfig | None = None
-
-    @property
-    def node_dir(self) -> str:
-        return self.node.install_dir or f"/usr/local/lib/fabdeploy/{self.app}"
-
-    @property
-    def boot_unit(self) -> str:
-        return f"fabdeploy-{self.app}.service"
-
-    def host(self, name: str) -> Host:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        raise ConfigError(
-            f"unknown host {name!r} (not in hosts of {self.path}); known hosts: "
-            + ", ".join(h.name for h in self.hosts)
-        )
-
-
-# --- the schema -----------------------------------------------------------------
-# Each entry: key -> (kind, required). Kinds are small validators below; nested
-# mappings are dicts. Keeping it as data lets the unknown-key message list the
-# valid keys for whichever section the typo is in.
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _str(v: Any) -> str:
@@ -174,7 +67,7 @@ def _opt_str(v: Any) -> str | None:
 
 def _name(v: Any) -> str:
     v = _str(v)
-    if not _NAME_RE.match(v):
+    if not _NAME_RE.fullmatch(v):
         raise TypeError("a name of letters, digits, '.', '_' or '-'")
     return v
 
@@ -202,6 +95,42 @@ def _abs_path(v: Any) -> str:
     if not v.startswith("/") or ".." in v.split("/") or v.rstrip("/") == "":
         raise TypeError("an absolute path without '..' (e.g. /srv/app)")
     return posixpath.normpath(v)
+
+
+_UNIT_SAFE = re.compile(r"/[A-Za-z0-9_./+-]*")
+
+
+def _unit_path(v: Any) -> str:
+    """An absolute path that goes into a systemd unit line as is: no spaces, '%' or newlines."""
+    v = _abs_path(v)
+    if not _UNIT_SAFE.fullmatch(v):
+        raise TypeError("an absolute path of letters, digits and _ . / + - only (it goes into a systemd unit)")
+    return v
+
+
+def _opt_unit_path(v: Any) -> str | None:
+    return None if v is None else _unit_path(v)
+
+
+def _unit_name(v: Any) -> str | None:
+    if v is None:
+        return None
+    v = _str(v)
+    if not re.fullmatch(r"[A-Za-z0-9@_.:-]+", v):
+        raise TypeError("a systemd unit name like app.service (letters, digits and @ _ . : - only)")
+    return v
+
+
+def _keep_releases(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        # The previous release is what a failed health check or a rollback goes back to.
+        raise TypeError("a whole number >= 2 (current and the previous release are always kept)")
+    return v
+
+
+def _local_path(v: Any) -> str | None:
+    """A path on the deploying machine; relative ones are resolved against deploy.yml's folder."""
+    return None if v is None else _str(v)
 
 
 def _rel_path(v: Any) -> str:
@@ -237,19 +166,12 @@ def _env(v: Any) -> dict[str, str]:
         raise TypeError("a mapping of NAME: value")
     out = {}
     for k, val in v.items():
-        if not isinstance(k, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise TypeError(f"environment names like AWS_REGION (got {k!r})")
         if isinstance(val, bool) or not isinstance(val, (str, int, float)):
             raise TypeError(f"string values (got {type(val).__name__} for {k})")
         out[k] = str(val)
     return out
-
-
-def _batch(v: Any) -> str:
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if not isinstance(s, str) or not re.match(r"^(\d+%?)$", s) or s.rstrip("%") in ("0", ""):
-        raise TypeError("a host count like 2 or a percentage like '25%'")
-    return s
 
 
 def _names(v: Any) -> tuple[str, ...]:
@@ -278,13 +200,6 @@ def _address(v: Any) -> str:
     raise TypeError("private_ip, public_ip, public_dns, private_dns or tag:<Key> (e.g. tag:Name)")
 
 
-def _min_healthy(v: Any) -> str:
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if not isinstance(s, str) or not re.match(r"^\d+%?$", s) or (s.endswith("%") and int(s[:-1]) > 100):
-        raise TypeError("a host count like 2 or a percentage like '66%'")
-    return s
-
-
 def _percentages(v: Any) -> tuple[int, ...]:
     if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 100 for x in v):
         raise TypeError("a list of whole percentages 1..100, ascending, e.g. [20, 50, 100]")
@@ -305,184 +220,328 @@ def _seconds(v: Any) -> int:
     return v
 
 
-SCHEMA: dict[str, Any] = {
-    "app": (_name, True),
-    "repo": (_str, True),
-    "ref": (_str, False),
-    "s3": (
-        {
-            "bucket": (_str, True),
-            "prefix": (_str, False),
-            "region": (_opt_str, False),
-            "endpoint_url": (_opt_str, False),
-            "profile": (_opt_str, False),
-        },
-        True,
-    ),
-    "deploy_to": (_abs_path, True),
-    "keep_releases": (_pos_int, False),
-    "linked_files": (_rel_paths, False),
-    "linked_dirs": (_rel_paths, False),
-    "ssh": (
-        {
-            "user": (_opt_str, False),
-            "config": (_opt_str, False),
-            "known_hosts": (_opt_str, False),
-            "strict_host_keys": (_bool, False),
-            "connect_timeout": (_pos_num, False),
-            "command_timeout": (_pos_num, False),
-            "keepalive": (_pos_int, False),
-            "identity_file": (_opt_str, False),
-        },
-        False,
-    ),
-    # Required unless aws.autoscaling_groups / aws.tag_filters name the fleet (see _build).
-    "hosts": ("hosts", False),
-    "parallel": (_pos_int, False),
-    "restart": (_opt_str, False),
-    "reboot": (_str, False),
-    "health": (
-        {
-            "url": (_opt_str, False),
-            "timeout": (_pos_num, False),
-            "interval": (_pos_num, False),
-            "expect_status": (_pos_int, False),
-        },
-        False,
-    ),
-    "hooks": (
-        {"before_swap": (_commands, False)},
-        False,
-    ),
-    "node": (
-        {
-            "python": (_abs_path, False),
-            "app_unit": (_opt_str, False),
-            "install_dir": (_abs_path, False),
-            "boot_attempts": (_pos_int, False),
-            "first_boot_attempts": (_pos_int, False),
-            "boot_backoff": (_pos_num, False),
-            "boot_max_seconds": (_pos_num, False),
-            "download_timeout": (_pos_num, False),
-            "max_files": (_pos_int, False),
-        },
-        False,
-    ),
-    "node_env": (_env, False),
-    "roll": (
-        {
-            "batch": (_batch, False),
-            "reboot_timeout": (_pos_num, False),
-            "boot_timeout": (_pos_num, False),
-            "lock_expiry": (_pos_num, False),
-        },
-        False,
-    ),
-    "aws": (
-        {
-            "region": (_opt_str, False),
-            "endpoint_url": (_opt_str, False),
-            "profile": (_opt_str, False),
-            "autoscaling_groups": (_names, False),
-            "tag_filters": (_tag_filters, False),
-            "address": (_address, False),
-            "target_groups": (_names, False),
-            "classic_elbs": (_names, False),
-            "standby": (_bool, False),
-            "min_healthy": (_min_healthy, False),
-            "healthy_timeout": (_pos_num, False),
-            "instance_refresh": (
-                {
-                    "min_healthy_percentage": (_percent, False),
-                    "instance_warmup": (_seconds, False),
-                    "checkpoint_percentages": (_percentages, False),
-                    "checkpoint_delay": (_seconds, False),
-                },
-                False,
-            ),
-        },
-        False,
-    ),
-}
+# --- counts: a host count (2) or a percentage of a fleet ('25%') ---------------------
 
 
-def _check(section: dict[str, Any], schema: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: {where or 'the file'} must be a mapping of keys")
-    for key in section:
-        if key not in schema:
-            valid = ", ".join(sorted(schema))
-            raise ConfigError(f"{path}: unknown key {where + key!r}; valid keys here: {valid}")
-    out: dict[str, Any] = {}
-    for key, (kind, required) in schema.items():
-        full = where + key
-        if key not in section or (section[key] is None and required):
-            if required:
-                raise ConfigError(f"{path}: missing required key {full!r}")
-            continue
-        value = section[key]
-        if isinstance(kind, dict):
-            out[key] = _check(value or {}, kind, full + ".", path)
-        elif kind == "hosts":
-            out[key] = _hosts(value, full, path)
+_COUNT_RE = re.compile(r"(\d+)(%?)")
+
+
+def parse_count(v: Any, *, zero_ok: bool = False) -> str:
+    """The one parser of "a count or a percentage": 2, '2', '25%'. Returns its canonical text."""
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    m = _COUNT_RE.fullmatch(s) if isinstance(s, str) else None
+    if not m or (int(m.group(1)) == 0 and not zero_ok) or (m.group(2) and int(m.group(1)) > 100):
+        low = 0 if zero_ok else 1
+        raise TypeError(f"a host count like 2 (>= {low}) or a percentage like '25%' (up to 100%)")
+    return f"{int(m.group(1))}{m.group(2)}"
+
+
+def count_of(spec: str, total: int) -> int:
+    """How many hosts `spec` means out of `total`; percentages round up."""
+    n = int(spec.rstrip("%"))
+    return math.ceil(total * n / 100) if spec.endswith("%") else n
+
+
+def _batch(v: Any) -> str:
+    return parse_count(v)
+
+
+def _min_healthy(v: Any) -> str:
+    return parse_count(v, zero_ok=True)
+
+
+# --- the schema: one declaration per key ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str = key(_str, required=True, doc="bucket holding bundles, the pointer, locks and history")
+    prefix: str = key(_opt_str, doc="key prefix (default: the app name)")
+    region: str | None = key(_opt_str)
+    endpoint_url: str | None = key(_opt_str, doc="an S3-compatible endpoint instead of AWS")
+    profile: str | None = key(_opt_str, doc="AWS profile of the deploying machine")
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    user: str | None = key(_opt_str, doc="login user (default: ssh_config, then the local user)")
+    config: Path | None = key(_local_path, doc="ssh_config file (default: Fabric's usual lookup)")
+    known_hosts: Path | None = key(_local_path, "~/.ssh/known_hosts", doc="read, never written")
+    strict_host_keys: bool = key(_bool, True, doc="false: no host key checking at all")
+    connect_timeout: float = key(_pos_num, 10.0)
+    command_timeout: float = key(_pos_num, 600.0)
+    keepalive: int = key(_pos_int, 15)
+    identity_file: Path | None = key(_local_path)
+    # Not a key: more identities, from `fab -i` (which may be given several times).
+    identity_files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    host: str  # what we hand to ssh (an alias resolved through ssh_config)
+    roles: tuple[str, ...] = ()
+    instance_id: str | None = None  # set for hosts discovered from AWS (adapters/aws.py)
+    az: str | None = None
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    host: str | None = key(_opt_str, doc="address or ssh_config alias (default: the name)")
+    roles: tuple[str, ...] = key(_commands, factory=tuple)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    url: str | None = key(_opt_str, doc="checked after each change; {host} is the host's address")
+    timeout: float = key(_pos_num, 120.0)
+    interval: float = key(_pos_num, 0.2)
+    expect_status: int = key(_pos_int, 200)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    before_swap: tuple[str, ...] = key(_commands, factory=tuple, doc="run in the new release before the swap")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    python: str = key(_unit_path, "/usr/bin/python3")
+    app_unit: str | None = key(_unit_name, doc="systemd unit the boot unit starts before")
+    install_dir: str | None = key(_opt_unit_path, doc="default: /usr/local/lib/fabdeploy/<app>")
+    boot_attempts: int = key(_pos_int, 5)
+    first_boot_attempts: int = key(_pos_int, 30)
+    boot_backoff: float = key(_pos_num, 1.0)
+    boot_max_seconds: float = key(_pos_num, 900.0)
+    download_timeout: float = key(_pos_num, 60.0)
+    max_files: int = key(_pos_int, 200_000)
+    lock_timeout: float = key(_pos_num, 120.0, doc="seconds a node run waits for the host's deploy lock")
+
+
+@dataclass(frozen=True)
+class RollConfig:
+    batch: str = key(_batch, "1", doc="hosts rebooted at once: a count or a percentage")
+    reboot_timeout: float = key(_pos_num, 300.0)
+    boot_timeout: float = key(_pos_num, 300.0)
+    lock_expiry: float = key(_pos_num, 3600.0)
+
+
+@dataclass(frozen=True)
+class InstanceRefreshConfig:
+    min_healthy_percentage: int = key(_percent, 90)
+    instance_warmup: int | None = key(_seconds)
+    checkpoint_percentages: tuple[int, ...] = key(_percentages, factory=tuple)
+    checkpoint_delay: int | None = key(_seconds)
+
+
+@dataclass(frozen=True)
+class AWSConfig:
+    region: str | None = key(_opt_str)
+    endpoint_url: str | None = key(_opt_str)
+    profile: str | None = key(_opt_str)
+    autoscaling_groups: tuple[str, ...] = key(_names, factory=tuple)
+    tag_filters: dict[str, tuple[str, ...]] = key(_tag_filters, factory=dict)
+    address: str = key(_address, "private_ip")
+    target_groups: tuple[str, ...] = key(_names, factory=tuple)
+    classic_elbs: tuple[str, ...] = key(_names, factory=tuple)
+    standby: bool = key(_bool, False)
+    min_healthy: str | None = key(_min_healthy)
+    healthy_timeout: float = key(_pos_num, 300.0)
+    instance_refresh: InstanceRefreshConfig = key(InstanceRefreshConfig)
+
+    @property
+    def discovers(self) -> bool:
+        return bool(self.autoscaling_groups or self.tag_filters)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path  # where it was loaded from: not a key
+    app: str = key(_name, required=True, doc="the app's name: default S3 prefix, unit and install dir")
+    repo: Path = key(_local_path, required=True, doc="the app's git repository")
+    s3: S3Config = key(S3Config, required=True)
+    deploy_to: str = key(_abs_path, required=True, doc="Capistrano's deploy_to on the hosts")
+    # Required unless aws.autoscaling_groups / aws.tag_filters name the fleet.
+    hosts: tuple[Host, ...] = key("hosts", factory=tuple)
+    ref: str = key(_str, "HEAD")
+    keep_releases: int = key(_keep_releases, 5)
+    linked_files: tuple[str, ...] = key(_rel_paths, factory=tuple)
+    linked_dirs: tuple[str, ...] = key(_rel_paths, factory=tuple)
+    ssh: SSHConfig = key(SSHConfig)
+    parallel: int = key(_pos_int, 10, doc="SSH sessions at once")
+    restart: str | None = key(_opt_str, doc="command that restarts the app")
+    reboot: str = key(_str, "sudo systemctl reboot")
+    health: HealthConfig = key(HealthConfig)
+    hooks: HooksConfig = key(HooksConfig)
+    node: NodeConfig = key(NodeConfig)
+    node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
+    roll: RollConfig = key(RollConfig)
+    aws: AWSConfig | None = key(AWSConfig, optional_section=True, doc="discovery, load balancers, standby")
+    # Not keys: the dotted keys deploy.yml set explicitly (so Fabric's config files can fill the
+    # others), and the task's Fabric config (-i, -S, prompts, ~/.fabric.yaml, FABRIC_* env).
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    fabric: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def node_dir(self) -> str:
+        return self.node.install_dir or f"/usr/local/lib/fabdeploy/{self.app}"
+
+    @property
+    def boot_unit(self) -> str:
+        return f"fabdeploy-{self.app}.service"
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise ConfigError(
+            f"unknown host {name!r} (not in hosts of {self.path}); known hosts: "
+            + ", ".join(h.name for h in self.hosts)
+        )
+
+
+def keys(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The deploy.yml keys a section class declares, by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if "kind" in f.metadata}
+
+
+def leaf_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every scalar/list key of deploy.yml as a dotted path (ssh.user, roll.batch, ...)."""
+    out: list[str] = []
+    for name, f in keys(cls or Config).items():
+        kind = f.metadata["kind"]
+        if dataclasses.is_dataclass(kind):
+            out += leaf_keys(kind, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
-            try:
-                out[key] = kind(value)
-            except TypeError as e:
-                raise ConfigError(f"{path}: {full} must be {e} (got {value!r})") from None
+            out.append(prefix + name)
     return out
 
 
-def _hosts(value: Any, where: str, path: Path) -> tuple[Host, ...]:
+def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[str] | None = None) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: {where.rstrip('.') or 'the file'} must be a mapping of keys")
+    fields = keys(cls)
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"{p}: unknown key {where + str(k)!r}; valid keys here: {', '.join(sorted(fields))}")
+    out: dict[str, Any] = {}
+    for name, f in fields.items():
+        full = where + name
+        kind = f.metadata["kind"]
+        if name not in data or (data[name] is None and f.metadata["required"]):
+            if f.metadata["required"]:
+                raise ConfigError(f"{p}: missing required key {full!r}")
+            if dataclasses.is_dataclass(kind) and not f.metadata["optional_section"]:
+                out[name] = _section(kind, {}, full + ".", p, base)  # type: ignore[arg-type]
+            elif kind is _local_path and f.default not in (None, dataclasses.MISSING):
+                out[name] = _resolve_local(f.default, base)
+            continue
+        value = data[name]
+        if given is not None:
+            given.add(full)
+        if dataclasses.is_dataclass(kind):
+            out[name] = _section(kind, value, full + ".", p, base, given)  # type: ignore[arg-type]
+        elif kind == "hosts":
+            out[name] = _hosts(value, full, p, base)
+        else:
+            try:
+                out[name] = kind(value)
+            except TypeError as e:
+                raise ConfigError(f"{p}: {full} must be {e} (got {value!r})") from None
+            if kind is _local_path:
+                out[name] = _resolve_local(out[name], base)
+    return cls(**out) if cls is not Config else out
+
+
+def _resolve_local(s: str | None, base: Path) -> Path | None:
+    if s is None:
+        return None
+    q = Path(os.path.expanduser(s))
+    return q if q.is_absolute() else base / q
+
+
+def _hosts(value: Any, where: str, p: Path, base: Path) -> tuple[Host, ...]:
     hosts: list[Host] = []
     if isinstance(value, list):
         for item in value:
             try:
                 name = _name(item)
             except TypeError as e:
-                raise ConfigError(f"{path}: every entry of {where} must be {e} (got {item!r})") from None
+                raise ConfigError(f"{p}: every entry of {where} must be {e} (got {item!r})") from None
             hosts.append(Host(name=name, host=name))
     elif isinstance(value, dict):
         for name, spec in value.items():
             try:
                 _name(name)
             except TypeError as e:
-                raise ConfigError(f"{path}: host names in {where} must be {e} (got {name!r})") from None
-            spec = spec or {}
-            body = _check(spec, {"host": (_str, False), "roles": (_commands, False)}, f"{where}.{name}.", path)
-            hosts.append(Host(name=name, host=body.get("host", name), roles=body.get("roles", ())))
+                raise ConfigError(f"{p}: host names in {where} must be {e} (got {name!r})") from None
+            body = _section(HostSpec, spec, f"{where}.{name}.", p, base)
+            hosts.append(Host(name=name, host=body.host or name, roles=body.roles))
     else:
-        raise ConfigError(f"{path}: {where} must be a list of ssh names or a mapping name -> {{host, roles}}")
+        raise ConfigError(f"{p}: {where} must be a list of ssh names or a mapping name -> {{host, roles}}")
     if not hosts:
-        raise ConfigError(f"{path}: {where} is empty; name at least one host")
+        raise ConfigError(f"{p}: {where} is empty; name at least one host")
     names = [h.name for h in hosts]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ConfigError(f"{path}: {where} names {', '.join(dupes)} more than once")
+        raise ConfigError(f"{p}: {where} names {', '.join(dupes)} more than once")
     return tuple(hosts)
 
 
-def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+# --- finding and loading the file ------------------------------------------------------
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None, start: Path | None = None) -> Path:
+    """$DEPLOY_CONFIG, else deploy.yml in `start` (the current folder) or a parent, up to the repo root."""
     if explicit:
         return Path(explicit)
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    return Path.cwd() / DEFAULT_NAME
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / DEFAULT_NAME
+        if candidate.is_file():
+            return candidate
+        if (d / ".git").exists():
+            break  # the repository root: a deploy.yml above it belongs to something else
+    return here / DEFAULT_NAME
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
+def check_trusted(p: Path) -> None:
+    """Refuse a deploy.yml another user could have written: its hooks run as us (CVE-2022-24765)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"{p}: owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); its hooks would run as you. "
+            f"If you trust it, take it over (chown) or point {ENV_VAR} at your own copy"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{p}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); its hooks are code. "
+            f"Fix with: chmod go-w {p}"
+        )
+
+
+def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = None) -> Config:
     """Read, validate and resolve deploy.yml (or $DEPLOY_CONFIG)."""
     import yaml  # lazy: `fab --list` should not pay for it
 
-    p = find_config_path(path)
+    p = find_config_path(path, start)
     try:
         text = p.read_text()
     except FileNotFoundError:
-        hint = f" (set {ENV_VAR} or run from the folder holding deploy.yml)" if not path else ""
+        hint = (f" (set {ENV_VAR}, or run from the repository holding deploy.yml or a folder below it)"
+                if not path else "")
         raise ConfigError(f"{p}: config file not found{hint}") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    check_trusted(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -492,65 +551,16 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"{p}: the file is empty; see README.md for an example deploy.yml")
-    v = _check(data, SCHEMA, "", p)
-    return _build(v, p)
+    return _build(data, p)
 
 
-def _build(v: dict[str, Any], p: Path) -> Config:
-    base = p.resolve().parent
-
-    def local_path(s: str | None) -> Path | None:
-        if s is None:
-            return None
-        q = Path(os.path.expanduser(s))
-        return q if q.is_absolute() else base / q
-
-    s3 = v["s3"]
-    aws = None
-    if "aws" in v:
-        a = dict(v["aws"])
-        aws = AWSConfig(**{k: val for k, val in a.items() if k != "instance_refresh"},
-                        instance_refresh=InstanceRefreshConfig(**a.get("instance_refresh", {})))
+def _build(data: Any, p: Path) -> Config:
+    given: set[str] = set()
+    v = _section(Config, data, "", p, p.resolve().parent, given)
+    aws: AWSConfig | None = v.get("aws")
     if "hosts" not in v and not (aws and aws.discovers):
         raise ConfigError(f"{p}: missing required key 'hosts' (or name the fleet with "
                           "aws.autoscaling_groups / aws.tag_filters)")
-    ssh = v.get("ssh", {})
-    node = v.get("node", {})
-    app = v["app"]
-    return Config(
-        path=p,
-        app=app,
-        repo=local_path(v["repo"]),  # type: ignore[arg-type]
-        ref=v.get("ref", "HEAD"),
-        s3=S3Config(
-            bucket=s3["bucket"],
-            prefix=s3.get("prefix", app).strip("/"),
-            region=s3.get("region"),
-            endpoint_url=s3.get("endpoint_url"),
-            profile=s3.get("profile"),
-        ),
-        deploy_to=v["deploy_to"],
-        keep_releases=v.get("keep_releases", 5),
-        linked_files=v.get("linked_files", ()),
-        linked_dirs=v.get("linked_dirs", ()),
-        ssh=SSHConfig(
-            user=ssh.get("user"),
-            config=local_path(ssh.get("config")),
-            known_hosts=local_path(ssh.get("known_hosts", "~/.ssh/known_hosts")),
-            strict_host_keys=ssh.get("strict_host_keys", True),
-            connect_timeout=ssh.get("connect_timeout", 10.0),
-            command_timeout=ssh.get("command_timeout", 600.0),
-            keepalive=ssh.get("keepalive", 15),
-            identity_file=local_path(ssh.get("identity_file")),
-        ),
-        hosts=v.get("hosts", ()),
-        parallel=v.get("parallel", 10),
-        restart=v.get("restart"),
-        reboot=v.get("reboot", "sudo systemctl reboot"),
-        health=HealthConfig(**v.get("health", {})),
-        hooks=HooksConfig(**v.get("hooks", {})),
-        node=NodeConfig(**node),
-        node_env=v.get("node_env", {}),
-        roll=RollConfig(**v.get("roll", {})),
-        aws=aws,
-    )
+    s3: S3Config = v["s3"]
+    v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or v["app"]).strip("/"))
+    return Config(path=p, given=frozenset(given), **v)

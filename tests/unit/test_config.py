@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError
@@ -28,6 +30,12 @@ def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "deploy.yml"
     p.write_text(text)
     return p
+
+
+def _load(tmp_path: Path, **overrides) -> config.Config:
+    data = yaml.safe_load(MINIMAL)
+    data.update(overrides)
+    return config.load(write(tmp_path, yaml.safe_dump(data)))
 
 
 def error_of(tmp_path: Path, text: str) -> str:
@@ -177,3 +185,99 @@ def test_bad_flags_are_one_line(tmp_path: Path, args: list[str], expected: str) 
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# --- one declaration per key; node.json round trip; lookup and trust ------------------
+
+
+def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
+    from fabdeploy.adapters import nodectl
+    from fabdeploy.node import node
+
+    p = tmp_path / "deploy.yml"
+    p.write_text(yaml.safe_dump({
+        "app": "shop", "repo": ".", "s3": {"bucket": "b", "prefix": "p/x", "region": "eu-west-1",
+                                           "endpoint_url": "http://s3.local:9000"},
+        "deploy_to": "/srv/shop", "hosts": ["web1"], "keep_releases": 3,
+        "linked_files": ["config/database.yml"], "linked_dirs": ["log"], "restart": "systemctl restart shop",
+        "hooks": {"before_swap": ["true"]}, "node_env": {"AWS_REGION": "eu-west-1"},
+        "node": {"boot_attempts": 2, "first_boot_attempts": 3, "boot_backoff": 0.5, "boot_max_seconds": 77,
+                 "download_timeout": 12, "max_files": 99, "lock_timeout": 33},
+    }))
+    cfg = config.load(p)
+    raw = nodectl.node_json(cfg)
+    n = node.Config(json.loads(json.dumps(raw)), source="node.json")
+    assert (n.app, n.deploy_to, n.keep_releases) == ("shop", "/srv/shop", 3)
+    assert (n.linked_files, n.linked_dirs) == (["config/database.yml"], ["log"])
+    assert (n.s3.bucket, n.s3.prefix, n.s3.region, n.s3.endpoint_url) == ("b", "p/x", "eu-west-1",
+                                                                          "http://s3.local:9000")
+    assert n.env == {"AWS_REGION": "eu-west-1"} and n.before_swap == ["true"]
+    assert n.restart == "systemctl restart shop"
+    assert (n.boot.attempts, n.boot.first_boot_attempts, n.boot.backoff, n.boot.max_seconds) == (2, 3, 0.5, 77)
+    assert (n.download_timeout, n.max_files, n.lock_timeout) == (12, 99, 33)
+    # Every key the controller writes is one the node reads (no silently dropped settings).
+    assert set(raw) == {"app", "deploy_to", "keep_releases", "linked_files", "linked_dirs", "s3", "env", "hooks",
+                        "restart", "boot", "download_timeout", "max_files", "lock_timeout"}
+
+
+def test_boot_unit_timeout_follows_boot_max_seconds(tmp_path: Path) -> None:
+    from fabdeploy.adapters import nodectl
+
+    cfg = _load(tmp_path, node={"boot_max_seconds": 1800})
+    assert "TimeoutStartSec=1860\n" in nodectl.unit_text(cfg)
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    (None, "app", "shop\n", "app"),
+    ("node", "app_unit", "shop.service\nExecStartPre=/bin/evil", "node.app_unit"),
+    ("node", "install_dir", "/opt/my app", "node.install_dir"),
+    ("node", "install_dir", "/opt/100%", "node.install_dir"),
+    ("node", "python", "/usr/bin/python3 -X evil", "node.python"),
+    (None, "keep_releases", 1, "keep_releases"),
+])
+def test_values_that_would_break_the_unit_or_the_revert_are_refused(tmp_path: Path, section, key, value,
+                                                                     needle) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        _load(tmp_path, **({section: {key: value}} if section else {key: value}))
+
+
+def test_lookup_goes_up_to_the_repo_root_and_no_further(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    outer = tmp_path / "deploy.yml"
+    outer.write_text("app: outer\n")
+    repo = tmp_path / "app"
+    (repo / ".git").mkdir(parents=True)
+    sub = repo / "lib" / "deep"
+    sub.mkdir(parents=True)
+    # Without a deploy.yml in the repo, the one above the repo root is not picked up.
+    assert config.find_config_path(start=sub) == sub.resolve() / "deploy.yml"
+    (repo / "deploy.yml").write_text("app: inner\n")
+    assert config.find_config_path(start=sub) == (repo / "deploy.yml").resolve()
+    monkeypatch.setenv(config.ENV_VAR, str(outer))
+    assert config.find_config_path(start=sub) == outer
+
+
+def test_group_writable_or_foreign_config_is_refused(tmp_path: Path) -> None:
+    import os
+
+    p = tmp_path / "deploy.yml"
+    p.write_text(yaml.safe_dump({"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
+                                 "hosts": ["web1"]}))
+    p.chmod(0o664)
+    with pytest.raises(ConfigError, match="writable by group or others.*chmod go-w"):
+        config.load(p)
+    p.chmod(0o644)
+    assert config.load(p).app == "shop"
+    if os.geteuid() == 0:
+        os.chown(p, 4242, -1)
+        with pytest.raises(ConfigError, match="owned by uid 4242"):
+            config.load(p)
+
+
+def test_count_or_percent_is_one_parser() -> None:
+    assert config.parse_count(2) == "2" and config.parse_count("25%") == "25%" and config.parse_count("007") == "7"
+    assert config.parse_count("0", zero_ok=True) == "0"
+    for bad in ("0", "101%", "-1", "x", True, 1.5):
+        with pytest.raises(TypeError):
+            config.parse_count(bad)
+    assert [config.count_of(s, 10) for s in ("3", "25%", "100%", "1%")] == [3, 3, 10, 1]

@@ -13,24 +13,14 @@ import yaml
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import BundleError, resolve_commit
 from fabdeploy.basics import config
-from fabdeploy.basics.config import SCHEMA, ConfigError
+from fabdeploy.basics.config import ConfigError, leaf_keys
 
 BASE: dict[str, Any] = {"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
                         "hosts": ["web1"]}
 
 
-def leaves(schema: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key, (kind, _) in schema.items():
-        if isinstance(kind, dict):
-            out += leaves(kind, f"{prefix}{key}.")
-        else:
-            out.append(prefix + key)
-    return out
-
-
 # A value of the wrong type for every field: a mapping is never a valid scalar or list here.
-@pytest.mark.parametrize("field", leaves(SCHEMA))
+@pytest.mark.parametrize("field", leaf_keys())
 def test_every_field_rejects_a_wrong_type(tmp_path: Path, field: str) -> None:
     data = yaml.safe_load(yaml.safe_dump(BASE))
     *parents, last = field.split(".")
