@@ -11,7 +11,10 @@ per host (`refuse_per_host_call`), so `-H` can never silently fan out.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 from fabric.executor import Executor
@@ -85,3 +88,79 @@ def refuse_per_host_call(c: Any, name: str) -> None:
             f"tasks.executor_class: {EXECUTOR_PATH} in fabric.yaml; or use --hosts after the task name",
             1,
         )
+
+
+# --- Fabric's own flags: honoured, or refused with one line -------------------------------
+#
+# Precedence: the command line, then deploy.yml, then Fabric's config files (~/.fabric.yaml,
+# -f, FABRIC_* env). `fab` puts command-line flags at the config's override level, which is
+# how a flag is told apart from the same setting in a file.
+
+_REFUSED = {
+    "pty": "-p/--pty: the node program talks JSON over a plain channel; drop -p",
+    "warn": "-w/--warn-only: every host already runs and every failure is reported, with a non-zero "
+            "exit; -w would hide a failed deploy, so drop it",
+    "hide": "--hide: fabdeploy prints one table per run and never streams remote output; drop --hide",
+}
+
+
+def _overrides(fc: Any) -> dict[str, Any]:
+    return getattr(fc, "_overrides", None) or {}
+
+
+def check_flags(fc: Any, name: str, takes_dry_run: bool) -> bool:
+    """Refuse flags we can't honour; returns True when -R/--dry asks for a dry run."""
+    run = _overrides(fc).get("run") or {}
+    for flag, message in _REFUSED.items():
+        if run.get(flag):
+            raise Exit(f"error: deploy.{name} does not take {message}", 1)
+    if (_overrides(fc).get("sudo") or {}).get("password") is not None:
+        raise Exit(f"error: deploy.{name} needs no sudo password: fabdeploy runs no sudo commands "
+                   "(drop --prompt-for-sudo-password)", 1)
+    if run.get("dry"):
+        if not takes_dry_run:
+            raise Exit(f"error: deploy.{name} has no dry run, and -R/--dry must change nothing: drop -R", 1)
+        return True
+    return False
+
+
+def takes(fn: Any, param: str) -> bool:
+    return param in inspect.signature(fn).parameters
+
+
+def apply_flags(cfg: Any, fc: Any) -> Any:
+    """deploy.yml's Config with Fabric's flags and config files applied, in our precedence."""
+    from fabric import Config as FabricConfig
+
+    if not isinstance(fc, FabricConfig):  # `inv`, or a library caller: nothing from Fabric to apply
+        return cfg
+    over = _overrides(fc)
+    okw = over.get("connect_kwargs") or {}
+    ssh = cfg.ssh
+    changes: dict[str, Any] = {}
+    if okw.get("key_filename"):  # -i (repeatable)
+        changes["identity_files"] = tuple(Path(p) for p in okw["key_filename"])
+    if okw.get("timeout"):  # -t
+        changes["connect_timeout"] = float(okw["timeout"])
+    elif "ssh.connect_timeout" not in cfg.given and fc.timeouts.connect:
+        changes["connect_timeout"] = float(fc.timeouts.connect)
+    if (over.get("timeouts") or {}).get("command"):  # -T
+        changes["command_timeout"] = float(over["timeouts"]["command"])
+    elif "ssh.command_timeout" not in cfg.given and fc.timeouts.command:
+        changes["command_timeout"] = float(fc.timeouts.command)
+    runtime = getattr(fc, "_runtime_ssh_path", None)
+    if runtime and runtime != fc.get("ssh_config_path"):  # -S
+        changes["config"] = Path(runtime)
+    elif runtime and "ssh.config" not in cfg.given:
+        changes["config"] = Path(runtime)
+    return dataclasses.replace(cfg, ssh=dataclasses.replace(ssh, **changes), fabric=fc)
+
+
+def config_start(fc: Any) -> Path | None:
+    """Where to look for deploy.yml: the current folder, or the fabfile's when `fab -r` found it elsewhere."""
+    prefix = getattr(fc, "_project_prefix", None) if fc is not None else None
+    if not prefix:
+        return None
+    project = Path(prefix).resolve()
+    here = Path.cwd().resolve()
+    return None if here == project or project in here.parents else project

@@ -21,9 +21,13 @@ def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[C
     """@task for fabdeploy: one-line errors, never run once per -H host, marked as ours."""
 
     def wrap(fn: Callable[..., Any]) -> Any:
+        takes_dry_run = cli.takes(fn, "dry_run")
+
         @functools.wraps(fn)
         def body(c: Any, *args: Any, **kwargs: Any) -> Any:
             cli.refuse_per_host_call(c, name)
+            if cli.check_flags(getattr(c, "config", None), name, takes_dry_run):
+                kwargs["dry_run"] = True  # fab -R/--dry: change nothing
             try:
                 return fn(c, *args, **kwargs)
             except DeployError as e:
@@ -31,17 +35,20 @@ def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[C
             except KeyboardInterrupt:
                 raise Exit("interrupted", 130) from None
 
-        t = task(name=name, help=help or {})(body)
+        # No auto short flags: `-h` after a task name must stay --help, not --hosts.
+        t = task(name=name, help=help or {}, auto_shortflags=False)(body)
         t.fabdeploy = True
         return t
 
     return wrap
 
 
-def _cfg():
+def _cfg(c: Any = None):
+    """deploy.yml, with Fabric's flags and config files applied (cli.apply_flags)."""
     from fabdeploy.basics import config
 
-    return config.load()
+    fc = getattr(c, "config", None)
+    return cli.apply_flags(config.load(start=cli.config_start(fc)), fc)
 
 
 def _targets(cfg, hosts):
@@ -67,7 +74,7 @@ def _fail_unless(ok: bool) -> None:
             "verify": "rebuild even if the bundle exists and compare sha256"})
 def bundle_task(c, ref=None, verify=False):
     """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.ops.publish import bundle_for
 
     bundle_for(cfg, ref, verify=verify)
@@ -76,7 +83,7 @@ def bundle_task(c, ref=None, verify=False):
 @deploy_task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
 def publish_task(c, ref=None):
     """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.ops.publish import publish_for
 
     publish_for(cfg, ref)
@@ -85,7 +92,7 @@ def publish_task(c, ref=None):
 @deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)"})
 def setup_task(c, hosts=None):
     """Install/update the node program, its config and boot unit; create the layout."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.adapters import nodectl
     from fabdeploy.adapters.ssh import run_parallel
     from fabdeploy.basics.output import table
@@ -107,7 +114,7 @@ def export_node_task(c, out="node-bundle"):
 
     from fabdeploy.adapters import nodectl
 
-    cfg = _cfg()
+    cfg = _cfg(c)
     for p in nodectl.export(cfg, Path(out)):
         print(p)
     print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
@@ -122,7 +129,7 @@ def export_node_task(c, out="node-bundle"):
             "parallel": "hosts at once (default: parallel in deploy.yml)"})
 def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.ops.hotfix import run_hotfix
 
     _fail_unless(run_hotfix(cfg, _targets(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
@@ -134,7 +141,7 @@ def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False,
             "dry_run": "print what would happen and change nothing"})
 def rollback_task(c, hosts=None, release=None, dry_run=False):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.ops.rollback import run_rollback
 
     _fail_unless(run_rollback(cfg, _targets(cfg, hosts), release=release, dry_run=dry_run))
@@ -143,7 +150,7 @@ def rollback_task(c, hosts=None, release=None, dry_run=False):
 @deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
 def status_task(c, hosts=None, json=False):
     """What every host runs, its last boot, and drift from the published bundle."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     targets = _targets(cfg, hosts)
     from fabdeploy.adapters.store import store_for
     from fabdeploy.ops import status as st
@@ -163,7 +170,7 @@ def status_task(c, hosts=None, json=False):
 def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False,
               engine="ssh"):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     if engine == "instance-refresh":
         if hosts or batch or resume or rollback_on_failure:
             raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --batch, --resume "
@@ -174,12 +181,12 @@ def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, 
         return
     if engine != "ssh":
         raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
-    from fabdeploy.basics.config import _batch
+    from fabdeploy.basics.config import parse_count
     from fabdeploy.ops.roll import run_roll
 
     if batch is not None:
         try:
-            batch = _batch(batch)
+            batch = parse_count(batch)
         except TypeError as e:
             raise Exit(f"error: --batch must be {e} (got {batch!r})", 1) from None
     _fail_unless(run_roll(cfg, _targets(cfg, hosts), ref, batch=batch, resume=resume, dry_run=dry_run,
@@ -189,7 +196,7 @@ def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, 
 @deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})
 def unlock_task(c, force=False):
     """Break a stale deploy lock (only once it has expired, unless --force)."""
-    cfg = _cfg()
+    cfg = _cfg(c)
     from fabdeploy.adapters.store import store_for
 
     lock = store_for(cfg).break_lock(force=force)

@@ -27,28 +27,36 @@ from fabdeploy.basics.errors import ConfigError, HostError
 
 
 class _FabricConfigCache:
-    """Parsing ssh_config once per run, not once per host."""
+    """The base Fabric config of a run, with its ssh_config parsed once, not once per host."""
 
     _lock = threading.Lock()
-    _cache: dict[str, FabricConfig] = {}
+    _cache: dict[tuple[int, str], tuple[Any, FabricConfig]] = {}
 
     @classmethod
     def get(cls, cfg: Config) -> FabricConfig:
-        key = str(cfg.ssh.config or "")
+        key = (id(cfg.fabric), str(cfg.ssh.config or ""))
         with cls._lock:
-            if key not in cls._cache:
+            hit = cls._cache.get(key)
+            if hit is None or hit[0] is not cfg.fabric:
                 if cfg.ssh.config and not cfg.ssh.config.exists():
                     raise ConfigError(f"{cfg.path}: ssh.config {cfg.ssh.config} does not exist")
-                fc = FabricConfig(
-                    runtime_ssh_path=str(cfg.ssh.config) if cfg.ssh.config else None,
-                    lazy=False,
-                )
-                # Never read the operator's ~/.ssh/config behind deploy.yml's back when
-                # deploy.yml names one; without one, Fabric's normal lookup applies.
-                if cfg.ssh.config:
-                    fc.load_ssh_config()
-                cls._cache[key] = fc
-            return cls._cache[key]
+                if cfg.fabric is not None:
+                    # The task's own config: ~/.fabric.yaml, FABRIC_* env, -f, -i, prompts.
+                    fc = cfg.fabric.clone()
+                    if cfg.ssh.config and str(cfg.ssh.config) != getattr(fc, "_runtime_ssh_path", None):
+                        import paramiko
+
+                        fc.base_ssh_config = paramiko.SSHConfig.from_path(str(cfg.ssh.config))
+                else:
+                    fc = FabricConfig(runtime_ssh_path=str(cfg.ssh.config) if cfg.ssh.config else None,
+                                      lazy=False)
+                    # Never read the operator's ~/.ssh/config behind deploy.yml's back when
+                    # deploy.yml names one; without one, Fabric's normal lookup applies.
+                    if cfg.ssh.config:
+                        fc.load_ssh_config()
+                hit = (cfg.fabric, fc)
+                cls._cache[key] = hit
+            return hit[1]
 
 
 def _harden(conn: Connection, cfg: Config) -> None:
@@ -70,17 +78,25 @@ def _harden(conn: Connection, cfg: Config) -> None:
 
 
 def connect(cfg: Config, host: Host) -> Connection:
-    """A Connection for one deploy.yml host, not yet opened, strict about host keys."""
+    """A Connection for one deploy.yml host, not yet opened, strict about host keys.
+
+    The run's own connect_kwargs (prompts, ~/.fabric.yaml) come first and ours are added
+    (Fabric would drop them when given any); Fabric itself merges key files (-i, config,
+    IdentityFile), and deploy.yml's identity_file is added only when `fab -i` named none.
+    """
     # Each Connection gets its own copy: Fabric configs are not safe to share between threads.
     fc = _FabricConfigCache.get(cfg).clone()
-    kwargs: dict[str, Any] = {"config": fc, "connect_timeout": int(max(1, cfg.ssh.connect_timeout))}
+    kwargs: dict[str, Any] = {"config": fc}
+    if "timeout" not in (fc.connect_kwargs or {}):  # else `fab -t` (or fabric.yaml) already set it
+        kwargs["connect_timeout"] = int(max(1, cfg.ssh.connect_timeout))
     if cfg.ssh.user:
         kwargs["user"] = cfg.ssh.user
     connect_kwargs: dict[str, Any] = {"banner_timeout": cfg.ssh.connect_timeout,
                                       "auth_timeout": cfg.ssh.connect_timeout}
-    if cfg.ssh.identity_file:
+    if cfg.ssh.identity_file and not cfg.ssh.identity_files:
         connect_kwargs["key_filename"] = [str(cfg.ssh.identity_file)]
-    kwargs["connect_kwargs"] = connect_kwargs
+    own = {k: v for k, v in dict(fc.connect_kwargs or {}).items() if k != "key_filename"}
+    kwargs["connect_kwargs"] = {**own, **connect_kwargs}
     conn = Connection(host.host, **kwargs)
     _harden(conn, cfg)
     return conn
@@ -171,6 +187,8 @@ def run(
     from invoke.exceptions import CommandTimedOut
 
     open_connection(cfg, host, conn)
+    if cfg.fabric is not None and cfg.fabric.run.echo:  # fab -e
+        print(f"{host.name}$ {command}", flush=True)
     kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": False}
     limit = timeout or cfg.ssh.command_timeout
     started = time.monotonic()

@@ -1,4 +1,8 @@
-"""One table per multi-host run (Fabric's GroupResult idea), printed once at the end."""
+"""What the user sees: one table per multi-host run (Fabric's GroupResult idea), lines, warnings.
+
+Host-supplied text (hook output, error messages, paths) is never parsed as rich markup:
+every cell is a plain `Text`, so `[/etc/app.conf]` prints as itself.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from typing import Any
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, title_justify="left", show_lines=False)
+    t = Table(title=Text(title), title_justify="left", show_lines=False)
     for col in columns:
         t.add_column(col, overflow="fold")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))
     # Wide enough that CI logs and pipes keep one line per host.
     Console(width=None if sys.stdout.isatty() else 200).print(t)
 
