@@ -146,6 +146,10 @@ class Lock:
     expires_at: float
     etag: str | None = None
     pid: int | None = None  # of the fab process on the holder's machine (see dead_local_holder)
+    # Which kernel that pid belongs to: the holder's /etc/machine-id, boot id and pid namespace.
+    machine_id: str | None = None
+    boot_id: str | None = None
+    pidns: str | None = None
     unparsable: bool = False  # only from break_lock(force=True): an object we could not read
 
     @classmethod
@@ -164,16 +168,19 @@ class Lock:
     @property
     def dead_local_holder(self) -> bool:
         """Taken by a fab process on this machine that no longer runs (kill -9, crash, power cut
-        of the controller's terminal): nobody can release it, and nobody is deploying."""
-        import socket
+        of the controller's terminal): nobody can release it, and nobody is deploying.
 
-        if self.pid is None or self.holder.rsplit("@", 1)[-1] != socket.gethostname():
+        "This machine" is the same machine id, boot and pid namespace, not the same hostname:
+        CI runners, containers and cloned VMs share hostnames (and reuse pids), and breaking a
+        live lock of another machine would let two deploys run at once."""
+        mine = local_identity()
+        if self.pid is None or None in mine or (self.machine_id, self.boot_id, self.pidns) != mine:
             return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return True
-        except OSError:
+        except (OSError, OverflowError):
             return False
         return False
 
@@ -182,7 +189,7 @@ class Lock:
 
     def to_json(self) -> bytes:
         body = {k: v for k, v in asdict(self).items()
-                if k not in ("etag", "unparsable") and not (k == "pid" and v is None)}
+                if k not in ("etag", "unparsable") and not (k in _OPTIONAL_LOCK_FIELDS and v is None)}
         return (json.dumps(body, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -206,11 +213,39 @@ class Lock:
                 expires_at=float(expires_at),
                 etag=etag,
                 pid=pid if _is_int(pid) and 0 < pid < 2**31 else None,
+                **{k: _id_field(raw.get(k)) for k in ("machine_id", "boot_id", "pidns")},
             )
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise StoreError(
                 f"{where} is not a valid lock; if nobody is deploying, remove it with `fab deploy.unlock --force`"
             ) from None
+
+
+_OPTIONAL_LOCK_FIELDS = ("pid", "machine_id", "boot_id", "pidns")
+
+
+def _read_id(path: str, link: bool = False) -> str | None:
+    try:
+        value = os.readlink(path) if link else Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return value or None
+
+
+_identity: tuple[str | None, str | None, str | None] | None = None
+
+
+def local_identity() -> tuple[str | None, str | None, str | None]:
+    """(machine id, boot id, pid namespace) of this process; None where unreadable."""
+    global _identity
+    if _identity is None:
+        _identity = (_read_id("/etc/machine-id"), _read_id("/proc/sys/kernel/random/boot_id"),
+                     _read_id("/proc/self/ns/pid", link=True))
+    return _identity
+
+
+def _id_field(value: object) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 100 else None
 
 
 def _is_int(value: object) -> bool:
@@ -677,8 +712,9 @@ class Store:
         key = self.lock_key
         for _ in range(3):  # the holder may release between our failed create and our read
             now = time.time()
+            machine_id, boot_id, pidns = local_identity()
             lock = Lock(holder=holder, action=action, created_at=now, expires_at=now + expiry,
-                        pid=os.getpid())
+                        pid=os.getpid(), machine_id=machine_id, boot_id=boot_id, pidns=pidns)
             try:
                 r = self.client.put_object(
                     Bucket=self.s3.bucket,
@@ -704,7 +740,8 @@ class Store:
                 import sys
 
                 print(f"warning: broke the deploy lock of {held.describe()}: its process "
-                      f"{held.pid} no longer runs on this machine", file=sys.stderr, flush=True)
+                      f"{held.pid} no longer runs on this machine (same machine id and boot)",
+                      file=sys.stderr, flush=True)
                 continue
             if held is not None:
                 raise StoreError(self._held_message(held))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 
 from fabdeploy.adapters.bundle import Bundle, publish_bundle
-from fabdeploy.adapters.store import Lock, Pointer, Store, StoreError
+from fabdeploy.adapters.store import Lock, Pointer, Store, StoreError, local_identity
 from fabdeploy.basics.config import S3Config
 from fabfile import sandbox
 
@@ -135,3 +138,57 @@ def test_force_does_not_remove_a_lock_replaced_meanwhile(store: Store, monkeypat
     monkeypatch.undo()
     held = store.read_lock()
     assert held is not None and held.holder == "cat@c"
+
+
+# --- dead local holders (issue 13 §2.5) -------------------------------------------------------
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def lock_from(store: Store, **fields: Any) -> None:
+    now = time.time()
+    body = {"holder": f"ann@{socket.gethostname()}", "action": "roll", "created_at": now,
+            "expires_at": now + 600, "pid": dead_pid(), **fields}
+    put(store, store.lock_key, json.dumps(body).encode())
+
+
+def test_lock_records_machine_boot_and_pid_namespace(store: Store) -> None:
+    lock = store.acquire_lock("ann@a", "roll", expiry=60)
+    raw = json.loads(store.client.get_object(Bucket=store.s3.bucket, Key=store.lock_key)["Body"].read())
+    assert (raw["machine_id"], raw["boot_id"], raw["pidns"]) == local_identity() != (None, None, None)
+    assert store.read_lock() == lock
+
+
+@pytest.mark.parametrize("other", [
+    {},  # an old lock: no identity recorded, only the hostname matches
+    {"machine_id": "another-machine"},  # a cloned VM / CI runner with the same hostname
+    {"boot_id": "an-earlier-boot"},
+    {"pidns": "pid:[1]"},  # a container on the same kernel: same boot id, its own pids
+])
+def test_same_hostname_elsewhere_is_not_a_dead_local_holder(store: Store, other: dict[str, str]) -> None:
+    machine_id, boot_id, pidns = local_identity()
+    fields = {"machine_id": machine_id, "boot_id": boot_id, "pidns": pidns} if other else {}
+    lock_from(store, **{**fields, **other})
+    with pytest.raises(StoreError) as e:
+        store.acquire_lock("bob@b", "roll", expiry=60)
+    assert one_line(e).startswith(f"deploy lock held by ann@{socket.gethostname()} (roll)")
+    assert store.read_lock().holder.startswith("ann@")  # type: ignore[union-attr]
+
+
+def test_dead_holder_on_this_machine_and_boot_is_broken(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    machine_id, boot_id, pidns = local_identity()
+    lock_from(store, machine_id=machine_id, boot_id=boot_id, pidns=pidns)
+    mine = store.acquire_lock("bob@b", "roll", expiry=60)
+    assert store.read_lock() == mine
+    assert "no longer runs on this machine" in capsys.readouterr().err
+
+
+def test_identity_fields_are_bounded_strings() -> None:
+    body = b'{"holder": "a@b", "action": "r", "created_at": 1, "expires_at": 2, "machine_id": {"x": 1}, "boot_id": 7}'
+    lock = Lock.from_json(body, "s3://b/lock.json", None)
+    assert (lock.machine_id, lock.boot_id, lock.pidns) == (None, None, None)
+    assert not lock.dead_local_holder
