@@ -36,6 +36,8 @@ class FleetExecutor(Executor):
     """
 
     def expand_calls(self, calls: list[Any], apply_hosts: bool = True) -> list[Any]:
+        if apply_hosts:
+            check_stage_order([getattr(c, "task", c) for c in calls])
         host_str = self.core[0].args.hosts.value if apply_hosts else None
         if not host_str:
             return super().expand_calls(calls, apply_hosts=apply_hosts)
@@ -63,7 +65,57 @@ def _names(hosts: str) -> list[str]:
     return sorted(n.strip() for n in str(hosts).split(",") if n.strip())
 
 
-def install() -> None:
+# --- stages: `fab production deploy.roll` ---------------------------------------------------
+#
+# A stage task (one per name in deploy.yml's `stages:`) runs first and records its name in the
+# invocation's Config, which Invoke shares between all the tasks of one `fab` run.
+
+STAGE_KEY = "fabdeploy_stage"
+RAN_KEY = "fabdeploy_ran"
+
+
+def check_stage_order(tasks: list[Any]) -> None:
+    """Refuse `fab deploy.roll production` (stage second) and two stages, before anything runs."""
+    stage = ran = None
+    for t in tasks:
+        name = getattr(t, "fabdeploy_stage", None)
+        if name is not None:
+            if ran is not None:
+                raise Exit(f"error: stage {name} comes after {ran}; name the stage first: fab {name} {ran}", 1)
+            if stage is not None and stage != name:
+                raise Exit(f"error: two stages in one run ({stage}, {name}); deploy one stage per run", 1)
+            stage = name
+        elif is_fabdeploy_task(t) and ran is None:
+            ran = getattr(t, "fabdeploy_name", None) or getattr(t, "name", "a fabdeploy task")
+
+
+def select_stage(c: Any, name: str) -> None:
+    """The stage task's body: later fabdeploy tasks of this run work on `name`."""
+    fc = c.config
+    ran, chosen = fc.get(RAN_KEY), fc.get(STAGE_KEY)
+    if ran:
+        raise Exit(f"error: stage {name} comes after deploy.{ran}; name the stage first: fab {name} deploy.{ran}", 1)
+    if chosen and chosen != name:
+        raise Exit(f"error: two stages in one run ({chosen}, {name}); deploy one stage per run", 1)
+    fc[STAGE_KEY] = name
+
+
+def mark_ran(c: Any, name: str) -> str | None:
+    """A fabdeploy task starts: no stage may follow it. Returns the stage chosen so far."""
+    fc = getattr(c, "config", None)
+    if fc is None or not hasattr(fc, "get"):
+        return None
+    fc[RAN_KEY] = name
+    return fc.get(STAGE_KEY)
+
+
+def _add_stage_tasks(collection: Any, tasks: list[Any]) -> None:
+    for t in tasks:
+        if t.name not in collection.tasks and t.name not in collection.collections:
+            collection.add_task(t)
+
+
+def install(stage_tasks: Any = None) -> None:
     """Make a running `fab` use FleetExecutor, unless its config names another executor.
 
     Called when a fabfile imports fabdeploy: that happens inside `fab`'s collection loading,
@@ -75,6 +127,17 @@ def install() -> None:
         return
     if program.executor_class is Executor or program.executor_class is None:
         program.executor_class = FleetExecutor
+    if stage_tasks is not None and not getattr(program, "_fabdeploy_stages", False):
+        # Stage names live in deploy.yml, found from the fabfile's folder: known only once the
+        # collection is loaded, so the stage tasks join the root collection just before parsing.
+        program._fabdeploy_stages = True
+        make_parser = program._make_parser
+
+        def _make_parser() -> Any:
+            _add_stage_tasks(program.collection, stage_tasks(config_start(program.config)))
+            return make_parser()
+
+        program._make_parser = _make_parser
 
 
 def refuse_per_host_call(c: Any, name: str) -> None:

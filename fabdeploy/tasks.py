@@ -26,6 +26,7 @@ def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[C
         @functools.wraps(fn)
         def body(c: Any, *args: Any, **kwargs: Any) -> Any:
             cli.refuse_per_host_call(c, name)
+            cli.mark_ran(c, name)
             if cli.check_flags(getattr(c, "config", None), name, takes_dry_run):
                 kwargs["dry_run"] = True  # fab -R/--dry: change nothing
             try:
@@ -38,9 +39,41 @@ def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[C
         # No auto short flags: `-h` after a task name must stay --help, not --hosts.
         t = task(name=name, help=help or {}, auto_shortflags=False)(body)
         t.fabdeploy = True
+        t.fabdeploy_name = f"deploy.{name}"
         return t
 
     return wrap
+
+
+def stage_task(name: str) -> Any:
+    """`fab <name> deploy.X`: the fabdeploy tasks after it in this run work on stage `name`."""
+
+    def body(c: Any) -> None:
+        cli.select_stage(c, name)
+
+    body.__doc__ = f"Deploy to stage {name}: name it before the deploy tasks (fab {name} deploy.roll)."
+    t = task(name=name)(body)
+    t.fabdeploy = True
+    t.fabdeploy_stage = name
+    return t
+
+
+def stage_tasks(start: Any = None) -> list[Any]:
+    """One task per stage of deploy.yml; none if it has no stages or cannot be read.
+
+    Only the names are read here (cheaply, never failing): the deploy task loads and validates
+    the whole file and reports any problem in it.
+    """
+    try:
+        import yaml
+
+        from fabdeploy.basics import config
+
+        data = yaml.safe_load(config.find_config_path(start=start).read_text())
+        names = list(data["stages"]) if isinstance(data, dict) and isinstance(data.get("stages"), dict) else []
+        return [stage_task(n) for n in names if isinstance(n, str) and config.is_name(n)]
+    except Exception:  # noqa: BLE001 - any problem: no stage tasks, the deploy task will say what is wrong
+        return []
 
 
 def _cfg(c: Any = None):
@@ -48,7 +81,8 @@ def _cfg(c: Any = None):
     from fabdeploy.basics import config
 
     fc = getattr(c, "config", None)
-    return cli.apply_flags(config.load(start=cli.config_start(fc)), fc)
+    stage = fc.get(cli.STAGE_KEY) if fc is not None and hasattr(fc, "get") else None
+    return cli.apply_flags(config.load(start=cli.config_start(fc), stage=stage), fc)
 
 
 def _targets(cfg, hosts):
@@ -213,4 +247,4 @@ deploy = Collection(
     status_task, unlock_task, export_node_task,
 )
 
-cli.install()
+cli.install(stage_tasks)

@@ -72,6 +72,10 @@ def _name(v: Any) -> str:
     return v
 
 
+def is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(_NAME_RE.fullmatch(v))
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise TypeError("true or false")
@@ -381,6 +385,9 @@ class Config:
     # others), and the task's Fabric config (-i, -S, prompts, ~/.fabric.yaml, FABRIC_* env).
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     fabric: Any = field(default=None, compare=False, repr=False)
+    # Not a key: the stage chosen from `stages:` (None when deploy.yml defines none).
+    stage: str | None = None
+    stages: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def node_dir(self) -> str:
@@ -417,15 +424,21 @@ def leaf_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[
     return out
 
 
-def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[str] | None = None) -> Any:
+def _as_is(k: str) -> str:
+    return k
+
+
+def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[str] | None = None,
+             shown: Callable[[str], str] = _as_is) -> Any:
+    """Validate one section; `shown` names a dotted key in messages (a stage's overrides: stages.X.key)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: {where.rstrip('.') or 'the file'} must be a mapping of keys")
+        raise ConfigError(f"{p}: {shown(where.rstrip('.')) if where else 'the file'} must be a mapping of keys")
     fields = keys(cls)
     for k in data:
         if k not in fields:
-            raise ConfigError(f"{p}: unknown key {where + str(k)!r}; valid keys here: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{p}: unknown key {shown(where + str(k))!r}; valid keys here: {', '.join(sorted(fields))}")
     out: dict[str, Any] = {}
     for name, f in fields.items():
         full = where + name
@@ -434,7 +447,7 @@ def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[s
             if f.metadata["required"]:
                 raise ConfigError(f"{p}: missing required key {full!r}")
             if dataclasses.is_dataclass(kind) and not f.metadata["optional_section"]:
-                out[name] = _section(kind, {}, full + ".", p, base)  # type: ignore[arg-type]
+                out[name] = _section(kind, {}, full + ".", p, base, shown=shown)  # type: ignore[arg-type]
             elif kind is _local_path and f.default not in (None, dataclasses.MISSING):
                 out[name] = _resolve_local(f.default, base)
             continue
@@ -442,14 +455,14 @@ def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[s
         if given is not None:
             given.add(full)
         if dataclasses.is_dataclass(kind):
-            out[name] = _section(kind, value, full + ".", p, base, given)  # type: ignore[arg-type]
+            out[name] = _section(kind, value, full + ".", p, base, given, shown)  # type: ignore[arg-type]
         elif kind == "hosts":
-            out[name] = _hosts(value, full, p, base)
+            out[name] = _hosts(value, full, p, base, shown)
         else:
             try:
                 out[name] = kind(value)
             except TypeError as e:
-                raise ConfigError(f"{p}: {full} must be {e} (got {value!r})") from None
+                raise ConfigError(f"{p}: {shown(full)} must be {e} (got {value!r})") from None
             if kind is _local_path:
                 out[name] = _resolve_local(out[name], base)
     return cls(**out) if cls is not Config else out
@@ -462,8 +475,9 @@ def _resolve_local(s: str | None, base: Path) -> Path | None:
     return q if q.is_absolute() else base / q
 
 
-def _hosts(value: Any, where: str, p: Path, base: Path) -> tuple[Host, ...]:
+def _hosts(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is) -> tuple[Host, ...]:
     hosts: list[Host] = []
+    where = shown(where)
     if isinstance(value, list):
         for item in value:
             try:
@@ -477,7 +491,7 @@ def _hosts(value: Any, where: str, p: Path, base: Path) -> tuple[Host, ...]:
                 _name(name)
             except TypeError as e:
                 raise ConfigError(f"{p}: host names in {where} must be {e} (got {name!r})") from None
-            body = _section(HostSpec, spec, f"{where}.{name}.", p, base)
+            body = _section(HostSpec, spec, f"{where}.{name}.", p, base)  # `where` is already shown
             hosts.append(Host(name=name, host=body.host or name, roles=body.roles))
     else:
         raise ConfigError(f"{p}: {where} must be a list of ssh names or a mapping name -> {{host, roles}}")
@@ -528,8 +542,9 @@ def check_trusted(p: Path) -> None:
         )
 
 
-def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = None) -> Config:
-    """Read, validate and resolve deploy.yml (or $DEPLOY_CONFIG)."""
+def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = None,
+         stage: str | None = None) -> Config:
+    """Read, validate and resolve deploy.yml (or $DEPLOY_CONFIG), for `stage` if it defines stages."""
     import yaml  # lazy: `fab --list` should not pay for it
 
     p = find_config_path(path, start)
@@ -551,16 +566,100 @@ def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = Non
         raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"{p}: the file is empty; see README.md for an example deploy.yml")
-    return _build(data, p)
+    return build(data, p, stage)
 
 
-def _build(data: Any, p: Path) -> Config:
+def build(data: Any, p: Path, stage: str | None = None) -> Config:
+    """Validate parsed deploy.yml data; with `stages:`, every stage is checked and `stage` returned."""
+    if not isinstance(data, dict) or "stages" not in data:
+        if stage is not None:
+            raise ConfigError(f"{p}: no stages are defined, so there is no stage {stage!r}; "
+                              "drop it, or add a `stages:` section")
+        return _build(data, p)
+    base = {k: v for k, v in data.items() if k != "stages"}
+    stages = _stages(data["stages"], p)
+    built = {name: _build(deep_merge(base, over, replace=("hosts",)), p, name, tuple(stages), _overridden(over, name))
+             for name, over in stages.items()}
+    seen: dict[tuple[str, str], str] = {}
+    for name, cfg in built.items():
+        where = (cfg.s3.bucket, cfg.s3.prefix)
+        if where in seen:
+            raise ConfigError(f"{p}: stages {seen[where]} and {name} both use s3://{where[0]}/{where[1]} (one pointer, "
+                              "lock and history for both); give each stage its own s3.prefix or s3.bucket")
+        seen[where] = name
+    if stage is None:
+        raise ConfigError(f"{p}: deploy.yml defines stages; name one before the task, e.g. "
+                          f"`fab {next(iter(stages))} deploy.status` (stages: {', '.join(stages)})")
+    if stage not in built:
+        raise ConfigError(f"{p}: unknown stage {stage!r}; stages: {', '.join(stages)}")
+    return built[stage]
+
+
+def _stages(raw: Any, p: Path) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{p}: stages must be a mapping of stage name -> overrides of top-level keys, "
+                          "e.g. {staging: {hosts: [web9]}, production: {}}")
+    out = {}
+    for name, over in raw.items():
+        try:
+            _name(name)
+        except TypeError as e:
+            raise ConfigError(f"{p}: stage names in stages must be {e} (got {name!r})") from None
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"{p}: stages.{name} must be a mapping of top-level keys to override (or empty)")
+        out[name] = over or {}
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces.
+
+    Top-level keys named in `replace` always replace: a stage's `hosts` mapping is its fleet,
+    never added to the shared one.
+    """
+    out = dict(base)
+    for k, v in over.items():
+        if k not in replace and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _overridden(over: dict[str, Any], stage: str) -> Callable[[str], str]:
+    """How messages name a key: stages.<stage>.<key> when that stage's overrides set it."""
+    paths: set[str] = set()
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            paths.add(prefix + str(k))
+            if isinstance(v, dict) and prefix + str(k) != "hosts":
+                walk(v, prefix + str(k) + ".")
+
+    walk(over, "")
+
+    def shown(full: str) -> str:
+        head = full
+        while head:
+            if head in paths:
+                return f"stages.{stage}.{full}"
+            head = head.rpartition(".")[0]
+        return full
+
+    return shown
+
+
+def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...] = (),
+           shown: Callable[[str], str] = _as_is) -> Config:
     given: set[str] = set()
-    v = _section(Config, data, "", p, p.resolve().parent, given)
+    v = _section(Config, data, "", p, p.resolve().parent, given, shown)
     aws: AWSConfig | None = v.get("aws")
+    for_stage = f" (for stage {stage})" if stage else ""
     if "hosts" not in v and not (aws and aws.discovers):
-        raise ConfigError(f"{p}: missing required key 'hosts' (or name the fleet with "
+        raise ConfigError(f"{p}: missing required key 'hosts'{for_stage} (or name the fleet with "
                           "aws.autoscaling_groups / aws.tag_filters)")
     s3: S3Config = v["s3"]
-    v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or v["app"]).strip("/"))
-    return Config(path=p, given=frozenset(given), **v)
+    # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
+    default_prefix = f"{v['app']}/{stage}" if stage else v["app"]
+    v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or default_prefix).strip("/"))
+    return Config(path=p, given=frozenset(given), stage=stage, stages=stages, **v)

@@ -46,6 +46,8 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
     pointer, pointer_error = pointer_info
     if as_json:
         dump_json({
+            "app": cfg.app,
+            "stage": cfg.stage,
             "published": None if pointer is None else pointer.__dict__,
             "published_error": pointer_error,
             "hosts": [
@@ -95,4 +97,4 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
             boot or "-",
             state,
         ])
-    table(f"{cfg.app}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)
+    table(f"{cfg.app}{f' ({cfg.stage})' if cfg.stage else ''}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)
