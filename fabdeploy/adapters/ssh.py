@@ -77,27 +77,42 @@ def _harden(conn: Connection, cfg: Config) -> None:
         _harden(gw, cfg)
 
 
-def connect(cfg: Config, host: Host) -> Connection:
-    """A Connection for one deploy.yml host, not yet opened, strict about host keys.
-
-    The run's own connect_kwargs (prompts, ~/.fabric.yaml) come first and ours are added
-    (Fabric would drop them when given any); Fabric itself merges key files (-i, config,
-    IdentityFile), and deploy.yml's identity_file is added only when `fab -i` named none.
-    """
-    # Each Connection gets its own copy: Fabric configs are not safe to share between threads.
-    fc = _FabricConfigCache.get(cfg).clone()
-    kwargs: dict[str, Any] = {"config": fc}
+def _connection(cfg: Config, fc: FabricConfig, address: str, gateway: Connection | None = None,
+                user: str | None = None) -> Connection:
+    """One hop (a host or a gateway): our timeouts, identities and host-key policy on each."""
+    kwargs: dict[str, Any] = {"config": fc.clone()}
+    if user:
+        kwargs["user"] = user
     if "timeout" not in (fc.connect_kwargs or {}):  # else `fab -t` (or fabric.yaml) already set it
         kwargs["connect_timeout"] = int(max(1, cfg.ssh.connect_timeout))
-    if cfg.ssh.user:
-        kwargs["user"] = cfg.ssh.user
+    if gateway is not None:
+        kwargs["gateway"] = gateway
     connect_kwargs: dict[str, Any] = {"banner_timeout": cfg.ssh.connect_timeout,
                                       "auth_timeout": cfg.ssh.connect_timeout}
     if cfg.ssh.identity_file and not cfg.ssh.identity_files:
         connect_kwargs["key_filename"] = [str(cfg.ssh.identity_file)]
     own = {k: v for k, v in dict(fc.connect_kwargs or {}).items() if k != "key_filename"}
     kwargs["connect_kwargs"] = {**own, **connect_kwargs}
-    conn = Connection(host.host, **kwargs)
+    return Connection(address, **kwargs)
+
+
+def connect(cfg: Config, host: Host) -> Connection:
+    """A Connection for one deploy.yml host, not yet opened, strict about host keys.
+
+    The run's own connect_kwargs (prompts, ~/.fabric.yaml) come first and ours are added
+    (Fabric would drop them when given any); Fabric itself merges key files (-i, config,
+    IdentityFile), and deploy.yml's identity_file is added only when `fab -i` named none.
+    A ProxyJump chain is built here, in its order (Fabric's own builds multi-hop chains
+    backwards), and every hop gets the same timeouts, identities and host-key checks.
+    """
+    # Each Connection gets its own copy: Fabric configs are not safe to share between threads.
+    fc = _FabricConfigCache.get(cfg)
+    jump = fc.base_ssh_config.lookup(host.host).get("proxyjump")
+    gateway = None
+    if jump and jump.lower() != "none":
+        for hop in (h.strip() for h in jump.split(",")):
+            gateway = _connection(cfg, fc, hop, gateway)
+    conn = _connection(cfg, fc, host.host, gateway, user=cfg.ssh.user)
     _harden(conn, cfg)
     return conn
 
@@ -152,11 +167,15 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
             f"cannot connect to {host.name} ({addr}): {reason}; is the host up and sshd running?",
         ) from None
     transport = conn.client.get_transport()
-    if transport is not None:
-        # paramiko's keepalive only sends (it never waits for a reply), so it keeps a NAT
-        # mapping alive but cannot notice a dead peer; TCP keepalive on the socket can.
-        transport.set_keepalive(cfg.ssh.keepalive)
-        _tcp_keepalive(transport.sock, cfg.ssh.keepalive)
+    hop: Any = conn
+    while isinstance(hop, Connection):  # the host, then each gateway it was reached through
+        transport = hop.client.get_transport()
+        if transport is not None:
+            # paramiko's keepalive only sends (it never waits for a reply), so it keeps a NAT
+            # mapping alive but cannot notice a dead peer; TCP keepalive on the socket can.
+            transport.set_keepalive(cfg.ssh.keepalive)
+            _tcp_keepalive(transport.sock, cfg.ssh.keepalive)
+        hop = hop.gateway
 
 
 def _tcp_keepalive(sock: Any, idle: int) -> None:

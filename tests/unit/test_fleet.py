@@ -140,3 +140,20 @@ def test_tcp_keepalive_is_set_so_dead_peers_are_noticed() -> None:
     finally:
         s.close()
     _tcp_keepalive(object(), 15)  # a gateway channel: left alone, no error
+
+
+def test_proxyjump_chain_in_its_order_and_every_hop_hardened(tmp_path: Path) -> None:
+    """ProxyJump a,b: connect to a, reach b through a, the host through b (Fabric builds it backwards)."""
+    import paramiko
+
+    cfg = make_cfg(tmp_path, extra=", identity_file: /k/deploy", ssh_config=(
+        "Host web1\n  HostName 10.0.0.1\n  ProxyJump hopa,hopb\n"
+        "Host hopa\n  HostName 192.0.2.1\nHost hopb\n  HostName 192.0.2.2\n"))
+    conn = connect(cfg, cfg.hosts[0])
+    hop_b = conn.gateway
+    assert hop_b.host == "192.0.2.2" and hop_b.gateway.host == "192.0.2.1" and hop_b.gateway.gateway is None
+    for hop in (conn, hop_b, hop_b.gateway):
+        assert isinstance(hop.client._policy, paramiko.RejectPolicy)
+        assert hop.connect_kwargs["banner_timeout"] == cfg.ssh.connect_timeout
+        assert hop.connect_kwargs["key_filename"][0] == "/k/deploy"
+        assert hop.connect_timeout == int(cfg.ssh.connect_timeout)
