@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabdeploy.adapters import boto
 from fabdeploy.basics.config import AWSConfig, Config, Host
 from fabdeploy.basics.errors import AWSError
 
@@ -36,10 +37,6 @@ DRAIN_MARGIN = 30.0  # past the deregistration delay, AWS should have finished d
 # IAM service prefix of each boto3 client, to name the missing permission on AccessDenied.
 _IAM_PREFIX = {"ec2": "ec2", "autoscaling": "autoscaling", "elbv2": "elasticloadbalancing",
                "elb": "elasticloadbalancing"}
-_DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "UnauthorizedAccess",
-           "Forbidden"}
-_BADCREDS = {"InvalidClientTokenId", "AuthFailure", "SignatureDoesNotMatch", "ExpiredToken",
-             "InvalidAccessKeyId", "UnrecognizedClientException"}
 
 
 class Clients:
@@ -102,30 +99,25 @@ class Clients:
             raise self.error(e, service, what) from None
 
     def error(self, exc: BaseException, service: str, what: str) -> AWSError:
-        import botocore.exceptions as bex
-
-        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+        f = boto.classify(exc)
+        if f.kind == boto.NO_CREDENTIALS:
             return AWSError(f"no AWS credentials found while {what}: set AWS_PROFILE/AWS_ACCESS_KEY_ID "
                             f"or aws.profile in {self.config_path}")
-        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
+        if f.kind == boto.UNREACHABLE:
             return AWSError(f"cannot reach AWS {service} at {self.where} while {what}: "
                             "check the network, aws.region and aws.endpoint_url")
-        if isinstance(exc, bex.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            msg = (err.get("Message") or code).strip()
-            op = getattr(exc, "operation_name", "") or "?"
-            if code in _DENIED or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
-                perm = f"{_IAM_PREFIX.get(service, service)}:{op}"
-                return AWSError(f"access denied while {what} at {self.where}: the credentials lack IAM "
-                                f"permission {perm}; add it to the deploy role/user's policy")
-            if code in _BADCREDS:
-                return AWSError(f"AWS rejected the credentials ({code}) while {what} at {self.where}: "
-                                "check AWS_PROFILE/AWS_ACCESS_KEY_ID or aws.profile")
-            return AWSError(f"AWS {op} failed while {what} at {self.where}: {code}: {msg}")
-        if isinstance(exc, bex.BotoCoreError):
-            return AWSError(f"AWS {service} failed while {what} at {self.where}: {exc}")
-        return AWSError(f"AWS {service} failed while {what}: {type(exc).__name__}: {exc}")
+        if f.kind == boto.DENIED:
+            perm = f"{_IAM_PREFIX.get(service, service)}:{f.operation or '?'}"
+            return AWSError(f"access denied while {what} at {self.where}: the credentials lack IAM "
+                            f"permission {perm}; add it to the deploy role/user's policy")
+        if f.kind == boto.BAD_CREDENTIALS:
+            return AWSError(f"AWS rejected the credentials ({f.code}) while {what} at {self.where}: "
+                            "check AWS_PROFILE/AWS_ACCESS_KEY_ID or aws.profile")
+        if f.code:
+            return AWSError(f"AWS {f.operation or '?'} failed while {what} at {self.where}: {f.code}: {f.message}")
+        if f.kind in (boto.API, boto.SLOW):
+            return AWSError(f"AWS {service} failed while {what} at {self.where}: {f.message}")
+        return AWSError(f"AWS {service} failed while {what}: {f.message}")
 
 
 # --- discovery ------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from fabdeploy.adapters import boto
 from fabdeploy.basics.config import Config, S3Config
 from fabdeploy.basics.errors import ConflictError, StoreError
 
@@ -39,10 +40,6 @@ UPLOAD_THREADS = 4
 HISTORY_SPAN = 10**13  # ms; inverted timestamps stay 13 digits until year 2286
 METADATA_KEYS = ("commit", "ref", "sha256", "size", "built-at", "built-by", "app", "committed-at")
 
-_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-_DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
-_BADCREDS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
 
@@ -420,41 +417,36 @@ class Store:
 
     def _error(self, exc: BaseException, key: str | None, action: str) -> StoreError:
         """Map a botocore failure to one actionable line."""
-        import botocore.exceptions as bex
-
-        where = self.uri(key) if key else f"s3://{self.s3.bucket}"
         if isinstance(exc, StoreError):
             return exc
-        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+        where = self.uri(key) if key else f"s3://{self.s3.bucket}"
+        f = boto.classify(exc)
+        if f.kind == boto.NO_CREDENTIALS:
             return StoreError("no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile")
-        if isinstance(exc, bex.ProfileNotFound):
+        if f.kind == boto.NO_PROFILE:
             return StoreError(f"AWS profile {self.s3.profile!r} (s3.profile) not found: create it or fix s3.profile")
-        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
+        if f.kind == boto.UNREACHABLE:
             return StoreError(f"cannot reach S3 endpoint {self.endpoint} ({action} {where}): is it up?")
-        if isinstance(exc, bex.ReadTimeoutError):
+        if f.kind == boto.SLOW:
             return StoreError(f"S3 endpoint {self.endpoint} timed out ({action} {where}): is it overloaded? retry")
-        if isinstance(exc, bex.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            msg = err.get("Message") or code
-            if code == "NoSuchBucket":
-                return self._no_bucket()
-            if code in _CONFLICT_CODES or status in ("412", "409"):
-                return ConflictError(f"{where} changed while we were writing it ({action}): {msg}")
-            if code in _BADCREDS_CODES:
-                return StoreError(
-                    f"S3 at {self.endpoint} rejected the AWS credentials ({code}) for {where}: "
-                    "check AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
-                )
-            if code in _DENIED_CODES or status == "403":
-                return StoreError(
-                    f"access denied to {where} ({action}): check the credentials/IAM policy "
-                    "(s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket on the bucket and prefix)"
-                )
-            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {code} {msg}".rstrip())
-        if isinstance(exc, bex.BotoCoreError):
-            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {exc}")
+        if f.kind == boto.NO_BUCKET:
+            return self._no_bucket()
+        if f.kind == boto.CONFLICT:
+            return ConflictError(f"{where} changed while we were writing it ({action}): {f.message}")
+        if f.kind == boto.BAD_CREDENTIALS:
+            return StoreError(
+                f"S3 at {self.endpoint} rejected the AWS credentials ({f.code}) for {where}: "
+                "check AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
+            )
+        if f.kind == boto.DENIED:
+            return StoreError(
+                f"access denied to {where} ({action}): check the credentials/IAM policy "
+                "(s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket on the bucket and prefix)"
+            )
+        if f.code:
+            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {f.code} {f.message}".rstrip())
+        if f.kind == boto.API:
+            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {f.message}")
         return StoreError(f"S3 {action} {where} failed: {exc}")
 
     def _no_bucket(self) -> StoreError:
@@ -465,13 +457,7 @@ class Store:
 
     @staticmethod
     def _is_missing(exc: BaseException) -> bool:
-        import botocore.exceptions as bex
-
-        if not isinstance(exc, bex.ClientError):
-            return False
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return code in _MISSING_CODES or (status == 404 and code != "NoSuchBucket")
+        return boto.classify(exc).kind == boto.MISSING
 
     def _missing_object(self) -> None:
         """A HEAD 404 can't tell a missing key from a missing bucket; ask the bucket."""
