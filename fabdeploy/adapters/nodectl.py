@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from fabdeploy.basics.errors import HostError
 
 NODE_SRC = Path(__file__).resolve().parent.parent / "node" / "node.py"
 NEEDS_INSTALL = 97  # exit code of the guard: node program missing or different
+# The boot unit's cgroup memory cap: a hostile bundle must not take the host down at boot.
+# The node itself needs well under 200 MB (boto3 included); before_swap hooks share the cap.
+BOOT_MEMORY_MAX = "1G"
+MIN_PYTHON = (3, 8)
 
 
 def node_json(cfg: Config) -> dict[str, Any]:
@@ -68,10 +73,11 @@ def unit_text(cfg: Config) -> str:
         f"{before}"
         "\n[Service]\n"
         "Type=oneshot\n"
-        f"ExecStart={cfg.node.python} {d}/node.py --config {d}/node.json boot\n"
+        f"ExecStart={cfg.node.python} -I {d}/node.py --config {d}/node.json boot\n"
         "RemainAfterExit=yes\n"
         # Past the node program's own budget, so systemd never kills a boot that would still finish.
         f"TimeoutStartSec={int(cfg.node.boot_max_seconds) + 60}\n"
+        f"MemoryMax={BOOT_MEMORY_MAX}\n"
         "\n[Install]\n"
         "WantedBy=multi-user.target\n"
     )
@@ -105,15 +111,21 @@ def node_command(cfg: Config, *args: str) -> str:
     d = cfg.node_dir
     # Imported rather than run as a script so Python caches its bytecode: every host
     # compiling 1500 lines on every call is measurable when many hosts share CPUs.
+    # -I (isolated): no working directory on sys.path (a json.py in the SSH user's home
+    # would replace the real module), no user site-packages, no PYTHON* variables.
     boot = f"import sys; sys.path.insert(0, {d!r}); import node; sys.exit(node.main())"
-    return q(cfg.node.python, "-c", boot, "--config", f"{d}/node.json", *args)
+    return q(cfg.node.python, "-I", "-c", boot, "--config", f"{d}/node.json", *args)
 
 
-def guarded(cfg: Config, *args: str) -> str:
-    """Run the node program only if the installed one is exactly ours (one round trip)."""
+def guarded(cfg: Config, *args: str, stdin: bool = False) -> str:
+    """Run the node program only if the installed one is exactly ours (one round trip).
+
+    With `stdin`, the guard reads stdin to its end before it gives up, as the node program
+    does: the sender must never write into a channel that is already closed."""
     sha = f"{cfg.node_dir}/node.sha"
+    bail = f"{{ cat >/dev/null; exit {NEEDS_INSTALL}; }}" if stdin else f"exit {NEEDS_INSTALL}"
     return (
-        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg))} || exit {NEEDS_INSTALL}; "
+        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg))} || {bail}; "
         f"exec {node_command(cfg, *args)}"
     )
 
@@ -137,13 +149,15 @@ def parse(host: Host, command: str, stdout: str, stderr: str, code: int) -> dict
     )
 
 
-def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None) -> dict[str, Any]:
-    """Call the node program; install/update it first if needed. Raises HostError on failure."""
-    cmd = guarded(cfg, *args)
-    r = run(cfg, host, conn, cmd, timeout=timeout)
+def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
+         stdin: str | None = None) -> dict[str, Any]:
+    """Call the node program; install/update it first if needed. Raises HostError on failure.
+    `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin)."""
+    cmd = guarded(cfg, *args, stdin=stdin is not None)
+    r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == NEEDS_INSTALL:
         install(cfg, host, conn)
-        r = run(cfg, host, conn, cmd, timeout=timeout)
+        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
     if not data.get("ok"):
         raise HostError(
@@ -162,11 +176,20 @@ def _probe_script(cfg: Config) -> str:
     wants = f"/etc/systemd/system/multi-user.target.wants/{cfg.boot_unit}"
     return (
         f"if ! test -x {py}; then echo python=missing; exit 0; fi; echo python=ok; "
-        f"{py} -c 'import boto3' >/dev/null 2>&1 && echo boto3=ok || echo boto3=missing; "
+        # -I as the node program runs: a boto3 in the user's site-packages does not count.
+        f"echo pyver=$({py} -I -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null); "
+        f"{py} -I -c 'import boto3' >/dev/null 2>&1 && echo boto3=ok || echo boto3=missing; "
         f"echo sha=$(cat {q(cfg.node_dir + '/node.sha')} 2>/dev/null); "
         f"test -e {q(wants)} && echo enabled=yes || echo enabled=no; "
         f"test -d {q(cfg.deploy_to + '/releases')} && echo layout=ok || echo layout=missing"
     )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.strip().split("."))
+    except ValueError:
+        return ()
 
 
 def _dirs(cfg: Config) -> list[str]:
@@ -181,23 +204,37 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     """Install or update the node program, its config and the boot unit. Idempotent."""
     r = run(cfg, host, conn, _probe_script(cfg))
     state = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    need = ".".join(map(str, MIN_PYTHON))
     if state.get("python") != "ok":
         raise HostError(
             host.name,
-            f"{cfg.node.python} not found on {host.name}: install python3 (apt-get install python3) "
-            "or set node.python in deploy.yml",
+            f"{cfg.node.python} not found on {host.name}: install python3 >= {need} "
+            "(apt-get install python3) or set node.python in deploy.yml",
+        )
+    if _version(state.get("pyver", "")) < MIN_PYTHON:
+        raise HostError(
+            host.name,
+            f"{cfg.node.python} on {host.name} is Python {state.get('pyver') or 'unknown'}; the "
+            f"node program needs Python >= {need}: install a newer python3 (with python3-boto3) "
+            "or point node.python in deploy.yml at one",
         )
     if state.get("boto3") != "ok" and require_boto3:
         raise HostError(
             host.name,
             f"boto3 is missing for {cfg.node.python} on {host.name}; the boot unit needs it to read "
-            "S3: apt-get install python3-boto3 (or pip install boto3 for that python)",
+            "S3: apt-get install python3-boto3, or set node.python in deploy.yml to a Python "
+            "(e.g. a venv) that has boto3",
         )
     fp = fingerprint(cfg)
     if state.get("sha") == fp and state.get("enabled") == "yes" and state.get("layout") == "ok":
         return "unchanged"
     d = cfg.node_dir
-    mk = run(cfg, host, conn, "mkdir -p " + q(*_dirs(cfg)))
+    secret = f"{d}/node.json.fabdeploy-new"
+    # umask 022: deploy_to must not be group/other-writable (the node refuses that). node.json
+    # holds node_env credentials: created 0600 empty here, so the upload below writes into a
+    # file nobody else can read (an SFTP put creates 0644, and a chmod after it is too late).
+    mk = run(cfg, host, conn, "umask 022 && mkdir -p " + q(*_dirs(cfg))
+             + f" && rm -f {q(secret)} && (umask 077 && : > {q(secret)})")
     if mk.exit_code != 0:
         raise HostError(host.name, f"cannot create directories on {host.name}: {mk.stderr.strip()}",
                         command="mkdir", exit_code=mk.exit_code, output=mk.stderr)
@@ -261,7 +298,11 @@ def export(cfg: Config, out: Path) -> list[Path]:
     paths = []
     for name, data in written.items():
         p = out / name
-        p.write_bytes(data)
-        p.chmod(0o755 if name == "install.sh" else 0o600 if name == "node.json" else 0o644)
+        mode = 0o755 if name == "install.sh" else 0o600 if name == "node.json" else 0o644
+        p.unlink(missing_ok=True)
+        # Created with its final mode: node.json (credentials) is never readable by others.
+        with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
+            fh.write(data)
+        p.chmod(mode)  # the umask may have removed bits (e.g. install.sh's x)
         paths.append(p)
     return paths

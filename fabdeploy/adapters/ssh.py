@@ -201,14 +201,21 @@ def run(
     command: str,
     *,
     timeout: float | None = None,
+    stdin: str | None = None,
 ) -> CommandResult:
-    """Run one remote command; never raises on a non-zero exit (callers decide)."""
+    """Run one remote command; never raises on a non-zero exit (callers decide).
+
+    `stdin` is sent to the command's stdin, then EOF: the way to hand it a secret (a
+    presigned URL) that must not appear in its argv, where every local user can read it."""
+    import io
+
     from invoke.exceptions import CommandTimedOut
 
     open_connection(cfg, host, conn)
     if cfg.fabric is not None and cfg.fabric.run.echo:  # fab -e
         print(f"{host.name}$ {command}", flush=True)
-    kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": False}
+    in_stream: Any = io.StringIO(stdin) if stdin is not None else False
+    kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": in_stream}
     limit = timeout or cfg.ssh.command_timeout
     started = time.monotonic()
     try:

@@ -1840,7 +1840,9 @@ def _dispatch(args: Any) -> dict[str, Any]:
         if args.s3_key:
             source = Source("s3", args.s3_key, args.size)
         elif args.url or args.url_stdin:
-            url = args.url or sys.stdin.readline().strip()
+            # Read to EOF, not just a line: the controller's sender thread must be done
+            # writing before we can exit (or it writes into a closed channel).
+            url = args.url or (sys.stdin.read().strip().splitlines() or [""])[0].strip()
             if not url:
                 raise NodeError(f"--url-stdin: no URL on stdin on {hostname()}")
             source = Source("url", url, args.size)

@@ -41,6 +41,8 @@ def hotfix(
             "--user", user, "--restart"]
     if bundle.committed_at:
         base += ["--committed-at", str(bundle.committed_at)]
+    if bundle.size:
+        base += ["--size", str(bundle.size)]  # the node stops a download there
     if force:
         base.append("--force")
     url = None if push else store.presign_bundle(bundle.commit)
@@ -54,8 +56,8 @@ def hotfix(
             conn.sftp().put(str(local_file), remote)
             args += ["--file", remote]
         else:
-            args += ["--url", url]
-        data = nodectl.call(cfg, host, conn, *args)
+            args.append("--url-stdin")  # the presigned URL is a credential: not in argv (ps)
+        data = nodectl.call(cfg, host, conn, *args, stdin=None if push else f"{url}\n")
         if data.get("changed"):
             data = health_or_revert(cfg, host, conn, data, user)
         return data

@@ -64,6 +64,19 @@ def test_dash_H_means_the_same(fleet: Fleet) -> None:
     assert r.stdout.count("1 ok, 0 failed") == 1
 
 
+def test_json_py_in_the_ssh_users_home_does_not_break_a_hotfix(fleet: Fleet) -> None:
+    """The node program runs as `python3 -I -c ...` from the SSH user's home: a module there
+    must not shadow the standard library (without -I, this json.py replaced the real one)."""
+    fleet.ssh("web1", "echo 'raise SystemExit(\"home json.py imported\")' > ~/json.py")
+    try:
+        new = fleet.commit("hotfix with a json.py in the home directory")
+        r = fleet.fab("deploy.hotfix", "--hosts=web1", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert fleet.revision("web1") == new
+    finally:
+        fleet.ssh("web1", "rm -f ~/json.py")
+
+
 def test_push_sends_bundle_over_sftp_for_nodes_without_s3(fleet: Fleet) -> None:
     new = fleet.commit("pushed, not pulled")
     tmpdir = fleet.home / "tmp"
