@@ -76,12 +76,13 @@ def stage_tasks(start: Any = None) -> list[Any]:
         return []
 
 
-def _cfg(c: Any = None):
-    """deploy.yml, with Fabric's flags and config files applied (cli.apply_flags)."""
+def _cfg(c: Any = None, stage: str | None = None):
+    """deploy.yml (for the run's stage, or `stage`), with Fabric's flags and config files applied."""
     from fabdeploy.basics import config
 
     fc = getattr(c, "config", None)
-    stage = fc.get(cli.STAGE_KEY) if fc is not None and hasattr(fc, "get") else None
+    if stage is None and fc is not None and hasattr(fc, "get"):
+        stage = fc.get(cli.STAGE_KEY)
     return cli.apply_flags(config.load(start=cli.config_start(fc), stage=stage), fc)
 
 
@@ -114,13 +115,23 @@ def bundle_task(c, ref=None, verify=False):
     bundle_for(cfg, ref, verify=verify)
 
 
-@deploy_task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)"})
-def publish_task(c, ref=None):
+@deploy_task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)",
+            "from": "another stage: publish the exact bundle it has published, no rebuild"})
+def publish_task(c, ref=None, from_=None):
     """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
     cfg = _cfg(c)
-    from fabdeploy.ops.publish import publish_for
+    if from_ is None:
+        from fabdeploy.ops.publish import publish_for
 
-    publish_for(cfg, ref)
+        publish_for(cfg, ref)
+        return
+    if ref is not None:
+        raise Exit("error: give --ref or --from, not both: --from publishes what that stage has published", 1)
+    if from_ == cfg.stage:
+        raise Exit(f"error: --from={from_} is the stage being published; name another stage", 1)
+    from fabdeploy.ops.publish import promote_for
+
+    promote_for(cfg, _cfg(c, stage=from_))
 
 
 @deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)"})

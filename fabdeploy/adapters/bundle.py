@@ -406,3 +406,46 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
     was = f" (was {current.commit[:12]})" if current else " (first publish)"
     log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}")
     return pointer
+
+
+def promote(source: Store, store: Store, from_stage: str, log: Log = print) -> tuple[Bundle, Pointer]:
+    """Publish what `source` (another stage) has published, byte for byte: no rebuild.
+
+    The bundle is copied into this stage's prefix (checked against the source pointer's sha256
+    before it is uploaded), then this stage's pointer is moved to it (conditional write).
+    """
+    p, _ = source.read_pointer()
+    if p is None:
+        raise BundleError(f"stage {from_stage} has nothing published ({source.uri(source.pointer_key)}); "
+                          f"publish it first: fab {from_stage} deploy.publish")
+    key = store.bundle_key(p.commit)
+    b = Bundle(p.commit, p.ref, p.sha256, p.size, key, store.uri(key), uploaded=False,
+               committed_at=p.committed_at or 0)
+    existing = store.head_bundle(p.commit)
+    if existing is not None:
+        if existing.get("sha256") != p.sha256:
+            raise _mismatch(store, p.commit, existing.get("sha256", "<none>"), p.sha256)
+        log(f"bundle for {p.commit[:12]} already in {b.uri} (sha256 {p.sha256}), nothing copied")
+    else:
+        meta = {k: v for k, v in (source.head_bundle(p.commit) or {}).items() if k not in ("etag", "content-length")}
+        meta.update({"sha256": p.sha256, "promoted-from": from_stage})
+        with tempfile.TemporaryFile(prefix="fabdeploy-promote-") as spool:
+            digest, size = hashlib.sha256(), 0
+            body = source.open_bundle(p.commit)
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+                spool.write(chunk)
+            if digest.hexdigest() != p.sha256:
+                raise BundleError(f"{source.uri(source.bundle_key(p.commit))} has sha256 {digest.hexdigest()}, but "
+                                  f"stage {from_stage}'s pointer says {p.sha256}: investigate before promoting")
+            spool.seek(0)
+            try:
+                store.upload_bundle(spool, p.commit, meta, size_hint=size)
+            except ConflictError:
+                theirs = store.head_bundle(p.commit) or {}
+                if theirs.get("sha256") != p.sha256:
+                    raise _mismatch(store, p.commit, theirs.get("sha256", "<none>"), p.sha256) from None
+        b = Bundle(p.commit, p.ref, p.sha256, size, key, b.uri, uploaded=True, committed_at=b.committed_at)
+        log(f"copied {p.commit[:12]} from stage {from_stage} to {b.uri} (sha256 {p.sha256})")
+    return b, publish_bundle(store, b, log)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fabdeploy.adapters.bundle import Bundle, Log, ensure_bundle, publish
+from fabdeploy.adapters.bundle import Bundle, Log, ensure_bundle, promote, publish
 from fabdeploy.adapters.store import Pointer, store_for
 from fabdeploy.basics.config import Config
 
@@ -15,3 +15,8 @@ def bundle_for(cfg: Config, ref: str | None = None, *, verify: bool = False, log
 def publish_for(cfg: Config, ref: str | None = None, *, log: Log = print) -> tuple[Bundle, Pointer]:
     """`fab deploy.publish`: publish with a Store made from the config."""
     return publish(cfg, store_for(cfg), ref, log)
+
+
+def promote_for(cfg: Config, source: Config, *, log: Log = print) -> tuple[Bundle, Pointer]:
+    """`fab production deploy.publish --from=staging`: publish what staging published, same bytes."""
+    return promote(store_for(source), store_for(cfg), source.stage or "?", log)

@@ -55,3 +55,22 @@ def test_staging_never_moves_production(fleet: Fleet) -> None:
 
     r = fleet.fab("deploy.status", config=cfg, check=False)
     assert r.returncode == 1 and "stages: production, staging" in r.stderr
+
+
+def test_promotion_publishes_stagings_exact_bytes(fleet: Fleet) -> None:
+    cfg = fleet.sb.deploy_yml.with_name("deploy-stages.yml")  # written by the test above
+    staged = pointer(fleet, "shop/staging")
+    assert staged is not None and pointer(fleet, "shop") != staged
+    fleet.commit("not promoted: promotion takes staging's pointer, never HEAD")
+    r = fleet.fab("production", "deploy.publish", "--from=staging", config=cfg)
+    assert f"copied {staged[:12]} from stage staging" in r.stdout
+    assert pointer(fleet, "shop") == staged and pointer(fleet, "shop/staging") == staged
+
+    s3 = boto3.client("s3", endpoint_url=fleet.sb.s3_direct, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    body = {p: s3.get_object(Bucket=fleet.sb.bucket, Key=f"{p}/bundles/{staged}.tar.gz")["Body"].read()
+            for p in ("shop", "shop/staging")}
+    assert body["shop"] == body["shop/staging"]
+
+    r = fleet.fab("production", "deploy.publish", "--from=staging", config=cfg)  # again: nothing to do
+    assert "nothing copied" in r.stdout and "already published" in r.stdout

@@ -176,3 +176,13 @@ def test_a_broken_deploy_yml_still_lists_tasks_and_the_task_says_why(app: Path) 
     assert r.returncode == 0 and "deploy.roll" in r.stdout
     r = fab(app, "deploy.rollback", "--dry-run")
     assert r.returncode == 1 and "invalid YAML" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["production", "deploy.publish", "--from=production"], "--from=production is the stage being published"),
+    (["production", "deploy.publish", "--from=staging", "--ref=main"], "give --ref or --from, not both"),
+    (["production", "deploy.publish", "--from=qa"], "unknown stage 'qa'; stages: staging, production"),
+])
+def test_promotion_refusals(app: Path, args: list[str], needle: str) -> None:
+    r = fab(app, *args)
+    assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
