@@ -100,6 +100,26 @@ def _count(value, flag: str) -> int | None:
     return int(value)
 
 
+def _batch(value) -> str | None:
+    """--batch: a count or a percentage, through the one parser deploy.yml uses too."""
+    if value is None:
+        return None
+    from fabdeploy.basics.config import parse_count
+
+    try:
+        return parse_count(value)
+    except TypeError as e:
+        raise Exit(f"error: --batch must be {e} (got {value!r})", 1) from None
+
+
+_BATCH_HELP = {
+    "batch": "hosts changed (swap, restart, health) at once: a count (2) or a percentage (25%); "
+             "default: all, capped by min_healthy",
+    "canary": "the first N hosts go alone and must pass health before the rest",
+    "keep_going": "run every batch even after one failed (default: stop; the rest are 'not touched')",
+}
+
+
 def _fail_unless(ok: bool) -> None:
     if not ok:
         raise Exit(code=1)
@@ -171,25 +191,31 @@ def export_node_task(c, out="node-bundle"):
             "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
             "dry_run": "print what would happen and change nothing",
             "force": "activate even if a host already runs that commit",
-            "parallel": "hosts at once (default: parallel in deploy.yml)"})
-def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None):
+            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)", **_BATCH_HELP})
+def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None, batch=None,
+                canary=None, keep_going=False):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg(c)
     from fabdeploy.ops.hotfix import run_hotfix
 
     _fail_unless(run_hotfix(cfg, _targets(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
-                            parallel=_count(parallel, '--parallel')))
+                            parallel=_count(parallel, '--parallel'), batch=_batch(batch),
+                            canary=_count(canary, '--canary'), keep_going=keep_going))
 
 
 @deploy_task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
             "release": "release timestamp to go back to (default: each host's previous one)",
-            "dry_run": "print what would happen and change nothing"})
-def rollback_task(c, hosts=None, release=None, dry_run=False):
+            "dry_run": "print what would happen and change nothing",
+            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)", **_BATCH_HELP})
+def rollback_task(c, hosts=None, release=None, dry_run=False, parallel=None, batch=None, canary=None,
+                  keep_going=False):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
     cfg = _cfg(c)
     from fabdeploy.ops.rollback import run_rollback
 
-    _fail_unless(run_rollback(cfg, _targets(cfg, hosts), release=release, dry_run=dry_run))
+    _fail_unless(run_rollback(cfg, _targets(cfg, hosts), release=release, dry_run=dry_run,
+                              parallel=_count(parallel, '--parallel'), batch=_batch(batch),
+                              canary=_count(canary, '--canary'), keep_going=keep_going))
 
 
 @deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
@@ -226,15 +252,9 @@ def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, 
         return
     if engine != "ssh":
         raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
-    from fabdeploy.basics.config import parse_count
     from fabdeploy.ops.roll import run_roll
 
-    if batch is not None:
-        try:
-            batch = parse_count(batch)
-        except TypeError as e:
-            raise Exit(f"error: --batch must be {e} (got {batch!r})", 1) from None
-    _fail_unless(run_roll(cfg, _targets(cfg, hosts), ref, batch=batch, resume=resume, dry_run=dry_run,
+    _fail_unless(run_roll(cfg, _targets(cfg, hosts), ref, batch=_batch(batch), resume=resume, dry_run=dry_run,
                           rollback_on_failure=rollback_on_failure))
 
 

@@ -17,7 +17,6 @@ whatever a failure or Ctrl-C left half-done.
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import time
@@ -218,56 +217,6 @@ def _no_instances(cfg: Config, c: Clients) -> list[Host]:
 
 
 # --- batches: AZ spread and min healthy ----------------------------------------------
-
-
-def spread_by_az(hosts: list[Host]) -> list[Host]:
-    """Interleave AZs (a1 b1 c1 a2 b2 ...), so a batch takes from each AZ in turn."""
-    by_az: dict[str, list[Host]] = {}
-    for h in hosts:
-        by_az.setdefault(h.az or "", []).append(h)
-    queues = [by_az[k] for k in sorted(by_az)]
-    out: list[Host] = []
-    for i in range(max((len(q) for q in queues), default=0)):
-        out += [q[i] for q in queues if i < len(q)]
-    return out
-
-
-def max_down(min_healthy: str | None, live: int) -> int:
-    """How many of `live` instances may be down at once and still keep min_healthy up."""
-    if not min_healthy:
-        return live
-    keep = math.ceil(live * int(min_healthy[:-1]) / 100) if min_healthy.endswith("%") else int(min_healthy)
-    return live - keep
-
-
-def batches(cfg: Config, hosts: list[Host], batch: str, live: int) -> list[list[Host]]:
-    """Batches for a roll: AZs interleaved, size capped so `live - size` >= min_healthy."""
-    aws = cfg.aws
-    ordered = spread_by_az(hosts)
-    n = len(ordered)
-    size = math.ceil(n * int(batch[:-1]) / 100) if batch.endswith("%") else int(batch)
-    size = max(1, min(size, n or 1))
-    if aws is not None and aws.min_healthy:
-        cap = max_down(aws.min_healthy, live)
-        if cap < 1:
-            raise AWSError(f"aws.min_healthy {aws.min_healthy} of {live} live instance(s) leaves none to reboot: "
-                           f"lower aws.min_healthy in {cfg.path} or scale the group out first")
-        size = min(size, cap)
-    # A batch must not take every host of an AZ that has more than one: shrink until it doesn't.
-    per_az: dict[str, int] = {}
-    for h in ordered:
-        per_az[h.az or ""] = per_az.get(h.az or "", 0) + 1
-    groups: list[list[Host]] = []
-    i = 0
-    while i < n:
-        take = size
-        while take > 1 and any(
-            sum(1 for h in ordered[i:i + take] if (h.az or "") == az) >= count > 1 for az, count in per_az.items()
-        ):
-            take -= 1
-        groups.append(ordered[i:i + take])
-        i += take
-    return groups
 
 
 # --- traffic and standby around one host's reboot -------------------------------------

@@ -380,6 +380,8 @@ class Config:
     node: NodeConfig = key(NodeConfig)
     node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
     roll: RollConfig = key(RollConfig)
+    min_healthy: str | None = key(_min_healthy, doc="hosts (count or %) that must stay up while hotfix, rollback "
+                                  "and roll change the fleet in batches (aws.min_healthy wins on AWS fleets)")
     aws: AWSConfig | None = key(AWSConfig, optional_section=True, doc="discovery, load balancers, standby")
     # Not keys: the dotted keys deploy.yml set explicitly (so Fabric's config files can fill the
     # others), and the task's Fabric config (-i, -S, prompts, ~/.fabric.yaml, FABRIC_* env).

@@ -16,11 +16,11 @@ from fabric import Connection
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
-from fabdeploy.adapters.ssh import HostResult, run_parallel
 from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import BundleError
 from fabdeploy.basics.output import say, short, warn
+from fabdeploy.ops.batches import Outcome, plan_for, run_batches
 from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
@@ -35,7 +35,9 @@ def hotfix(
     push: bool = False,
     force: bool = False,
     parallel: int | None = None,
-) -> list[HostResult]:
+    groups: list[list[Host]] | None = None,
+    keep_going: bool = False,
+) -> Outcome:
     user = local_user()
     base = ["activate", "--sha256", bundle.sha256, "--commit", bundle.commit, "--ref", bundle.ref,
             "--user", user, "--restart"]
@@ -45,7 +47,7 @@ def hotfix(
         base += ["--size", str(bundle.size)]  # the node stops a download there
     if force:
         base.append("--force")
-    url = None if push else store.presign_bundle(bundle.commit)
+    url: list[str | None] = [None]
     local_file = _download_for_push(store, bundle) if push else None
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
@@ -57,13 +59,19 @@ def hotfix(
             args += ["--file", remote]
         else:
             args.append("--url-stdin")  # the presigned URL is a credential: not in argv (ps)
-        data = nodectl.call(cfg, host, conn, *args, stdin=None if push else f"{url}\n")
+        data = nodectl.call(cfg, host, conn, *args, stdin=None if push else f"{url[0]}\n")
         if data.get("changed"):
             data = health_or_revert(cfg, host, conn, data, user)
         return data
 
+    def fresh_url(_i: int) -> None:
+        # Signed per batch: a long batched run must not outlive the presigned URL.
+        if not push:
+            url[0] = store.presign_bundle(bundle.commit)
+
     try:
-        return run_parallel(cfg, targets.hosts, work, parallel=parallel)
+        return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
+                           keep_going=keep_going, before_batch=fresh_url)
     finally:
         if local_file:
             os.unlink(local_file)
@@ -96,7 +104,11 @@ def run_hotfix(
     force: bool = False,
     dry_run: bool = False,
     parallel: int | None = None,
+    batch: str | None = None,
+    canary: int | None = None,
+    keep_going: bool = False,
 ) -> bool:
+    the_plan = plan_for(cfg, targets.hosts, batch, canary)
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
         say(f"dry run: would hotfix {short(commit)} ({ref or cfg.ref}) onto "
@@ -104,20 +116,21 @@ def run_hotfix(
             + (f" via {'SFTP push' if push else 'S3'}; " )
             + ("then publish it (whole fleet), under the deploy lock" if targets.whole_fleet
                else "without publishing (subset: these hosts would drift from the published bundle)"))
+        the_plan.show(keep_going)
         return True
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
     with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet):
         start = time.monotonic()
-        results = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel)
-        ok = all(r.ok for r in results)
+        out = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel,
+                     groups=the_plan.groups, keep_going=keep_going)
+        ok = out.ok
         if targets.whole_fleet and ok:
             bundles.publish_bundle(store, b, log=say)
-    print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", results)
+    print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
+                  out.not_touched)
     if targets.whole_fleet and not ok:
         warn("some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again")
     elif ok:
         drift_note(cfg, targets, f"{short(b.commit)} ({b.ref})", b.commit)
     return ok
-
-

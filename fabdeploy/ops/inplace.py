@@ -33,7 +33,7 @@ def health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str, 
     raise HostError(host.name, f"{host.name}: {h.detail}{reverted}", data=data)
 
 
-def print_results(title: str, results: list[HostResult]) -> None:
+def print_results(title: str, results: list[HostResult], not_touched: list[str] | None = None) -> None:
     rows = []
     for r in results:
         d = r.data
@@ -49,9 +49,12 @@ def print_results(title: str, results: list[HostResult]) -> None:
             f"{r.seconds:.1f}s",
             outcome,
         ])
+    rows += [[name, "", "", "", "not touched"] for name in not_touched or ()]
     table(title, ["host", "previous", "now", "time", "outcome"], rows)
     failed = [r for r in results if not r.ok]
-    say(f"{len(results) - len(failed)} ok, {len(failed)} failed")
+    say(f"{len(results) - len(failed)} ok, {len(failed)} failed"
+        + (f", {len(not_touched)} not touched (the run stopped after a failed batch; they keep their release)"
+           if not_touched else ""))
 
 
 def drift_note(cfg: Config, targets: Targets, what: str, commit: str) -> None:

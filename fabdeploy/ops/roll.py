@@ -7,7 +7,6 @@ on the published commit and is healthy, and stop at the first host that is not.
 
 from __future__ import annotations
 
-import math
 import signal
 import socket
 import threading
@@ -24,6 +23,7 @@ from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import AWSError, HostError
 from fabdeploy.basics.output import say, short, table, warn
+from fabdeploy.ops.batches import plan as batch_plan
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets, resolve_hosts
 
@@ -38,13 +38,6 @@ class HostRoll:
     down_s: float | None = None
     healthy_s: float | None = None
     error: str | None = None
-
-
-def batches(hosts: list[Host], batch: str) -> list[list[Host]]:
-    n = len(hosts)
-    size = math.ceil(n * int(batch[:-1]) / 100) if batch.endswith("%") else int(batch)
-    size = max(1, min(size, n or 1))
-    return [hosts[i : i + size] for i in range(0, n, size)]
 
 
 class _Interrupt:
@@ -226,16 +219,14 @@ def run_roll(
     dry_run: bool = False,
     rollback_on_failure: bool = False,
 ) -> bool:
-    if cfg.aws is not None:
-        # AZs interleaved and capped by aws.min_healthy of the live fleet.
-        groups = aws.batches(cfg, targets.hosts, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
-    else:
-        groups = batches(targets.hosts, batch or cfg.roll.batch)
+    # AZs interleaved (aws:) and capped by min_healthy of the live fleet.
+    the_plan = batch_plan(cfg, targets.hosts, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
+    groups = the_plan.groups
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
         say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and reboot, in this order:")
-        for i, g in enumerate(groups, 1):
-            say(f"  batch {i}: {', '.join(h.name + (f' ({h.az})' if h.az else '') for h in g)}")
+        for line in the_plan.describe():
+            say(line)
         return True
 
     store = store_for(cfg)

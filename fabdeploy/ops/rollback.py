@@ -10,17 +10,18 @@ from fabric import Connection
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.health import wait_healthy
-from fabdeploy.adapters.ssh import HostResult, run_parallel
 from fabdeploy.adapters.store import now_iso, store_for
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
+from fabdeploy.ops.batches import Outcome, plan_for, run_batches
 from fabdeploy.ops.inplace import drift_note, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
 
 
-def rollback(cfg: Config, targets: Targets, *, release: str | None = None, parallel: int | None = None) -> list[HostResult]:
+def rollback(cfg: Config, targets: Targets, *, release: str | None = None, parallel: int | None = None,
+             groups: list[list[Host]] | None = None, keep_going: bool = False) -> Outcome:
     user = local_user()
     args = ["rollback", "--user", user, "--restart"]
     if release:
@@ -35,24 +36,29 @@ def rollback(cfg: Config, targets: Targets, *, release: str | None = None, paral
                             data=data)
         return data
 
-    return run_parallel(cfg, targets.hosts, work, parallel=parallel)
+    return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
+                       keep_going=keep_going)
 
 
 def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, dry_run: bool = False,
-                 parallel: int | None = None) -> bool:
-
+                 parallel: int | None = None, batch: str | None = None, canary: int | None = None,
+                 keep_going: bool = False) -> bool:
+    the_plan = plan_for(cfg, targets.hosts, batch, canary)
     if dry_run:
         say(f"dry run: would roll back {', '.join(h.name for h in targets.hosts)} to "
             + (release or "each host's previous release")
             + (" and move the published pointer back" if targets.whole_fleet else ""))
+        the_plan.show(keep_going)
         return True
     store = store_for(cfg)
     with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet):
         start = time.monotonic()
-        results = rollback(cfg, targets, release=release, parallel=parallel)
-        ok = all(r.ok for r in results)
+        out = rollback(cfg, targets, release=release, parallel=parallel, groups=the_plan.groups,
+                       keep_going=keep_going)
+        results = out.results
+        ok = out.ok
         # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
-        print_results(f"rollback in {time.monotonic() - start:.1f}s", results)
+        print_results(f"rollback in {time.monotonic() - start:.1f}s", results, out.not_touched)
         if targets.whole_fleet and ok:
             _pointer_back(cfg, store, {r.data.get("commit") for r in results})
     commits = {r.data.get("commit") for r in results}

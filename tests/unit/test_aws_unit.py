@@ -25,6 +25,7 @@ from fabdeploy.adapters import aws
 from fabdeploy.adapters.aws import AWSError, Clients, Traffic
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError, Host
+from fabdeploy.ops.batches import plan, spread_by_az
 from fabdeploy.ops.targets import select_hosts
 from fabfile import sandbox
 
@@ -102,25 +103,25 @@ def hosts_in(azs: dict[str, int]) -> list[Host]:
 
 def test_roll_order_interleaves_azs() -> None:
     hs = hosts_in({"us-east-1a": 3, "us-east-1b": 2, "us-east-1c": 1})
-    assert [h.name for h in aws.spread_by_az(hs)] == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert [h.name for h in spread_by_az(hs)] == ["a1", "b1", "c1", "a2", "b2", "a3"]
 
 
 def test_min_healthy_caps_the_batch_from_the_live_count(tmp_path: Path) -> None:
     cfg = load(tmp_path, "aws: {autoscaling_groups: [g], min_healthy: 66%}\n")
     hs = hosts_in({"us-east-1a": 3, "us-east-1b": 3})
     # 6 live, keep ceil(3.96)=4 -> at most 2 down at once, whatever --batch asks for.
-    assert [len(b) for b in aws.batches(cfg, hs, "50%", live=6)] == [2, 2, 2]
-    assert [[h.az for h in b] for b in aws.batches(cfg, hs, "3", live=6)][0] == ["us-east-1a", "us-east-1b"]
+    assert [len(b) for b in plan(cfg, hs, "50%", live=6).groups] == [2, 2, 2]
+    assert [[h.az for h in b] for b in plan(cfg, hs, "3", live=6).groups][0] == ["us-east-1a", "us-east-1b"]
     cfg2 = load(tmp_path, "aws: {autoscaling_groups: [g], min_healthy: 2}\n")
-    with pytest.raises(AWSError, match="min_healthy 2 of 2 live instance.* leaves none to reboot"):
-        aws.batches(cfg2, hs[:2], "1", live=2)
+    with pytest.raises(ConfigError, match="aws.min_healthy 2 of 2 live host.* leaves none to take out"):
+        plan(cfg2, hs[:2], "1", live=2)
 
 
 def test_a_batch_never_takes_every_host_of_an_az() -> None:
     hs = hosts_in({"us-east-1a": 2, "us-east-1b": 2})
     cfg = config.Config(path=Path("x"), app="a", repo=Path("."), s3=config.S3Config("b", "a"),
                         deploy_to="/srv/a", hosts=(), aws=config.AWSConfig(autoscaling_groups=("g",)))
-    for b in aws.batches(cfg, hs, "100%", live=4):
+    for b in plan(cfg, hs, "100%", live=4).groups:
         assert len({h.az for h in b}) == len(b)  # one per AZ in each batch
 
 

@@ -11,7 +11,7 @@ import pytest
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.ssh import connect
 from fabdeploy.basics import config
-from fabdeploy.ops.roll import batches
+from fabdeploy.ops.batches import plan
 from fabdeploy.ops.targets import select_hosts
 
 
@@ -66,7 +66,12 @@ def test_unknown_key_message_does_not_promise_trust_on_first_use(tmp_path: Path,
 
 
 def test_batches_by_count_and_percent(tmp_path: Path) -> None:
-    hosts = list(make_cfg(tmp_path).hosts)
+    cfg = make_cfg(tmp_path)
+    hosts = list(cfg.hosts)
+
+    def batches(hs, b):
+        return plan(cfg, hs, b, live=len(hs)).groups
+
     assert [[h.name for h in b] for b in batches(hosts, "2")] == [["web1", "web2"], ["web3", "web4"], ["web5"]]
     assert [len(b) for b in batches(hosts, "40%")] == [2, 2, 1]
     assert [len(b) for b in batches(hosts, "1%")] == [1] * 5

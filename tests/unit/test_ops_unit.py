@@ -14,6 +14,7 @@ from fabdeploy.adapters.ssh import HostResult
 from fabdeploy.adapters.store import Pointer, Store, store_for
 from fabdeploy.basics.config import Config, Host, S3Config
 from fabdeploy.ops import rollback as rollback_op
+from fabdeploy.ops.batches import Outcome
 from fabdeploy.ops.targets import Targets
 from fabfile import sandbox
 
@@ -61,7 +62,7 @@ def test_fleet_rollback_moves_the_pointer_past_damaged_history_and_prints_result
     publish_history(store, "a", "b")
     store.client.put_object(Bucket=store.s3.bucket, Key=f"{store.history_prefix}0000000000000-x.json", Body=b"{oops")
     results = [HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"}) for h in cfg.hosts]
-    monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: results)
+    monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: Outcome(results))
     ok = rollback_op.run_rollback(cfg, Targets(list(cfg.hosts), whole_fleet=True))
     out = capsys.readouterr().out
     assert ok
@@ -76,7 +77,7 @@ def test_fleet_rollback_prints_results_before_a_pointer_failure(
 
     publish_history(store, "a", "b")
     results = [HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"}) for h in cfg.hosts]
-    monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: results)
+    monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: Outcome(results))
 
     def broken(*a: Any, **k: Any) -> None:
         raise StoreError("S3 listing history failed")

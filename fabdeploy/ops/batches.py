@@ -1,0 +1,164 @@
+"""Changing a fleet a few hosts at a time: the batch plan and the fail-fast runner.
+
+One plan for roll, hotfix and rollback: AZs interleaved when `aws:` is configured, an
+optional canary group first, and every batch capped so that `min_healthy` of the live
+fleet stays up (aws.min_healthy for AWS fleets, else the top-level min_healthy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabric import Connection
+
+from fabdeploy.adapters.ssh import HostResult, run_parallel
+from fabdeploy.basics.config import Config, Host, count_of
+from fabdeploy.basics.errors import ConfigError
+from fabdeploy.basics.output import say
+from fabdeploy.ops.targets import resolve_hosts
+
+
+def spread_by_az(hosts: list[Host]) -> list[Host]:
+    """Interleave AZs (a1 b1 c1 a2 b2 ...), so a batch takes from each AZ in turn."""
+    by_az: dict[str, list[Host]] = {}
+    for h in hosts:
+        by_az.setdefault(h.az or "", []).append(h)
+    queues = [by_az[k] for k in sorted(by_az)]
+    out: list[Host] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
+
+
+def max_down(min_healthy: str | None, live: int) -> int:
+    """How many of `live` hosts may be out at once and still keep min_healthy up."""
+    if not min_healthy:
+        return live
+    return live - count_of(min_healthy, live)
+
+
+def min_healthy_of(cfg: Config) -> tuple[str, str] | None:
+    """(key, value) of the min_healthy that applies: aws.min_healthy on AWS fleets, else the top-level one."""
+    if cfg.aws is not None and cfg.aws.min_healthy:
+        return "aws.min_healthy", cfg.aws.min_healthy
+    if cfg.min_healthy:
+        return "min_healthy", cfg.min_healthy
+    return None
+
+
+def cap_for(cfg: Config, live: int) -> int | None:
+    """The most hosts min_healthy lets out at once (None: no limit); < 1 is an error."""
+    mh = min_healthy_of(cfg)
+    if mh is None:
+        return None
+    cap = max_down(mh[1], live)
+    if cap < 1:
+        raise ConfigError(f"{mh[0]} {mh[1]} of {live} live host(s) leaves none to take out at once: "
+                          f"lower {mh[0]} in {cfg.path} or add hosts first")
+    return cap
+
+
+@dataclass
+class Plan:
+    groups: list[list[Host]]
+    canary: int = 0  # how many of the first groups are the canary
+
+    def describe(self) -> list[str]:
+        return [f"  {'canary' if i < self.canary else 'batch'} {i + 1}: "
+                + ", ".join(h.name + (f" ({h.az})" if h.az else "") for h in g)
+                for i, g in enumerate(self.groups)]
+
+    def show(self, keep_going: bool = False) -> None:
+        """For a dry run: the batches, when there is more than one."""
+        if len(self.groups) <= 1:
+            return
+        say("in batches, each health-gated" + ("" if keep_going else "; a failed batch stops the run") + ":")
+        for line in self.describe():
+            say(line)
+
+
+def _split(cfg: Config, ordered: list[Host], size: int) -> list[list[Host]]:
+    if cfg.aws is None:
+        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    # A batch must not take every host of an AZ that has more than one: shrink until it doesn't.
+    per_az: dict[str, int] = {}
+    for h in ordered:
+        per_az[h.az or ""] = per_az.get(h.az or "", 0) + 1
+    groups: list[list[Host]] = []
+    i = 0
+    while i < len(ordered):
+        take = size
+        while take > 1 and any(
+            sum(1 for h in ordered[i:i + take] if (h.az or "") == az) >= count > 1 for az, count in per_az.items()
+        ):
+            take -= 1
+        groups.append(ordered[i:i + take])
+        i += take
+    return groups
+
+
+def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary: int = 0) -> Plan:
+    """The batches for changing `hosts` out of `live`: `batch` hosts at once (None: all),
+    the first `canary` hosts alone first, each batch capped by min_healthy."""
+    ordered = spread_by_az(hosts) if cfg.aws is not None else list(hosts)
+    n = len(ordered)
+    size = n if batch is None else count_of(batch, n)
+    cap = cap_for(cfg, live)
+    if cap is not None:
+        size = min(size, cap)
+    size = max(1, min(size, n or 1))
+    canary = min(canary, n)
+    first = _split(cfg, ordered[:canary], min(size, canary) or 1) if canary else []
+    return Plan(first + _split(cfg, ordered[canary:], size), canary=len(first))
+
+
+def batching_asked(cfg: Config, batch: str | None, canary: int | None) -> bool:
+    """Without --batch, --canary and min_healthy a run is one parallel pass, as it always was."""
+    return batch is not None or bool(canary) or min_healthy_of(cfg) is not None
+
+
+def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | None) -> Plan:
+    """hotfix/rollback: one parallel pass unless --batch, --canary or min_healthy ask for batches."""
+    if not batching_asked(cfg, batch, canary) or len(hosts) <= 1 and min_healthy_of(cfg) is None:
+        return Plan([list(hosts)] if hosts else [])
+    return plan(cfg, hosts, batch, live=len(resolve_hosts(cfg)), canary=canary or 0)
+
+
+@dataclass
+class Outcome:
+    results: list[HostResult] = field(default_factory=list)
+    not_touched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results) and not self.not_touched
+
+
+def run_batches(
+    cfg: Config,
+    groups: list[list[Host]],
+    work: Callable[[Host, Connection], dict[str, Any]],
+    *,
+    parallel: int | None = None,
+    keep_going: bool = False,
+    before_batch: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Run `work` batch after batch; after a failed batch start no new one (unless keep_going).
+
+    Every started host's outcome is collected; hosts of the batches not started are listed
+    as not touched.
+    """
+    out = Outcome()
+    for i, group in enumerate(groups):
+        if before_batch is not None:
+            before_batch(i)
+        if len(groups) > 1:
+            say(f"batch {i + 1}/{len(groups)}: {', '.join(h.name for h in group)}")
+        res = run_parallel(cfg, group, work, parallel=parallel)
+        out.results += res
+        if not keep_going and not all(r.ok for r in res):
+            out.not_touched = [h.name for g in groups[i + 1:] for h in g]
+            break
+    return out

@@ -1,0 +1,61 @@
+"""hotfix in batches on a sandbox fleet: --batch, --canary, fail fast. Real fab, real sshd, local S3."""
+
+from __future__ import annotations
+
+import pytest
+from fleet_helpers import Fleet, can_run_sandbox, start_fleet
+
+from fabfile import sandbox
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+
+HOSTS = ("web1", "web2", "web3", "web4")
+MARKER = "/srv/shop/shared/break-the-canary"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    f = start_fleet(tmp_path_factory.mktemp("batches"), subnet="127.0.37", hosts=len(HOSTS))
+    yield f
+    sandbox.down(f.sb.dir)
+
+
+def test_dry_run_prints_the_batches(fleet: Fleet) -> None:
+    r = fleet.fab("deploy.hotfix", "--canary=1", "--batch=2", "--dry-run")
+    assert "canary 1: web1" in r.stdout and "batch 2: web2, web3" in r.stdout and "batch 3: web4" in r.stdout
+    assert fleet.pointer() is None  # nothing was published
+
+
+def test_batch_of_one_updates_the_whole_fleet(fleet: Fleet) -> None:
+    commit = fleet.git("rev-parse", "HEAD")
+    r = fleet.fab("deploy.hotfix", "--batch=1")
+    for i, h in enumerate(HOSTS, 1):
+        assert f"batch {i}/4: {h}" in r.stdout
+        assert fleet.revision(h) == commit and fleet.version(h) == commit
+    assert "4 ok, 0 failed" in r.stdout
+    assert fleet.pointer()["commit"] == commit
+
+
+def test_failed_canary_leaves_the_rest_untouched(fleet: Fleet) -> None:
+    old = fleet.git("rev-parse", "HEAD")
+    before = {h: fleet.current(h) for h in HOSTS}
+    new = fleet.commit("a hotfix the canary rejects")
+    # The hook fails only where the marker exists: on web1, the canary.
+    cfg = fleet.variant("canary", hooks={"before_swap": [f"test ! -e {MARKER} || {{ echo canary says no; exit 4; }}"]},
+                        health={"timeout": 10})
+    fleet.ssh("web1", f"mkdir -p /srv/shop/shared && touch {MARKER}")
+    try:
+        r = fleet.fab("deploy.hotfix", "--canary=1", config=cfg, check=False)
+    finally:
+        fleet.ssh("web1", f"rm -f {MARKER}")
+    assert r.returncode != 0, r.stdout
+    assert "canary says no" in r.stdout + r.stderr
+    assert {h: fleet.current(h) for h in HOSTS} == before  # the canary kept its release too
+    for h in HOSTS:
+        assert fleet.revision(h) == old != new
+    lines = r.stdout.splitlines()
+    for h in ("web2", "web3", "web4"):
+        assert any(h in line and "not touched" in line for line in lines), r.stdout
+    assert any("web1" in line and "FAILED" in line for line in lines), r.stdout
+    assert "0 ok, 1 failed, 3 not touched" in r.stdout
+    assert fleet.pointer()["commit"] == old  # a failed run publishes nothing
