@@ -160,6 +160,8 @@ def test_hotfix_sends_the_presigned_url_on_stdin_not_in_argv(
     """Every local user can read a remote command's argv (ps) for the URL's whole hour."""
     from types import SimpleNamespace
 
+    from fabdeploy.adapters.ssh import HostResult
+    from fabdeploy.ops import batches as batches_mod
     from fabdeploy.ops import hotfix as hotfix_mod
 
     cfg = make_cfg(tmp_path)
@@ -171,8 +173,9 @@ def test_hotfix_sends_the_presigned_url_on_stdin_not_in_argv(
         return {"ok": True, "changed": False}
 
     monkeypatch.setattr(nodectl, "call", call)
-    monkeypatch.setattr(hotfix_mod, "run_parallel",
-                        lambda cfg, hosts, work, parallel=None: [work(h, None) for h in hosts])
+    monkeypatch.setattr(batches_mod, "run_parallel",
+                        lambda cfg, hosts, work, parallel=None: [HostResult(h.name, True, work(h, None))
+                                                                 for h in hosts])
     bundle = SimpleNamespace(sha256="0" * 64, commit="c" * 40, ref="main", committed_at=None,
                              size=12345)
     store = SimpleNamespace(presign_bundle=lambda commit: url)
