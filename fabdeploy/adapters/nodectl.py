@@ -57,6 +57,16 @@ def node_json(cfg: Config) -> dict[str, Any]:
         "download_timeout": cfg.node.download_timeout,
         "max_files": cfg.node.max_files,
         "lock_timeout": cfg.node.lock_timeout,
+        # The node checks health itself after a restart (and `status --after-boot` after a
+        # reboot) unless health.on is controller: then it leaves that to the deploying machine.
+        "health": {
+            "on": cfg.health.on,
+            "url": cfg.health.url,
+            "command": cfg.health.command,
+            "timeout": cfg.health.timeout,
+            "interval": cfg.health.interval,
+            "expect_status": cfg.health.expect_status,
+        },
     }
 
 

@@ -295,9 +295,24 @@ class HostSpec:
     roles: tuple[str, ...] = key(_commands, factory=tuple)
 
 
+HEALTH_ON = ("node", "controller")
+
+
+def _health_on(v: Any) -> str:
+    if v not in HEALTH_ON:
+        raise TypeError("node (the node checks itself, over its own address) or controller (an HTTP "
+                        "request from the deploying machine)")
+    return v
+
+
 @dataclass(frozen=True)
 class HealthConfig:
-    url: str | None = key(_opt_str, doc="checked after each change; {host} is the host's address")
+    url: str | None = key(_opt_str, doc="checked after each change; {host} is the host's address (on: node, the "
+                          "address its sshd was reached on, else 127.0.0.1)")
+    command: str | None = key(_opt_str, doc="on: node only: a shell command run in the current release, "
+                              "healthy when it exits 0")
+    on: str = key(_health_on, "node", doc="where the check runs: node (in the same SSH command, works behind a "
+                  "bastion) or controller")
     timeout: float = key(_pos_num, 120.0)
     interval: float = key(_pos_num, 0.2)
     expect_status: int = key(_pos_int, 200)
@@ -660,6 +675,9 @@ def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...]
     if "hosts" not in v and not (aws and aws.discovers):
         raise ConfigError(f"{p}: missing required key 'hosts'{for_stage} (or name the fleet with "
                           "aws.autoscaling_groups / aws.tag_filters)")
+    if v["health"].command and v["health"].on != "node":
+        raise ConfigError(f"{p}: {shown('health.command')} runs on the node, so it needs health.on: node{for_stage} "
+                          "(or drop it and check health.url from here)")
     s3: S3Config = v["s3"]
     # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
     default_prefix = f"{v['app']}/{stage}" if stage else v["app"]

@@ -295,6 +295,25 @@ class Config:
         self.max_files: int = int(raw.get("max_files") or 200000)
         self.lock_timeout: float = float(raw.get("lock_timeout") or 120.0)
         self.download_timeout: float = float(raw.get("download_timeout") or 60.0)
+        self.health = HealthConfig(raw.get("health"))
+
+
+class HealthConfig:
+    """deploy.yml's health: section as the node reads it from node.json."""
+
+    def __init__(self, raw: Any) -> None:
+        raw = raw if isinstance(raw, dict) else {}
+        self.on: str = str(raw.get("on") or "node")
+        self.url: str | None = raw.get("url") or None
+        self.command: str | None = raw.get("command") or None
+        self.timeout: float = float(raw.get("timeout") or 120.0)
+        self.interval: float = float(raw.get("interval") or 0.2)
+        self.expect_status: int = int(raw.get("expect_status") or 200)
+
+    @property
+    def here(self) -> bool:
+        """This node checks health itself (health.on: node, and there is something to check)."""
+        return self.on == "node" and bool(self.url or self.command)
 
 
 def load_config(path: str) -> Config:
@@ -1299,6 +1318,136 @@ def _restart_with_fallback(
 
 
 # --------------------------------------------------------------------------------------------
+# health
+
+
+def own_address() -> str:
+    """What `{host}` in health.url becomes on the node: the address this host's sshd was reached
+    on (behind a bastion, its private one), else (at boot, no SSH) loopback."""
+    parts = os.environ.get("SSH_CONNECTION", "").split()
+    addr = parts[2] if len(parts) == 4 else "127.0.0.1"
+    return f"[{addr.replace('%', '%25')}]" if ":" in addr else addr
+
+
+def _probe_url(url: str, expect: int, timeout: float) -> str | None:
+    """None when `url` answers `expect`; else what it did instead."""
+    import urllib.error
+    import urllib.request
+
+    # No proxies: an http_proxy in the node's environment must not see a loopback check.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            if resp.status == expect:
+                return None
+            return f"{url} answered {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{url} answered {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url} unreachable: {getattr(exc, 'reason', exc)}"
+
+
+def _probe_command(command: str, cwd: str, env: dict[str, str], timeout: float) -> str | None:
+    """None when `command` exits 0; else its exit code and the last line it printed."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["/bin/sh", "-c", command],
+            cwd=cwd if os.path.isdir(cwd) else "/",
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=max(timeout, 0.1),
+        )
+    except subprocess.TimeoutExpired:
+        return f"`{command}` did not finish within {timeout:.0f}s"
+    except OSError as exc:
+        return f"`{command}` could not run: {exc}"
+    if proc.returncode == 0:
+        return None
+    lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    return f"`{command}` exited {proc.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+
+
+def check_health(
+    cfg: Config,
+    layout: Layout,
+    release: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Poll health.url (over this host's own address) and health.command until both pass or
+    health.timeout runs out: the same readiness loop the deploying machine used to run.
+
+    Returns {"ok", "detail", "seconds"}; a failure's detail starts "health check failed"."""
+    h = cfg.health
+    start = time.monotonic()
+    if not h.here:
+        return {"ok": True, "detail": "no health check on the node", "seconds": 0.0}
+    url = h.url.replace("{host}", own_address()) if h.url else None
+    env = _hook_env(layout, release, read_revision(release) or "")
+    deadline = start + h.timeout
+    # A restarted app usually answers within milliseconds: probe fast first, back off to
+    # health.interval, so no host waits a whole interval for nothing.
+    pause = min(0.01, h.interval)
+    while True:
+        left = max(deadline - time.monotonic(), 0.1)
+        last = _probe_url(url, h.expect_status, min(5.0, left)) if url else None
+        if last is None and h.command:
+            last = _probe_command(h.command, release, env, min(30.0, left))
+        waited = time.monotonic() - start
+        if last is None:
+            what = " and ".join(x for x in (url and f"{url} answered {h.expect_status}",
+                                            h.command and f"`{h.command}` exited 0") if x)
+            return {"ok": True, "detail": what, "seconds": round(waited, 3)}
+        if time.monotonic() >= deadline:
+            return {
+                "ok": False,
+                "detail": f"health check failed after {waited:.0f}s on {hostname()}: {last}",
+                "seconds": round(waited, 3),
+            }
+        sleep(pause)
+        pause = min(pause * 2, h.interval)
+
+
+def _revert_unhealthy(
+    cfg: Config, layout: Layout, release: str, previous: Current | None, user: str,
+    health: dict[str, Any],
+) -> NodeError:
+    """The new release failed its health check: put `current` back on the previous release and
+    restart that (what the deploying machine's revert used to do, without another round trip)."""
+    if previous is None or not previous.ok:
+        return NodeError(
+            f"{health['detail']}; there is no previous release to go back to, so "
+            f"{os.path.basename(release)} stays current: fix the app and deploy again",
+            health=health,
+        )
+    if cfg.restart:
+        atomic_write(os.path.join(layout.state, RESTART_MARKER),
+                     json.dumps({"release": previous.release, "boot_id": boot_id()}) + "\n")
+    swap_current(layout, previous.path)
+    append_revision_log(layout, f"{user} rolled back to release {previous.release}")
+    log(f"health check failed; current is back on {previous.release}, restarting it")
+    again = ""
+    if cfg.restart:
+        try:
+            run_shell(cfg.restart, previous.path,
+                      _hook_env(layout, previous.path, previous.commit or ""), "restart")
+        except CommandFailed as exc:
+            again = f" but its restart failed too (exit code {exc.returncode}): check the app's logs"
+        finally:
+            _clear_restart_pending(layout)
+    return NodeError(
+        f"{health['detail']}; put back on {previous.release}{again}",
+        health=health,
+        current=previous.release,
+        previous=previous.brief(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # commands
 
 
@@ -1456,6 +1605,14 @@ def _activate(
                 raise
             finally:
                 _clear_restart_pending(layout)
+        health = None
+        if restart and cfg.health.here:
+            health = check_health(cfg, layout, release)
+            record_status(layout, "last_health", {**health, "release": name, "commit": commit})
+            if not health["ok"]:
+                err = _revert_unhealthy(cfg, layout, release, previous, user, health)
+                err.extra.update(release=name, commit=commit)
+                raise err
         pruned = prune(layout, cfg.keep_releases, previous.release if previous else None)
         remove_leftovers(layout)
     return {
@@ -1465,6 +1622,7 @@ def _activate(
         "commit": commit,
         "previous": previous.brief() if previous is not None else None,
         "pruned": pruned,
+        **({"health": health} if health is not None else {}),
         "seconds": {
             "download": round(t_download, 3),
             "extract": round(t_extract, 3),
@@ -1484,6 +1642,15 @@ def rollback(
     layout = Layout(cfg.deploy_to)
     try:
         result = _rollback(cfg, layout, release, user or default_user(), restart)
+        if restart and cfg.health.here:
+            health = check_health(cfg, layout, layout.release_path(result["release"]))
+            record_status(layout, "last_health",
+                          {**health, "release": result["release"], "commit": result["commit"]})
+            result["health"] = health
+            if not health["ok"]:
+                # No revert here: this already is the way back.
+                raise NodeError(f"rolled back to {result['release']} but {health['detail']}",
+                                **{k: v for k, v in result.items() if k != "ok"})
     except NodeError as exc:
         record_status(
             layout, "last", {"action": "rollback", "outcome": "failed", "reason": exc.message}
@@ -1569,8 +1736,45 @@ def _rollback(
     }
 
 
-def status(cfg: Config) -> dict[str, Any]:
+def _wait_boot_record(layout: Layout, me: str | None, wait: float,
+                      sleep: Callable[[float], None]) -> None:
+    """Wait (bounded) until the boot unit has recorded its outcome for this boot."""
+    deadline = time.monotonic() + wait
+    while (read_status(layout).get("last_boot") or {}).get("boot_id") != me:
+        if time.monotonic() >= deadline:
+            return
+        sleep(0.05)
+
+
+def status(
+    cfg: Config,
+    *,
+    after_boot: str | None = None,
+    wait: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """The host's state. With `after_boot` (the boot id before a reboot) and a new boot: wait up
+    to `wait` seconds for the boot unit's outcome, then, if it put the release in place, check
+    the app's health here (the boot unit ran before the app started) and report it."""
     layout = Layout(cfg.deploy_to)
+    me = boot_id()
+    health = None
+    if after_boot is not None and me != after_boot:
+        _wait_boot_record(layout, me, wait, sleep)
+        last_boot = read_status(layout).get("last_boot") or {}
+        if (
+            cfg.health.here
+            and last_boot.get("boot_id") == me
+            and last_boot.get("outcome") in ("activated", "unchanged")
+        ):
+            try:
+                cur = read_current(layout)
+            except NodeError:
+                cur = None
+            if cur is not None and cur.ok:
+                health = check_health(cfg, layout, cur.path, sleep=sleep)
+                record_status(layout, "last_health",
+                              {**health, "release": cur.release, "commit": cur.commit})
     try:
         current = read_current(layout)
         current_info: dict[str, Any] | None = current.as_dict() if current else None
@@ -1608,7 +1812,9 @@ def status(cfg: Config) -> dict[str, Any]:
         "pending": [n for n in names if RELEASE_RE.match(n) and is_pending(layout.release_path(n))],
         "last": saved.get("last"),
         "last_boot": saved.get("last_boot"),
-        "boot_id": boot_id(),
+        "last_health": saved.get("last_health"),
+        "health": health,
+        "boot_id": me,
         "revision_log_tail": tail,
         "node_version": VERSION,
     }
@@ -1783,7 +1989,12 @@ def _parser() -> Any:
     r.add_argument("--restart", action="store_true")
     r.add_argument("--reason")
 
-    for name in ("boot", "status", "cleanup", "version"):
+    st = sub.add_parser("status")
+    st.add_argument("--after-boot", help="the boot id before a reboot: on a new boot, wait for "
+                    "the boot unit's outcome, then check health here")
+    st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
+
+    for name in ("boot", "cleanup", "version"):
         sub.add_parser(name)
     return p
 
@@ -1864,7 +2075,7 @@ def _dispatch(args: Any) -> dict[str, Any]:
             cfg, release=args.release, user=args.user, restart=args.restart, reason=args.reason
         )
     if args.command == "status":
-        return status(cfg)
+        return status(cfg, after_boot=args.after_boot, wait=args.wait)
     if args.command == "cleanup":
         return cleanup(cfg)
     if args.command == "boot":

@@ -16,7 +16,11 @@ from fabdeploy.ops.targets import Targets
 
 
 def health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str, Any], user: str) -> dict[str, Any]:
-    """Health-check a host that just changed; on failure put its previous release back."""
+    """Health-check a host that just changed; on failure put its previous release back.
+
+    With health.on: node the node program already did both, in the same command."""
+    if cfg.health.on == "node":
+        return data
     h = wait_healthy(cfg, conn.host)
     data["health"] = h.detail
     if h.ok:

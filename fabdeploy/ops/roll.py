@@ -67,11 +67,19 @@ def _log(t0: float, host: str, msg: str) -> None:
     say(f"[{time.monotonic() - t0:6.1f}s] {host}: {msg}")
 
 
-def _boot_id(cfg: Config, host: Host) -> tuple[str | None, dict[str, Any] | None]:
-    """One fresh connection: (boot id, node status) or (None, None) while the host is down."""
+def _boot_id(cfg: Config, host: Host, old_boot: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """One fresh connection: (boot id, node status) or (None, None) while the host is down.
+
+    Given the boot id from before the reboot, a node on a new boot answers once its boot unit
+    has recorded the outcome, with its app's health checked there (health.on: node): the
+    roll learns both in this one command instead of polling, then probing from here."""
     conn = connect(cfg, host)
+    args, timeout = ["status"], 15.0
+    if old_boot:
+        args += ["--after-boot", old_boot, "--wait", f"{cfg.roll.boot_timeout:g}"]
+        timeout += cfg.roll.boot_timeout + (cfg.health.timeout if cfg.health.on == "node" else 0)
     try:
-        data = nodectl.call(cfg, host, conn, "status", timeout=15)
+        data = nodectl.call(cfg, host, conn, *args, timeout=timeout)
         return data.get("boot_id"), data
     except HostError:
         return None, None
@@ -129,7 +137,7 @@ def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> t
             time.sleep(0.02)
             continue
         last_login = now
-        boot_id, status = _boot_id(cfg, host)
+        boot_id, status = _boot_id(cfg, host, old_boot)
         if boot_id is None:
             went_down = went_down or now
         elif boot_id != old_boot:
@@ -181,22 +189,37 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
             raise HostError(host.name, f"{host.name} came back but its boot unit ({cfg.boot_unit}) recorded "
                             f"no outcome within {cfg.roll.boot_timeout:g}s; is it enabled? (fab deploy.setup)")
         time.sleep(0.2)
-        _, status = _boot_id(cfg, host)
+        _, status = _boot_id(cfg, host, old_boot)
     cur = (status or {}).get("current") or {}
     res.new = {"release": cur.get("release"), "commit": cur.get("commit")}
     last_boot = (status or {}).get("last_boot") or {}
     if cur.get("commit") != commit:
         raise HostError(host.name, f"{host.name} booted but kept {short(cur.get('commit'))} instead of "
                         f"{short(commit)}: {last_boot.get('reason') or last_boot.get('outcome')}")
-    h = wait_healthy(cfg, connect(cfg, host).host)
-    if not h.ok:
-        raise HostError(host.name, f"{host.name} is on {short(commit)} but {h.detail}")
+    _check_health(cfg, host, commit, status)
     if traffic is not None:
         traffic.after_healthy(host)
     res.healthy_s = time.monotonic() - start
     res.ok = True
     _log(t0, host.name, f"on {short(commit)} release {cur.get('release')}, healthy ({res.healthy_s:.1f}s)")
     return res
+
+
+def _check_health(cfg: Config, host: Host, commit: str, status: dict[str, Any] | None) -> None:
+    """The rebooted host's health: as its node reported it (health.on: node), else probed from here."""
+    if cfg.health.on == "controller":
+        h = wait_healthy(cfg, connect(cfg, host).host)
+        ok, detail = h.ok, h.detail
+    elif not (cfg.health.url or cfg.health.command):
+        return
+    else:
+        reported = (status or {}).get("health")
+        if not isinstance(reported, dict):
+            raise HostError(host.name, f"{host.name} is on {short(commit)} but its node program reported no health "
+                            "check for this boot; run `fab deploy.setup` and roll it again")
+        ok, detail = bool(reported.get("ok")), str(reported.get("detail"))
+    if not ok:
+        raise HostError(host.name, f"{host.name} is on {short(commit)} but {detail}")
 
 
 def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,

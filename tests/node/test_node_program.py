@@ -887,7 +887,7 @@ def test_cli_unexpected_exception_is_json(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def boom(cfg: node.Config) -> dict[str, Any]:
+    def boom(cfg: node.Config, **kwargs: Any) -> dict[str, Any]:
         raise RuntimeError("kaboom")
 
     monkeypatch.setattr(node, "status", boom)

@@ -203,6 +203,8 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
         "hooks": {"before_swap": ["true"]}, "node_env": {"AWS_REGION": "eu-west-1"},
         "node": {"boot_attempts": 2, "first_boot_attempts": 3, "boot_backoff": 0.5, "boot_max_seconds": 77,
                  "download_timeout": 12, "max_files": 99, "lock_timeout": 33},
+        "health": {"url": "http://{host}:81/up", "command": "test -f tmp/ready", "timeout": 7, "interval": 0.5,
+                   "expect_status": 204},
     }))
     cfg = config.load(p)
     raw = nodectl.node_json(cfg)
@@ -215,9 +217,13 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
     assert n.restart == "systemctl restart shop"
     assert (n.boot.attempts, n.boot.first_boot_attempts, n.boot.backoff, n.boot.max_seconds) == (2, 3, 0.5, 77)
     assert (n.download_timeout, n.max_files, n.lock_timeout) == (12, 99, 33)
+    h = n.health
+    assert (h.on, h.url, h.command, h.timeout, h.interval, h.expect_status) == (
+        "node", "http://{host}:81/up", "test -f tmp/ready", 7, 0.5, 204)
+    assert h.here
     # Every key the controller writes is one the node reads (no silently dropped settings).
     assert set(raw) == {"app", "deploy_to", "keep_releases", "linked_files", "linked_dirs", "s3", "env", "hooks",
-                        "restart", "boot", "download_timeout", "max_files", "lock_timeout"}
+                        "restart", "boot", "download_timeout", "max_files", "lock_timeout", "health"}
 
 
 def test_boot_unit_timeout_follows_boot_max_seconds(tmp_path: Path) -> None:
@@ -281,3 +287,14 @@ def test_count_or_percent_is_one_parser() -> None:
         with pytest.raises(TypeError):
             config.parse_count(bad)
     assert [config.count_of(s, 10) for s in ("3", "25%", "100%", "1%")] == [3, 3, 10, 1]
+
+
+def test_health_runs_on_the_node_unless_told_otherwise(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, health={"url": "http://{host}/up"})
+    assert cfg.health.on == "node" and cfg.health.command is None
+    assert _load(tmp_path, health={"on": "controller"}).health.on == "controller"
+    with pytest.raises(ConfigError, match=r"health\.on must be node .* or controller"):
+        _load(tmp_path, health={"on": "bastion"})
+    # A command can only run on the node: refused in one line with the controller.
+    with pytest.raises(ConfigError, match=r"health\.command runs on the node, so it needs health\.on: node"):
+        _load(tmp_path, health={"on": "controller", "command": "curl -fs localhost/up"})
