@@ -30,7 +30,8 @@ def make_cfg(tmp_path: Path, health: dict[str, Any], **overrides: Any) -> node.C
         "keep_releases": 5,
         "s3": {"bucket": "b", "prefix": "shop"},
         "lock_timeout": 0.3,
-        "health": {"timeout": 0.5, "interval": 0.05, **health},
+        # Long enough for a busy machine when the check should pass; tests of failures shorten it.
+        "health": {"timeout": 10, "interval": 0.05, **health},
     }
     raw.update(overrides)
     path = tmp_path / "node.json"
@@ -120,6 +121,7 @@ def test_host_placeholder_is_the_address_sshd_was_reached_on(
         h = node.check_health(cfg, layout, str(tmp_path))
         assert h["ok"] and f"http://127.0.0.2:{app.port}/health answered 200" == h["detail"]
         monkeypatch.delenv("SSH_CONNECTION")
+        cfg.health.timeout = 0.3
         h = node.check_health(cfg, layout, str(tmp_path))
         assert not h["ok"] and f"http://127.0.0.1:{app.port}/health unreachable" in h["detail"]
 
@@ -166,6 +168,7 @@ def test_unhealthy_release_is_reverted_in_the_same_command(tmp_path: Path) -> No
         layout = node.Layout(cfg.deploy_to)
         first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
         assert first["health"]["ok"]
+        cfg.health.timeout = 0.3
         with pytest.raises(node.NodeError) as err:
             deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
         msg = err.value.message
@@ -185,7 +188,7 @@ def test_unhealthy_release_is_reverted_in_the_same_command(tmp_path: Path) -> No
 def test_first_release_unhealthy_has_nothing_to_go_back_to(tmp_path: Path) -> None:
     with app_on() as app:
         app.running = tmp_path / "running"
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health"},
+        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
                        restart=restart_cmd(tmp_path))
         with pytest.raises(node.NodeError, match="no previous release to go back to"):
             deploy(cfg, tmp_path, "c2", restart=True)
@@ -196,6 +199,7 @@ def test_command_check_runs_in_the_release(tmp_path: Path) -> None:
                    restart="true")
     layout = node.Layout(cfg.deploy_to)
     first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
+    cfg.health.timeout = 0.3
     assert first["health"] == {"ok": True, "detail": '`echo "checking $REVISION in $PWD"; test "$REVISION" != c2`'
                                " exited 0", "seconds": first["health"]["seconds"]}
     with pytest.raises(node.NodeError) as err:
@@ -223,7 +227,8 @@ def test_rollback_checks_health_but_does_not_revert_again(tmp_path: Path) -> Non
                        restart=restart_cmd(tmp_path))
         first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
         deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health"}, restart=restart_cmd(tmp_path))
+        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
+                       restart=restart_cmd(tmp_path))
         with pytest.raises(node.NodeError) as err:
             node.rollback(cfg, restart=True, user="bob")
         assert err.value.message.startswith(f"rolled back to {first['release']} but health check failed")
