@@ -86,10 +86,13 @@ def _cfg(c: Any = None, stage: str | None = None):
     return cli.apply_flags(config.load(start=cli.config_start(fc), stage=stage), fc)
 
 
-def _targets(cfg, hosts):
+def _targets(cfg, hosts, roles=None):
     from fabdeploy.ops.targets import targets_for
 
-    return targets_for(cfg, hosts)
+    return targets_for(cfg, hosts, roles)
+
+
+_ROLES_HELP = "only hosts with one of these roles, comma-separated (Capistrano's ROLES=), e.g. worker"
 
 
 def _count(value, flag: str) -> int | None:
@@ -154,15 +157,16 @@ def publish_task(c, ref=None, from_=None):
     promote_for(cfg, _cfg(c, stage=from_))
 
 
-@deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)"})
-def setup_task(c, hosts=None):
+@deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)",
+            "roles": _ROLES_HELP})
+def setup_task(c, hosts=None, roles=None):
     """Install/update the node program, its config and boot unit; create the layout."""
     cfg = _cfg(c)
     from fabdeploy.adapters import nodectl
     from fabdeploy.adapters.ssh import run_parallel
     from fabdeploy.basics.output import table
 
-    targets = _targets(cfg, hosts)
+    targets = _targets(cfg, hosts, roles)
     results = run_parallel(cfg, targets.hosts, lambda h, conn: {
         "outcome": nodectl.install(cfg, h, conn, require_boto3=True)})
     table(f"setup {cfg.app}", ["host", "outcome"],
@@ -172,15 +176,23 @@ def setup_task(c, hosts=None):
     _fail_unless(all(r.ok for r in results))
 
 
-@deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)"})
-def export_node_task(c, out="node-bundle"):
+@deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)",
+            "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)"})
+def export_node_task(c, out="node-bundle", role=None):
     """Write the node program, its config, boot unit and install.sh, for AMIs and user-data."""
     from pathlib import Path
 
     from fabdeploy.adapters import nodectl
 
     cfg = _cfg(c)
-    for p in nodectl.export(cfg, Path(out)):
+    host = None
+    if role is not None:
+        from fabdeploy.basics.config import Host, known_roles
+
+        if role not in known_roles(cfg):
+            raise Exit(f"error: unknown role {role!r}; known roles: {', '.join(known_roles(cfg)) or 'none'}", 1)
+        host = Host(name=f"role-{role}", host="", roles=(role,))
+    for p in nodectl.export(cfg, Path(out), host):
         print(p)
     print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
           f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})")
@@ -191,14 +203,15 @@ def export_node_task(c, out="node-bundle"):
             "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
             "dry_run": "print what would happen and change nothing",
             "force": "activate even if a host already runs that commit",
-            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)", **_BATCH_HELP})
+            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
+            "roles": _ROLES_HELP, **_BATCH_HELP})
 def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None, batch=None,
-                canary=None, keep_going=False):
+                canary=None, keep_going=False, roles=None):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg(c)
     from fabdeploy.ops.hotfix import run_hotfix
 
-    _fail_unless(run_hotfix(cfg, _targets(cfg, hosts), ref, push=push, force=force, dry_run=dry_run,
+    _fail_unless(run_hotfix(cfg, _targets(cfg, hosts, roles), ref, push=push, force=force, dry_run=dry_run,
                             parallel=_count(parallel, '--parallel'), batch=_batch(batch),
                             canary=_count(canary, '--canary'), keep_going=keep_going))
 
@@ -206,23 +219,25 @@ def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False,
 @deploy_task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
             "release": "release timestamp to go back to (default: each host's previous one)",
             "dry_run": "print what would happen and change nothing",
-            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)", **_BATCH_HELP})
+            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
+            "roles": _ROLES_HELP, **_BATCH_HELP})
 def rollback_task(c, hosts=None, release=None, dry_run=False, parallel=None, batch=None, canary=None,
-                  keep_going=False):
+                  keep_going=False, roles=None):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
     cfg = _cfg(c)
     from fabdeploy.ops.rollback import run_rollback
 
-    _fail_unless(run_rollback(cfg, _targets(cfg, hosts), release=release, dry_run=dry_run,
+    _fail_unless(run_rollback(cfg, _targets(cfg, hosts, roles), release=release, dry_run=dry_run,
                               parallel=_count(parallel, '--parallel'), batch=_batch(batch),
                               canary=_count(canary, '--canary'), keep_going=keep_going))
 
 
-@deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output"})
-def status_task(c, hosts=None, json=False):
+@deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output",
+            "roles": _ROLES_HELP})
+def status_task(c, hosts=None, json=False, roles=None):
     """What every host runs, its last boot, and drift from the published bundle."""
     cfg = _cfg(c)
-    targets = _targets(cfg, hosts)
+    targets = _targets(cfg, hosts, roles)
     from fabdeploy.adapters.store import store_for
     from fabdeploy.ops import status as st
 
@@ -237,14 +252,16 @@ def status_task(c, hosts=None, json=False):
             "resume": "skip hosts already on the published commit",
             "dry_run": "print the plan and change nothing",
             "rollback_on_failure": "on failure, move the pointer back and reboot the failed host",
-            "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)"})
+            "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)",
+            "roles": "only hosts with these roles, rolled in the order given (worker,web: workers first; "
+                     "default order: roll.role_order)"})
 def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False,
-              engine="ssh"):
+              engine="ssh", roles=None):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
     cfg = _cfg(c)
     if engine == "instance-refresh":
-        if hosts or batch or resume or rollback_on_failure:
-            raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --batch, --resume "
+        if hosts or batch or resume or rollback_on_failure or roles:
+            raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --roles, --batch, --resume "
                        "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)", 1)
         from fabdeploy.ops.refresh import run_instance_refresh
 
@@ -253,9 +270,10 @@ def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, 
     if engine != "ssh":
         raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
     from fabdeploy.ops.roll import run_roll
+    from fabdeploy.ops.targets import parse_roles
 
-    _fail_unless(run_roll(cfg, _targets(cfg, hosts), ref, batch=_batch(batch), resume=resume, dry_run=dry_run,
-                          rollback_on_failure=rollback_on_failure))
+    _fail_unless(run_roll(cfg, _targets(cfg, hosts, roles), ref, batch=_batch(batch), resume=resume, dry_run=dry_run,
+                          rollback_on_failure=rollback_on_failure, role_order=parse_roles(roles) if roles else None))
 
 
 @deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})

@@ -122,6 +122,14 @@ class Clients:
 # --- discovery ------------------------------------------------------------------
 
 
+def _roles_of(inst: dict[str, Any], tag: str | None) -> tuple[str, ...]:
+    """An instance's roles: the comma-separated value of its aws.role_tag tag (none without one)."""
+    if not tag:
+        return ()
+    value = _tags(inst).get(tag) or ""
+    return tuple(dict.fromkeys(r.strip() for r in value.split(",") if r.strip()))
+
+
 def _tags(inst: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
 
@@ -169,7 +177,7 @@ def discover(cfg: Config, clients: Clients | None = None) -> list[Host]:
         if addr is None:
             raise AWSError(f"instance {iid} has no {aws.address} (aws.address in {cfg.path}): pick an address "
                            "every instance has, e.g. private_ip, or tag:Name with a Name tag on each")
-        hosts.append(Host(name=addr, host=addr, instance_id=iid,
+        hosts.append(Host(name=addr, host=addr, instance_id=iid, roles=_roles_of(inst, aws.role_tag),
                           az=inst.get("Placement", {}).get("AvailabilityZone")))
     dupes = sorted({h.name for h in hosts if [x.name for x in hosts].count(h.name) > 1})
     if dupes:

@@ -20,7 +20,7 @@ from typing import Any
 from fabric import Connection
 
 from fabdeploy.adapters.ssh import q, run
-from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 
 NODE_SRC = Path(__file__).resolve().parent.parent / "node" / "node.py"
@@ -31,7 +31,11 @@ BOOT_MEMORY_MAX = "1G"
 MIN_PYTHON = (3, 8)
 
 
-def node_json(cfg: Config) -> dict[str, Any]:
+def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
+    """node.json for `host`: its roles' restart and health (see roles: in deploy.yml)."""
+    roles = list(host.roles) if host is not None else []
+    if host is not None:
+        cfg = for_host(cfg, host)
     return {
         "app": cfg.app,
         "deploy_to": cfg.deploy_to,
@@ -67,6 +71,8 @@ def node_json(cfg: Config) -> dict[str, Any]:
             "interval": cfg.health.interval,
             "expect_status": cfg.health.expect_status,
         },
+        # Only when the host has roles: a fleet without roles keeps its node.json and fingerprint.
+        **({"roles": roles} if roles else {}),
     }
 
 
@@ -98,17 +104,18 @@ def _node_src() -> bytes:
     return NODE_SRC.read_bytes()
 
 
-def files(cfg: Config) -> dict[str, bytes]:
+def files(cfg: Config, host: Host | None = None) -> dict[str, bytes]:
     return {
         "node.py": _node_src(),
-        "node.json": (json.dumps(node_json(cfg), indent=2, sort_keys=True) + "\n").encode(),
+        "node.json": (json.dumps(node_json(cfg, host), indent=2, sort_keys=True) + "\n").encode(),
         "unit": unit_text(cfg).encode(),
     }
 
 
-def fingerprint(cfg: Config) -> str:
+def fingerprint(cfg: Config, host: Host | None = None) -> str:
+    """What is installed on `host` (per role: its node.json differs), as one sha256."""
     h = hashlib.sha256()
-    for name, data in sorted(files(cfg).items()):
+    for name, data in sorted(files(cfg, host).items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest()
 
@@ -127,7 +134,7 @@ def node_command(cfg: Config, *args: str) -> str:
     return q(cfg.node.python, "-I", "-c", boot, "--config", f"{d}/node.json", *args)
 
 
-def guarded(cfg: Config, *args: str, stdin: bool = False) -> str:
+def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = None) -> str:
     """Run the node program only if the installed one is exactly ours (one round trip).
 
     With `stdin`, the guard reads stdin to its end before it gives up, as the node program
@@ -135,7 +142,7 @@ def guarded(cfg: Config, *args: str, stdin: bool = False) -> str:
     sha = f"{cfg.node_dir}/node.sha"
     bail = f"{{ cat >/dev/null; exit {NEEDS_INSTALL}; }}" if stdin else f"exit {NEEDS_INSTALL}"
     return (
-        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg))} || {bail}; "
+        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg, host))} || {bail}; "
         f"exec {node_command(cfg, *args)}"
     )
 
@@ -163,7 +170,7 @@ def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float |
          stdin: str | None = None) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
     `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin)."""
-    cmd = guarded(cfg, *args, stdin=stdin is not None)
+    cmd = guarded(cfg, *args, stdin=stdin is not None, host=host)
     r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == NEEDS_INSTALL:
         install(cfg, host, conn)
@@ -235,7 +242,7 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
             "S3: apt-get install python3-boto3, or set node.python in deploy.yml to a Python "
             "(e.g. a venv) that has boto3",
         )
-    fp = fingerprint(cfg)
+    fp = fingerprint(cfg, host)
     if state.get("sha") == fp and state.get("enabled") == "yes" and state.get("layout") == "ok":
         return "unchanged"
     d = cfg.node_dir
@@ -248,7 +255,7 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     if mk.exit_code != 0:
         raise HostError(host.name, f"cannot create directories on {host.name}: {mk.stderr.strip()}",
                         command="mkdir", exit_code=mk.exit_code, output=mk.stderr)
-    payload = files(cfg)
+    payload = files(cfg, host)
     targets = {"node.py": f"{d}/node.py", "node.json": f"{d}/node.json", "unit": unit_path(cfg)}
     sftp = conn.sftp()
     try:
@@ -276,14 +283,14 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     return "installed" if not state.get("sha") else "updated"
 
 
-def export(cfg: Config, out: Path) -> list[Path]:
+def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
     """Write what a node needs into `out`, for baking into an AMI or shipping in user-data.
 
     `install.sh` puts the files where `fab deploy.setup` would and enables the boot unit;
     run it as root in the image build (or from user-data, before the app unit starts).
     """
     out.mkdir(parents=True, exist_ok=True)
-    payload = files(cfg)
+    payload = files(cfg, host)
     d, unit = cfg.node_dir, unit_path(cfg)
     mkdirs = "mkdir -p " + q(*_dirs(cfg))
     script = (
@@ -295,7 +302,7 @@ def export(cfg: Config, out: Path) -> list[Path]:
         f'install -m 0644 "$here/node.py" {q(d + "/node.py")}\n'
         f'install -m 0600 "$here/node.json" {q(d + "/node.json")}\n'
         f'install -m 0644 "$here/{cfg.boot_unit}" {q(unit)}\n'
-        f"echo {q(fingerprint(cfg))} > {q(d + '/node.sha')}\n"
+        f"echo {q(fingerprint(cfg, host))} > {q(d + '/node.sha')}\n"
         f"systemctl daemon-reload 2>/dev/null || true\n"
         f"systemctl enable {q(cfg.boot_unit)}\n"
     )

@@ -18,7 +18,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,18 @@ def _names(v: Any) -> tuple[str, ...]:
     return tuple(_str(x) for x in v)
 
 
+def _role_names(v: Any) -> tuple[str, ...]:
+    """A host's roles: one name or a list of names (a comma-separated string also works, as in a tag)."""
+    if isinstance(v, str):
+        v = [r.strip() for r in v.split(",") if r.strip()]
+    if not isinstance(v, list):
+        raise TypeError("a role name or a list of role names")
+    try:
+        return tuple(dict.fromkeys(_name(x) for x in v))
+    except TypeError:
+        raise TypeError("role names of letters, digits, '.', '_' or '-'") from None
+
+
 def _tag_filters(v: Any) -> dict[str, tuple[str, ...]]:
     if not isinstance(v, dict) or not v:
         raise TypeError("a mapping of tag key -> value or list of values, e.g. {role: [web]}")
@@ -292,7 +304,7 @@ class Host:
 @dataclass(frozen=True)
 class HostSpec:
     host: str | None = key(_opt_str, doc="address or ssh_config alias (default: the name)")
-    roles: tuple[str, ...] = key(_commands, factory=tuple)
+    roles: tuple[str, ...] = key("role_names", factory=tuple, doc="the host's roles (a name or a list), e.g. [web]")
 
 
 HEALTH_ON = ("node", "controller")
@@ -318,6 +330,34 @@ class HealthConfig:
     expect_status: int = key(_pos_int, 200)
 
 
+def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`check`, or None when the key is left out (a role's overrides inherit the top-level value)."""
+    def opt(v: Any) -> Any:
+        return None if v is None else check(v)
+
+    return opt
+
+
+@dataclass(frozen=True)
+class RoleHealthConfig:
+    """A role's health check. Setting url or command replaces the top-level check (the other is
+    then unset); whatever a role leaves out comes from the top-level health:."""
+    url: str | None = key(_opt_str, doc="an HTTP check for this role's hosts ({host} as in health.url)")
+    command: str | None = key(_opt_str, doc="a command check for this role's hosts (exit 0: healthy)")
+    on: str | None = key(_opt(_health_on))
+    timeout: float | None = key(_opt(_pos_num))
+    interval: float | None = key(_opt(_pos_num))
+    expect_status: int | None = key(_opt(_pos_int))
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """What a role changes for its hosts; anything left out is the top-level value."""
+    restart: str | None = key(_opt_str, doc="this role's restart command (default: restart)")
+    reboot: str | None = key(_opt_str, doc="this role's reboot command (default: reboot)")
+    health: RoleHealthConfig = key(RoleHealthConfig)
+
+
 @dataclass(frozen=True)
 class HooksConfig:
     before_swap: tuple[str, ...] = key(_commands, factory=tuple, doc="run in the new release before the swap")
@@ -341,6 +381,8 @@ class NodeConfig:
 class RollConfig:
     batch: str = key(_batch, "1", doc="hosts rebooted at once: a count or a percentage")
     reboot_timeout: float = key(_pos_num, 300.0)
+    role_order: tuple[str, ...] = key(_names, factory=tuple, doc="roles rolled one after another, in this "
+                                      "order (e.g. [worker, web]); hosts of other roles come last")
     boot_timeout: float = key(_pos_num, 300.0)
     lock_expiry: float = key(_pos_num, 3600.0)
 
@@ -361,6 +403,8 @@ class AWSConfig:
     autoscaling_groups: tuple[str, ...] = key(_names, factory=tuple)
     tag_filters: dict[str, tuple[str, ...]] = key(_tag_filters, factory=dict)
     address: str = key(_address, "private_ip")
+    role_tag: str | None = key(_opt_str, doc="instance tag naming a discovered host's roles "
+                               "(comma-separated, e.g. Role: worker)")
     target_groups: tuple[str, ...] = key(_names, factory=tuple)
     classic_elbs: tuple[str, ...] = key(_names, factory=tuple)
     standby: bool = key(_bool, False)
@@ -391,6 +435,8 @@ class Config:
     restart: str | None = key(_opt_str, doc="command that restarts the app")
     reboot: str = key(_str, "sudo systemctl reboot")
     health: HealthConfig = key(HealthConfig)
+    roles: dict[str, RoleConfig] = key("roles", factory=dict, doc="role name -> its restart, reboot and health "
+                                       "(hosts.X.roles and aws.role_tag name a host's roles)")
     hooks: HooksConfig = key(HooksConfig)
     node: NodeConfig = key(NodeConfig)
     node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
@@ -453,6 +499,9 @@ def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[s
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: {shown(where.rstrip('.')) if where else 'the file'} must be a mapping of keys")
     fields = keys(cls)
+    if True in data and "on" in fields and "on" not in data:
+        # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean true.
+        data = {("on" if k is True else k): v for k, v in data.items()}
     for k in data:
         if k not in fields:
             raise ConfigError(f"{p}: unknown key {shown(where + str(k))!r}; valid keys here: {', '.join(sorted(fields))}")
@@ -475,6 +524,13 @@ def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[s
             out[name] = _section(kind, value, full + ".", p, base, given, shown)  # type: ignore[arg-type]
         elif kind == "hosts":
             out[name] = _hosts(value, full, p, base, shown)
+        elif kind == "role_names":
+            try:
+                out[name] = _role_names(value)
+            except TypeError as e:
+                raise ConfigError(f"{p}: {shown(full)} must be {e} (got {value!r})") from None
+        elif kind == "roles":
+            out[name] = _roles(value, full, p, base, shown)
         else:
             try:
                 out[name] = kind(value)
@@ -519,6 +575,60 @@ def _hosts(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], s
     if dupes:
         raise ConfigError(f"{p}: {where} names {', '.join(dupes)} more than once")
     return tuple(hosts)
+
+
+def _roles(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is) -> dict[str, RoleConfig]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{p}: {shown(where)} must be a mapping of role name -> {{restart, reboot, health}}")
+    out: dict[str, RoleConfig] = {}
+    for name, spec in value.items():
+        try:
+            _name(name)
+        except TypeError as e:
+            raise ConfigError(f"{p}: role names in {shown(where)} must be {e} (got {name!r})") from None
+        out[name] = _section(RoleConfig, spec, f"{where}.{name}.", p, base, shown=shown)
+    return out
+
+
+def for_host(cfg: Config, host: Host) -> Config:
+    """`cfg` as `host` sees it: its roles' restart, reboot and health over the top-level ones.
+
+    A host with several roles takes each key from the first of its roles that sets it.
+    """
+    over = [cfg.roles[r] for r in host.roles if r in cfg.roles]
+    if not over:
+        return cfg
+
+    def first(get: Callable[[RoleConfig], Any], default: Any) -> Any:
+        return next((get(o) for o in over if get(o) is not None), default)
+
+    check = next((o.health for o in over if o.health.url or o.health.command), None)
+    top = cfg.health
+    health = HealthConfig(
+        url=check.url if check else top.url,
+        command=check.command if check else top.command,
+        on=first(lambda o: o.health.on, top.on),
+        timeout=first(lambda o: o.health.timeout, top.timeout),
+        interval=first(lambda o: o.health.interval, top.interval),
+        expect_status=first(lambda o: o.health.expect_status, top.expect_status),
+    )
+    return dataclasses.replace(cfg, restart=first(lambda o: o.restart, cfg.restart),
+                               reboot=first(lambda o: o.reboot, cfg.reboot), health=health)
+
+
+def known_roles_of(v: dict[str, Any]) -> list[str]:
+    seen: dict[str, None] = dict.fromkeys(v.get("roles", {}))
+    for h in v.get("hosts", ()):
+        seen.update(dict.fromkeys(h.roles))
+    return list(seen)
+
+
+def known_roles(cfg: Config, hosts: Sequence[Host] = ()) -> list[str]:
+    """Every role deploy.yml (roles:, hosts.X.roles) or the given hosts name, in first-seen order."""
+    seen: dict[str, None] = dict.fromkeys(cfg.roles)
+    for h in (*cfg.hosts, *hosts):
+        seen.update(dict.fromkeys(h.roles))
+    return list(seen)
 
 
 # --- finding and loading the file ------------------------------------------------------
@@ -678,6 +788,17 @@ def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...]
     if v["health"].command and v["health"].on != "node":
         raise ConfigError(f"{p}: {shown('health.command')} runs on the node, so it needs health.on: node{for_stage} "
                           "(or drop it and check health.url from here)")
+    for role, rc in v.get("roles", {}).items():
+        on = rc.health.on or v["health"].on
+        command = rc.health.command if (rc.health.url or rc.health.command) else v["health"].command
+        if command and on != "node":
+            raise ConfigError(f"{p}: the health command of role {role} runs on the node, so it needs health.on: "
+                              f"node{for_stage} (set roles.{role}.health.on: node, or check a url instead)")
+    order = v["roll"].role_order
+    unknown = [r for r in order if r not in v.get("roles", {}) and not any(r in h.roles for h in v.get("hosts", ()))]
+    if unknown and not (aws and aws.role_tag):
+        raise ConfigError(f"{p}: {shown('roll.role_order')} names unknown role(s) {', '.join(unknown)}; known roles: "
+                          + (", ".join(known_roles_of(v)) or "none (give hosts roles: or add a roles: section)"))
     s3: S3Config = v["s3"]
     # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
     default_prefix = f"{v['app']}/{stage}" if stage else v["app"]

@@ -9,7 +9,7 @@ from fabric import Connection
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.health import wait_healthy
 from fabdeploy.adapters.ssh import HostResult
-from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, table, warn
 from fabdeploy.ops.targets import Targets
@@ -19,6 +19,7 @@ def health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str, 
     """Health-check a host that just changed; on failure put its previous release back.
 
     With health.on: node the node program already did both, in the same command."""
+    cfg = for_host(cfg, host)  # its role's health check
     if cfg.health.on == "node":
         return data
     h = wait_healthy(cfg, conn.host)

@@ -20,12 +20,13 @@ from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters.health import wait_healthy
 from fabdeploy.adapters.ssh import connect, run
 from fabdeploy.adapters.store import store_for
-from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import AWSError, HostError
 from fabdeploy.basics.output import say, short, table, warn
+from fabdeploy.ops.batches import Plan
 from fabdeploy.ops.batches import plan as batch_plan
 from fabdeploy.ops.lock import fleet_lock
-from fabdeploy.ops.targets import Targets, resolve_hosts
+from fabdeploy.ops.targets import Targets, by_role_order, resolve_hosts
 
 
 @dataclass
@@ -148,6 +149,7 @@ def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> t
 def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
                prepared: Prepared | None = None) -> HostRoll:
     res = HostRoll(host.name)
+    cfg = for_host(cfg, host)  # its role's reboot command and health check
     prepared = prepared or prepare(cfg, host)
     conn = prepared.conn
     try:
@@ -241,9 +243,14 @@ def run_roll(
     resume: bool = False,
     dry_run: bool = False,
     rollback_on_failure: bool = False,
+    role_order: list[str] | None = None,
 ) -> bool:
-    # AZs interleaved (aws:) and capped by min_healthy of the live fleet.
-    the_plan = batch_plan(cfg, targets.hosts, batch or cfg.roll.batch, live=len(resolve_hosts(cfg)))
+    # AZs interleaved (aws:) and capped by min_healthy of the live fleet; roles one after
+    # another in role_order (--roles=worker,web, else roll.role_order), never mixed in a batch.
+    order = role_order if role_order is not None else list(cfg.roll.role_order)
+    live = len(resolve_hosts(cfg))
+    the_plan = Plan([g for part in (by_role_order(targets.hosts, order) if order else [targets.hosts])
+                     for g in batch_plan(cfg, part, batch or cfg.roll.batch, live=live).groups])
     groups = the_plan.groups
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)

@@ -11,7 +11,7 @@ from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.health import wait_healthy
 from fabdeploy.adapters.store import now_iso, store_for
-from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
 from fabdeploy.ops.batches import Outcome, plan_for, run_batches
@@ -29,9 +29,10 @@ def rollback(cfg: Config, targets: Targets, *, release: str | None = None, paral
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
         data = nodectl.call(cfg, host, conn, *args)
-        if cfg.health.on == "node":
+        mine = for_host(cfg, host)  # its role's health check
+        if mine.health.on == "node":
             return data  # the node checked health itself after its restart
-        h = wait_healthy(cfg, conn.host)
+        h = wait_healthy(mine, conn.host)
         data["health"] = h.detail
         if not h.ok:
             raise HostError(host.name, f"{host.name}: rolled back to {data.get('release')} but {h.detail}",
