@@ -23,6 +23,7 @@ be made conditional, so a racing builder could be overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import hashlib
 import os
@@ -35,11 +36,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from fabdeploy.adapters import signing
 from fabdeploy.adapters.store import Pointer, Store, now_iso
 from fabdeploy.basics.config import Config
-from fabdeploy.basics.errors import BundleError, ConflictError
+from fabdeploy.basics.errors import BundleError, ConflictError, SigningError
 
 Log = Callable[[str], None]
 
@@ -63,6 +65,7 @@ class Bundle:
     uri: str
     uploaded: bool
     committed_at: int
+    manifest: dict[str, str] | None = None  # the signed manifest envelope, when signing is on
 
 
 def local_user() -> str:
@@ -357,22 +360,116 @@ def ensure_bundle(
 ) -> Bundle:
     """Make sure the bundle of `ref` is in S3, building only if it is missing.
 
-    The commit sha determines the content, so an existing object with full
-    metadata is trusted without rebuilding (that makes a re-bundle cost one
-    HEAD request); `verify=True` rebuilds and compares the sha256 instead.
+    The commit sha determines the content, so an existing bundle is not rebuilt: with
+    signing on, its signed manifest (verified against signing.allowed_signers) gives its
+    sha256 and size, never S3 metadata; without signing, full metadata is trusted (a
+    re-bundle costs one HEAD request). `verify=True` rebuilds and compares instead.
     """
     ref = ref or cfg.ref
     commit, ct = resolve_commit(cfg.repo, ref)
     ref = branch_name(cfg.repo, ref)
     _warn(cfg.repo, commit, log)
     meta = store.head_bundle(commit)
-    if meta is not None and not verify and all(meta.get(k) for k in REQUIRED_META):
+    signed = signing_on(cfg)
+    trusted = trusted_manifest(cfg, store, commit, log) if signed and meta is not None and not verify else None
+    if trusted is not None:
+        env, m, principal = trusted
+        key = store.bundle_key(commit)
+        b = Bundle(commit, ref, m["sha256"], m["size"], key, store.uri(key), uploaded=False,
+                   committed_at=int(m.get("committed_at") or ct), manifest=env)
+        log(f"bundle for {commit[:12]} already in S3, manifest signed by {principal}, nothing uploaded")
+    elif meta is not None and not signed and not verify and all(meta.get(k) for k in REQUIRED_META):
         b = _bundle_from_meta(store, commit, ref, ct, meta)
         log(f"bundle for {commit[:12]} already in S3 with its sha256, nothing uploaded")
     else:
         b = _build(cfg, store, commit, ref, ct, meta, progress, log)
+        if signed:
+            b = dataclasses.replace(b, manifest=sign_manifest(cfg, store, b))
+            log(f"manifest of {commit[:12]} signed with {cfg.signing.key}")
     _report(b, log)
     return b
+
+
+# --- signed releases ------------------------------------------------------------------
+
+
+def signing_on(cfg: Config | None) -> bool:
+    return cfg is not None and cfg.signing.key is not None
+
+
+def trusted_manifest(cfg: Config, store: Store, commit: str, log: Log = print) -> tuple[Any, Any, str] | None:
+    """The bundle's manifest if a trusted signer signed it for this app and commit, else None (said why)."""
+    env = store.get_manifest(commit)
+    if env is None:
+        return None
+    where = f"manifest {store.uri(store.manifest_key(commit))}"
+    try:
+        m, principal = signing.verify(cfg, env, signing.NS_MANIFEST, where)
+    except SigningError as e:
+        log(f"warning: {e}; rebuilding the bundle instead")
+        return None
+    sha, size = m.get("sha256"), m.get("size")
+    if (m.get("commit") != commit or m.get("app") != cfg.app or m.get("key") != store.bundle_key(commit)
+            or not isinstance(sha, str) or not isinstance(size, int)):
+        log(f"warning: {where}, signed by {principal}, names another bundle; rebuilding instead")
+        return None
+    return env, m, principal
+
+
+def sign_manifest(cfg: Config, store: Store, b: Bundle) -> dict[str, str]:
+    payload = {"format": 1, "app": cfg.app, "key": b.key, "commit": b.commit, "sha256": b.sha256,
+               "size": b.size, "ref": b.ref, "committed_at": b.committed_at, "built_at": now_iso(),
+               "built_by": local_user()}
+    env = signing.sign(cfg, payload, signing.NS_MANIFEST)
+    store.put_manifest(b.commit, env)
+    return env
+
+
+def _next_sequence(cfg: Config, current: Pointer | None) -> int:
+    """Above the current pointer's verified sequence; wall-clock millis otherwise, so a pointer
+    an attacker wrote with a huge sequence can't be trusted for it, and order still holds."""
+    seq = 0
+    if current is not None and current.signed:
+        try:
+            p, _ = signing.verify(cfg, current.signed, signing.NS_POINTER, "the current pointer")
+            if isinstance(p.get("sequence"), int):
+                seq = p["sequence"] + 1
+        except SigningError:
+            pass
+    return max(seq, int(time.time() * 1000))
+
+
+def new_pointer(cfg: Config | None, b: Bundle, current: Pointer | None) -> Pointer:
+    """The pointer to publish for `b`: signed (with its manifest and a sequence) when signing is on."""
+    pointer = Pointer(key=b.key, commit=b.commit, sha256=b.sha256, ref=b.ref, size=b.size,
+                      published_by=local_user(), published_at=now_iso(), committed_at=b.committed_at)
+    if not signing_on(cfg):
+        return pointer
+    assert cfg is not None
+    if b.manifest is None:
+        raise SigningError(f"{b.commit[:12]} has no signed manifest: run `fab deploy.bundle --ref={b.commit}`")
+    seq = _next_sequence(cfg, current)
+    payload = {"app": cfg.app, "key": b.key, "commit": b.commit, "sha256": b.sha256, "size": b.size,
+               "ref": b.ref, "committed_at": b.committed_at, "published_by": pointer.published_by,
+               "published_at": pointer.published_at, "sequence": seq, "manifest": b.manifest}
+    return dataclasses.replace(pointer, sequence=seq, signed=signing.sign(cfg, payload, signing.NS_POINTER))
+
+
+def bundle_of_pointer(cfg: Config, store: Store, p: Pointer, log: Log = print) -> Bundle:
+    """A published bundle again (rollbacks), with its verified manifest when signing is on."""
+    env = None
+    if signing_on(cfg):
+        trusted = trusted_manifest(cfg, store, p.commit, log)
+        if trusted is None:
+            raise SigningError(f"{p.commit[:12]} has no manifest signed by a trusted key in "
+                               f"{store.uri(store.manifest_key(p.commit))}: bundle it again "
+                               f"(`fab deploy.bundle --ref={p.commit}`), then publish it")
+        env, m, _ = trusted
+        if m["sha256"] != p.sha256 or m["size"] != p.size:
+            raise SigningError(f"the history entry of {p.commit[:12]} disagrees with its signed manifest: "
+                               "refusing to publish it")
+    return Bundle(p.commit, p.ref, p.sha256, p.size, p.key, store.uri(p.key), uploaded=False,
+                  committed_at=p.committed_at or 0, manifest=env)
 
 
 def publish(
@@ -380,44 +477,46 @@ def publish(
 ) -> tuple[Bundle, Pointer]:
     """Ensure the bundle, then point {prefix}/published.json at it (conditional write)."""
     b = ensure_bundle(cfg, store, ref, log)
-    return b, publish_bundle(store, b, log)
+    return b, publish_bundle(store, b, log, cfg=cfg)
 
 
-def publish_bundle(store: Store, b: Bundle, log: Log = print) -> Pointer:
-    """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept)."""
+def publish_bundle(store: Store, b: Bundle, log: Log = print, cfg: Config | None = None) -> Pointer:
+    """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept);
+    signed when `cfg` has signing on."""
     current, etag = store.read_pointer(replacing=True)
-    if current is not None and current.commit == b.commit:
+    if current is not None and current.commit == b.commit and (current.signed or not signing_on(cfg)):
         log(
             f"{b.commit[:12]} is already published (by {current.published_by} at {current.published_at}); "
             "nothing changed"
         )
         return current
-    pointer = Pointer(
-        key=b.key,
-        commit=b.commit,
-        sha256=b.sha256,
-        ref=b.ref,
-        size=b.size,
-        published_by=local_user(),
-        published_at=now_iso(),
-        committed_at=b.committed_at,
-    )
+    pointer = new_pointer(cfg, b, current)
     store.write_pointer(pointer, etag)
     was = f" (was {current.commit[:12]})" if current else " (first publish)"
-    log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}")
+    signed = f", signed, sequence {pointer.sequence}" if pointer.signed else ""
+    log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}{signed}")
     return pointer
 
 
-def promote(source: Store, store: Store, from_stage: str, log: Log = print) -> tuple[Bundle, Pointer]:
+def promote(source: Store, store: Store, from_stage: str, log: Log = print,
+            cfg: Config | None = None) -> tuple[Bundle, Pointer]:
     """Publish what `source` (another stage) has published, byte for byte: no rebuild.
 
     The bundle is copied into this stage's prefix (checked against the source pointer's sha256
-    before it is uploaded), then this stage's pointer is moved to it (conditional write).
+    before it is uploaded), then this stage's pointer is moved to it (conditional write). With
+    signing on, the source pointer's signature is checked first, and the copy gets a manifest
+    signed for this stage.
     """
     p, _ = source.read_pointer()
     if p is None:
         raise BundleError(f"stage {from_stage} has nothing published ({source.uri(source.pointer_key)}); "
                           f"publish it first: fab {from_stage} deploy.publish")
+    if signing_on(cfg):
+        assert cfg is not None
+        signed, who = signing.verify(cfg, p.signed, signing.NS_POINTER,
+                                     f"stage {from_stage}'s pointer {source.uri(source.pointer_key)}")
+        if (signed.get("commit"), signed.get("sha256"), signed.get("size")) != (p.commit, p.sha256, p.size):
+            raise SigningError(f"stage {from_stage}'s pointer disagrees with what {who} signed: refusing to promote it")
     key = store.bundle_key(p.commit)
     b = Bundle(p.commit, p.ref, p.sha256, p.size, key, store.uri(key), uploaded=False,
                committed_at=p.committed_at or 0)
@@ -448,4 +547,7 @@ def promote(source: Store, store: Store, from_stage: str, log: Log = print) -> t
                     raise _mismatch(store, p.commit, theirs.get("sha256", "<none>"), p.sha256) from None
         b = Bundle(p.commit, p.ref, p.sha256, size, key, b.uri, uploaded=True, committed_at=b.committed_at)
         log(f"copied {p.commit[:12]} from stage {from_stage} to {b.uri} (sha256 {p.sha256})")
-    return b, publish_bundle(store, b, log)
+    if signing_on(cfg):
+        assert cfg is not None
+        b = dataclasses.replace(b, manifest=sign_manifest(cfg, store, b))
+    return b, publish_bundle(store, b, log, cfg=cfg)

@@ -19,6 +19,7 @@ from typing import Any
 
 from fabric import Connection
 
+from fabdeploy.adapters import signing
 from fabdeploy.adapters.ssh import q, run
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
@@ -73,7 +74,16 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
         },
         # Only when the host has roles: a fleet without roles keeps its node.json and fingerprint.
         **({"roles": roles} if roles else {}),
+        "signing": {
+            "signers": signers_path(cfg) if cfg.signing.allowed_signers else None,
+            "allow_unsigned": cfg.signing.allow_unsigned,
+        },
     }
+
+
+def signers_path(cfg: Config) -> str:
+    """Where nodes keep the trusted signers: beside the node program, root's, 0644."""
+    return f"{cfg.node_dir}/allowed_signers"
 
 
 def unit_text(cfg: Config) -> str:
@@ -105,11 +115,15 @@ def _node_src() -> bytes:
 
 
 def files(cfg: Config, host: Host | None = None) -> dict[str, bytes]:
-    return {
+    out = {
         "node.py": _node_src(),
         "node.json": (json.dumps(node_json(cfg, host), indent=2, sort_keys=True) + "\n").encode(),
         "unit": unit_text(cfg).encode(),
     }
+    signers = signing.signers_text(cfg)
+    if signers is not None:
+        out["allowed_signers"] = signers
+    return out
 
 
 def fingerprint(cfg: Config, host: Host | None = None) -> str:
@@ -257,6 +271,8 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
                         command="mkdir", exit_code=mk.exit_code, output=mk.stderr)
     payload = files(cfg, host)
     targets = {"node.py": f"{d}/node.py", "node.json": f"{d}/node.json", "unit": unit_path(cfg)}
+    if "allowed_signers" in payload:
+        targets["allowed_signers"] = signers_path(cfg)
     sftp = conn.sftp()
     try:
         for name, remote in targets.items():
@@ -267,7 +283,8 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     moves = "; ".join(f"mv -f {q(t + '.fabdeploy-new')} {q(t)}" for t in targets.values())
     finish = (
         f"set -e; {moves}; chmod 0600 {q(d + '/node.json')}; "
-        f"systemctl daemon-reload; systemctl enable {q(cfg.boot_unit)} >/dev/null; "
+        + (f"chmod 0644 {q(signers_path(cfg))}; " if "allowed_signers" in targets else "")
+        + f"systemctl daemon-reload; systemctl enable {q(cfg.boot_unit)} >/dev/null; "
         f"echo {q(fp)} > {q(d + '/node.sha')}"
     )
     r2 = run(cfg, host, conn, finish)
@@ -302,7 +319,9 @@ def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
         f'install -m 0644 "$here/node.py" {q(d + "/node.py")}\n'
         f'install -m 0600 "$here/node.json" {q(d + "/node.json")}\n'
         f'install -m 0644 "$here/{cfg.boot_unit}" {q(unit)}\n'
-        f"echo {q(fingerprint(cfg, host))} > {q(d + '/node.sha')}\n"
+        + (f'install -m 0644 -o root "$here/allowed_signers" {q(signers_path(cfg))}\n'
+           if "allowed_signers" in payload else "")
+        + f"echo {q(fingerprint(cfg, host))} > {q(d + '/node.sha')}\n"
         f"systemctl daemon-reload 2>/dev/null || true\n"
         f"systemctl enable {q(cfg.boot_unit)}\n"
     )
@@ -312,6 +331,8 @@ def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
         cfg.boot_unit: payload["unit"],
         "install.sh": script.encode(),
     }
+    if "allowed_signers" in payload:
+        written["allowed_signers"] = payload["allowed_signers"]
     paths = []
     for name, data in written.items():
         p = out / name

@@ -97,9 +97,14 @@ class Pointer:
     published_by: str
     published_at: str  # UTC ISO 8601
     committed_at: int | None = None
+    # Signed releases: one above the pointer this one replaced, and the signed envelope
+    # (adapters/signing.py) that nodes trust instead of the fields above.
+    sequence: int | None = None
+    signed: dict[str, str] | None = None
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        data = {k: v for k, v in asdict(self).items() if v is not None or k == "committed_at"}
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Pointer:
@@ -119,6 +124,13 @@ class Pointer:
         committed_at = raw.get("committed_at")
         if committed_at is not None and (not _is_int(committed_at) or not 0 <= committed_at < 2**63):
             bad.append("committed_at")
+        sequence = raw.get("sequence")
+        if sequence is not None and (not _is_int(sequence) or not 0 <= sequence < 2**63):
+            bad.append("sequence")
+        signed = raw.get("signed")
+        if signed is not None and not (isinstance(signed, dict) and isinstance(signed.get("payload"), str)
+                                       and isinstance(signed.get("signature"), str)):
+            bad.append("signed")
         if bad:
             raise StoreError(f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`")
         return cls(
@@ -130,6 +142,8 @@ class Pointer:
             published_by=raw["published_by"],
             published_at=raw["published_at"],
             committed_at=committed_at,
+            sequence=sequence,
+            signed=signed,
         )
 
 
@@ -374,6 +388,28 @@ class Store:
     @property
     def pointer_key(self) -> str:
         return self._key("published.json")
+
+    def manifest_key(self, commit: str) -> str:
+        return self._key(f"manifests/{commit}.json")
+
+    def put_manifest(self, commit: str, envelope: dict[str, str]) -> None:
+        """A bundle's signed manifest; overwriting is harmless, since nodes check the signature."""
+        key = self.manifest_key(commit)
+        try:
+            self.client.put_object(Bucket=self.s3.bucket, Key=key, ContentType="application/json",
+                                   Body=(json.dumps(envelope, sort_keys=True) + "\n").encode())
+        except Exception as e:
+            raise self._error(e, key, "writing manifest") from None
+
+    def get_manifest(self, commit: str) -> Any:
+        """The signed manifest envelope as stored (unverified: the caller verifies), or None."""
+        got = self._get(self.manifest_key(commit), "reading manifest")
+        if got is None:
+            return None
+        try:
+            return load_json(got[0])
+        except (ValueError, UnicodeDecodeError):
+            return {}
 
     @property
     def lock_key(self) -> str:

@@ -359,6 +359,17 @@ class RoleConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    allowed_signers: Path | None = key(_local_path, doc="trusted signers (ssh-keygen ALLOWED SIGNERS format): "
+                                                        "installed on every node by deploy.setup")
+    allow_unsigned: bool = key(_bool, False, doc="upgrade path: nodes accept an unsigned pointer until "
+                                                 "they have accepted a signed one")
+    # Last: the field named `key` shadows key() in this class body.
+    key: Path | None = key(_local_path, doc="the deployer's SSH key that signs bundles and pointers "
+                                            "(a private key, or its .pub with the key in ssh-agent)")
+
+
+@dataclass(frozen=True)
 class HooksConfig:
     before_swap: tuple[str, ...] = key(_commands, factory=tuple, doc="run in the new release before the swap")
 
@@ -438,6 +449,7 @@ class Config:
     roles: dict[str, RoleConfig] = key("roles", factory=dict, doc="role name -> its restart, reboot and health "
                                        "(hosts.X.roles and aws.role_tag name a host's roles)")
     hooks: HooksConfig = key(HooksConfig)
+    signing: SigningConfig = key(SigningConfig, doc="signed releases (see README: Trust)")
     node: NodeConfig = key(NodeConfig)
     node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
     roll: RollConfig = key(RollConfig)
@@ -803,4 +815,8 @@ def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...]
     # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
     default_prefix = f"{v['app']}/{stage}" if stage else v["app"]
     v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or default_prefix).strip("/"))
+    sign = v.get("signing")
+    if sign is not None and sign.key is not None and sign.allowed_signers is None:
+        raise ConfigError(f"{p}: signing.key is set but signing.allowed_signers is not: list the trusted "
+                          "signers (your key among them) so deploys can verify what they publish")
     return Config(path=p, given=frozenset(given), stage=stage, stages=stages, **v)

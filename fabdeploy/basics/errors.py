@@ -34,6 +34,10 @@ class AWSError(DeployError):
     """An AWS problem phrased as one line: what, where, what to do."""
 
 
+class SigningError(DeployError):
+    """A signature could not be made or did not verify; one line saying which key and why."""
+
+
 class HostError(DeployError):
     """Something went wrong on one host; carries the data needed to act on it."""
 

@@ -73,6 +73,10 @@ class VerificationError(NodeError):
     """The bundle's sha256 did not match: retrying rarely helps, so boot retries it once."""
 
 
+class TrustError(VerificationError):
+    """A release that is not signed by a trusted signer, or a replayed one: never retried."""
+
+
 class UnsafeBundle(NodeError):
     """A member failed a safety check; extract_bundle adds host/bundle context."""
 
@@ -296,6 +300,10 @@ class Config:
         self.lock_timeout: float = float(raw.get("lock_timeout") or 120.0)
         self.download_timeout: float = float(raw.get("download_timeout") or 60.0)
         self.health = HealthConfig(raw.get("health"))
+        signing = raw.get("signing") or {}
+        # Trusted signers installed by setup (root-owned): with them, only signed releases run.
+        self.signers: str | None = signing.get("signers") or None
+        self.allow_unsigned: bool = bool(signing.get("allow_unsigned"))
 
 
 class HealthConfig:
@@ -759,6 +767,134 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise NodeError(f"{where} lacks a valid 'size' (bytes of the bundle): re-publish")
     return pointer
+
+
+# --------------------------------------------------------------------------------------------
+# signed releases: `ssh-keygen -Y` against the trusted signers (no crypto of our own)
+
+NS_MANIFEST = "fabdeploy-manifest"
+NS_POINTER = "fabdeploy-pointer"
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _signers_file(cfg: Config) -> str | None:
+    """The trusted signers, if installed; refused if the account we run as could rewrite them."""
+    path = cfg.signers
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TrustError(
+            f"trusted signers {path} are missing on {hostname()}: re-run the controller's setup"
+        ) from None
+    if st.st_uid != 0 or st.st_mode & 0o022 or (os.geteuid() != 0 and os.access(path, os.W_OK)):
+        raise TrustError(
+            f"trusted signers {path} on {hostname()} can be written by someone other than root: "
+            "refusing to trust them; re-run the controller's setup"
+        )
+    return path
+
+
+def verify_envelope(signers: str, envelope: Any, namespace: str, what: str) -> tuple[dict[str, Any], str]:
+    """The payload of a signed envelope and who signed it, or TrustError naming the problem."""
+    import subprocess
+    import tempfile
+
+    if not (isinstance(envelope, dict) and isinstance(envelope.get("payload"), str)
+            and isinstance(envelope.get("signature"), str)):
+        raise TrustError(f"{what} is not signed: refusing it on {hostname()}")
+    with tempfile.TemporaryDirectory(prefix="fabdeploy-verify-") as tmp:
+        sig = os.path.join(tmp, "sig")
+        with open(sig, "w", encoding="utf-8") as fh:
+            fh.write(envelope["signature"])
+        try:
+            found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", sig, "-f", signers],
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise TrustError(f"ssh-keygen not found on {hostname()}: install openssh-client (8.2+)") from None
+        principals = found.stdout.decode("utf-8", "replace").split()
+        if found.returncode != 0 or not principals:
+            raise TrustError(f"{what} is signed by a key that is not trusted on {hostname()}: refusing it")
+        ok = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principals[0], "-n", namespace,
+                             "-s", sig], input=envelope["payload"].encode(), capture_output=True, timeout=60)
+        if ok.returncode != 0:
+            raise TrustError(f"{what}: the signature of {principals[0]} does not match its content "
+                             f"(changed after signing): refusing it on {hostname()}")
+    try:
+        payload = json.loads(envelope["payload"])
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise TrustError(f"{what}: its signed payload is not a JSON object")
+    return payload, principals[0]
+
+
+def check_manifest(cfg: Config, signers: str, envelope: Any, *, sha256: str, commit: str,
+                   size: int | None) -> str:
+    """A signed manifest that names exactly this bundle; returns the principal that signed it."""
+    what = f"the manifest of {commit[:12]}"
+    m, principal = verify_envelope(signers, envelope, NS_MANIFEST, what)
+    if m.get("app") != cfg.app:
+        raise TrustError(f"{what} is for app {m.get('app')!r}, not {cfg.app!r}: refusing it")
+    if m.get("commit") != commit or m.get("sha256") != sha256 or (size is not None and m.get("size") != size):
+        raise TrustError(f"{what}, signed by {principal}, names another bundle "
+                         f"({str(m.get('commit'))[:12]}, sha256 {str(m.get('sha256'))[:12]}): refusing it")
+    return principal
+
+
+def _trust_path(layout: Layout) -> str:
+    return os.path.join(layout.state, "trust.json")
+
+
+def read_trust(layout: Layout) -> dict[str, Any]:
+    try:
+        fd = open_nofollow(_trust_path(layout), os.O_RDONLY)
+        with os.fdopen(fd, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, NodeError):
+        return {}
+
+
+def record_trust(layout: Layout, sequence: int, principal: str) -> None:
+    os.makedirs(layout.state, 0o755, exist_ok=True)
+    atomic_write(_trust_path(layout), json.dumps({"sequence": sequence, "principal": principal,
+                                                  "at": iso_now()}, sort_keys=True) + "\n")
+
+
+def trusted_pointer(cfg: Config, layout: Layout, pointer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The pointer fields to act on, from its verified signature when signers are installed.
+
+    Returns (pointer, trust) where trust is (sequence, principal) to record once the release
+    runs, or None for an unsigned pointer accepted on the upgrade path."""
+    signers = _signers_file(cfg)
+    if signers is None:
+        return pointer, None
+    where = f"pointer s3://{cfg.s3.bucket}/{cfg.s3.key('published.json')}"
+    seen = read_trust(layout)
+    if not pointer.get("signed"):
+        if cfg.allow_unsigned and not seen:
+            return pointer, None
+        raise TrustError(f"{where} is not signed: refusing it on {hostname()} "
+                         + ("(this node already runs signed releases)" if seen else
+                            "(publish with signing.key set)"))
+    p, principal = verify_envelope(signers, pointer["signed"], NS_POINTER, where)
+    seq = p.get("sequence")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise TrustError(f"{where}, signed by {principal}, has no valid sequence: refusing it")
+    last = seen.get("sequence")
+    if isinstance(last, int) and seq < last:
+        raise TrustError(f"{where} has sequence {seq}, older than {last} that this node accepted: "
+                         "a replayed pointer; refusing it (publish again to move forward)")
+    for name in ("key", "commit", "sha256"):
+        if not isinstance(p.get(name), str) or not p[name]:
+            raise TrustError(f"{where}, signed by {principal}, lacks {name!r}: refusing it")
+    size = p.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not _SHA_RE.fullmatch(p["sha256"]):
+        raise TrustError(f"{where}, signed by {principal}, has a malformed size or sha256: refusing it")
+    check_manifest(cfg, signers, p.get("manifest"), sha256=p["sha256"], commit=p["commit"], size=size)
+    return p, (seq, principal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1859,10 +1995,12 @@ def boot(
     reason = "no attempt made"
     for attempt in range(1, attempts + 1):
         try:
-            pointer = validate_pointer(read_pointer(), cfg)
+            pointer, trust = trusted_pointer(cfg, layout, validate_pointer(read_pointer(), cfg))
             current = read_current(layout)
             if current is not None and current.ok and current.commit == pointer["commit"]:
                 log(f"current release {current.release} already runs {pointer['commit']}")
+                if trust:
+                    record_trust(layout, *trust)
                 record_status(
                     layout,
                     "last_boot",
@@ -1891,6 +2029,8 @@ def boot(
                 restart=False,
                 action="boot",
             )
+            if trust:
+                record_trust(layout, *trust)
             record_status(
                 layout,
                 "last_boot",
@@ -1902,6 +2042,9 @@ def boot(
                 },
             )
             return {**result, "outcome": "activated"}
+        except TrustError as exc:
+            reason = exc.message
+            verification_failures += 2  # an untrusted release stays untrusted: no retries
         except VerificationError as exc:
             reason = exc.message
             verification_failures += 1
@@ -1982,6 +2125,8 @@ def _parser() -> Any:
     a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
     a.add_argument("--restart", action="store_true")
     a.add_argument("--force", action="store_true")
+    a.add_argument("--manifest-stdin", action="store_true",
+                   help="read the bundle's signed manifest (one JSON line) from stdin")
 
     r = sub.add_parser("rollback")
     r.add_argument("--release")
@@ -2042,20 +2187,38 @@ def _safe_hostname() -> str:
         return "unknown-host"
 
 
+def _stdin_manifest(line: str) -> Any:
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 def _dispatch(args: Any) -> dict[str, Any]:
     if args.command == "version":
         return {"ok": True, "version": VERSION}
     config = args.config or os.path.join(os.path.dirname(os.path.abspath(__file__)), "node.json")
     cfg = load_config(config)
     if args.command == "activate":
-        if args.s3_key:
-            source = Source("s3", args.s3_key, args.size)
-        elif args.url or args.url_stdin:
-            # Read to EOF, not just a line: the controller's sender thread must be done
-            # writing before we can exit (or it writes into a closed channel).
-            url = args.url or (sys.stdin.read().strip().splitlines() or [""])[0].strip()
+        # stdin: the presigned URL (--url-stdin), then the signed manifest (--manifest-stdin),
+        # one line each; neither belongs in argv, where every local user can read it. Read to
+        # EOF, not just a line: the controller's sender thread must be done writing before we
+        # can exit (or it writes into a closed channel).
+        lines = sys.stdin.read().splitlines() if (args.url_stdin or args.manifest_stdin) else []
+        url = args.url
+        if args.url_stdin:
+            url = lines.pop(0).strip() if lines else ""
             if not url:
                 raise NodeError(f"--url-stdin: no URL on stdin on {hostname()}")
+        manifest = _stdin_manifest(lines[0] if lines else "") if args.manifest_stdin else None
+        signers = _signers_file(cfg)
+        if signers is not None:
+            principal = check_manifest(cfg, signers, manifest, sha256=args.sha256, commit=args.commit,
+                                       size=args.size)
+            log(f"manifest of {args.commit[:12]} signed by {principal}")
+        if args.s3_key:
+            source = Source("s3", args.s3_key, args.size)
+        elif url:
             source = Source("url", url, args.size)
         else:
             source = Source("file", args.file, args.size)

@@ -7,6 +7,7 @@ keeps (or is put back on) its previous `current`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -59,7 +60,12 @@ def hotfix(
             args += ["--file", remote]
         else:
             args.append("--url-stdin")  # the presigned URL is a credential: not in argv (ps)
-        data = nodectl.call(cfg, host, conn, *args, stdin=None if push else f"{url[0]}\n")
+        stdin = "" if push else f"{url[0]}\n"
+        if getattr(bundle, "manifest", None) is not None:
+            # The node checks the signed manifest against its trusted signers before downloading.
+            args.append("--manifest-stdin")
+            stdin += json.dumps(bundle.manifest, sort_keys=True) + "\n"
+        data = nodectl.call(cfg, host, conn, *args, stdin=stdin or None)
         if data.get("changed"):
             data = health_or_revert(cfg, host, conn, data, user)
         return data
@@ -126,7 +132,7 @@ def run_hotfix(
                      groups=the_plan.groups, keep_going=keep_going)
         ok = out.ok
         if targets.whole_fleet and ok:
-            bundles.publish_bundle(store, b, log=say)
+            bundles.publish_bundle(store, b, log=say, cfg=cfg)
     print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
                   out.not_touched)
     if targets.whole_fleet and not ok:

@@ -19,4 +19,4 @@ def publish_for(cfg: Config, ref: str | None = None, *, log: Log = print) -> tup
 
 def promote_for(cfg: Config, source: Config, *, log: Log = print) -> tuple[Bundle, Pointer]:
     """`fab production deploy.publish --from=staging`: publish what staging published, same bytes."""
-    return promote(store_for(source), store_for(cfg), source.stage or "?", log)
+    return promote(store_for(source), store_for(cfg), source.stage or "?", log, cfg=cfg)

@@ -33,7 +33,7 @@ def run_instance_refresh(cfg: Config, ref: str | None, *, dry_run: bool = False,
     store = store_for(cfg)
     with fleet_lock(cfg, store, "roll (instance refresh)"):
         b = bundles.ensure_bundle(cfg, store, ref)
-        bundles.publish_bundle(store, b, log=say)
+        bundles.publish_bundle(store, b, log=say, cfg=cfg)
         for group in aws.autoscaling_groups:
             rid = start_refresh(cfg, c, group)
             say(f"instance refresh {rid} of {group} started ({refresh_preferences(cfg)})")

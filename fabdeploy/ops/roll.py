@@ -268,7 +268,7 @@ def run_roll(
     with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer(replacing=True)
-        bundles.publish_bundle(store, b, log=say)
+        bundles.publish_bundle(store, b, log=say, cfg=cfg)
         ahead = ThreadPoolExecutor(max_workers=max(len(g) for g in groups), thread_name_prefix="ahead")
         nxt: dict[str, Any] = {}
         try:
@@ -305,8 +305,10 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
     if previous is None:
         warn("--rollback-on-failure: there is no previous published bundle to go back to")
         return
-    _, etag = store.read_pointer(replacing=True)
-    store.write_pointer(previous, etag)
+    current, etag = store.read_pointer(replacing=True)
+    # A new pointer (signed, with a newer sequence) to the old bundle: nodes refuse replays.
+    back = bundles.new_pointer(cfg, bundles.bundle_of_pointer(cfg, store, previous, log=say), current)
+    store.write_pointer(back, etag)
     say(f"published pointer moved back to {short(previous.commit)} ({previous.ref})")
     names = {f.host for f in failed}
     for host in group:

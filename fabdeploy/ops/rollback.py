@@ -7,10 +7,11 @@ from typing import Any
 
 from fabric import Connection
 
+from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.health import wait_healthy
-from fabdeploy.adapters.store import now_iso, store_for
+from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
@@ -71,9 +72,8 @@ def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, d
 
 
 def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
-    """Point the published bundle at what the fleet now runs, taken from the history."""
-    import dataclasses
-
+    """Point the published bundle at what the fleet now runs, taken from the history: as a
+    new publish (signed, with a newer sequence), since nodes refuse a replayed pointer."""
     current, etag = store.read_pointer(replacing=True)  # a damaged pointer is replaced, not fatal
     if len(commits) != 1:
         warn("hosts rolled back to different commits; the published pointer was left alone")
@@ -83,7 +83,7 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
         return
     for p in store.pointer_history(limit=100):
         if p.commit == commit:
-            new = dataclasses.replace(p, published_by=local_user(), published_at=now_iso())
+            new = bundles.new_pointer(cfg, bundles.bundle_of_pointer(cfg, store, p, log=say), current)
             store.write_pointer(new, etag)
             say(f"published pointer moved back to {short(commit)} ({p.ref})")
             return

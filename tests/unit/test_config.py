@@ -205,7 +205,9 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
                  "download_timeout": 12, "max_files": 99, "lock_timeout": 33},
         "health": {"url": "http://{host}:81/up", "command": "test -f tmp/ready", "timeout": 7, "interval": 0.5,
                    "expect_status": 204},
+        "signing": {"key": "id_ed25519", "allowed_signers": "signers", "allow_unsigned": True},
     }))
+    (tmp_path / "signers").write_text("alice ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummy\n")
     cfg = config.load(p)
     raw = nodectl.node_json(cfg)
     n = node.Config(json.loads(json.dumps(raw)), source="node.json")
@@ -221,9 +223,10 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
     assert (h.on, h.url, h.command, h.timeout, h.interval, h.expect_status) == (
         "node", "http://{host}:81/up", "test -f tmp/ready", 7, 0.5, 204)
     assert h.here
+    assert (n.signers, n.allow_unsigned) == (nodectl.signers_path(cfg), True)
     # Every key the controller writes is one the node reads (no silently dropped settings).
     assert set(raw) == {"app", "deploy_to", "keep_releases", "linked_files", "linked_dirs", "s3", "env", "hooks",
-                        "restart", "boot", "download_timeout", "max_files", "lock_timeout", "health"}
+                        "restart", "boot", "download_timeout", "max_files", "lock_timeout", "health", "signing"}
 
 
 def test_boot_unit_timeout_follows_boot_max_seconds(tmp_path: Path) -> None:
