@@ -220,8 +220,8 @@ class _Progress:
         self.enabled = enabled
         self.done = 0
         self.started = time.monotonic()
-        self._bar = None
-        self._task = None
+        self._bar: Any = None  # a rich Progress, made only once an upload turns out slow
+        self._task: Any = None
         self._lock = threading.Lock()
 
     def __call__(self, n: int) -> None:

@@ -223,8 +223,10 @@ class Lock:
                 created_at=float(created_at),
                 expires_at=float(expires_at),
                 etag=etag,
-                pid=pid if _is_int(pid) and 0 < pid < 2**31 else None,
-                **{k: _id_field(raw.get(k)) for k in ("machine_id", "boot_id", "pidns")},
+                pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31 else None,
+                machine_id=_id_field(raw.get("machine_id")),
+                boot_id=_id_field(raw.get("boot_id")),
+                pidns=_id_field(raw.get("pidns")),
             )
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise StoreError(

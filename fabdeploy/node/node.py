@@ -1102,7 +1102,7 @@ def _safe_tarfile_class() -> type[tarfile.TarFile]:
     class SafeTarFile(tarfile.TarFile):
         tarinfo = SafeTarInfo
 
-        def chown(self, tarinfo: tarfile.TarInfo, targetpath: str, numeric_owner: bool) -> None:
+        def chown(self, tarinfo: tarfile.TarInfo, targetpath: Any, numeric_owner: bool) -> None:
             # Files belong to whoever runs the deploy; bundle owners mean nothing here.
             return None
 
