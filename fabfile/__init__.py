@@ -36,14 +36,17 @@ def _sandbox_dir(dir):
                        "s3_port": "port of the local S3",
                        "rtt": "network round trip between this machine and the fleet and its S3, "
                               "e.g. 100ms, 0.1s or 100 (ms); 0 = none (no latency proxy)",
-                       "handshake": "with --rtt, charge one round trip per new TCP connection"})
+                       "handshake": "with --rtt, charge one round trip per new TCP connection",
+                       "private_port": "the sample app also serves on this port, which --rtt's proxy does not "
+                                       "forward: only the host itself reaches it (a node behind a bastion)"})
 @_sandbox_errors
-def sandbox_up(c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555, rtt="0", handshake=True):
+def sandbox_up(c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555, rtt="0", handshake=True, private_port=None):
     """Start a local fleet: N hosts with real sshd in namespaces, a local S3, a sample app."""
     from . import sandbox
 
     sb = sandbox.up(_sandbox_dir(dir), hosts=int(hosts), reboot_delay=float(reboot_delay), s3_port=int(s3_port),
-                    rtt=sandbox.parse_rtt(rtt), handshake=bool(handshake))
+                    rtt=sandbox.parse_rtt(rtt), handshake=bool(handshake),
+                    private_port=int(private_port) if private_port else None)
     print(f"sandbox up: {', '.join(f'{n} ({ip})' for n, ip in sb.hosts.items())}; S3 at {sb.s3_endpoint}")
     if sb.rtt:
         print(f"latency: {sb.rtt * 1000:g} ms round trip to the hosts (ssh_config's HostName is the latency "

@@ -549,7 +549,7 @@ After=fabdeploy-{app}.service
 [Service]
 Type=simple
 WorkingDirectory=/srv/{app}/current
-ExecStart=/usr/bin/python3 /srv/{app}/current/app.py --bind {ip} --port 8080
+ExecStart=/usr/bin/python3 /srv/{app}/current/app.py --bind {ip} --port 8080{extra}
 
 [Install]
 WantedBy=multi-user.target
@@ -598,7 +598,8 @@ node_env:
 """
 
 
-def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None = None) -> str:
+def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None = None,
+                  private_port: int | None = None) -> str:
     """Lay out webK's state dir before its first boot; returns its known_hosts key."""
     hdir = host_dir(dir, name)
     for sub in ("etc/upper", "etc/work", "usr_local/upper", "usr_local/work", "log"):
@@ -611,7 +612,8 @@ def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None
     (units / "multi-user.target.wants").mkdir(parents=True)
     # Opaque: the host starts with no units, not with the real machine's (ssh, postgresql, ...).
     os.setxattr(units, "trusted.overlay.opaque", b"y")
-    (units / f"{app}.service").write_text(APP_UNIT.format(app=app, ip=ip))
+    extra = f" --private-port {private_port}" if private_port else ""
+    (units / f"{app}.service").write_text(APP_UNIT.format(app=app, ip=ip, extra=extra))
     if etc_hosts is not None:
         (hdir / "etc/upper/hosts").write_text(etc_hosts)
     (units / "multi-user.target.wants" / f"{app}.service").symlink_to(
@@ -717,11 +719,14 @@ def up(
     app: str = "shop",
     rtt: float = 0.0,
     handshake: bool = True,
+    private_port: int | None = None,
 ) -> Sandbox:
     """Start the fleet and S3; returns once every sshd shows its banner and S3 has the bucket.
 
     rtt > 0 puts the latency proxy between the deploying machine and the fleet and its S3
     (see the module doc); handshake=False leaves out the round trip it charges per connection.
+    private_port: the sample app also serves on that port, which the proxy does not forward:
+    with rtt > 0 only the host itself reaches it, as with a node behind a bastion.
     """
     started = time.monotonic()
     dir = Path(dir).resolve()
@@ -732,6 +737,8 @@ def up(
     if not 0 <= rtt <= 10:
         raise SandboxError(f"rtt must be between 0 and 10 seconds, not {rtt}")
     via_proxy = rtt > 0
+    if private_port is not None and (private_port in (*PROXIED_PORTS, s3_port) or not 0 < private_port < 65536):
+        raise SandboxError(f"private_port {private_port} must be a free port other than {PROXIED_PORTS} and S3's")
     if via_proxy and s3_port in PROXIED_PORTS:
         raise SandboxError(f"s3_port {s3_port} is a proxied host port; pick another (0 = any free port)")
     listen = list(addrs.values()) + ([latency_ip(ip) for ip in addrs.values()] if via_proxy else [])
@@ -751,7 +758,7 @@ def up(
     (dir / "authorized_keys").write_text(client_key + "\n")
     s3host = s3_name(subnet)
     host_hosts = _host_etc_hosts(s3host) if via_proxy else None
-    known = [_prepare_host(dir, n, ip, app, host_hosts) for n, ip in addrs.items()]
+    known = [_prepare_host(dir, n, ip, app, host_hosts, private_port) for n, ip in addrs.items()]
 
     s3_pid, port = _spawn_s3(dir, s3_port)
     direct = f"http://127.0.0.1:{port}"

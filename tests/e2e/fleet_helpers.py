@@ -185,8 +185,10 @@ class Fleet:
         return json.loads(body)
 
 
-def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3, rtt: float = 0.0) -> Fleet:
-    sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay, rtt=rtt)
+def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3, rtt: float = 0.0,
+                private_port: int | None = None) -> Fleet:
+    sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay, rtt=rtt,
+                    private_port=private_port)
     home = tmp_root / "home"
     home.mkdir(exist_ok=True)
     return Fleet(sb, home)

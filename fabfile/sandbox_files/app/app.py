@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Resolved once at start-up: `current` is a symlink that a later deploy may repoint, but this
@@ -44,9 +45,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    # Also serve on this port: the sandbox's latency proxy does not forward it, so only the host
+    # itself reaches it, as with an app behind a bastion (`fab sandbox.up --private-port`).
+    parser.add_argument("--private-port", type=int)
     args = parser.parse_args()
     ThreadingHTTPServer.allow_reuse_address = True
     server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    if args.private_port:
+        private = ThreadingHTTPServer((args.bind, args.private_port), Handler)
+        threading.Thread(target=private.serve_forever, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(
         f"serving {RELEASE_DIR} (revision {read_revision()}) on {args.bind}:{args.port}", flush=True
