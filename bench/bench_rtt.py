@@ -65,6 +65,14 @@ def ssh_floor(f: Fleet, hosts: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def set_health_on(f: Fleet, where: str) -> None:
+    import yaml
+
+    data = yaml.safe_load(f.sb.deploy_yml.read_text())
+    data.setdefault("health", {})["on"] = where
+    f.sb.deploy_yml.write_text(yaml.safe_dump(data))
+
+
 # --- where the round trips go ----------------------------------------------------------------
 
 
@@ -107,6 +115,8 @@ def main() -> int:
     ap.add_argument("--no-handshake", action="store_true",
                     help="do not charge one RTT per new TCP connection (pure per-chunk delay)")
     ap.add_argument("--subnet", default=None)
+    ap.add_argument("--health-on", choices=("node", "controller"), default="node",
+                    help="where the health check runs (deploy.yml health.on): controller is the pre-issue-15 way")
     args = ap.parse_args()
 
     rtts = sorted({sandbox.parse_rtt(x) for x in args.rtts.split(",") if x.strip()})
@@ -121,7 +131,7 @@ def main() -> int:
     subnet = free_subnet(args.subnet)
     res: dict[str, Any] = {"machine": machine(), "hosts": args.hosts, "rtts_ms": [r * 1000 for r in rtts],
                            "runs": runs, "reboot_delay": args.reboot_delay, "handshake": handshake,
-                           "subnet": subnet, "points": {}}
+                           "subnet": subnet, "health_on": args.health_on, "points": {}}
     started = time.monotonic()
     n_commit = 0
 
@@ -137,6 +147,8 @@ def main() -> int:
             print(f"sandbox: {args.hosts} hosts on {subnet}.x behind the latency proxy, up in "
                   f"{f.up_seconds:.1f}s", flush=True)
             sandbox.set_rtt(f.sb.dir, 0.0, handshake)
+            if args.health_on != "node":
+                set_health_on(f, args.health_on)
             f.fab("deploy.setup")
             f.fab("deploy.hotfix")  # warm-up: every host has a release
             cap = None
