@@ -748,9 +748,27 @@ def read_pointer_s3(cfg: Config) -> dict[str, Any]:
         raw = client.get_object(Bucket=cfg.s3.bucket, Key=key)["Body"].read()
     except Exception as exc:  # botocore's exception classes are only known after import
         raise _s3_error(exc, what, cfg) from None
+    return parse_pointer(raw, what)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number here")
+
+
+def parse_pointer(raw: bytes, what: str) -> Any:
+    """JSON that anyone with bucket write may have written: NaN, Infinity, 1e999 and nesting
+    deep enough to exhaust the recursion limit are one clear NodeError, never a crash."""
+    def finite(text: str) -> float:
+        value = float(text)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{text} is not a finite number")
+        return value
+
     try:
-        return json.loads(raw)
-    except ValueError as exc:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=finite)
+    except RecursionError:
+        raise NodeError(f"{what} is nested too deeply to be a pointer: re-publish") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise NodeError(f"{what} is not valid JSON ({exc}): re-publish") from None
 
 
@@ -766,6 +784,10 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
     size = pointer.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise NodeError(f"{where} lacks a valid 'size' (bytes of the bundle): re-publish")
+    committed = pointer.get("committed_at")
+    if committed is not None and (not isinstance(committed, int) or isinstance(committed, bool)
+                                  or not 0 <= committed < 2**63):
+        raise NodeError(f"{where} has an invalid 'committed_at' ({str(committed)[:40]}): re-publish")
     return pointer
 
 
@@ -2050,6 +2072,8 @@ def boot(
             verification_failures += 1
         except NodeError as exc:
             reason = exc.message
+        except Exception as exc:  # a bug or a surprise must still end as a recorded outcome, never a crash
+            reason = f"unexpected error: {type(exc).__name__}: {exc}"[:500]
         log(f"boot attempt {attempt}/{attempts} failed: {reason}")
         if verification_failures >= 2 or attempt == attempts:
             break

@@ -1363,3 +1363,30 @@ def test_s3_download_stops_at_the_pointer_size(
     bad = {**pointer, "size": "12"}
     with pytest.raises(node.NodeError, match="lacks a valid 'size'"):
         node.validate_pointer(bad, cfg)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": Infinity}',
+    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": NaN}',
+    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": 1e999}',
+    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": -5}',
+    b"[" * 100000 + b"]" * 100000,
+])
+def test_boot_malformed_pointer_is_a_recorded_outcome_not_a_crash(tmp_path: Path, cfg: node.Config,
+                                                                 layout: node.Layout, raw: bytes) -> None:
+    """Audit 13.8: a pointer anyone with bucket write could craft must leave current alone."""
+    deploy(cfg, tmp_path, "c1")
+    result = node.boot(cfg, pointer_source=lambda: node.parse_pointer(raw, "pointer"), sleep=Sleeper())
+    assert result["outcome"] == "kept" and result["commit"] == "c1"
+    assert "re-publish" in result["reason"]
+    assert node.read_status(layout)["last_boot"]["outcome"] == "kept"
+
+
+def test_boot_survives_an_unexpected_error(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+    deploy(cfg, tmp_path, "c1")
+
+    def boom() -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    result = node.boot(cfg, pointer_source=boom, sleep=Sleeper())
+    assert result["outcome"] == "kept" and "unexpected error: OverflowError" in result["reason"]
