@@ -185,8 +185,19 @@ class Fleet:
         return json.loads(body)
 
 
+def isolated(subnet: str) -> str:
+    """127.0.Y, or 127.N.Y with FABDEPLOY_E2E_NET=N: two test runs on one machine (two checkouts,
+    two developers) then use different addresses and don't clash (1 <= N <= 127)."""
+    net = os.environ.get("FABDEPLOY_E2E_NET")
+    if not net:
+        return subnet
+    a, _, c = subnet.split(".")
+    return f"{a}.{int(net)}.{c}"
+
+
 def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3, rtt: float = 0.0,
                 private_port: int | None = None) -> Fleet:
+    subnet = isolated(subnet)
     sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay, rtt=rtt,
                     private_port=private_port)
     home = tmp_root / "home"
