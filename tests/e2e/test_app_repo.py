@@ -35,7 +35,7 @@ ns = Collection(deploy, hello)
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    f = start_fleet(tmp_path_factory.mktemp("apprepo"), subnet="127.0.36", hosts=2)
+    f = start_fleet(tmp_path_factory.mktemp("apprepo"), subnet="127.0.35", hosts=2)
     yield f
     sandbox.down(f.sb.dir)
 

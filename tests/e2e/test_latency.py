@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet_helpers import Fleet, can_run_sandbox, start_fleet
+from fleet_helpers import Fleet, can_run_sandbox, isolated, start_fleet
 
 from fabfile import sandbox
 
@@ -37,7 +37,7 @@ def _ssh_true(f: Fleet) -> float:
 
 def test_the_deploying_machine_goes_through_the_proxy(fleet: Fleet) -> None:
     f = fleet
-    name = sandbox.s3_name(SUBNET)
+    name = sandbox.s3_name(isolated(SUBNET))
     assert f.sb.rtt == RTT
     assert f.sb.s3_endpoint.startswith(f"http://{name}:")
     # Here the S3 name resolves to the proxy; on a host (private /etc) to S3 itself.
@@ -71,8 +71,8 @@ def test_set_rtt_restarts_the_proxy_with_the_new_delay(fleet: Fleet) -> None:
 
 
 def test_down_removes_the_proxy_and_the_hosts_line(tmp_path: Path) -> None:
-    sb = sandbox.up(tmp_path / "sb", hosts=1, subnet="127.0.37", s3_port=0, rtt=0.02)
-    name = sandbox.s3_name("127.0.37")
+    sb = sandbox.up(tmp_path / "sb", hosts=1, subnet=isolated("127.0.43"), s3_port=0, rtt=0.02)
+    name = sandbox.s3_name(isolated("127.0.43"))
     try:
         assert name in Path("/etc/hosts").read_text()
         proxy_ip = sandbox.latency_ip(sb.hosts["web1"])
