@@ -78,6 +78,7 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
             "signers": signers_path(cfg) if cfg.signing.allowed_signers else None,
             "allow_unsigned": cfg.signing.allow_unsigned,
         },
+        "link_unchanged": cfg.node.link_unchanged,
     }
 
 

@@ -386,6 +386,8 @@ class NodeConfig:
     download_timeout: float = key(_pos_num, 60.0)
     max_files: int = key(_pos_int, 200_000)
     lock_timeout: float = key(_pos_num, 120.0, doc="seconds a node run waits for the host's deploy lock")
+    link_unchanged: bool = key(_bool, True, doc="hardlink files unchanged since the previous release "
+                               "(shared inodes: hooks and the app must not modify release files in place)")
 
 
 @dataclass(frozen=True)

@@ -304,7 +304,9 @@ class Config:
         # Trusted signers installed by setup (root-owned): with them, only signed releases run.
         self.signers: str | None = signing.get("signers") or None
         self.allow_unsigned: bool = bool(signing.get("allow_unsigned"))
-
+        # Hardlink files unchanged since the previous release instead of writing them again.
+        link = raw.get("link_unchanged")
+        self.link_unchanged: bool = True if link is None else bool(link)
 
 class HealthConfig:
     """deploy.yml's health: section as the node reads it from node.json."""
@@ -604,55 +606,20 @@ def _s3_error(exc: Exception, what: str, cfg: Config) -> NodeError:
     )
 
 
-def fetch_bundle(cfg: Config, layout: Layout, source: Source, expected: str) -> tuple[str, bool]:
-    """Returns (path, is_temporary); the sha256 is verified before returning."""
-    import hashlib
+class _Fetch:
+    """The bundle's raw bytes as they arrive: counted against `size` (a wrong object must not
+    fill the disk), hashed, and read failures turned into one clear line by `on_error`."""
 
-    expected = expected.strip().lower()
-    digest = hashlib.sha256()
-    desc = source.describe(cfg)
-    if source.kind == "file":
-        path = os.path.abspath(source.value)
-        try:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    digest.update(chunk)
-        except OSError as exc:
-            raise NodeError(f"cannot read bundle {path} on {hostname()}: {exc.strerror}") from None
-        inside_state = os.path.commonpath([path, layout.state]) == layout.state
-        _verify(digest.hexdigest(), expected, desc, path if inside_state else None)
-        return path, inside_state
+    def __init__(self, stream: Any, size: int | None, desc: str, on_error: Any) -> None:
+        import hashlib
 
-    import tempfile
-
-    os.makedirs(layout.state, 0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-", suffix=".tar.gz", dir=layout.state
-    )
-    try:
-        with os.fdopen(fd, "wb") as out:
-            sink = _Sink(out, digest, source.size, desc)
-            if source.kind == "url":
-                _download_url(source.value, sink, cfg.download_timeout)
-            else:
-                _download_s3(cfg, source.value, sink)
-        _verify(digest.hexdigest(), expected, desc, tmp)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp, True
-
-
-class _Sink:
-    """Where downloaded bytes go: hashed and written, never more than `size` of them."""
-
-    def __init__(self, out: Any, digest: Any, size: int | None, desc: str) -> None:
-        self.out = out
-        self.digest = digest
+        self.stream = stream
         self.size = size
         self.desc = desc
+        self.on_error = on_error
+        self.digest = hashlib.sha256()
         self.count = 0
+        self.eof = False
 
     def announced(self, length: Any) -> None:
         """Refuse up front when the server says it will send more than `size`."""
@@ -663,80 +630,167 @@ class _Sink:
         if length is not None and self.size is not None and length > self.size:
             raise self._too_big(length)
 
-    def copy(self, stream: Any) -> None:
-        while True:
-            # Read at most one byte past the limit: enough to know it was exceeded.
-            want = CHUNK if self.size is None else min(CHUNK, self.size - self.count + 1)
-            chunk = stream.read(want)
-            if not chunk:
-                return
-            self.count += len(chunk)
-            if self.size is not None and self.count > self.size:
-                raise self._too_big(None)
-            self.digest.update(chunk)
-            self.out.write(chunk)
+    def read(self, n: int = CHUNK) -> bytes:
+        if self.eof:
+            return b""
+        # Read at most one byte past the limit: enough to know it was exceeded.
+        want = n if self.size is None else max(1, min(n, self.size - self.count + 1))
+        try:
+            chunk = self.stream.read(want)
+        except NodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's exceptions are only known after import
+            raise self.on_error(exc) from None
+        if not chunk:
+            self.eof = True
+            return b""
+        self.count += len(chunk)
+        if self.size is not None and self.count > self.size:
+            raise self._too_big(None)
+        self.digest.update(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
 
     def _too_big(self, length: int | None) -> NodeError:
         got = f"{length} bytes announced" if length is not None else "more bytes than that"
         return VerificationError(
             f"bundle {self.desc} on {hostname()} should be {self.size} bytes, but the store "
-            f"sent {got}; download stopped, nothing was extracted: re-publish the bundle "
+            f"sent {got}; download stopped, nothing was activated: re-publish the bundle "
             "or check the store"
         )
 
 
-def _download_url(url: str, sink: _Sink, timeout: float) -> None:
-    import urllib.error
-    import urllib.request
+class _open_source:
+    """`with _open_source(cfg, source) as raw:` the bundle as a _Fetch (url, s3 or file)."""
 
-    shown = redact_url(url)
-    out = sink.out
+    def __init__(self, cfg: Config, source: Source) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.handle: Any = None
+
+    def __enter__(self) -> _Fetch:
+        cfg, source = self.cfg, self.source
+        desc = source.describe(cfg)
+        if source.kind == "file":
+            path = os.path.abspath(source.value)
+            try:
+                self.handle = open(path, "rb")  # noqa: SIM115 - closed in __exit__
+            except OSError as exc:
+                raise NodeError(
+                    f"cannot read bundle {path} on {hostname()}: {exc.strerror}"
+                ) from None
+
+            def file_error(exc: Exception) -> NodeError:
+                return NodeError(f"cannot read bundle {path} on {hostname()}: {exc}")
+
+            return _Fetch(self.handle, source.size, desc, file_error)
+        if source.kind == "url":
+            return self._open_url(source.value, source.size, desc, cfg.download_timeout)
+        what = f"bundle s3://{cfg.s3.bucket}/{source.value}"
+
+        def s3_error(exc: Exception) -> NodeError:
+            return _s3_error(exc, what, cfg)
+
+        client = s3_client(cfg)
+        try:
+            obj = client.get_object(Bucket=cfg.s3.bucket, Key=source.value)
+        except Exception as exc:  # noqa: BLE001 - botocore's exceptions are only known after import
+            raise s3_error(exc) from None
+        self.handle = obj["Body"]
+        fetch = _Fetch(self.handle, source.size, desc, s3_error)
+        fetch.announced(obj.get("ContentLength"))
+        return fetch
+
+    def _open_url(self, url: str, size: int | None, desc: str, timeout: float) -> _Fetch:
+        import urllib.error
+        import urllib.request
+
+        shown = redact_url(url)
+
+        def url_error(exc: Exception) -> NodeError:
+            reason = getattr(exc, "reason", exc)
+            return NodeError(
+                f"cannot download {shown} on {hostname()}: {reason}: check the host's network "
+                "and the store, then deploy again"
+            )
+
+        try:
+            self.handle = urllib.request.urlopen(url, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            hint = {
+                400: ": the presigned URL may have expired, deploy again",
+                403: ": the presigned URL may have expired, deploy again",
+                404: ": the bundle is not in the store, publish it again",
+            }.get(exc.code, ": check the store, then deploy again")
+            raise NodeError(f"HTTP {exc.code} fetching {shown} on {hostname()}{hint}") from None
+        except OSError as exc:
+            raise url_error(exc) from None
+        fetch = _Fetch(self.handle, size, desc, url_error)
+        fetch.announced(self.handle.headers.get("Content-Length"))
+        return fetch
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            try:
+                self.handle.close()
+            except Exception:  # noqa: BLE001, S110 - closing a failed download must not mask its error
+                pass
+
+
+def fetch_and_extract(
+    cfg: Config, layout: Layout, source: Source, expected: str, dest: str,
+    previous: str | None = None,
+) -> dict[str, int]:
+    """Stream the bundle into `dest` (a new staging dir) in one pass: download, sha256,
+    decompress, validate and write as the bytes arrive. Returns extract_stream's counts.
+
+    Nothing outside `dest` is written: symlinks are created only once every member has been
+    read and validated, so no write can go through one. `dest` is removed on any failure,
+    including a sha256 mismatch, which is checked over the whole download before returning
+    (so before anything is swapped in). A bundle that fails to parse is still read to its
+    end first: a corrupted download is reported as a sha256 mismatch (boot retries those),
+    not as a corrupt bundle. `previous` is the release whose unchanged files are hardlinked
+    (cfg.link_unchanged)."""
+    expected = expected.strip().lower()
+    desc = source.describe(cfg)
+    in_state = False
+    if source.kind == "file":
+        path = os.path.abspath(source.value)
+        in_state = os.path.commonpath([path, layout.state]) == layout.state
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            sink.announced(resp.headers.get("Content-Length"))
-            sink.copy(resp)
-    except urllib.error.HTTPError as exc:
-        hint = {
-            400: ": the presigned URL may have expired, deploy again",
-            403: ": the presigned URL may have expired, deploy again",
-            404: ": the bundle is not in the store, publish it again",
-        }.get(exc.code, ": check the store, then deploy again")
-        raise NodeError(f"HTTP {exc.code} fetching {shown} on {hostname()}{hint}") from None
-    except OSError as exc:
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            raise _space_error(os.path.dirname(out.name), None) from None
-        reason = getattr(exc, "reason", exc)
-        raise NodeError(
-            f"cannot download {shown} on {hostname()}: {reason}: check the host's network "
-            "and the store, then deploy again"
-        ) from None
+        with _open_source(cfg, source) as raw:
+            try:
+                counts = extract_stream(raw, dest, cfg.max_files, desc,
+                                        previous if cfg.link_unchanged else None)
+                raw.drain()
+            except NodeError as exc:
+                if not isinstance(exc, VerificationError) and not raw.eof:
+                    try:
+                        raw.drain()
+                    except NodeError:
+                        raise exc from None
+                if raw.eof and raw.digest.hexdigest() != expected:
+                    _verify(raw.digest.hexdigest(), expected, desc)
+                raise
+            try:
+                _verify(raw.digest.hexdigest(), expected, desc)
+            except BaseException:
+                remove_path(dest)
+                raise
+    finally:
+        if in_state and os.path.lexists(source.value):
+            os.unlink(source.value)
+    return counts
 
 
-def _download_s3(cfg: Config, key: str, sink: _Sink) -> None:
-    what = f"bundle s3://{cfg.s3.bucket}/{key}"
-    out = sink.out
-    client = s3_client(cfg)
-    try:
-        obj = client.get_object(Bucket=cfg.s3.bucket, Key=key)
-        sink.announced(obj.get("ContentLength"))
-        sink.copy(obj["Body"])
-    except NodeError:
-        raise
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _space_error(os.path.dirname(out.name), None) from None
-        raise _s3_error(exc, what, cfg) from None
-    except Exception as exc:  # botocore's exception classes are only known after import
-        raise _s3_error(exc, what, cfg) from None
-
-
-def _verify(actual: str, expected: str, desc: str, path: str | None) -> None:
+def _verify(actual: str, expected: str, desc: str) -> None:
     if actual != expected:
-        if path and os.path.lexists(path):
-            os.unlink(path)
         raise VerificationError(
             f"sha256 mismatch for bundle {desc} on {hostname()}: expected {expected}, "
-            f"got {actual}; nothing was extracted: re-publish the bundle or check the source"
+            f"got {actual}; nothing was activated: re-publish the bundle or check the source"
         )
 
 
@@ -989,78 +1043,6 @@ class _Resolver:
         return cur
 
 
-def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
-    """Reject the whole bundle on the first unsafe member; returns sanitised members."""
-    kinds: dict[str, str] = {}
-    symlinks: dict[str, str] = {}
-    accepted: list[tarfile.TarInfo] = []
-    for m in members:
-        name = _member_path(m.name, "member")
-        if not name:
-            if m.isdir():
-                continue  # the "./" entry of `tar -C dir .`
-            raise UnsafeBundle(f"member {m.name!r} has an empty path")
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            prefix = "/".join(parts[:i])
-            kind = kinds.get(prefix)
-            if kind is not None and kind != "dir":
-                raise UnsafeBundle(f"member {m.name!r} goes through {kind} member {prefix!r}")
-        previous = kinds.get(name)
-        if previous is not None and not (previous == "dir" and m.isdir()):
-            # tarfile would write through an existing symlink, so no overwriting at all.
-            raise UnsafeBundle(f"member {m.name!r} appears twice in the bundle")
-        # git archive's default tar.umask (002) makes members group-writable: a release
-        # must not be writable by anyone but its owner, filter or no filter.
-        if m.isdir():
-            kind = "dir"
-            m.mode = (m.mode & 0o755) | 0o700  # we must be able to link shared dirs inside
-        elif m.isreg():
-            kind = "file"
-            m.mode &= 0o755  # drop setuid/setgid/sticky and group/other write
-        elif m.issym():
-            kind = "symlink"
-            if m.linkname.startswith("/"):
-                raise UnsafeBundle(f"symlink {m.name!r} points to absolute path {m.linkname!r}")
-            symlinks[name] = m.linkname
-        elif m.islnk():
-            kind = "hardlink"
-            target = _member_path(m.linkname, f"hard link {m.name!r} target")
-            if kinds.get(target) not in ("file", "hardlink"):
-                raise UnsafeBundle(
-                    f"hard link {m.name!r} points to {m.linkname!r}, which is not an earlier "
-                    "regular file of the bundle"
-                )
-            m.linkname = target
-            m.mode &= 0o755
-        else:
-            raise UnsafeBundle(
-                f"member {m.name!r} is a special file (device, fifo or unknown type "
-                f"{m.type!r}): not allowed in a bundle"
-            )
-        m.name = name
-        m.uid = m.gid = 0
-        m.uname = m.gname = ""
-        kinds[name] = kind
-        for i in range(1, len(parts)):  # implicit parents must not become symlinks later
-            kinds.setdefault("/".join(parts[:i]), "dir")
-        accepted.append(m)
-    resolver = _Resolver(symlinks, max_steps=MAX_RESOLVE_STEPS_PER_MEMBER * max(1, len(accepted)))
-    for name, target in symlinks.items():
-        resolver.member = name
-        if resolver.link(name) is None:
-            raise UnsafeBundle(f"symlink {name!r} -> {target!r} resolves outside the release")
-    return accepted
-
-
-def space_needed(members: list[tarfile.TarInfo]) -> int:
-    total = SPACE_SLACK
-    for m in members:
-        size = m.size if m.isreg() else 0
-        total += max(BLOCK, -(-size // BLOCK) * BLOCK)
-    return total
-
-
 def _space_error(path: str, needed: int | None) -> NodeError:
     try:
         free = disk_free(path)
@@ -1131,56 +1113,430 @@ def _safe_tarfile_class() -> type[tarfile.TarFile]:
     return SafeTarFile
 
 
-def extract_bundle(bundle: str, dest: str, max_files: int) -> int:
-    """Extract into `dest` (must not exist); on any failure `dest` is removed. Returns the
-    number of members extracted."""
+class _Members:
+    """Validates members one by one as they stream past (validate_members is the batch form).
+
+    Each member is checked against the ones before it (paths, types, duplicates, what it goes
+    through); symlinks are collected and resolved by `finish`, once all of them are known."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}
+        self.symlinks: dict[str, str] = {}
+        self.count = 0
+
+    def accept(self, m: tarfile.TarInfo) -> bool:
+        """Sanitise `m` in place; False for the "./" entry (nothing to do); raises UnsafeBundle."""
+        kinds = self.kinds
+        name = _member_path(m.name, "member")
+        if not name:
+            if m.isdir():
+                return False  # the "./" entry of `tar -C dir .`
+            raise UnsafeBundle(f"member {m.name!r} has an empty path")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            kind = kinds.get(prefix)
+            if kind is not None and kind != "dir":
+                raise UnsafeBundle(f"member {m.name!r} goes through {kind} member {prefix!r}")
+        previous = kinds.get(name)
+        if previous is not None and not (previous == "dir" and m.isdir()):
+            # A second write could go through an existing symlink, so no overwriting at all.
+            raise UnsafeBundle(f"member {m.name!r} appears twice in the bundle")
+        # git archive's default tar.umask (002) makes members group-writable: a release
+        # must not be writable by anyone but its owner.
+        if m.isdir():
+            kind = "dir"
+            m.mode = (m.mode & 0o755) | 0o700  # we must be able to link shared dirs inside
+        elif m.isreg():
+            kind = "file"
+            m.mode &= 0o755  # drop setuid/setgid/sticky and group/other write
+        elif m.issym():
+            kind = "symlink"
+            if m.linkname.startswith("/"):
+                raise UnsafeBundle(f"symlink {m.name!r} points to absolute path {m.linkname!r}")
+            self.symlinks[name] = m.linkname
+        elif m.islnk():
+            kind = "hardlink"
+            target = _member_path(m.linkname, f"hard link {m.name!r} target")
+            if kinds.get(target) not in ("file", "hardlink"):
+                raise UnsafeBundle(
+                    f"hard link {m.name!r} points to {m.linkname!r}, which is not an earlier "
+                    "regular file of the bundle"
+                )
+            m.linkname = target
+            m.mode &= 0o755
+        else:
+            raise UnsafeBundle(
+                f"member {m.name!r} is a special file (device, fifo or unknown type "
+                f"{m.type!r}): not allowed in a bundle"
+            )
+        m.name = name
+        m.uid = m.gid = 0
+        m.uname = m.gname = ""
+        kinds[name] = kind
+        for i in range(1, len(parts)):  # implicit parents must not become symlinks later
+            kinds.setdefault("/".join(parts[:i]), "dir")
+        self.count += 1
+        return True
+
+    def finish(self) -> None:
+        resolver = _Resolver(self.symlinks,
+                             max_steps=MAX_RESOLVE_STEPS_PER_MEMBER * max(1, self.count))
+        for name, target in self.symlinks.items():
+            resolver.member = name
+            if resolver.link(name) is None:
+                raise UnsafeBundle(f"symlink {name!r} -> {target!r} resolves outside the release")
+
+
+def validate_members(members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """Reject the whole bundle on the first unsafe member; returns sanitised members."""
+    check = _Members()
+    accepted = [m for m in members if check.accept(m)]
+    check.finish()
+    return accepted
+
+
+class _Unpacked:
+    """The tar stream inside the raw bytes (gzip, bzip2, xz or none), decompressed as it is
+    read, for tarfile: a forward-only file object (tarfile only seeks forward when it reads
+    members in order). Decompression is bounded per step, so a bomb costs time, not RAM."""
+
+    def __init__(self, raw: _Fetch) -> None:
+        self.raw = raw
+        self.pos = 0
+        self.buf = b""
+        self.off = 0
+        head = raw.read(CHUNK)
+        self.pending = head
+        self.dec: Any = None
+        self.zlib = False
+        if head[:2] == b"\x1f\x8b":
+            import zlib
+
+            self.dec, self.zlib = zlib.decompressobj(31), True
+        elif head[:3] == b"BZh":
+            import bz2
+
+            self.dec = bz2.BZ2Decompressor()
+        elif head[:6] == b"\xfd7zXZ\x00":
+            import lzma
+
+            self.dec = lzma.LZMADecompressor()
+
+    def _raw(self) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            return data
+        return self.raw.read(CHUNK)
+
+    def _inflate(self) -> bytes:
+        """The next piece of the tar stream (at most CHUNK bytes); b"" at its end."""
+        d = self.dec
+        if d is None:
+            return self._raw()
+        while True:
+            if d.eof:
+                rest = d.unused_data or self._raw()
+                if not rest:
+                    return b""
+                if not (self.zlib and rest[:2] == b"\x1f\x8b"):
+                    raise EOFError("unexpected data after the end of the compressed stream")
+                import zlib
+
+                d = self.dec = zlib.decompressobj(31)  # a concatenated gzip member
+                data = rest
+            elif self.zlib:
+                data = d.unconsumed_tail or self._raw()
+            else:
+                data = self._raw() if d.needs_input else b""
+            if not data and (self.zlib or d.needs_input):
+                raise EOFError("the compressed stream ends early (truncated?)")
+            out = d.decompress(data, CHUNK)
+            if out:
+                return out
+
+    def read(self, n: int = -1) -> bytes:
+        buf, off = self.buf, self.off
+        if 0 <= n <= len(buf) - off:
+            self.off = off + n
+            self.pos += n
+            return buf[off:off + n]
+        parts = [buf[off:]]
+        have = len(parts[0])
+        self.buf, self.off = b"", 0
+        while n < 0 or have < n:
+            more = self._inflate()
+            if not more:
+                break
+            if n >= 0 and have + len(more) > n:
+                take = n - have
+                parts.append(more[:take])
+                self.buf, self.off = more, take
+                have = n
+                break
+            parts.append(more)
+            have += len(more)
+        self.pos += have
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self.pos
+        if whence == 2 or pos < self.pos:
+            raise OSError(errno.ESPIPE, "the bundle stream only reads forward")
+        while self.pos < pos:
+            if not self.read(min(CHUNK, pos - self.pos)):
+                break  # like a file: seeking past the end is allowed, reading there is not
+        return self.pos
+
+
+class _Space:
+    """Disk space, checked as the release is written (the size is only known as it streams):
+    a release never takes the filesystem below SPACE_SLACK free, like the upfront check did."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written = 0
+        self.budget = disk_free(path) - SPACE_SLACK
+
+    def take(self, size: int) -> None:
+        need = max(BLOCK, -(-size // BLOCK) * BLOCK)
+        if need > self.budget:
+            self.budget = disk_free(self.path) - SPACE_SLACK  # others write too
+            if need > self.budget:
+                raise _space_error(self.path, self.written + need + SPACE_SLACK)
+        self.budget -= need
+        self.written += need
+
+
+def _same_content(src: Any, prev_fd: int, size: int, first: bytes) -> tuple[bool, int, bytes]:
+    """Compare the member's data (`first`, then the rest from `src`) with the previous
+    release's file. (True, size, b"") when equal; else (False, offset, chunk): the member's
+    bytes before `offset` equal the previous file's, `chunk` (read, not yet written) differs."""
+    offset = 0
+    chunk = first
+    while True:
+        if chunk:
+            if os.pread(prev_fd, len(chunk), offset) != chunk:
+                return False, offset, chunk
+            offset += len(chunk)
+        if offset >= size:
+            return True, size, b""
+        chunk = src.read(min(CHUNK, size - offset))
+        if not chunk:
+            raise tarfile_error("unexpected end of data")
+
+
+def tarfile_error(message: str) -> Exception:
+    import tarfile
+
+    return tarfile.ReadError(message)
+
+
+class _Writer:
+    """Writes members into the staging dir `dest`; with `previous`, a regular file whose size,
+    mode, owner and bytes equal the previous release's file at the same path becomes a
+    hardlink to it instead of a copy (compared while streaming, the previous file read only
+    when size and mode match)."""
+
+    def __init__(self, dest: str, previous: str | None, space: _Space) -> None:
+        self.dest = dest
+        self.previous = previous
+        self.space = space
+        self.made: set[str] = {""}
+        self.prev_dirs: dict[str, bool] = {"": True}
+        self.dirs: list[tarfile.TarInfo] = []
+        self.uid = os.geteuid()
+        self.linked = 0
+        self.written = 0
+
+    def parents(self, name: str) -> None:
+        parent = name.rpartition("/")[0]
+        if parent not in self.made:
+            os.makedirs(os.path.join(self.dest, parent), 0o755, exist_ok=True)
+            while parent and parent not in self.made:
+                self.made.add(parent)
+                parent = parent.rpartition("/")[0]
+
+    def directory(self, m: tarfile.TarInfo) -> None:
+        self.parents(m.name)
+        if m.name not in self.made:
+            try:
+                os.mkdir(os.path.join(self.dest, m.name), 0o700)
+            except FileExistsError:
+                pass  # a second entry for the same dir
+            self.made.add(m.name)
+        self.dirs.append(m)  # mode and mtime at the end, like tarfile
+
+    def _prev_dir_is_real(self, rel: str) -> bool:
+        """The previous release's dir `rel` is a real dir inside it, reached through no
+        symlink: its linked_dirs (symlinks into shared/) must never be linked from."""
+        known = self.prev_dirs.get(rel)
+        if known is None:
+            parent, _, _ = rel.rpartition("/")
+            known = self._prev_dir_is_real(parent)
+            if known:
+                try:
+                    known = stat.S_ISDIR(os.lstat(os.path.join(self.previous or "", rel)).st_mode)
+                except OSError:
+                    known = False
+            self.prev_dirs[rel] = known
+        return known
+
+    def _previous_fd(self, m: tarfile.TarInfo) -> int | None:
+        if self.previous is None or not self._prev_dir_is_real(m.name.rpartition("/")[0]):
+            return None
+        try:
+            fd = os.open(os.path.join(self.previous, m.name),
+                         os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if (stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_uid == self.uid
+                and stat.S_IMODE(st.st_mode) == m.mode):
+            return fd
+        os.close(fd)
+        return None
+
+    def file(self, m: tarfile.TarInfo, src: Any) -> None:
+        self.parents(m.name)
+        path = os.path.join(self.dest, m.name)
+        size = m.size
+        first = src.read(min(CHUNK, size)) if size else b""
+        prev_fd = self._previous_fd(m)
+        try:
+            offset = 0
+            if prev_fd is not None:
+                same, offset, first = _same_content(src, prev_fd, size, first)
+                if same:
+                    try:
+                        os.link(os.path.join(self.previous or "", m.name), path,
+                                follow_symlinks=False)
+                        self.linked += 1
+                        return
+                    except OSError:
+                        pass  # EMLINK and the like: copy it instead (the same bytes)
+            self.space.take(size)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                done = 0
+                while done < offset:  # the previous file's bytes, equal to the member's
+                    data = os.pread(prev_fd, min(CHUNK, offset - done), done)  # type: ignore[arg-type]
+                    if not data:
+                        raise OSError(errno.EIO, f"{self.previous}/{m.name} shrank while read")
+                    _write_all(fd, data)
+                    done += len(data)
+                if first:
+                    _write_all(fd, first)
+                    done += len(first)
+                while done < size:
+                    chunk = src.read(min(CHUNK, size - done))
+                    if not chunk:
+                        raise tarfile_error("unexpected end of data")
+                    _write_all(fd, chunk)
+                    done += len(chunk)
+                os.fchmod(fd, m.mode)
+                os.utime(fd, (m.mtime, m.mtime))
+            finally:
+                os.close(fd)
+            self.written += size
+        finally:
+            if prev_fd is not None:
+                os.close(prev_fd)
+
+    def hardlink(self, m: tarfile.TarInfo) -> None:
+        self.parents(m.name)
+        os.link(os.path.join(self.dest, m.linkname), os.path.join(self.dest, m.name),
+                follow_symlinks=False)
+
+    def finish(self, symlinks: list[tarfile.TarInfo]) -> None:
+        for m in symlinks:
+            self.parents(m.name)
+            os.symlink(m.linkname, os.path.join(self.dest, m.name))
+        for m in reversed(self.dirs):  # children first: setting a parent's mtime is last
+            path = os.path.join(self.dest, m.name)
+            os.chmod(path, m.mode)
+            os.utime(path, (m.mtime, m.mtime))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def extract_stream(
+    raw: _Fetch, dest: str, max_files: int, desc: str, previous: str | None = None
+) -> dict[str, int]:
+    """Extract the bundle arriving on `raw` into `dest` (must not exist) in one pass; on
+    any failure `dest` is removed. Returns counts: members, linked (hardlinked from
+    `previous`), written (bytes of file data written)."""
     import gzip
     import tarfile
     import zlib
 
     corrupt = (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile)
-    created = False
     try:
-        with _safe_tarfile_class().open(bundle, "r:*") as tf:
-            members: list[tarfile.TarInfo] = []
-            while (member := tf.next()) is not None:
-                member.pax_headers = {}  # applied already; kept per member they add up
-                members.append(member)
-                if len(members) > max_files:
+        import bz2  # noqa: F401 - only for its error type below
+        import lzma
+
+        corrupt += (lzma.LZMAError,)
+    except ImportError:  # pragma: no cover - a Python built without lzma
+        pass
+    created = False
+    old_umask = os.umask(0o022)  # parents we create on our own
+    try:
+        parent = os.path.dirname(dest)
+        space = _Space(parent)
+        os.mkdir(dest, 0o755)
+        created = True
+        writer = _Writer(dest, previous, space)
+        check = _Members()
+        symlinks: list[tarfile.TarInfo] = []
+        stream = _Unpacked(raw)
+        count = 0
+        with _safe_tarfile_class().open(fileobj=stream, mode="r:") as tf:
+            while (m := tf.next()) is not None:
+                m.pax_headers = {}  # applied already; kept per member they add up
+                count += 1
+                if count > max_files:
                     raise UnsafeBundle(
                         f"it has more than max_files={max_files} members "
                         "(raise max_files in node.json if that is intended)"
                     )
+                if not check.accept(m):
+                    continue
+                if m.isreg():
+                    stream.seek(m.offset_data)
+                    writer.file(m, stream)
+                elif m.isdir():
+                    writer.directory(m)
+                elif m.issym():
+                    space.take(0)
+                    symlinks.append(m)  # created last, once all are validated
+                else:
+                    writer.hardlink(m)
             # tarfile stops at the end-of-archive blocks; read the rest so a truncated
-            # gzip stream (missing CRC trailer) is detected before anything is written.
-            while tf.fileobj is not None and tf.fileobj.read(CHUNK):
+            # compressed stream (missing CRC trailer) is detected.
+            while stream.read(CHUNK):
                 pass
-            members = validate_members(members)
-            needed = space_needed(members)
-            parent = os.path.dirname(dest)
-            if disk_free(parent) < needed:
-                raise _space_error(parent, needed)
-            os.mkdir(dest, 0o755)
-            created = True
-            extra: dict[str, Any] = {}
-            if hasattr(tarfile, "data_filter"):  # 3.12+ and some backports, not 3.11.2
-                extra["filter"] = "data" if USE_DATA_FILTER else "fully_trusted"
-            old_umask = os.umask(0o022)  # parents tarfile creates on its own
-            try:
-                tf.extractall(dest, members=members, numeric_owner=True, **extra)
-            finally:
-                os.umask(old_umask)
-            return len(members)
+        check.finish()
+        writer.finish(symlinks)
+        return {"members": check.count, "linked": writer.linked, "written": writer.written}
     except UnsafeBundle as exc:
         _discard(dest, created)
         raise NodeError(
-            f"unsafe bundle {bundle} rejected on {hostname()}: {exc.message}; nothing was "
-            "extracted: fix the bundle (or its build) and publish again"
+            f"unsafe bundle {desc} rejected on {hostname()}: {exc.message}; nothing was "
+            "activated: fix the bundle (or its build) and publish again"
         ) from None
     except corrupt as exc:
         _discard(dest, created)
         raise NodeError(
-            f"bundle {bundle} is corrupt or truncated on {hostname()} ({type(exc).__name__}: {exc}): "
+            f"bundle {desc} is corrupt or truncated on {hostname()} ({type(exc).__name__}: {exc}): "
             "re-publish it and deploy again"
         ) from None
     except OSError as exc:
@@ -1188,11 +1544,27 @@ def extract_bundle(bundle: str, dest: str, max_files: int) -> int:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _space_error(os.path.dirname(dest), None) from None
         raise NodeError(
-            f"cannot extract bundle {bundle} into {dest} on {hostname()}: {exc}"
+            f"cannot extract bundle {desc} into {dest} on {hostname()}: {exc}"
         ) from None
     except BaseException:
         _discard(dest, created)
         raise
+    finally:
+        os.umask(old_umask)
+
+
+def extract_bundle(bundle: str, dest: str, max_files: int, previous: str | None = None) -> int:
+    """extract_stream of a local file (no sha256 check); returns the number of members."""
+    try:
+        fh = open(bundle, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise NodeError(f"cannot read bundle {bundle} on {hostname()}: {exc.strerror}") from None
+    with fh:
+        def file_error(exc: Exception) -> NodeError:
+            return NodeError(f"cannot read bundle {bundle} on {hostname()}: {exc}")
+
+        return extract_stream(_Fetch(fh, None, bundle, file_error), dest, max_files, bundle,
+                              previous)["members"]
 
 
 def _discard(path: str, created: bool) -> None:
@@ -1704,18 +2076,13 @@ def _activate(
             return {**result, "restarted": True} if restarted else result
         check_linked_files(cfg, layout)
 
-        t0 = time.monotonic()
-        bundle, is_temp = fetch_bundle(cfg, layout, source, sha256)
-        t_download = time.monotonic() - t0
         staging = layout.release_path(f"{STAGING_PREFIX}{utc_stamp(now())}-{os.getpid()}")
+        base = previous.path if previous is not None and previous.ok else None
         t0 = time.monotonic()
-        try:
-            count = extract_bundle(bundle, staging, cfg.max_files)
-        finally:
-            if is_temp and os.path.lexists(bundle):
-                os.unlink(bundle)
+        counts = fetch_and_extract(cfg, layout, source, sha256, staging, base)
         t_extract = time.monotonic() - t0
-        log(f"extracted {count} members from {source.describe(cfg)}")
+        linked = f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
+        log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
 
         try:
             write_revision(staging, commit, committed_at)
@@ -1782,7 +2149,8 @@ def _activate(
         "pruned": pruned,
         **({"health": health} if health is not None else {}),
         "seconds": {
-            "download": round(t_download, 3),
+            # One pass now: download, check and extract overlap (download kept for readers).
+            "download": 0.0,
             "extract": round(t_extract, 3),
             "total": round(time.monotonic() - started, 3),
         },

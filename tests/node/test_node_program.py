@@ -348,7 +348,7 @@ def test_hostile_bundles_are_rejected_without_side_effects(
     with pytest.raises(node.NodeError, match=expected) as err:
         activate(cfg, bundle, sha, "evil", now=lambda: T0 + 10)
 
-    assert "unsafe bundle" in err.value.message and "nothing was extracted" in err.value.message
+    assert "unsafe bundle" in err.value.message and "nothing was activated" in err.value.message
     assert snapshot(outside) == before_out
     assert snapshot(Path(layout.releases)) == before_releases  # no staging left, no new release
     assert node.read_current(layout).release == good["release"]  # type: ignore[union-attr]
@@ -443,16 +443,10 @@ def test_not_enough_space(
 def test_enospc_during_extraction(
     tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = node._safe_tarfile_class
+    def full_disk(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def full_disk_class() -> type[tarfile.TarFile]:
-        class Full(original()):  # type: ignore[misc]
-            def makefile(self, tarinfo: tarfile.TarInfo, targetpath: str) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-        return Full
-
-    monkeypatch.setattr(node, "_safe_tarfile_class", full_disk_class)
+    monkeypatch.setattr(node, "_write_all", full_disk)
     with pytest.raises(node.NodeError, match="not enough disk space"):
         deploy(cfg, tmp_path, "c1")
     assert os.listdir(layout.releases) == []
@@ -1052,7 +1046,7 @@ def test_symlink_resolution_work_is_capped(
     sha = make_tar(bundle, chained_links(30))
     with pytest.raises(node.NodeError, match=r"steps to resolve \(at symlink 'L\d+'\)") as err:
         activate(cfg, bundle, sha, "c1")
-    assert "\n" not in err.value.message and "nothing was extracted" in err.value.message
+    assert "\n" not in err.value.message and "nothing was activated" in err.value.message
     assert os.listdir(layout.releases) == []
 
 
@@ -1390,3 +1384,142 @@ def test_boot_survives_an_unexpected_error(tmp_path: Path, cfg: node.Config, lay
 
     result = node.boot(cfg, pointer_source=boom, sleep=Sleeper())
     assert result["outcome"] == "kept" and "unexpected error: OverflowError" in result["reason"]
+
+
+# ------------------------------------------------------------------------------------------
+# one-pass activation: unchanged files hardlinked from the previous release
+
+
+def release_dir(layout: node.Layout, result: dict[str, Any]) -> Path:
+    return Path(layout.release_path(result["release"]))
+
+
+def big_app(changed: str = "v1") -> list[Entry]:
+    big = "B" * (node.CHUNK + 10)  # more than one read: compared chunk by chunk
+    return [
+        ("app", "dir", None),
+        ("app/same.py", "file", "unchanged"),
+        ("app/changed.py", "file", f"print('{changed}')"),  # same size in v1 and v2
+        ("app/big.bin", "file", big if changed == "v1" else big[:-1] + "C"),  # last chunk differs
+        ("app/big2.bin", "file", big),
+        ("app/alias", "symlink", "same.py"),
+        ("app/hard", "hardlink", "app/same.py"),
+    ]
+
+
+def test_unchanged_files_are_hardlinked_from_the_previous_release(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    b1, b2 = tmp_path / "v1.tar.gz", tmp_path / "v2.tar.gz"
+    r1 = release_dir(layout, activate(cfg, b1, make_tar(b1, big_app("v1")), "c1", now=lambda: T0))
+    r2 = release_dir(layout, activate(cfg, b2, make_tar(b2, big_app("v2")), "c2",
+                                      now=lambda: T0 + 10))
+    ino = lambda p: os.lstat(p).st_ino  # noqa: E731
+    assert ino(r2 / "app/same.py") == ino(r1 / "app/same.py")
+    assert ino(r2 / "app/big2.bin") == ino(r1 / "app/big2.bin")
+    assert ino(r2 / "app/hard") == ino(r2 / "app/same.py")
+    for name in ("app/changed.py", "app/big.bin"):
+        assert ino(r2 / name) != ino(r1 / name)
+    assert (r2 / "app/changed.py").read_text() == "print('v2')"
+    assert (r1 / "app/changed.py").read_text() == "print('v1')"
+    big = (r2 / "app/big.bin").read_text()  # prefix copied from v1, differing chunk from v2
+    assert len(big) == node.CHUNK + 10 and big.endswith("BC") and big.count("C") == 1
+    assert os.readlink(r2 / "app/alias") == "same.py"
+    assert stat.S_IMODE(os.lstat(r2 / "app/changed.py").st_mode) == 0o644
+
+
+def test_link_unchanged_off_writes_independent_copies(tmp_path: Path, layout: node.Layout) -> None:
+    cfg = make_cfg(tmp_path, link_unchanged=False)
+    r1 = release_dir(layout, deploy(cfg, tmp_path, "c1", now=lambda: T0))
+    r2 = release_dir(layout, deploy(cfg, tmp_path, "c2", now=lambda: T0 + 10))
+    assert os.lstat(r2 / "bin/run").st_ino != os.lstat(r1 / "bin/run").st_ino
+
+
+def test_files_differing_in_mode_or_content_or_behind_links_are_not_linked(
+    tmp_path: Path, layout: node.Layout
+) -> None:
+    cfg = make_cfg(tmp_path, linked_dirs=["log"])
+    os.makedirs(Path(cfg.deploy_to) / "shared/log")
+    b1 = tmp_path / "v1.tar.gz"
+    entries: list[Entry] = [("a.txt", "file", "same"), ("b.txt", "file", "same"),
+                            ("log", "dir", None)]
+    r1 = release_dir(layout, activate(cfg, b1, make_tar(b1, entries), "c1", now=lambda: T0))
+    assert (r1 / "log").is_symlink()
+    os.chmod(r1 / "a.txt", 0o600)  # mode differs now
+    (r1 / "b.txt").write_text("SAME")  # the app changed it in place: same size, other bytes
+    # shared/log/x.log has the very bytes and mode of the next bundle's log/x.log: it must
+    # not be linked through current's `log` symlink into the new release.
+    shared_log = Path(cfg.deploy_to) / "shared/log/x.log"
+    shared_log.write_text("log line")
+    os.chmod(shared_log, 0o644)
+    b2 = tmp_path / "v2.tar.gz"
+    sha = make_tar(b2, [*entries, ("log/x.log", "file", "log line")])
+    r2 = release_dir(layout, activate(cfg, b2, sha, "c2", now=lambda: T0 + 10))
+    assert os.lstat(r2 / "a.txt").st_ino != os.lstat(r1 / "a.txt").st_ino
+    assert (r2 / "b.txt").read_text() == "same"
+    assert os.lstat(shared_log).st_nlink == 1
+
+
+def test_corrupted_download_is_a_sha_mismatch_not_a_corrupt_bundle(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    good = tmp_path / "good.tar.gz"
+    sha = make_tar(good, [(f"f{i}", "file", os.urandom(3000).hex()) for i in range(30)])
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit in transit: the gzip stream breaks
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(node.VerificationError, match="sha256 mismatch"):
+        activate(cfg, bad, sha, "c1")
+    assert os.listdir(layout.releases) == []  # the staging dir is gone
+
+
+@pytest.mark.parametrize("mode", ["w", "w:bz2", "w:xz"])
+def test_other_compressions_and_plain_tar(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, mode: str
+) -> None:
+    bundle = tmp_path / "b.tar"
+    sha = make_tar(bundle, app_entries("plain"), mode=mode)
+    result = activate(cfg, bundle, sha, "c1")
+    assert (release_dir(layout, result) / "app/main.py").read_text() == "print('plain')"
+
+
+def test_concatenated_gzip_members_are_one_stream(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
+    plain = tmp_path / "p.tar"
+    make_tar(plain, app_entries("cat"), mode="w")
+    raw = plain.read_bytes()
+    bundle = tmp_path / "cat.tar.gz"
+    bundle.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    result = activate(cfg, bundle, sha256(bundle), "c1")
+    assert (release_dir(layout, result) / "app/main.py").read_text() == "print('cat')"
+
+
+def test_decompression_bomb_is_read_in_bounded_steps(tmp_path: Path) -> None:
+    """200 MiB of zeros in one member: streamed in CHUNK pieces, never held in memory."""
+    bundle = tmp_path / "zeros.tar.gz"
+    size = 200 << 20
+    with gzip.open(bundle, "wb", compresslevel=1) as gz:
+        ti = tarfile.TarInfo("zeros")
+        ti.size = size
+        gz.write(ti.tobuf(tarfile.USTAR_FORMAT))
+        zeros = bytes(1 << 20)
+        for _ in range(size >> 20):
+            gz.write(zeros)
+        gz.write(bytes(1024))
+    code = (
+        "import resource, sys, importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('n', sys.argv[1])\n"
+        "n = importlib.util.module_from_spec(spec); spec.loader.exec_module(n)\n"
+        "n.extract_bundle(sys.argv[2], sys.argv[2] + '.d', 1000)\n"
+        # VmHWM, not ru_maxrss: the latter carries the forking pytest's peak across exec.
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-I", "-c", code, node.__file__, str(bundle)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < 100 * 1024  # KiB: far below the member's 200 MiB
+    assert os.path.getsize(str(bundle) + ".d/zeros") == size

@@ -202,7 +202,8 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
         "linked_files": ["config/database.yml"], "linked_dirs": ["log"], "restart": "systemctl restart shop",
         "hooks": {"before_swap": ["true"]}, "node_env": {"AWS_REGION": "eu-west-1"},
         "node": {"boot_attempts": 2, "first_boot_attempts": 3, "boot_backoff": 0.5, "boot_max_seconds": 77,
-                 "download_timeout": 12, "max_files": 99, "lock_timeout": 33},
+                 "download_timeout": 12, "max_files": 99, "lock_timeout": 33,
+                 "link_unchanged": False},
         "health": {"url": "http://{host}:81/up", "command": "test -f tmp/ready", "timeout": 7, "interval": 0.5,
                    "expect_status": 204},
         "signing": {"key": "id_ed25519", "allowed_signers": "signers", "allow_unsigned": True},
@@ -219,6 +220,7 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
     assert n.restart == "systemctl restart shop"
     assert (n.boot.attempts, n.boot.first_boot_attempts, n.boot.backoff, n.boot.max_seconds) == (2, 3, 0.5, 77)
     assert (n.download_timeout, n.max_files, n.lock_timeout) == (12, 99, 33)
+    assert n.link_unchanged is False and node.Config({**raw, "link_unchanged": None}).link_unchanged
     h = n.health
     assert (h.on, h.url, h.command, h.timeout, h.interval, h.expect_status) == (
         "node", "http://{host}:81/up", "test -f tmp/ready", 7, 0.5, 204)
@@ -226,7 +228,8 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
     assert (n.signers, n.allow_unsigned) == (nodectl.signers_path(cfg), True)
     # Every key the controller writes is one the node reads (no silently dropped settings).
     assert set(raw) == {"app", "deploy_to", "keep_releases", "linked_files", "linked_dirs", "s3", "env", "hooks",
-                        "restart", "boot", "download_timeout", "max_files", "lock_timeout", "health", "signing"}
+                        "restart", "boot", "download_timeout", "max_files", "lock_timeout", "health", "signing",
+                        "link_unchanged"}
 
 
 def test_boot_unit_timeout_follows_boot_max_seconds(tmp_path: Path) -> None:
