@@ -1301,6 +1301,8 @@ class _Space:
         self.path = path
         self.written = 0
         self.budget = disk_free(path) - SPACE_SLACK
+        if self.budget < 0:  # dirs and inodes need room too, even if every file is linked
+            raise _space_error(path, SPACE_SLACK)
 
     def take(self, size: int) -> None:
         need = max(BLOCK, -(-size // BLOCK) * BLOCK)
@@ -1514,6 +1516,7 @@ def extract_stream(
                     stream.seek(m.offset_data)
                     writer.file(m, stream)
                 elif m.isdir():
+                    space.take(0)
                     writer.directory(m)
                 elif m.issym():
                     space.take(0)

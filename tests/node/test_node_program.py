@@ -1523,3 +1523,14 @@ def test_decompression_bomb_is_read_in_bounded_steps(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) < 100 * 1024  # KiB: far below the member's 200 MiB
     assert os.path.getsize(str(bundle) + ".d/zeros") == size
+
+
+def test_space_slack_is_kept_even_when_every_file_is_linked(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    bundle, sha = good_bundle(tmp_path, "c1")  # the same files: all of them would be linked
+    monkeypatch.setattr(node, "disk_free", lambda path: 1024 * 1024)
+    with pytest.raises(node.NodeError, match="not enough disk space.*16.0 MB needed"):
+        activate(cfg, bundle, sha, "c2", now=lambda: T0 + 10)
+    assert os.listdir(layout.releases) == [first["release"]]
