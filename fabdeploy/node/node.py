@@ -1481,9 +1481,9 @@ def extract_stream(
     import tarfile
     import zlib
 
-    corrupt = (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile)
+    corrupt: tuple[type[BaseException], ...] = (tarfile.TarError, zlib.error, EOFError,
+                                                gzip.BadGzipFile)
     try:
-        import bz2  # noqa: F401 - only for its error type below
         import lzma
 
         corrupt += (lzma.LZMAError,)
@@ -1501,7 +1501,7 @@ def extract_stream(
         symlinks: list[tarfile.TarInfo] = []
         stream = _Unpacked(raw)
         count = 0
-        with _safe_tarfile_class().open(fileobj=stream, mode="r:") as tf:
+        with _safe_tarfile_class().open(fileobj=stream, mode="r:") as tf:  # type: ignore[call-overload]
             while (m := tf.next()) is not None:
                 m.pax_headers = {}  # applied already; kept per member they add up
                 count += 1
