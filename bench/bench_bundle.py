@@ -7,11 +7,14 @@ is computed from timings taken in the same run, so machine speed cancels out.
     .venv/bin/python bench/bench_bundle.py            # in-process API via `python -c`
     .venv/bin/python bench/bench_bundle.py --cli      # the real `fab deploy.bundle`
     .venv/bin/python bench/bench_bundle.py --gen-only # just build the cached repos
+    .venv/bin/python bench/bench_bundle.py --build    # a bundle with a `build:` step vs
+                                                      # the build commands alone + the floor
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -259,6 +262,108 @@ API_PY = textwrap.dedent(
 )
 
 
+# --- --build: a build step that vendors a wheel (no index) and writes compiled assets --------
+
+ASSETS_PY = (
+    "import os, random; r = random.Random(7); os.makedirs('public/assets', exist_ok=True)\n"
+    "for i in range(2000):\n"
+    "    open(f'public/assets/a{i}.js', 'w').write(' '.join(r.choice(['var','x','=','1;','function']) "
+    "for _ in range(800)))"
+)
+
+
+def sample_wheel(work: Path) -> Path:
+    src = work / "dep-src"
+    (src / "benchdep").mkdir(parents=True)
+    for i in range(200):  # a dependency of a few hundred modules, like a real one
+        (src / "benchdep" / f"m{i}.py").write_text(f"VALUE = {i}\n" + "def f(x):\n    return x\n" * 50)
+    (src / "benchdep" / "__init__.py").write_text("VERSION = '1.0'\n")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "benchdep"\nversion = "1.0"\n[tool.setuptools]\npackages = ["benchdep"]\n')
+    out = work / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(out), str(src)], check=True)
+    return out
+
+
+def build_commands(wheels: Path) -> list[str]:
+    return [f"{sys.executable} -m pip install -q --no-index --find-links {wheels} --target vendor benchdep",
+            f"{sys.executable} -c \"{ASSETS_PY}\""]
+
+
+def build_alone(repo: Path, commands: list[str], env: dict[str, str], work: Path) -> float:
+    """The build commands by themselves, in an already exported tree (export not counted)."""
+    d = Path(tempfile.mkdtemp(prefix="alone-", dir=work))
+    subprocess.run(f"git -C {repo} archive --format=tar HEAD | tar -x -C {d}", shell=True, check=True)
+    t0 = time.perf_counter()
+    for c in commands:
+        timed(["sh", "-c", c], env, cwd=d)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(d, ignore_errors=True)
+    return wall
+
+
+def run_build_bench(args: argparse.Namespace) -> None:
+    repo = generate_repo(args.small_mb, args.small_mb * 100)
+    work = Path(tempfile.mkdtemp(prefix="fabdeploy-bench-"))
+    home = work / "home"
+    home.mkdir()
+    env = bench_env(home)
+    moto = Moto()
+    n = 0
+    try:
+        runs = max(1, args.runs)
+        commands = build_commands(sample_wheel(work))
+        floors, label = [], ""
+        for _ in range(runs):
+            n += 1
+            cmd, label = floor_cmd(repo, moto.endpoint, f"floor/{n}.tar.gz")
+            floors.append(timed(cmd, env)[0])
+        floor = min(floors)
+        alone = min(build_alone(repo, commands, env, work) for _ in range(runs))
+        plain, built, built_shm = [], [], []
+        shm = Path("/dev/shm")
+        for _ in range(runs):
+            n += 1
+            cfg = write_config(work, repo, moto.endpoint, f"p{n}")
+            plain.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0])
+            cfg = write_config(work, repo, moto.endpoint, f"b{n}")
+            with cfg.open("a") as fh:
+                fh.write("build:\n  commands:\n" + "".join(f"    - {json.dumps(c)}\n" for c in commands))
+            built.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0])
+            if shm.is_dir():  # the same build with its export on tmpfs (TMPDIR), new prefix
+                n += 1
+                cfg2 = write_config(work, repo, moto.endpoint, f"t{n}")
+                cfg2.write_text(cfg.read_text().replace(f"prefix: b{n - 1}", f"prefix: t{n}"))
+                built_shm.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg2),
+                                                              "TMPDIR": str(shm)}, cwd=ROOT)[0])
+        rebundle = min(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0]
+                       for _ in range(runs))
+        size = repo_size_mb(repo)
+        with_build, today = min(built), min(plain)
+        budget = alone + floor
+        rows = [
+            (f"floor: {label} ({size:.0f} MB tar)", f"{floor:.2f} s", "", ""),
+            ("build commands alone (pip --target vendor + 2000 assets)", f"{alone:.2f} s", "", ""),
+            ("bundle, no build step (today's path)", f"{today:.2f} s", f"{today / floor:.2f}x floor", ""),
+            ("bundle with the build step", f"{with_build:.2f} s", f"{with_build / budget:.2f}x budget",
+             _ok(with_build <= budget)),
+            ("  budget = build alone + floor", f"{budget:.2f} s", "", ""),
+            *([("bundle with the build step, TMPDIR=/dev/shm (export on tmpfs)", f"{min(built_shm):.2f} s",
+                f"{min(built_shm) / budget:.2f}x budget", _ok(min(built_shm) <= budget))] if built_shm else []),
+            ("re-bundle, same commit + recipe", f"{rebundle:.2f} s", "", ""),
+        ]
+    finally:
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{w}}  {'value':>9}  {'ratio':<14} target")
+    for name, value, ratio_s, ok in rows:
+        print(f"{name:<{w}}  {value:>9}  {ratio_s:<14} {ok}")
+    print(f"(best of {args.runs} runs; target: bundle with build <= build commands alone + floor)")
+
+
 def bundle_cmd(cli: bool) -> list[str]:
     if cli:
         return [str(VENV_BIN / "fab"), "deploy.bundle"]
@@ -272,7 +377,12 @@ def main() -> None:
     ap.add_argument("--small-mb", type=int, default=50)
     ap.add_argument("--runs", type=int, default=2, help="repeats per measurement (best is kept)")
     ap.add_argument("--gen-only", action="store_true")
+    ap.add_argument("--build", action="store_true",
+                    help="bundle with a build step vs the build commands alone + the floor (--small-mb repo)")
     args = ap.parse_args()
+    if args.build:
+        run_build_bench(args)
+        return
 
     big = generate_repo(args.big_mb, args.big_mb * 100)
     small = generate_repo(args.small_mb, args.small_mb * 100)

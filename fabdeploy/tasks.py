@@ -131,7 +131,7 @@ def _fail_unless(ok: bool) -> None:
 @deploy_task(name="bundle", help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
             "verify": "rebuild even if the bundle exists and compare sha256"})
 def bundle_task(c, ref=None, verify=False):
-    """git archive a ref into a tar.gz and upload it to S3 under its commit sha."""
+    """Pack a ref (git archive, or the result of `build:` in a clean export) and upload it to S3 under its bundle id."""
     cfg = _cfg(c)
     from fabdeploy.ops.publish import bundle_for
 

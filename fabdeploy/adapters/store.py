@@ -38,7 +38,8 @@ PART_SIZE = 8 * 1024 * 1024
 # whatever the bundle size, while keeping the connection pool busy.
 UPLOAD_THREADS = 4
 HISTORY_SPAN = 10**13  # ms; inverted timestamps stay 13 digits until year 2286
-METADATA_KEYS = ("commit", "ref", "sha256", "size", "built-at", "built-by", "app", "committed-at")
+METADATA_KEYS = ("commit", "ref", "sha256", "size", "built-at", "built-by", "app", "committed-at",
+                 "bundle-id", "pack", "recipe-sha256", "recipe")
 
 
 
@@ -101,6 +102,13 @@ class Pointer:
     # (adapters/signing.py) that nodes trust instead of the fields above.
     sequence: int | None = None
     signed: dict[str, str] | None = None
+    # The commit when there is no build recipe (adapters/bundle.py: bundle_id); absent in
+    # pointers written before recipes existed, which means the commit too.
+    bundle_id: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.bundle_id or self.commit
 
     def to_json(self) -> bytes:
         data = {k: v for k, v in asdict(self).items() if v is not None or k == "committed_at"}
@@ -131,6 +139,9 @@ class Pointer:
         if signed is not None and not (isinstance(signed, dict) and isinstance(signed.get("payload"), str)
                                        and isinstance(signed.get("signature"), str)):
             bad.append("signed")
+        bid = raw.get("bundle_id")
+        if bid is not None and (not isinstance(bid, str) or not bid):
+            bad.append("bundle_id")
         if bad:
             raise StoreError(f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`")
         return cls(
@@ -144,6 +155,7 @@ class Pointer:
             committed_at=committed_at,
             sequence=sequence,
             signed=signed,
+            bundle_id=bid,
         )
 
 
@@ -384,8 +396,9 @@ class Store:
     def uri(self, key: str) -> str:
         return f"s3://{self.s3.bucket}/{key}"
 
-    def bundle_key(self, commit: str) -> str:
-        return self._key(f"bundles/{commit}.tar.gz")
+    def bundle_key(self, bundle_id: str) -> str:
+        """bundles/<id>.tar.gz; the id is the commit when deploy.yml has no build recipe."""
+        return self._key(f"bundles/{bundle_id}.tar.gz")
 
     @property
     def pointer_key(self) -> str:
@@ -517,8 +530,8 @@ class Store:
 
     # --- bundles ------------------------------------------------------------------
 
-    def head_bundle(self, commit: str) -> dict[str, str] | None:
-        key = self.bundle_key(commit)
+    def head_bundle(self, bundle_id: str) -> dict[str, str] | None:
+        key = self.bundle_key(bundle_id)
         try:
             r = self.client.head_object(Bucket=self.s3.bucket, Key=key)
         except Exception as e:
@@ -534,7 +547,7 @@ class Store:
     def upload_bundle(
         self,
         fileobj_or_iter: IO[bytes] | Iterable[bytes],
-        commit: str,
+        bundle_id: str,
         metadata: dict[str, Any],
         size_hint: int | None,
         progress: Callable[[int], None] | None = None,
@@ -548,7 +561,7 @@ class Store:
         Aborted on any failure so no half-upload lingers (and bills) in the bucket.
         ConflictError if the object appeared meanwhile.
         """
-        key = self.bundle_key(commit)
+        key = self.bundle_key(bundle_id)
         meta = {str(k).lower(): _meta_value(v) for k, v in metadata.items() if v is not None}
         extra = {"Metadata": meta, "ContentType": "application/gzip"}
         client = self.client
@@ -620,8 +633,8 @@ class Store:
                 raise self._error(e, key, "uploading bundle") from None
             raise
 
-    def presign_bundle(self, commit: str, expires: int = 3600) -> str:
-        key = self.bundle_key(commit)
+    def presign_bundle(self, bundle_id: str, expires: int = 3600) -> str:
+        key = self.bundle_key(bundle_id)
         try:
             return self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.s3.bucket, "Key": key}, ExpiresIn=expires
@@ -629,8 +642,8 @@ class Store:
         except Exception as e:
             raise self._error(e, key, "presigning bundle") from None
 
-    def open_bundle(self, commit: str) -> IO[bytes]:
-        key = self.bundle_key(commit)
+    def open_bundle(self, bundle_id: str) -> IO[bytes]:
+        key = self.bundle_key(bundle_id)
         try:
             return self.client.get_object(Bucket=self.s3.bucket, Key=key)["Body"]
         except Exception as e:

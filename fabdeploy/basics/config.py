@@ -163,6 +163,23 @@ def _commands(v: Any) -> tuple[str, ...]:
     return tuple(_str(x) for x in v)
 
 
+def _pattern(v: Any) -> str:
+    v = _str(v).rstrip("/")
+    if not v or v.startswith("/") or ".." in v.split("/"):
+        raise TypeError("relative glob patterns without '..' (e.g. vendor, *.pyc, assets/*.map)")
+    return v
+
+
+def _patterns(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise TypeError("a list of relative glob patterns")
+    return tuple(_pattern(x) for x in v)
+
+
 def _env(v: Any) -> dict[str, str]:
     if v is None:
         return {}
@@ -375,6 +392,31 @@ class HooksConfig:
 
 
 @dataclass(frozen=True)
+class BuildConfig:
+    """The build recipe: part of the bundle's identity (adapters/bundle.py: bundle_id)."""
+
+    commands: tuple[str, ...] = key(_commands, factory=tuple, doc=(
+        "run in turn with `sh -c` on the deploying machine, in a clean export of the commit "
+        "(never the working tree); their result is what ships"))
+    include: tuple[str, ...] = key(_patterns, factory=tuple, doc=(
+        "only paths matching one of these globs are packed (default: everything); a matching "
+        "directory brings all it holds"))
+    exclude: tuple[str, ...] = key(_patterns, factory=tuple, doc=(
+        "paths matching one of these globs are not packed (a pattern without '/' matches a "
+        "name at any depth)"))
+    tmpdir: Path | None = key(_local_path, doc=(
+        "where the clean export and the build run (default: $TMPDIR, else /tmp); a tmpfs such as "
+        "/dev/shm makes the export much faster on slow disks. Not part of the recipe"))
+
+    @property
+    def recipe(self) -> dict[str, list[str]] | None:
+        """None when there is no build recipe at all: the bundle is then `git archive` as is."""
+        if not (self.commands or self.include or self.exclude):
+            return None
+        return {"commands": list(self.commands), "include": list(self.include), "exclude": list(self.exclude)}
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     python: str = key(_unit_path, "/usr/bin/python3")
     app_unit: str | None = key(_unit_name, doc="systemd unit the boot unit starts before")
@@ -443,6 +485,7 @@ class Config:
     keep_releases: int = key(_keep_releases, 5)
     linked_files: tuple[str, ...] = key(_rel_paths, factory=tuple)
     linked_dirs: tuple[str, ...] = key(_rel_paths, factory=tuple)
+    build: BuildConfig = key(BuildConfig, doc="build once on the deploying machine, ship the result")
     ssh: SSHConfig = key(SSHConfig)
     parallel: int = key(_pos_int, 10, doc="SSH sessions at once")
     restart: str | None = key(_opt_str, doc="command that restarts the app")

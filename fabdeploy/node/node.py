@@ -42,6 +42,9 @@ PENDING_MARKER = ".fabdeploy-pending"
 # next activate of the same commit (a rerun) sees this and restarts instead of "nothing to do".
 RESTART_MARKER = "restart-pending"
 STATE_DIR = ".fabdeploy"
+# In a release built with a build recipe: its bundle id ("<commit>-<recipe hash>"). What
+# "unchanged" compares; a release without it has the id of its commit (REVISION).
+BUNDLE_ID_FILE = ".fabdeploy-bundle-id"
 OUTPUT_TAIL_LINES = 20
 # Per-file overhead when estimating disk needs: most filesystems allocate whole 4 KiB blocks.
 BLOCK = 4096
@@ -362,12 +365,17 @@ class Layout:
         return os.path.join(self.releases, name)
 
 
-def read_revision(release_dir: str) -> str | None:
+def read_revision(release_dir: str, name: str = "REVISION") -> str | None:
     try:
-        with open(os.path.join(release_dir, "REVISION"), encoding="utf-8") as fh:
+        with open(os.path.join(release_dir, name), encoding="utf-8") as fh:
             return fh.read().strip() or None
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def read_bundle_id(release_dir: str, commit: str | None) -> str | None:
+    """The bundle id (commit + build recipe) a release came from; its commit when built without one."""
+    return read_revision(release_dir, BUNDLE_ID_FILE) or commit
 
 
 def list_releases(layout: Layout) -> list[str]:
@@ -400,9 +408,13 @@ class Current:
         self.release = release
         self.commit = commit
         self.ok = ok
+        self.bundle_id = read_bundle_id(path, commit) if commit else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"release": self.release, "commit": self.commit, "path": self.path, "ok": self.ok}
+        d = {"release": self.release, "commit": self.commit, "path": self.path, "ok": self.ok}
+        if self.bundle_id != self.commit:  # built with a recipe; else the id is the commit
+            d["bundle_id"] = self.bundle_id
+        return d
 
     def brief(self) -> dict[str, Any]:
         return {"release": self.release, "commit": self.commit}
@@ -833,6 +845,8 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
     for field in ("key", "commit", "sha256"):
         if not isinstance(pointer.get(field), str) or not pointer[field]:
             raise NodeError(f"{where} lacks field {field!r}: re-publish")
+    if pointer.get("bundle_id") is not None and (not isinstance(pointer["bundle_id"], str) or not pointer["bundle_id"]):
+        raise NodeError(f"{where} has an invalid 'bundle_id': re-publish")
     if not re.fullmatch(r"[0-9a-fA-F]{64}", pointer["sha256"]):
         raise NodeError(f"{where} has a malformed sha256: re-publish")
     size = pointer.get("size")
@@ -1602,10 +1616,13 @@ def check_linked_files(cfg: Config, layout: Layout) -> None:
         check_linked_path(rel, "dir")
 
 
-def write_revision(release: str, commit: str, committed_at: int | None) -> None:
+def write_revision(release: str, commit: str, committed_at: int | None, bundle_id: str | None = None) -> None:
     # Same format as Capistrano's `echo "#{rev}" > REVISION`: value plus newline.
     stamp = int(committed_at) if committed_at is not None else int(time.time())
-    for name, value in (("REVISION", commit), ("REVISION_TIME", str(stamp))):
+    files = [("REVISION", commit), ("REVISION_TIME", str(stamp))]
+    if bundle_id and bundle_id != commit:
+        files.append((BUNDLE_ID_FILE, bundle_id))
+    for name, value in files:
         path = os.path.join(release, name)
         if os.path.lexists(path):
             remove_path(path)
@@ -1997,6 +2014,7 @@ def activate(
     force: bool = False,
     action: str = "activate",
     now: Callable[[], float] = time.time,
+    bundle_id: str | None = None,
 ) -> dict[str, Any]:
     layout = Layout(cfg.deploy_to)
     try:
@@ -2013,6 +2031,7 @@ def activate(
             force,
             action,
             now,
+            bundle_id or commit,
         )
     except NodeError as exc:
         record_status(
@@ -2061,6 +2080,7 @@ def _activate(
     force: bool,
     action: str,
     now: Callable[[], float],
+    bundle_id: str,
 ) -> dict[str, Any]:
     started = time.monotonic()
     user = user or default_user()
@@ -2071,10 +2091,10 @@ def _activate(
     with HostLock(layout, action, cfg.lock_timeout):
         remove_leftovers(layout)
         previous = read_current(layout)
-        if not force and previous is not None and previous.ok and previous.commit == commit:
+        if not force and previous is not None and previous.ok and previous.bundle_id == bundle_id:
             restarted = restart and _finish_interrupted_restart(cfg, layout, previous)
             if not restarted:
-                log(f"current already is release {previous.release} of {commit}: nothing to do")
+                log(f"current already is release {previous.release} of {bundle_id}: nothing to do")
             result = {"ok": True, "changed": False, "release": previous.release, "commit": commit}
             return {**result, "restarted": True} if restarted else result
         check_linked_files(cfg, layout)
@@ -2088,7 +2108,7 @@ def _activate(
         log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
 
         try:
-            write_revision(staging, commit, committed_at)
+            write_revision(staging, commit, committed_at, bundle_id)
             with open(os.path.join(staging, PENDING_MARKER), "w", encoding="utf-8") as fh:
                 fh.write(f"{os.getpid()}\n")
             link_shared(cfg, layout, staging)
@@ -2148,6 +2168,7 @@ def _activate(
         "changed": True,
         "release": name,
         "commit": commit,
+        **({"bundle_id": bundle_id} if bundle_id != commit else {}),
         "previous": previous.brief() if previous is not None else None,
         "pruned": pruned,
         **({"health": health} if health is not None else {}),
@@ -2390,8 +2411,9 @@ def boot(
         try:
             pointer, trust = trusted_pointer(cfg, layout, validate_pointer(read_pointer(), cfg))
             current = read_current(layout)
-            if current is not None and current.ok and current.commit == pointer["commit"]:
-                log(f"current release {current.release} already runs {pointer['commit']}")
+            wanted = pointer.get("bundle_id") or pointer["commit"]
+            if current is not None and current.ok and current.bundle_id == wanted:
+                log(f"current release {current.release} already runs {wanted}")
                 if trust:
                     record_trust(layout, *trust)
                 record_status(
@@ -2421,6 +2443,7 @@ def boot(
                 committed_at=int(committed) if isinstance(committed, (int, float)) else None,
                 restart=False,
                 action="boot",
+                bundle_id=wanted,
             )
             if trust:
                 record_trust(layout, *trust)
@@ -2508,6 +2531,7 @@ def _parser() -> Any:
     a = sub.add_parser("activate")
     a.add_argument("--sha256", required=True)
     a.add_argument("--commit", required=True)
+    a.add_argument("--bundle-id", help="commit + build recipe (default: the commit)")
     a.add_argument("--ref")
     a.add_argument("--user")
     a.add_argument("--committed-at", type=int)
@@ -2627,6 +2651,7 @@ def _dispatch(args: Any) -> dict[str, Any]:
             committed_at=args.committed_at,
             restart=args.restart,
             force=args.force,
+            bundle_id=args.bundle_id,
         )
     if args.command == "rollback":
         return rollback(

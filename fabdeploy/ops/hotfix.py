@@ -46,6 +46,9 @@ def hotfix(
         base += ["--committed-at", str(bundle.committed_at)]
     if bundle.size:
         base += ["--size", str(bundle.size)]  # the node stops a download there
+    bid = getattr(bundle, "bundle_id", None) or bundle.commit
+    if bid != bundle.commit:  # built with a recipe: "unchanged" compares this id
+        base += ["--bundle-id", bid]
     if force:
         base.append("--force")
     url: list[str | None] = [None]
@@ -54,7 +57,7 @@ def hotfix(
     def work(host: Host, conn: Connection) -> dict[str, Any]:
         args = list(base)
         if push:
-            remote = f"{cfg.deploy_to}/.fabdeploy/push-{bundle.commit}.tar.gz"
+            remote = f"{cfg.deploy_to}/.fabdeploy/push-{bid}.tar.gz"
             nodectl.call(cfg, host, conn, "version")  # installs the node program and its dirs
             conn.sftp().put(str(local_file), remote)
             args += ["--file", remote]
@@ -73,7 +76,7 @@ def hotfix(
     def fresh_url(_i: int) -> None:
         # Signed per batch: a long batched run must not outlive the presigned URL.
         if not push:
-            url[0] = store.presign_bundle(bundle.commit)
+            url[0] = store.presign_bundle(bid)
 
     try:
         return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
@@ -90,7 +93,7 @@ def _download_for_push(store: Any, bundle: Any) -> str:
 
     tmp = tempfile.NamedTemporaryFile(prefix="fabdeploy-push-", suffix=".tar.gz", delete=False)
     h = hashlib.sha256()
-    with tmp, store.open_bundle(bundle.commit) as src:
+    with tmp, store.open_bundle(getattr(bundle, "bundle_id", None) or bundle.commit) as src:
         while chunk := src.read(1 << 20):
             h.update(chunk)
             tmp.write(chunk)

@@ -146,6 +146,11 @@ def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> t
         time.sleep(0.02 if direct else 0.1)
 
 
+def _bundle_of(cur: dict[str, Any]) -> str | None:
+    """What a host runs, as a bundle id (commit + build recipe); older node programs report the commit."""
+    return cur.get("bundle_id") or cur.get("commit")
+
+
 def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
                prepared: Prepared | None = None) -> HostRoll:
     res = HostRoll(host.name)
@@ -158,7 +163,7 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
         before = prepared.status or {}
         cur = before.get("current") or {}
         res.old = {"release": cur.get("release"), "commit": cur.get("commit")}
-        if resume and cur.get("ok") and cur.get("commit") == commit:
+        if resume and cur.get("ok") and _bundle_of(cur) == commit:
             res.ok, res.skipped, res.new = True, True, dict(res.old)
             _log(t0, host.name, f"already on {short(commit)}, skipped (--resume)")
             return res
@@ -195,7 +200,7 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
     cur = (status or {}).get("current") or {}
     res.new = {"release": cur.get("release"), "commit": cur.get("commit")}
     last_boot = (status or {}).get("last_boot") or {}
-    if cur.get("commit") != commit:
+    if _bundle_of(cur) != commit:
         raise HostError(host.name, f"{host.name} booted but kept {short(cur.get('commit'))} instead of "
                         f"{short(commit)}: {last_boot.get('reason') or last_boot.get('outcome')}")
     _check_health(cfg, host, commit, status)
@@ -282,7 +287,7 @@ def run_roll(
                                   if i < len(groups) else {})
                 with ThreadPoolExecutor(max_workers=len(group)) as pool:
                     batch_results = list(pool.map(
-                        lambda h, mine=mine: _attempt(cfg, h, b.commit, t0, resume, traffic, mine.get(h.name)), group))
+                        lambda h, mine=mine: _attempt(cfg, h, b.bundle_id, t0, resume, traffic, mine.get(h.name)), group))
                 results += batch_results
                 failed = [r for r in batch_results if not r.ok]
                 if failed:
@@ -313,7 +318,7 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
     names = {f.host for f in failed}
     for host in group:
         if host.name in names:
-            r = _attempt(cfg, host, previous.commit, t0, resume=True, traffic=traffic)
+            r = _attempt(cfg, host, previous.id, t0, resume=True, traffic=traffic)
             for f in failed:
                 if f.host == host.name:
                     f.error = (f.error or "") + (

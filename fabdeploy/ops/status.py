@@ -30,7 +30,7 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
         if r.host in aws_ids:  # also for unreachable hosts: the id is what you look up in the console
             r.data["instance_id"], r.data["az"] = aws_ids[r.host]
         cur = (r.data or {}).get("current") or {}
-        r.data["drift"] = bool(pointer and r.ok and cur.get("commit") != pointer.commit)
+        r.data["drift"] = bool(pointer and r.ok and (cur.get("bundle_id") or cur.get("commit")) != pointer.id)
     return (pointer, pointer_error), results
 
 

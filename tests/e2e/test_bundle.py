@@ -106,7 +106,8 @@ def test_round_trip_is_git_archive_and_idempotent(cfg: Config, store: Store, rep
 
     data = store.open_bundle(b.commit).read()
     assert hashlib.sha256(data).hexdigest() == b.sha256 and len(data) == b.size
-    tar = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", b.commit], capture_output=True, check=True)
+    tar = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", b.commit],
+                         capture_output=True, check=True)
     assert gzip.decompress(data) == tar.stdout
 
     meta = store.head_bundle(b.commit)

@@ -245,7 +245,8 @@ def test_archive_is_deterministic_gzip_of_git_archive(repo: Path, tmp_path: Path
     assert outs[0] == outs[1]
     header = outs[0][:10]
     assert header[:3] == b"\x1f\x8b\x08" and header[3] == 0 and header[4:8] == b"\0\0\0\0"  # no name, mtime 0
-    tar = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha], capture_output=True, check=True)
+    tar = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", sha],
+                         capture_output=True, check=True)
     assert gzip.decompress(outs[0]) == tar.stdout
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Sample app for the fabdeploy sandbox: GET /health -> "ok", GET /version -> REVISION."""
+"""Sample app for the fabdeploy sandbox: GET /health -> "ok", GET /version -> REVISION,
+GET /deps -> the version of the dependency the build step vendored (vendor/), or "none"."""
 
 from __future__ import annotations
 
@@ -23,12 +24,26 @@ def read_revision() -> str:
         return "unknown"
 
 
+def vendored_version() -> str:
+    """What `build:` put in vendor/ (pip install --target vendor ...); the app ships no deps itself."""
+    vendor = os.path.join(RELEASE_DIR, "vendor")
+    if vendor not in sys.path:
+        sys.path.insert(0, vendor)
+    try:
+        import fabdeploy_sample_dep  # noqa: PLC0415 - only there when the build vendored it
+    except ImportError:
+        return "none"
+    return str(fabdeploy_sample_dep.VERSION)
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
             self.reply(200, "ok")
         elif self.path == "/version":
             self.reply(200, read_revision())
+        elif self.path == "/deps":
+            self.reply(200, vendored_version())
         else:
             self.reply(404, "not found")
 
