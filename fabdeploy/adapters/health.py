@@ -8,6 +8,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from fabdeploy.basics.config import Config
+from fabdeploy.basics.poll import poll
 
 
 @dataclass
@@ -27,24 +28,21 @@ def wait_healthy(cfg: Config, address: str, timeout: float | None = None) -> Hea
     start = time.monotonic()
     if url is None:
         return Health(True, "no health check configured", 0.0)
-    deadline = start + (timeout if timeout is not None else cfg.health.timeout)
-    last = "no answer"
-    # A restarted app usually answers within milliseconds: start probing fast, back off
-    # to health.interval, so no host pays a whole interval for nothing.
-    pause = min(0.01, cfg.health.interval)
-    while True:
+
+    def probe() -> tuple[bool, str]:
         try:
             with urllib.request.urlopen(url, timeout=min(5.0, cfg.health.timeout)) as resp:
-                if resp.status == cfg.health.expect_status:
-                    return Health(True, f"{url} answered {resp.status}", time.monotonic() - start)
-                last = f"{url} answered {resp.status}"
+                return resp.status == cfg.health.expect_status, f"{url} answered {resp.status}"
         except urllib.error.HTTPError as e:
-            last = f"{url} answered {e.code}"
+            return False, f"{url} answered {e.code}"
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            last = f"{url} unreachable: {reason}"
-        if time.monotonic() >= deadline:
-            waited = time.monotonic() - start
-            return Health(False, f"health check failed after {waited:.0f}s: {last}", waited)
-        time.sleep(pause)
-        pause = min(pause * 2, cfg.health.interval)
+            return False, f"{url} unreachable: {getattr(e, 'reason', e)}"
+
+    # A restarted app usually answers within milliseconds: start probing fast, back off
+    # to health.interval, so no host pays a whole interval for nothing.
+    r = poll(probe, timeout=timeout if timeout is not None else cfg.health.timeout,
+             interval=cfg.health.interval, first=0.01)
+    if r.done:
+        return Health(True, r.last, time.monotonic() - start)
+    waited = time.monotonic() - start
+    return Health(False, f"health check failed after {waited:.0f}s: {r.last}", waited)
