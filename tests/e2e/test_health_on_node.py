@@ -101,3 +101,37 @@ def test_checked_on_the_node_the_roll_passes(fleet: Fleet) -> None:
         st = node_status(fleet, h)
         # Checked after this boot, by the status command the roll sent.
         assert st["last_health"]["ok"] and st["last_health"]["boot_id"] == st["boot_id"]
+
+
+def test_behind_a_bastion_hotfix_and_roll_pass(fleet: Fleet) -> None:
+    """web2 by a private name only its gateway resolves (ProxyJump web1), as in a VPC: the
+    deploying machine can neither resolve nor reach it, its node checks its own health."""
+    sb = fleet.sb
+    fleet.ssh("web1", f"grep -q web2.internal /etc/hosts || echo '{sb.hosts['web2']} web2.internal' >> /etc/hosts")
+    ssh_config = sb.ssh_config.read_text().replace(
+        f"Host web2\n    HostName {sandbox.latency_ip(sb.hosts['web2'])}\n",
+        "Host web2\n    HostName web2.internal\n    ProxyJump web1\n")
+    assert "ProxyJump web1" in ssh_config
+    (sb.dir / "ssh_config_bastion").write_text(ssh_config)
+    (sb.dir / "known_hosts_bastion").write_text(sb.known_hosts.read_text().replace("web2,", "web2,web2.internal,"))
+    via = {"ssh": {"config": "ssh_config_bastion", "known_hosts": "known_hosts_bastion"}}
+
+    sha = fleet.commit("through the bastion")
+    from_here = fleet.variant("bastion-controller", **via,
+                              health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 2, "on": "controller"})
+    r = fleet.fab("deploy.hotfix", "--hosts=web2", config=from_here, check=False)
+    assert r.returncode != 0 and "health check failed" in r.stdout, r.stdout
+    assert fleet.revision("web2") != sha
+
+    on_node = fleet.variant("bastion-node", **via, health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 5})
+    r = fleet.fab("deploy.hotfix", "--hosts=web2", config=on_node)
+    assert "1 ok, 0 failed" in r.stdout and fleet.revision("web2") == sha
+    assert f"{sb.hosts['web2']}:{PRIVATE}/health answered 200" in node_status(fleet, "web2")["last_health"]["detail"]
+
+    sha = fleet.commit("rolled through the bastion")
+    boots = len(fleet.boots("web2"))
+    r = fleet.fab("deploy.roll", "--hosts=web2", config=on_node)
+    assert "healthy (" in r.stdout and "FAILED" not in r.stdout, r.stdout
+    assert len(fleet.boots("web2")) == boots + 1 and fleet.revision("web2") == sha and fleet.version("web2") == sha
+    st = node_status(fleet, "web2")
+    assert st["last_health"]["ok"] and st["last_health"]["boot_id"] == st["boot_id"]
