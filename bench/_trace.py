@@ -69,7 +69,7 @@ def install() -> None:
     t = time.time()
     from fabdeploy.adapters import bundle, health, nodectl, store  # noqa: F401
     from fabdeploy.adapters import ssh as fleet
-    from fabdeploy.ops import hotfix, inplace, roll, rollback, status
+    from fabdeploy.ops import batches, hotfix, inplace, roll, rollback, status
 
     MILESTONES["fabfile_imported"] = time.time()
     MILESTONES["fabfile_import_s"] = MILESTONES["fabfile_imported"] - t
@@ -135,8 +135,9 @@ def install() -> None:
     wrap(rollback, "run_rollback", "task_body")
     wrap(roll, "run_roll", "task_body")
     wrap(fleet, "run_parallel", "run_parallel")
-    for mod in (hotfix, rollback, status):
-        mod.run_parallel = fleet.run_parallel
+    for mod in (batches, hotfix, rollback, status):  # hotfix/rollback go through ops/batches.py
+        if hasattr(mod, "run_parallel"):
+            mod.run_parallel = fleet.run_parallel
 
 
 def dump(path: str) -> None:
