@@ -162,13 +162,15 @@ def publish_task(c, ref=None, from_=None):
 def setup_task(c, hosts=None, roles=None):
     """Install/update the node program, its config and boot unit; create the layout."""
     cfg = _cfg(c)
+    import time
+
     from fabdeploy.adapters import nodectl
     from fabdeploy.adapters.ssh import run_parallel
-    from fabdeploy.basics.output import table
+    from fabdeploy.basics.output import progress_line, table
 
     targets = _targets(cfg, hosts, roles)
     results = run_parallel(cfg, targets.hosts, lambda h, conn: {
-        "outcome": nodectl.install(cfg, h, conn, require_boto3=True)})
+        "outcome": nodectl.install(cfg, h, conn, require_boto3=True)}, on_done=progress_line(time.monotonic()))
     table(f"setup {cfg.app}", ["host", "outcome"],
           [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results])
     if all(r.ok and r.data.get("outcome") == "unchanged" for r in results):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -41,3 +43,18 @@ def say(msg: str) -> None:
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def progress_line(started: float) -> Callable[[Any], None]:
+    """A line per host as it finishes (`[  1.2s] web1: ok`), like roll's; the table comes at the end."""
+    lock = threading.Lock()
+
+    def done(r: Any) -> None:
+        if r.ok:
+            what = r.data.get("outcome") or ("ok" if r.data.get("changed", True) else "unchanged")
+        else:
+            what = f"FAILED: {(r.error or '').splitlines()[0] if r.error else ''}"
+        with lock:  # whole lines, even from many threads
+            print(f"[{time.monotonic() - started:6.1f}s] {r.host}: {what}", flush=True)
+
+    return done

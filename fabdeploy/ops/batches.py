@@ -7,6 +7,7 @@ fleet stays up (aws.min_healthy for AWS fleets, else the top-level min_healthy).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from fabric import Connection
 from fabdeploy.adapters.ssh import HostResult, run_parallel
 from fabdeploy.basics.config import Config, Host, count_of
 from fabdeploy.basics.errors import ConfigError
-from fabdeploy.basics.output import say
+from fabdeploy.basics.output import progress_line, say
 from fabdeploy.ops.targets import resolve_hosts
 
 
@@ -151,12 +152,13 @@ def run_batches(
     as not touched.
     """
     out = Outcome()
+    on_done = progress_line(time.monotonic())
     for i, group in enumerate(groups):
         if before_batch is not None:
             before_batch(i)
         if len(groups) > 1:
             say(f"batch {i + 1}/{len(groups)}: {', '.join(h.name for h in group)}")
-        res = run_parallel(cfg, group, work, parallel=parallel)
+        res = run_parallel(cfg, group, work, parallel=parallel, on_done=on_done)
         out.results += res
         if not keep_going and not all(r.ok for r in res):
             out.not_touched = [h.name for g in groups[i + 1:] for h in g]

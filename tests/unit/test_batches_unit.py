@@ -108,7 +108,8 @@ def fake_ssh(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """run_parallel replaced: hosts named in `failing` fail; records which batches ran."""
     ran: list[list[str]] = []
 
-    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None) -> list[HostResult]:
+    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
+                     on_done: Any = None) -> list[HostResult]:
         ran.append([h.name for h in group])
         return [HostResult(h.name, h.name not in fake_ssh_failing, {}, None if h.name not in fake_ssh_failing
                            else f"{h.name}: health check failed") for h in group]

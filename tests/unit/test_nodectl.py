@@ -174,7 +174,7 @@ def test_hotfix_sends_the_presigned_url_on_stdin_not_in_argv(
 
     monkeypatch.setattr(nodectl, "call", call)
     monkeypatch.setattr(batches_mod, "run_parallel",
-                        lambda cfg, hosts, work, parallel=None: [HostResult(h.name, True, work(h, None))
+                        lambda cfg, hosts, work, parallel=None, on_done=None: [HostResult(h.name, True, work(h, None))
                                                                  for h in hosts])
     bundle = SimpleNamespace(sha256="0" * 64, commit="c" * 40, ref="main", committed_at=None,
                              size=12345)

@@ -10,3 +10,17 @@ def test_markup_like_host_text_prints_verbatim(capsys) -> None:
           [["web1", "FAILED: hook printed [/etc/app.conf] and [red]oops"], ["web2", None]])
     out = capsys.readouterr().out
     assert "[/etc/app.conf]" in out and "[red]oops" in out and "[bold]x[/bold]" in out
+
+
+def test_progress_line_per_host(capsys) -> None:
+    import types
+
+    from fabdeploy.basics.output import progress_line
+
+    done = progress_line(0.0)
+    done(types.SimpleNamespace(host="web1", ok=True, data={"changed": True}, error=None))
+    done(types.SimpleNamespace(host="web2", ok=True, data={"changed": False}, error=None))
+    done(types.SimpleNamespace(host="web3", ok=False, data={}, error="health check failed\nmore"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["web1: ok", "web2: unchanged",
+                                                           "web3: FAILED: health check failed"]
