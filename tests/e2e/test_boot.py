@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
@@ -19,7 +21,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 def test_setup_installs_and_second_run_reports_no_changes(fleet: Fleet) -> None:
     r = fleet.fab("deploy.setup")
-    assert r.stdout.count("installed") == 2, r.stdout
+    # A progress line per host as it finishes, then the table: both say installed.
+    assert sorted(re.findall(r"^\[ *[\d.]+s\] (web\d): installed$", r.stdout, re.M)) == ["web1", "web2"], r.stdout
+    assert r.stdout.count("installed") == 4, r.stdout
     for host in ("web1", "web2"):
         fleet.ssh(host, "test -f /usr/local/lib/fabdeploy/shop/node.py && test -d /srv/shop/releases "
                         "&& test -L /etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service")
