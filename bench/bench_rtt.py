@@ -11,7 +11,7 @@ handshake); the hosts reach S3 directly (split-horizon name). The proxy is resta
 each RTT (sandbox.set_rtt); RTT 0 still goes through it, delay-free, so every point takes
 the same path.
 
-Per RTT (median of --runs):
+Per RTT (--runs runs; the slope uses the fastest, --stat):
   fab       `fab deploy.hotfix` of a new commit to every host (bundle already in S3: untimed),
             then `fab deploy.rollback`; both traced with bench/_trace.py
   cap       Capistrano 3 (bench/cap, as bench_hotfix.py runs it: git from a bare repo beside
@@ -58,6 +58,12 @@ def slope(points: list[tuple[float, float]]) -> tuple[float, float]:
     return b, my - b * mx
 
 
+def theil_sen(points: list[tuple[float, float]]) -> float:
+    """The median of the pairwise slopes: one point thrown off by a load spike barely moves it."""
+    pairs = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:] if x2 != x1]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def ssh_floor(f: Fleet, hosts: list[str]) -> float:
     """Wall seconds of `ssh host true` to every host at once (OpenSSH, no connection sharing)."""
     t = time.perf_counter()
@@ -71,6 +77,23 @@ def set_health_on(f: Fleet, where: str) -> None:
     data = yaml.safe_load(f.sb.deploy_yml.read_text())
     data.setdefault("health", {})["on"] = where
     f.sb.deploy_yml.write_text(yaml.safe_dump(data))
+
+
+def trim_history(f: Fleet, keep: int) -> int:
+    """Keep only the newest `keep` entries of the pointer's history in S3; returns how many were left.
+
+    A rollback reads the whole history, one GET per entry, so its round trips grow with the
+    number of publishes; every run publishes, so without this the slope would measure the
+    history growing over the bench, not the RTT."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=f.sb.s3_direct, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    keys = sorted(o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=f.sb.bucket, Prefix="shop/history/") for o in page.get("Contents", []))
+    for k in keys[keep:]:  # keys sort newest first (inverted millis)
+        s3.delete_object(Bucket=f.sb.bucket, Key=k)
+    return min(len(keys), keep)
 
 
 # --- where the round trips go ----------------------------------------------------------------
@@ -97,8 +120,10 @@ def hotfix_phases(b: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def per_rt(lo: dict[str, float], hi: dict[str, float], d_rtt: float) -> dict[str, float]:
-    return {k: (hi[k] - lo[k]) / d_rtt for k in hi if k in lo}
+def per_phase_slopes(pts: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Least-squares slope over every RTT of each phase in pts[i][key]: round trips per phase."""
+    phases = [k for k in pts[-1][key] if all(k in p[key] for p in pts)]
+    return {k: slope([(p["rtt"], p[key][k]) for p in pts])[0] for k in phases}
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -108,16 +133,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=20)
     ap.add_argument("--rtts", default="0,50,100,200", help="round trips in ms, comma-separated")
-    ap.add_argument("--runs", type=int, default=2, help="timed runs per RTT for hotfix/rollback/cap/ssh")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per RTT for hotfix/rollback/cap/ssh")
+    ap.add_argument("--stat", choices=("min", "median"), default="min",
+                    help="which run at each RTT the slope uses (default: the fastest)")
     ap.add_argument("--reboot-delay", type=float, default=1.0, help="R for the roll: seconds a host stays down")
     ap.add_argument("--no-cap", action="store_true")
     ap.add_argument("--no-roll", action="store_true")
     ap.add_argument("--no-handshake", action="store_true",
                     help="do not charge one RTT per new TCP connection (pure per-chunk delay)")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="deploy.yml parallel for fab (default: every host at once, as cap and the ssh floor)")
+    ap.add_argument("--history", type=int, default=5,
+                    help="pointer history entries in S3 before each timed rollback (it reads them all)")
     ap.add_argument("--subnet", default=None)
     ap.add_argument("--health-on", choices=("node", "controller"), default="node",
                     help="where the health check runs (deploy.yml health.on): controller is the pre-issue-15 way")
+    ap.add_argument("--report", metavar="JSON", help="only print the report of a saved results file")
     args = ap.parse_args()
+    if args.report:
+        import json
+
+        saved = json.loads(Path(args.report).read_text())
+        saved["stat"] = args.stat
+        report(saved)
+        return 0
+    parallel = args.parallel or args.hosts
 
     rtts = sorted({sandbox.parse_rtt(x) for x in args.rtts.split(",") if x.strip()})
     if len(rtts) < 2:
@@ -130,7 +170,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fabdeploy-bench-rtt-"))
     subnet = free_subnet(args.subnet)
     res: dict[str, Any] = {"machine": machine(), "hosts": args.hosts, "rtts_ms": [r * 1000 for r in rtts],
-                           "runs": runs, "reboot_delay": args.reboot_delay, "handshake": handshake,
+                           "runs": runs, "reboot_delay": args.reboot_delay, "handshake": handshake, "parallel": parallel,
+                           "history": args.history, "stat": args.stat,
                            "subnet": subnet, "health_on": args.health_on, "points": {}}
     started = time.monotonic()
     n_commit = 0
@@ -148,9 +189,10 @@ def main() -> int:
                   f"{f.up_seconds:.1f}s", flush=True)
             sandbox.set_rtt(f.sb.dir, 0.0, handshake)
             if args.health_on != "node":
-                set_health_on(f, args.health_on)
-            f.fab("deploy.setup")
-            f.fab("deploy.hotfix")  # warm-up: every host has a release
+                set_health_on(f, args.health_on)  # before the variant: it copies deploy.yml
+            cfg = f.variant("rtt", parallel=parallel)
+            f.fab("deploy.setup", config=cfg)
+            f.fab("deploy.hotfix", config=cfg)  # warm-up: every host has a release
             cap = None
             if use_cap:
                 cap = Cap(f, hosts, work)
@@ -166,20 +208,23 @@ def main() -> int:
                 hot, rb, traces = [], [], {"hotfix": [], "rollback": []}
                 for i in range(runs):
                     new_commit(f)
-                    f.fab("deploy.bundle")
+                    f.fab("deploy.bundle", config=cfg)
                     for what, kind, task in (("hotfix", "activate", "deploy.hotfix"),
                                              ("rollback", "rollback", "deploy.rollback")):
-                        wall, tr, r = f.fab_traced(work / f"trace-{what}-{key}-{i}.json", task)
+                        if what == "rollback":
+                            trim_history(f, args.history)
+                        wall, tr, r = f.fab_traced(work / f"trace-{what}-{key}-{i}.json", task, config=cfg)
                         assert f"{len(hosts)} ok, 0 failed" in r.stdout, r.stdout
                         b = breakdown(tr, kind)
                         b["wall"] = wall
                         traces[what].append(b)
                         (hot if what == "hotfix" else rb).append(wall)
                 pt["fab_hotfix"], pt["fab_rollback"] = stats(hot), stats(rb)
-                # The median run's phases, for the "where the round trips go" table.
+                # One traced run's phases, for the "where the round trips go" table.
                 for what in ("hotfix", "rollback"):
                     ordered = sorted(traces[what], key=lambda b: b["wall"])
-                    pt[f"{what}_phases"] = hotfix_phases(ordered[len(ordered) // 2])
+                    pick = ordered[0] if args.stat == "min" else ordered[len(ordered) // 2]
+                    pt[f"{what}_phases"] = hotfix_phases(pick)
                 if cap:
                     dep, crb = [], []
                     for _ in range(runs):
@@ -192,7 +237,8 @@ def main() -> int:
                 if not args.no_roll:
                     commit = new_commit(f)
                     before = {h: len(f.boots(h)) for h in hosts}
-                    wall, tr, r = f.fab_traced(work / f"trace-roll-{key}.json", "deploy.roll", timeout=1200)
+                    wall, tr, r = f.fab_traced(work / f"trace-roll-{key}.json", "deploy.roll", config=cfg,
+                                               timeout=1200)
                     assert "not touched" not in r.stdout and "FAILED" not in r.stdout, r.stdout
                     boots = new_boots(f, before)
                     floor = sum(floor_of(boots, args.reboot_delay).values())
@@ -202,10 +248,10 @@ def main() -> int:
                                   "segments_mean": br["segments_mean"], "phases": br["phases"],
                                   "ssh_connects": br["ssh_connects"], "status_polls": br["status_polls"]}
                 res["points"][key] = pt
-                line = (f"RTT {key:>4} ms: ssh {pt['ssh']['median']:.2f}s, fab hotfix {pt['fab_hotfix']['median']:.2f}s"
-                        f" rollback {pt['fab_rollback']['median']:.2f}s")
+                line = (f"RTT {key:>4} ms: ssh {pt['ssh'][args.stat]:.2f}s, fab hotfix {pt['fab_hotfix'][args.stat]:.2f}s"
+                        f" rollback {pt['fab_rollback'][args.stat]:.2f}s")
                 if cap:
-                    line += f", cap deploy {pt['cap_deploy']['median']:.2f}s rollback {pt['cap_rollback']['median']:.2f}s"
+                    line += f", cap deploy {pt['cap_deploy'][args.stat]:.2f}s rollback {pt['cap_rollback'][args.stat]:.2f}s"
                 if "roll" in pt:
                     line += f", roll {pt['roll']['wall']:.1f}s (+{pt['roll']['overhead_per_host']:.2f}s/host)"
                 print(line, flush=True)
@@ -213,7 +259,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     res["bench_seconds"] = time.monotonic() - started
     report(res)
-    p = write_results("bench_rtt", res)
+    p = write_results("bench_rtt" if handshake else "bench_rtt_no_handshake", res)
     print(f"\nresults: {p} (bench took {res['bench_seconds']:.0f}s)")
     return 0
 
@@ -221,12 +267,15 @@ def main() -> int:
 def report(res: dict[str, Any]) -> None:
     pts = [res["points"][k] for k in sorted(res["points"], key=float)]
     n = res["hosts"]
+    # The fastest run at each RTT: on this shared machine the noise (CPU contention) only ever
+    # adds time, and the network delay is the same in every run.
+    st = res.get("stat", "min")
     series = {
-        "fab deploy.hotfix": lambda p: p["fab_hotfix"]["median"],
-        "fab deploy.rollback": lambda p: p["fab_rollback"]["median"],
-        "cap deploy + restart": lambda p: p["cap_deploy"]["median"] if "cap_deploy" in p else None,
-        "cap deploy:rollback + restart": lambda p: p["cap_rollback"]["median"] if "cap_rollback" in p else None,
-        f"{n} x OpenSSH `ssh host true` (parallel)": lambda p: p["ssh"]["median"],
+        "fab deploy.hotfix": lambda p: p["fab_hotfix"][st],
+        "fab deploy.rollback": lambda p: p["fab_rollback"][st],
+        "cap deploy + restart": lambda p: p["cap_deploy"][st] if "cap_deploy" in p else None,
+        "cap deploy:rollback + restart": lambda p: p["cap_rollback"][st] if "cap_rollback" in p else None,
+        f"{n} x OpenSSH `ssh host true` (parallel)": lambda p: p["ssh"][st],
         "roll: overhead per host": lambda p: p["roll"]["overhead_per_host"] if "roll" in p else None,
     }
     slopes: dict[str, dict[str, float]] = {}
@@ -235,14 +284,17 @@ def report(res: dict[str, Any]) -> None:
         ys = [get(p) for p in pts]
         if any(y is None for y in ys):
             continue
-        b, a = slope([(p["rtt"], y) for p, y in zip(pts, ys, strict=True)])
-        slopes[name] = {"round_trips": b, "at_0": a}
-        rows.append([name, *[f"{y:.2f}" for y in ys], f"{b:.1f}"])
+        xy = [(p["rtt"], y) for p, y in zip(pts, ys, strict=True)]
+        b, a = slope(xy)
+        ts = theil_sen(xy)
+        slopes[name] = {"round_trips": b, "at_0": a, "theil_sen": ts}
+        rows.append([name, *[f"{y:.2f}" for y in ys], f"{b:.1f}", f"{ts:.1f}"])
     res["slopes"] = slopes
     print()
-    table(f"seconds at each RTT ({n} hosts, median of {res['runs']}; roll: 1 run); slope = round trips "
+    table(f"seconds at each RTT ({n} hosts, fab parallel {res.get('parallel', n)}, {st} of {res['runs']}; "
+          f"roll: 1 run); slope = round trips "
           f"on the critical path{'' if res['handshake'] else ' (no handshake charge)'}",
-          ["", *[f"{p['rtt'] * 1000:g} ms" for p in pts], "slope (RTs)"], rows)
+          ["", *[f"{p['rtt'] * 1000:g} ms" for p in pts], "slope (RTs)", "Theil-Sen"], rows)
     fab_h = slopes.get("fab deploy.hotfix", {}).get("round_trips")
     fab_r = slopes.get("fab deploy.rollback", {}).get("round_trips")
     ssh = slopes.get(f"{n} x OpenSSH `ssh host true` (parallel)", {}).get("round_trips")
@@ -266,18 +318,16 @@ def report(res: dict[str, Any]) -> None:
         print()
 
     lo, hi = pts[0], pts[-1]
-    d = hi["rtt"] - lo["rtt"]
-    if d <= 0:
-        return
+    cols = [f"s @{p['rtt'] * 1000:g}" for p in pts]
     for what in ("hotfix", "rollback"):
-        rt = per_rt(lo[f"{what}_phases"], hi[f"{what}_phases"], d)
+        key = f"{what}_phases"
+        rt = per_phase_slopes(pts, key)
         res[f"{what}_round_trips_by_phase"] = rt
         print()
-        table(f"where each round trip of fab deploy.{what} goes (median traced run, {lo['rtt'] * 1000:g} vs "
-              f"{hi['rtt'] * 1000:g} ms)", ["phase", f"s @{lo['rtt'] * 1000:g}", f"s @{hi['rtt'] * 1000:g}", "RTs"],
-              [[k, f"{lo[f'{what}_phases'][k]:.2f}", f"{hi[f'{what}_phases'][k]:.2f}", f"{v:.1f}"]
-               for k, v in rt.items()])
-    if "roll" in lo and "roll" in hi:
+        table(f"where each round trip of fab deploy.{what} goes (the {st} traced run at each RTT; RTs = "
+              "least-squares slope)", ["phase", *cols, "RTs"],
+              [[k, *[f"{p[key][k]:.2f}" for p in pts], f"{v:.1f}"] for k, v in rt.items()])
+    if all("roll" in p for p in pts):
         labels = {
             "detect": "detect: host's sshd up -> fab has seen the new boot id",
             "verify": "verify: -> host done (boot record, health check)",
@@ -286,14 +336,16 @@ def report(res: dict[str, Any]) -> None:
             "delay_excess": "down beyond R (sandbox)",
             "boot": "boot (floor)",
         }
-        a, b = lo["roll"]["segments_mean"], hi["roll"]["segments_mean"]
-        rows = [[v, f"{a[k]:.2f}", f"{b[k]:.2f}", f"{(b[k] - a[k]) / d:.1f}"] for k, v in labels.items() if k in a]
-        rt_sum = sum((b[k] - a[k]) / d for k in ("detect", "verify", "next", "shutdown") if k in a)
-        rows.append(["hand-off (detect + verify + next + shutdown)", "", "", f"{rt_sum:.1f}"])
-        res["roll_round_trips_by_segment"] = {k: (b[k] - a[k]) / d for k in a}
+        segs = [{"rtt": p["rtt"], "s": p["roll"]["segments_mean"]} for p in pts]
+        rt = per_phase_slopes(segs, "s")
+        rows = [[v, *[f"{p['s'][k]:.2f}" for p in segs], f"{rt[k]:.1f}"] for k, v in labels.items() if k in rt]
+        rt_sum = sum(rt[k] for k in ("detect", "verify", "next", "shutdown") if k in rt)
+        rows.append(["hand-off (detect + verify + next + shutdown)", *["" for _ in segs], f"{rt_sum:.1f}"])
+        res["roll_round_trips_by_segment"] = rt
         print()
-        table(f"where each round trip of a roll hand-off goes (mean per host, s; {lo['rtt'] * 1000:g} vs "
-              f"{hi['rtt'] * 1000:g} ms)", ["segment", f"@{lo['rtt'] * 1000:g}", f"@{hi['rtt'] * 1000:g}", "RTs"], rows)
+        table("where each round trip of a roll hand-off goes (mean s per host at each RTT; RTs = slope)",
+              ["segment", *cols, "RTs"], rows)
+    del lo, hi
 
 
 if __name__ == "__main__":

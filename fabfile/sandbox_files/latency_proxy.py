@@ -5,7 +5,8 @@
 
 CONFIG.json: {"rtt": 0.1, "handshake": true,
               "routes": [["127.128.10.1", 22, "127.0.10.1", 22], ...]}
-Each route is listen_ip, listen_port -> target_ip, target_port. One process, one asyncio
+Each route is listen_ip, listen_port -> target_ip, target_port [, handshake: overrides the
+global "handshake" for this route]. One process, one asyncio
 loop, every connection on its own pair of pumps: a chunk read at time t is written at t + rtt/2
 (in order, per direction), so connections never wait for each other and bytes are never
 reordered. No bandwidth cap; a per-direction buffer of BUFFER_LIMIT bytes keeps TCP's flow
@@ -110,13 +111,16 @@ class Proxy:
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: set[asyncio.Task] = set()
 
-    async def listen(self, listen_ip: str, listen_port: int, target_ip: str, target_port: int) -> None:
+    async def listen(self, listen_ip: str, listen_port: int, target_ip: str, target_port: int,
+                     handshake: bool | None = None) -> None:
+        handshake = self.handshake if handshake is None else handshake and self.rtt > 0
+
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
             self.tasks.add(task)
             try:
-                await self.serve(reader, writer, target_ip, target_port)
+                await self.serve(reader, writer, target_ip, target_port, handshake)
             except asyncio.CancelledError:
                 pass  # shutting down: the task ends here, quietly
             finally:
@@ -127,20 +131,20 @@ class Proxy:
         self.servers.append(server)
 
     async def serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                    target_ip: str, target_port: int) -> None:
+                    target_ip: str, target_port: int, handshake: bool) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         half = self.rtt / 2
-        if self.handshake:
+        if handshake:
             await asyncio.sleep(half)  # the SYN travels to the server
         try:
             s_reader, s_writer = await asyncio.open_connection(target_ip, target_port, limit=CHUNK)
         except OSError:
-            if self.handshake:
+            if handshake:
                 await asyncio.sleep(max(0.0, t0 + self.rtt - loop.time()))  # the RST travels back
             _reset(c_writer)
             return
-        hs = self.rtt if self.handshake else 0.0
+        hs = self.rtt if handshake else 0.0
         up = Pipe(c_reader, s_writer, half, t0 + hs)
         down = Pipe(s_reader, c_writer, half, t0 + 1.5 * hs)
         pumps = [asyncio.ensure_future(p) for p in (up.read(), up.write(), down.read(), down.write())]
@@ -177,7 +181,8 @@ async def main_async(config: dict) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     for route in config["routes"]:
-        await proxy.listen(route[0], int(route[1]), route[2], int(route[3]))
+        await proxy.listen(route[0], int(route[1]), route[2], int(route[3]),
+                           bool(route[4]) if len(route) > 4 else None)
     if config.get("ready_file"):
         with open(config["ready_file"], "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -54,12 +54,13 @@ def echo_port():
 def start_proxy(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
-    def start(rtt: float, target_port: int, handshake: bool = False) -> int:
+    def start(rtt: float, target_port: int, handshake: bool = False, route_handshake: bool | None = None) -> int:
         port = _free_port()
         ready = tmp_path / f"ready-{port}"
         cfg = tmp_path / f"proxy-{port}.json"
         cfg.write_text(json.dumps({"rtt": rtt, "handshake": handshake, "ready_file": str(ready),
-                                   "routes": [["127.0.0.1", port, "127.0.0.1", target_port]]}))
+                                   "routes": [["127.0.0.1", port, "127.0.0.1", target_port]
+                                              + ([] if route_handshake is None else [route_handshake])]}))
         p = subprocess.Popen([sys.executable, str(PROXY), str(cfg)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
         procs.append(p)
@@ -158,6 +159,15 @@ def test_handshake_charges_one_round_trip_per_connection(echo_port: int, start_p
     assert first >= 2 * rtt, first  # handshake + the echo
     assert second >= rtt, second
     assert second < first
+
+
+def test_a_route_can_override_the_handshake_charge(echo_port: int, start_proxy) -> None:
+    rtt = 0.1
+    port = start_proxy(rtt, echo_port, handshake=False, route_handshake=True)
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        _roundtrip(s, b"hello")
+    assert time.perf_counter() - t >= 2 * rtt
 
 
 def test_refused_target_is_a_reset_after_a_round_trip(start_proxy) -> None:
