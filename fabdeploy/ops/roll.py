@@ -85,7 +85,16 @@ def _boot_id(cfg: Config, host: Host, old_boot: str | None = None) -> tuple[str 
     except HostError:
         return None, None
     finally:
+        _close(conn)
+
+
+def _close(conn: Any) -> None:
+    """Best effort: closing a session its host dropped (rebooting) must not raise. An SFTP
+    client opened on it (a node program (re)installed on the way) sends a close that fails."""
+    try:
         conn.close()
+    except Exception:  # noqa: BLE001 - EOFError, OSError, paramiko's SSHException: all mean "gone"
+        pass
 
 
 def _sshd_answers(address: str, port: int) -> bool:
@@ -183,7 +192,7 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
                 raise
             # The session dropping is what a reboot looks like from here.
     finally:
-        conn.close()  # a rebooted host needs a new transport (and SFTP client)
+        _close(conn)  # a rebooted host needs a new transport (and SFTP client)
 
     boot_id, status = _wait_back(cfg, host, old_boot, start)
     res.down_s = time.monotonic() - start
@@ -296,7 +305,7 @@ def run_roll(
                     break
         finally:
             for f in nxt.values():  # prepared for a batch that will not run
-                f.add_done_callback(lambda f: f.result().conn.close())
+                f.add_done_callback(lambda f: _close(f.result().conn))
             ahead.shutdown(wait=False)
             if traffic is not None:
                 # A failed host, or Ctrl-C, must not leave instances out of the LB or in Standby.
