@@ -177,14 +177,25 @@ def check_flags(fc: Any, name: str, takes_dry_run: bool) -> bool:
     for flag, message in _REFUSED.items():
         if run.get(flag):
             raise Exit(f"error: deploy.{name} does not take {message}", 1)
-    if (_overrides(fc).get("sudo") or {}).get("password") is not None:
-        raise Exit(f"error: deploy.{name} needs no sudo password: fabdeploy runs no sudo commands "
+    if (_overrides(fc).get("sudo") or {}).get("password") is not None and not _uses_sudo(fc, name):
+        raise Exit(f"error: deploy.{name} needs no sudo password: deploy.yml has no ssh.sudo: true "
                    "(drop --prompt-for-sudo-password)", 1)
     if run.get("dry"):
         if not takes_dry_run:
             raise Exit(f"error: deploy.{name} has no dry run, and -R/--dry must change nothing: drop -R", 1)
         return True
     return False
+
+
+def _uses_sudo(fc: Any, name: str) -> bool:
+    """deploy.yml turns sudo on: ssh.sudo, or a deploy user (setup may need an admin's sudo)."""
+    from fabdeploy.basics import config
+
+    try:
+        cfg = config.load(start=config_start(fc))
+    except Exception:  # the task itself reports a bad deploy.yml, in one line
+        return True
+    return cfg.ssh.sudo or (name == "setup" and cfg.run_as is not None)
 
 
 def takes(fn: Any, param: str) -> bool:

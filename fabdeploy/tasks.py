@@ -158,29 +158,21 @@ def publish_task(c, ref=None, from_=None):
 
 
 @deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)",
-            "roles": _ROLES_HELP})
-def setup_task(c, hosts=None, roles=None):
+            "roles": _ROLES_HELP,
+            "admin_user": "login for what needs root (root, or a user with full sudo); default: "
+                          "ssh.admin_user, else ssh.user through sudo"})
+def setup_task(c, hosts=None, roles=None, admin_user=None):
     """Install/update the node program, its config and boot unit; create the layout."""
     cfg = _cfg(c)
-    import time
+    from fabdeploy.ops.setup import run_setup
 
-    from fabdeploy.adapters import nodectl
-    from fabdeploy.adapters.ssh import run_parallel
-    from fabdeploy.basics.output import progress_line, table
-
-    targets = _targets(cfg, hosts, roles)
-    results = run_parallel(cfg, targets.hosts, lambda h, conn: {
-        "outcome": nodectl.install(cfg, h, conn, require_boto3=True)}, on_done=progress_line(time.monotonic()))
-    table(f"setup {cfg.app}", ["host", "outcome"],
-          [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results])
-    if all(r.ok and r.data.get("outcome") == "unchanged" for r in results):
-        print("no changes: every host already has this node program, config and boot unit")
-    _fail_unless(all(r.ok for r in results))
+    _fail_unless(run_setup(cfg, _targets(cfg, hosts, roles), admin_user=admin_user))
 
 
 @deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)",
-            "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)"})
-def export_node_task(c, out="node-bundle", role=None):
+            "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)",
+            "sudoers": "also write the sudoers drop-in for the deploy user (ssh.user, with ssh.sudo)"})
+def export_node_task(c, out="node-bundle", role=None, sudoers=False):
     """Write the node program, its config, boot unit and install.sh, for AMIs and user-data."""
     from pathlib import Path
 
@@ -194,7 +186,7 @@ def export_node_task(c, out="node-bundle", role=None):
         if role not in known_roles(cfg):
             raise Exit(f"error: unknown role {role!r}; known roles: {', '.join(known_roles(cfg)) or 'none'}", 1)
         host = Host(name=f"role-{role}", host="", roles=(role,))
-    for p in nodectl.export(cfg, Path(out), host):
+    for p in nodectl.export(cfg, Path(out), host, sudoers=sudoers):
         print(p)
     print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
           f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fabdeploy.adapters.nodectl import sudoers_for
 from fabdeploy.basics.errors import DeployError
 
 FILES = Path(__file__).resolve().parent / "sandbox_files"
@@ -54,6 +55,7 @@ S3_STATE_FILE = "s3.json"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.01
+DEPLOY_USER = "deploy"  # every host has it (host_init.py), with sudo for restart and reboot
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Mounted over inside each host, so the state dir must not live below them.
 PRIVATE_DIRS = ("/srv", "/etc", "/usr/local", "/run", "/proc")
@@ -524,7 +526,8 @@ SSHD_CONFIG = """\
 ListenAddress {ip}:22
 HostKey {hdir}/ssh_host_ed25519_key
 PidFile /run/sshd.pid
-AuthorizedKeysFile {dir}/authorized_keys
+# The second is for `deploy`, who cannot read the state dir (often under a 0700 dir).
+AuthorizedKeysFile {dir}/authorized_keys /etc/sandbox_authorized_keys
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
@@ -621,6 +624,13 @@ def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None
     (units / "multi-user.target.wants" / f"{app}.service").symlink_to(
         f"/etc/systemd/system/{app}.service"
     )
+    # Its `deploy` user may restart the app and reboot, exactly that (as a real fleet's would).
+    drop_in = hdir / "etc/upper/sudoers.d" / f"fabdeploy-{app}"
+    drop_in.parent.mkdir(mode=0o750)
+    drop_in.write_text(sudoers_for(DEPLOY_USER, app, [f"/usr/local/bin/systemctl restart {app}",
+                                                      "/usr/local/bin/systemctl reboot"]))
+    drop_in.chmod(0o440)
+    shutil.copy(dir / "authorized_keys", hdir / "etc/upper/sandbox_authorized_keys")
     for sub, tool in (("bin", "systemctl"), ("sbin", "reboot")):
         target = hdir / "usr_local/upper" / sub / tool
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,9 @@ from typing import Any
 from fabric import Connection
 
 from fabdeploy.adapters import signing
-from fabdeploy.adapters.ssh import q, run
+from fabdeploy.adapters.ssh import SUDO_REFUSED, as_root, q, run, sudo_password, sudo_refusal
 from fabdeploy.basics.config import Config, Host, for_host
-from fabdeploy.basics.errors import HostError
+from fabdeploy.basics.errors import ConfigError, HostError
 
 NODE_SRC = Path(__file__).resolve().parent.parent / "node" / "node.py"
 NEEDS_INSTALL = 97  # exit code of the guard: node program missing or different
@@ -52,6 +54,8 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
         "env": dict(cfg.node_env),
         "hooks": {"before_swap": list(cfg.hooks.before_swap)},
         "restart": cfg.restart,
+        # With ssh.sudo the node runs restart through sudo (its password, if any, on stdin).
+        **({"sudo": True} if cfg.ssh.sudo else {}),
         "boot": {
             "attempts": cfg.node.boot_attempts,
             "first_boot_attempts": cfg.node.first_boot_attempts,
@@ -90,6 +94,10 @@ def signers_path(cfg: Config) -> str:
 def unit_text(cfg: Config) -> str:
     d = cfg.node_dir
     before = f"Before={cfg.node.app_unit}\n" if cfg.node.app_unit else ""
+    # The node program runs as the deploy user, at boot too, so releases stay theirs. Nothing
+    # at boot needs root: being ordered Before= the app unit, the app starts on the new
+    # release without a restart.
+    user = f"User={cfg.run_as}\n" if cfg.run_as else ""
     return (
         "# Written by fabdeploy (fab deploy.setup). On every boot, activate the published\n"
         f"# {cfg.app} bundle from S3 before the app starts; on failure keep the last good release.\n"
@@ -100,6 +108,7 @@ def unit_text(cfg: Config) -> str:
         f"{before}"
         "\n[Service]\n"
         "Type=oneshot\n"
+        f"{user}"
         f"ExecStart={cfg.node.python} -I {d}/node.py --config {d}/node.json boot\n"
         "RemainAfterExit=yes\n"
         # Past the node program's own budget, so systemd never kills a boot that would still finish.
@@ -153,12 +162,18 @@ def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = No
     """Run the node program only if the installed one is exactly ours (one round trip).
 
     With `stdin`, the guard reads stdin to its end before it gives up, as the node program
-    does: the sender must never write into a channel that is already closed."""
+    does: the sender must never write into a channel that is already closed.
+    With ssh.sudo and no password, a call that will restart first asks `sudo -n -l` whether
+    the restart is allowed, so a missing sudo right fails before anything changes."""
     sha = f"{cfg.node_dir}/node.sha"
-    bail = f"{{ cat >/dev/null; exit {NEEDS_INSTALL}; }}" if stdin else f"exit {NEEDS_INSTALL}"
+    drain = "cat >/dev/null; " if stdin else ""
+    check = ""
+    restart = (for_host(cfg, host) if host is not None else cfg).restart  # its role's, if any
+    if cfg.ssh.sudo and restart and "--restart" in args and sudo_password(cfg) is None:
+        check = f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}exit {SUDO_REFUSED}; }}; "
     return (
-        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg, host))} || {bail}; "
-        f"exec {node_command(cfg, *args)}"
+        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg, host))} || {{ {drain}exit {NEEDS_INSTALL}; }}; "
+        f"{check}exec {node_command(cfg, *args)}"
     )
 
 
@@ -184,12 +199,19 @@ def parse(host: Host, command: str, stdout: str, stderr: str, code: int) -> dict
 def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
          stdin: str | None = None) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
-    `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin)."""
+    `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin); a sudo
+    password for the restart goes first, as its own line (never in argv)."""
+    password = sudo_password(cfg) if cfg.ssh.sudo and "--restart" in args else None
+    if password is not None:
+        args, stdin = (*args, "--sudo-stdin"), password + "\n" + (stdin or "")
     cmd = guarded(cfg, *args, stdin=stdin is not None, host=host)
     r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == NEEDS_INSTALL:
         install(cfg, host, conn)
         r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
+    if r.exit_code == SUDO_REFUSED:
+        raise (sudo_refusal(host, cfg.ssh.user, for_host(cfg, host).restart or "", r)
+               or HostError(host.name, f"{host.name}: sudo refused the restart"))
     data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
     if not data.get("ok"):
         raise HostError(
@@ -214,6 +236,20 @@ def _probe_script(cfg: Config) -> str:
         f"echo sha=$(cat {q(cfg.node_dir + '/node.sha')} 2>/dev/null); "
         f"test -e {q(wants)} && echo enabled=yes || echo enabled=no; "
         f"test -d {q(cfg.deploy_to + '/releases')} && echo layout=ok || echo layout=missing"
+        + (_owner_probe(cfg) if cfg.run_as else "")
+    )
+
+
+def _owner_probe(cfg: Config) -> str:
+    """The deploy user's side of a host: the user exists, the unit is ours, nothing is root's."""
+    u = q(cfg.run_as or "")
+    trees = q(cfg.deploy_to, cfg.node_dir)
+    return (
+        f"; id -u {u} >/dev/null 2>&1 && echo user=ok || echo user=missing; "
+        f"echo unit=$(sha256sum < {q(unit_path(cfg))} 2>/dev/null | cut -c1-64); "
+        f"echo signers=$(sha256sum < {q(signers_path(cfg))} 2>/dev/null | cut -c1-64); "
+        f"test -z \"$(find {trees} ! -path {q(signers_path(cfg))} ! -user {u} -print -quit 2>/dev/null)\" "
+        "&& echo owner=ok || echo owner=wrong"
     )
 
 
@@ -232,9 +268,24 @@ def _dirs(cfg: Config) -> list[str]:
     return dirs
 
 
-def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = False) -> str:
-    """Install or update the node program, its config and the boot unit. Idempotent."""
-    r = run(cfg, host, conn, _probe_script(cfg))
+@dataclass(frozen=True)
+class Admin:
+    """Who does deploy.setup's root part: a login (root, or a user with full sudo)."""
+
+    conn: Connection
+    user: str | None
+    sudo: bool
+
+
+def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = False,
+            admin: Admin | None = None) -> str:
+    """Install or update the node program, its config and the boot unit. Idempotent.
+
+    With a deploy user (ssh.user not root), what needs root (the unit, daemon-reload, enable,
+    moving root-owned trees over) goes through `admin`; without one (a hotfix installing on
+    the way) only the node program's own files are written, as the deploy user.
+    """
+    r = run(cfg, host, admin.conn if admin else conn, _probe_script(cfg))
     state = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     need = ".".join(map(str, MIN_PYTHON))
     if state.get("python") != "ok":
@@ -258,6 +309,8 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
             "(e.g. a venv) that has boto3",
         )
     fp = fingerprint(cfg, host)
+    if cfg.run_as:
+        return _install_as_user(cfg, host, conn, admin, state, fp)
     if state.get("sha") == fp and state.get("enabled") == "yes" and state.get("layout") == "ok":
         return "unchanged"
     d = cfg.node_dir
@@ -301,16 +354,159 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     return "installed" if not state.get("sha") else "updated"
 
 
-def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
+def _install_as_user(cfg: Config, host: Host, conn: Connection, admin: Admin | None,
+                     state: dict[str, str], fp: str) -> str:
+    user = cfg.run_as
+    if state.get("user") != "ok":
+        raise HostError(host.name, f"user {user} does not exist on {host.name}: create it (useradd --system "
+                        f"--create-home --shell /bin/sh {user}), give it your SSH key, then run fab deploy.setup")
+    unit_sha = hashlib.sha256(unit_text(cfg).encode()).hexdigest()
+    signers = files(cfg, host).get("allowed_signers")
+    signers_sha = hashlib.sha256(signers).hexdigest() if signers is not None else state.get("signers")
+    wrong = [why for why, bad in (
+        ("the boot unit is missing or different", state.get("unit") != unit_sha),
+        ("the trusted signers (root's) are missing or different", state.get("signers") != signers_sha),
+        ("the boot unit is not enabled", state.get("enabled") != "yes"),
+        (f"{cfg.deploy_to}/releases is missing", state.get("layout") != "ok"),
+        (f"files under {cfg.deploy_to} or {cfg.node_dir} are not {user}'s", state.get("owner") != "ok"),
+    ) if bad]
+    if state.get("sha") == fp and not wrong:
+        return "unchanged"
+    if admin is not None:
+        _install_as_root(cfg, host, admin, fp)
+    elif wrong:
+        raise HostError(host.name, f"{host.name}: {wrong[0]}, and fixing it needs root: run fab deploy.setup "
+                        f"(--admin-user=root, or an admin with full sudo, if {user} has none)")
+    else:
+        _put_node_files(cfg, host, conn, fp)
+    return "installed" if not state.get("sha") else "updated"
+
+
+def _put_node_files(cfg: Config, host: Host, conn: Connection, fp: str) -> None:
+    """The node program and its config, written by the deploy user who owns node_dir."""
+    d = cfg.node_dir
+    payload = files(cfg, host)
+    secret = f"{d}/node.json.fabdeploy-new"
+    # node.json holds credentials: created 0600 empty first, so the upload never makes it readable.
+    run(cfg, host, conn, f"rm -f {q(secret)} && (umask 077 && : > {q(secret)})")
+    try:
+        sftp = conn.sftp()
+        for name in ("node.py", "node.json"):
+            sftp.putfo(io.BytesIO(payload[name]), f"{d}/{name}.fabdeploy-new")
+    except OSError as e:
+        raise HostError(host.name, f"upload to {d} on {host.name} failed: {e}; run fab deploy.setup") from None
+    finish = (f"set -e; mv -f {q(d + '/node.py.fabdeploy-new')} {q(d + '/node.py')}; "
+              f"mv -f {q(d + '/node.json.fabdeploy-new')} {q(d + '/node.json')}; "
+              f"chmod 0600 {q(d + '/node.json')}; echo {q(fp)} > {q(d + '/node.sha')}")
+    r = run(cfg, host, conn, finish)
+    if r.exit_code != 0:
+        raise HostError(host.name, f"installing the node program on {host.name} failed: "
+                        + (r.stderr.strip().splitlines() or ["no output"])[-1], command=finish,
+                        exit_code=r.exit_code, output=r.stderr)
+
+
+def root_script(cfg: Config, staging: str, fp: str, signers: bool = False) -> str:
+    """deploy.setup's root part for a deploy user: dirs, ownership, files, unit, enable.
+
+    The unit and the trusted signers stay root's; the rest of node_dir is the deploy user's
+    (the node program only ever runs as that user)."""
+    d, unit, u = cfg.node_dir, unit_path(cfg), q(cfg.run_as or "root")
+    put = [(f"{staging}/node.py", f"{d}/node.py", '-o "$u" -g "$g"', "0644"),
+           (f"{staging}/node.json", f"{d}/node.json", '-o "$u" -g "$g"', "0600"),
+           (f"{staging}/unit", unit, "-o root -g root", "0644")]
+    if signers:
+        put.append((f"{staging}/allowed_signers", signers_path(cfg), "-o root -g root", "0644"))
+    return "\n".join([
+        "set -e",
+        "umask 022",  # deploy_to must not be group/other-writable (the node refuses that)
+        f"trap {q('rm -rf ' + q(staging))} EXIT",
+        f"u={u}; g=$(id -gn {u})",
+        "mkdir -p " + q(*_dirs(cfg)),
+        # Trees a root deploy left behind become the deploy user's (links themselves, not targets).
+        f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user \"$u\" -exec chown -h \"$u:$g\" {{}} +",
+        *(f"install {owner} -m {mode} {q(src)} {q(dst + '.fabdeploy-new')}" for src, dst, owner, mode in put),
+        *(f"mv -f {q(dst + '.fabdeploy-new')} {q(dst)}" for _, dst, _, _ in put),
+        f"echo {q(fp)} > {q(d + '/node.sha')}; chown \"$u:$g\" {q(d + '/node.sha')}",
+        "systemctl daemon-reload",
+        f"systemctl enable {q(cfg.boot_unit)} >/dev/null",
+    ]) + "\n"
+
+
+def _install_as_root(cfg: Config, host: Host, admin: Admin, fp: str) -> None:
+    conn = admin.conn
+    mk = run(cfg, host, conn, "mktemp -d /tmp/fabdeploy-setup.XXXXXX")
+    staging = mk.stdout.strip()
+    if mk.exit_code != 0 or not staging.startswith("/tmp/fabdeploy-setup."):
+        raise HostError(host.name, f"cannot create a staging dir in /tmp on {host.name}: {mk.stderr.strip()}")
+    payload = files(cfg, host)
+    try:
+        sftp = conn.sftp()
+        for name in payload:
+            sftp.putfo(io.BytesIO(payload[name]), f"{staging}/{name}")
+    except OSError as e:
+        raise HostError(host.name, f"upload to {staging} on {host.name} failed: {e}") from None
+    script = root_script(cfg, staging, fp, signers="allowed_signers" in payload)
+    cmd, stdin = as_root(cfg, "/bin/sh -c " + q(script), sudo=admin.sudo)
+    r = run(cfg, host, conn, cmd, stdin=stdin)
+    if r.exit_code == 0:
+        return
+    if admin.sudo:
+        refused = sudo_refusal(host, admin.user, "/bin/sh -c <deploy.setup's root script>", r,
+                               hint="deploy.setup needs root: --admin-user=root (or ssh.admin_user), an admin "
+                               "with full sudo, or fab --prompt-for-sudo-password")
+        if refused:
+            raise refused
+    raise HostError(host.name, f"installing the boot unit on {host.name} as root failed (exit {r.exit_code}): "
+                    + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
+                    command="root script", exit_code=r.exit_code, output=r.stdout + r.stderr)
+
+
+def sudoers_for(user: str, app: str, commands: list[str]) -> str:
+    """A minimal sudoers drop-in: exactly these commands, as root, nothing else."""
+    alias = "FABDEPLOY_" + re.sub(r"[^A-Z0-9_]", "_", app.upper())
+    return (
+        f"# Written by fabdeploy (fab deploy.export-node --sudoers): what {user} may run as root\n"
+        f"# for {app}, and nothing else. Install: install -m 0440 THIS /etc/sudoers.d/fabdeploy-{app}\n"
+        f"# and check it with: visudo -cf /etc/sudoers.d/fabdeploy-{app}\n"
+        f"Cmnd_Alias {alias} = {', '.join(commands)}\n"
+        f"{user} ALL=(root) NOPASSWD: {alias}\n"
+    )
+
+
+def sudoers(cfg: Config) -> str:
+    """The drop-in for deploy.yml's deploy user: its restart and reboot commands (every role's)."""
+    if not cfg.ssh.sudo or not cfg.run_as:
+        raise ConfigError(f"{cfg.path}: --sudoers needs ssh.user (the deploy user) and ssh.sudo: true")
+    cmds = [cfg.restart, cfg.reboot, *(c for r in cfg.roles.values() for c in (r.restart, r.reboot))]
+    return sudoers_for(cfg.run_as, cfg.app, list(dict.fromkeys(c for c in cmds if c)))
+
+
+def export(cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = False) -> list[Path]:
     """Write what a node needs into `out`, for baking into an AMI or shipping in user-data.
 
     `install.sh` puts the files where `fab deploy.setup` would and enables the boot unit;
     run it as root in the image build (or from user-data, before the app unit starts).
+    With `sudoers`, also the deploy user's drop-in (and install.sh installs it, checked by visudo).
     """
+    drop_in = sudoers_text = None
+    if sudoers:
+        sudoers_text = globals()["sudoers"](cfg)
+        drop_in = f"fabdeploy-{cfg.app}.sudoers"
     out.mkdir(parents=True, exist_ok=True)
     payload = files(cfg, host)
     d, unit = cfg.node_dir, unit_path(cfg)
     mkdirs = "mkdir -p " + q(*_dirs(cfg))
+    owner = ""
+    if cfg.run_as:
+        u = q(cfg.run_as)
+        owner = (f"g=$(id -gn {u})\n"
+                 f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user {u} "
+                 f"-exec chown -h {u}:\"$g\" {{}} +\n")
+    drop = ""
+    if drop_in:
+        dst = f"/etc/sudoers.d/fabdeploy-{cfg.app}"
+        drop = (f'visudo -cqf "$here/{drop_in}"\n'
+                f'install -m 0440 "$here/{drop_in}" {q(dst)}\n')
     script = (
         "#!/bin/sh\n"
         f"# Install the fabdeploy node program for {cfg.app} (generated by `fab deploy.export-node`).\n"
@@ -323,6 +519,7 @@ def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
         + (f'install -m 0644 -o root "$here/allowed_signers" {q(signers_path(cfg))}\n'
            if "allowed_signers" in payload else "")
         + f"echo {q(fingerprint(cfg, host))} > {q(d + '/node.sha')}\n"
+        + f"{owner}{drop}"
         f"systemctl daemon-reload 2>/dev/null || true\n"
         f"systemctl enable {q(cfg.boot_unit)}\n"
     )
@@ -334,10 +531,13 @@ def export(cfg: Config, out: Path, host: Host | None = None) -> list[Path]:
     }
     if "allowed_signers" in payload:
         written["allowed_signers"] = payload["allowed_signers"]
+    if drop_in and sudoers_text:
+        written[drop_in] = sudoers_text.encode()
     paths = []
     for name, data in written.items():
         p = out / name
-        mode = 0o755 if name == "install.sh" else 0o600 if name == "node.json" else 0o644
+        mode = (0o755 if name == "install.sh" else 0o600 if name == "node.json"
+                else 0o440 if name == drop_in else 0o644)
         p.unlink(missing_ok=True)
         # Created with its final mode: node.json (credentials) is never readable by others.
         with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:

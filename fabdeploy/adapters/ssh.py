@@ -96,7 +96,7 @@ def _connection(cfg: Config, fc: FabricConfig, address: str, gateway: Connection
     return Connection(address, **kwargs)
 
 
-def connect(cfg: Config, host: Host) -> Connection:
+def connect(cfg: Config, host: Host, *, user: str | None = None) -> Connection:
     """A Connection for one deploy.yml host, not yet opened, strict about host keys.
 
     The run's own connect_kwargs (prompts, ~/.fabric.yaml) come first and ours are added
@@ -112,7 +112,7 @@ def connect(cfg: Config, host: Host) -> Connection:
     if jump and jump.lower() != "none":
         for hop in (h.strip() for h in jump.split(",")):
             gateway = _connection(cfg, fc, hop, gateway)
-    conn = _connection(cfg, fc, host.host, gateway, user=cfg.ssh.user)
+    conn = _connection(cfg, fc, host.host, gateway, user=user or cfg.ssh.user)
     _harden(conn, cfg)
     return conn
 
@@ -206,7 +206,8 @@ def run(
     """Run one remote command; never raises on a non-zero exit (callers decide).
 
     `stdin` is sent to the command's stdin, then EOF: the way to hand it a secret (a
-    presigned URL) that must not appear in its argv, where every local user can read it."""
+    presigned URL, a sudo password) that must not appear in its argv, where every local user
+    can read it."""
     import io
 
     from invoke.exceptions import CommandTimedOut
@@ -254,6 +255,58 @@ def run(
 
 def q(*args: str) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
+
+
+# --- sudo: only for what needs root -----------------------------------------------------
+
+SUDO_REFUSED = 96  # exit code of a `sudo -n -l` pre-check that found no right
+
+
+def sudo_password(cfg: Config) -> str | None:
+    """Fabric's sudo password (`fab --prompt-for-sudo-password`, or sudo.password in its config)."""
+    fc = cfg.fabric
+    if fc is None:
+        return None
+    pw = (fc.get("sudo") or {}).get("password")
+    return None if pw is None else str(pw)
+
+
+def as_root(cfg: Config, command: str, *, sudo: bool) -> tuple[str, str | None]:
+    """`command` as root: as is (already root), else through sudo; a password goes on stdin.
+
+    Without a password, `sudo -n` fails at once instead of waiting for one.
+    """
+    if not sudo:
+        return command, None
+    pw = sudo_password(cfg)
+    if pw is None:
+        return f"sudo -n -- {command}", None
+    return f"sudo -S -p '' -- {command}", pw + "\n"
+
+
+_SUDO_SAYS = ("a password is required", "is not allowed to execute", "is not in the sudoers file",
+              "incorrect password", "no password was provided", "a terminal is required",
+              "may not run sudo")
+
+
+def sudo_refusal(host: Host, user: str | None, what: str, r: CommandResult, *, hint: str = "") -> HostError | None:
+    """The one line for a sudo that said no (or is missing); None if sudo was not the problem."""
+    if r.exit_code == 0:
+        return None
+    text = (r.stderr or "") + (r.stdout or "")
+    if r.exit_code == SUDO_REFUSED or any(s in text for s in _SUDO_SAYS):
+        said = next((ln.strip() for ln in text.splitlines() if "sudo" in ln.lower()), "")
+        return HostError(
+            host.name,
+            f"{host.name}: {user or 'the SSH user'} may not run `sudo {what}`"
+            + (f" ({said})" if said else "")
+            + ": " + (hint or "add it to the sudoers drop-in (fab deploy.export-node --sudoers), or give "
+                      "fab --prompt-for-sudo-password"),
+            command=what, exit_code=r.exit_code, output=text)
+    if r.exit_code == 127 and "sudo" in text and "not found" in text:
+        return HostError(host.name, f"{host.name}: sudo is not installed (needed for `{what}`): "
+                         "apt-get install sudo (or dnf install sudo)", command=what, exit_code=127)
+    return None
 
 
 # --- many hosts at once ---------------------------------------------------------

@@ -305,6 +305,10 @@ class SSHConfig:
     command_timeout: float = key(_pos_num, 600.0)
     keepalive: int = key(_pos_int, 15)
     identity_file: Path | None = key(_local_path)
+    sudo: bool = key(_bool, False, doc="restart and reboot run through sudo (NOPASSWD, or fab "
+                     "--prompt-for-sudo-password); releases belong to user, at boot too")
+    admin_user: str | None = key(_opt_str, doc="login deploy.setup uses for what needs root (root, or a "
+                                 "user with full sudo); default: user")
     # Not a key: more identities, from `fab -i` (which may be given several times).
     identity_files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
 
@@ -489,7 +493,7 @@ class Config:
     ssh: SSHConfig = key(SSHConfig)
     parallel: int = key(_pos_int, 10, doc="SSH sessions at once")
     restart: str | None = key(_opt_str, doc="command that restarts the app")
-    reboot: str = key(_str, "sudo systemctl reboot")
+    reboot: str = key(_str, "sudo systemctl reboot", doc="with ssh.sudo: run through sudo (a leading sudo is dropped)")
     health: HealthConfig = key(HealthConfig)
     roles: dict[str, RoleConfig] = key("roles", factory=dict, doc="role name -> its restart, reboot and health "
                                        "(hosts.X.roles and aws.role_tag name a host's roles)")
@@ -512,6 +516,11 @@ class Config:
     @property
     def node_dir(self) -> str:
         return self.node.install_dir or f"/usr/local/lib/fabdeploy/{self.app}"
+
+    @property
+    def run_as(self) -> str | None:
+        """The non-root user owning releases and running the node program (None: root)."""
+        return self.ssh.user if self.ssh.user and self.ssh.user != "root" else None
 
     @property
     def boot_unit(self) -> str:
@@ -864,4 +873,45 @@ def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...]
     if sign is not None and sign.key is not None and sign.allowed_signers is None:
         raise ConfigError(f"{p}: signing.key is set but signing.allowed_signers is not: list the trusted "
                           "signers (your key among them) so deploys can verify what they publish")
+    _check_sudo(v, given, p, shown)
     return Config(path=p, given=frozenset(given), stage=stage, stages=stages, **v)
+
+
+def privileged_command(command: str) -> str:
+    """A restart/reboot command as sudo runs it: without a leading `sudo` of its own."""
+    words = command.split()
+    while words and words[0] in ("sudo", "/usr/bin/sudo"):
+        words.pop(0)
+    return " ".join(words)
+
+
+_SUDOERS_SAFE = re.compile(r"/[A-Za-z0-9_./+-]+( [A-Za-z0-9_./+@-]+)*")
+
+
+def _check_sudo(v: dict[str, Any], given: set[str], p: Path, shown: Callable[[str], str]) -> None:
+    """With ssh.sudo, restart and reboot are exact sudoers commands: full paths, plain words."""
+    ssh: SSHConfig = v["ssh"]
+    if not ssh.sudo:
+        return
+    if not ssh.user or ssh.user == "root":
+        raise ConfigError(f"{p}: {shown('ssh.sudo')} needs ssh.user set to the deploy user (e.g. deploy), not "
+                          f"{ssh.user or 'unset'}: releases and the boot unit run as that user")
+    if "reboot" not in given:
+        v["reboot"] = "/usr/bin/systemctl reboot"
+
+    def exact(name: str, value: str) -> str:
+        cmd = privileged_command(value)
+        if not _SUDOERS_SAFE.fullmatch(cmd):
+            raise ConfigError(
+                f"{p}: with ssh.sudo, {shown(name)} must be one command with its full path and plain words "
+                f"(e.g. /usr/bin/systemctl {'reboot' if name.endswith('reboot') else 'restart app'}), got {value!r}: "
+                "the sudoers drop-in names it exactly")
+        return cmd
+
+    for name in ("restart", "reboot"):
+        if v.get(name) is not None:
+            v[name] = exact(name, v[name])
+    roles = v.get("roles") or {}
+    for role, rc in list(roles.items()):
+        roles[role] = dataclasses.replace(rc, **{k: exact(f"roles.{role}.{k}", getattr(rc, k))
+                                                 for k in ("restart", "reboot") if getattr(rc, k) is not None})

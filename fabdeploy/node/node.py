@@ -296,6 +296,7 @@ class Config:
         hooks = raw.get("hooks") or {}
         self.before_swap: list[str] = [str(c) for c in hooks.get("before_swap") or []]
         self.restart: str | None = raw.get("restart") or None
+        self.sudo: bool = bool(raw.get("sudo"))  # restart runs through sudo (deploy user)
         boot = raw.get("boot") or {}
         known = ("attempts", "first_boot_attempts", "backoff", "max_backoff", "max_seconds")
         self.boot = BootConfig(**{k: boot[k] for k in known if boot.get(k) is not None})
@@ -1668,11 +1669,23 @@ def link_shared(cfg: Config, layout: Layout, release: str) -> None:
         os.symlink(shared, target)
 
 
-def run_shell(command: str, cwd: str, env: dict[str, str], label: str) -> None:
-    """Run through /bin/sh, relaying output to stderr (stdout is reserved for our JSON)."""
+# The sudo password (`--sudo-stdin`): read from stdin, handed to `sudo -S` on its stdin.
+SUDO_PASSWORD: str | None = None
+
+
+def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: bool = False) -> None:
+    """Run through /bin/sh, relaying output to stderr (stdout is reserved for our JSON).
+
+    `sudo`: through sudo, `-n` (fail, never prompt) unless the controller sent a password."""
     import subprocess
     from collections import deque
 
+    secret = None
+    if sudo:
+        if SUDO_PASSWORD is None:
+            command = f"sudo -n -- {command}"
+        else:
+            command, secret = f"sudo -S -p '' -- {command}", (SUDO_PASSWORD + "\n").encode()
     log(f"{label}: {command}")
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
     try:
@@ -1680,12 +1693,18 @@ def run_shell(command: str, cwd: str, env: dict[str, str], label: str) -> None:
             ["/bin/sh", "-c", command],
             cwd=cwd,
             env={**os.environ, **env},
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if secret else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
     except OSError as exc:
         raise CommandFailed(command, 127, [str(exc)]) from None
+    if secret and proc.stdin is not None:
+        try:
+            proc.stdin.write(secret)
+            proc.stdin.close()
+        except OSError:
+            pass
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip("\n")
@@ -1808,7 +1827,7 @@ def _finish_interrupted_restart(cfg: Config, layout: Layout, current: Current) -
     log(f"the run that made {current.release} current died before restarting: restarting now")
     try:
         run_shell(cfg.restart, current.path, _hook_env(layout, current.path, current.commit or ""),
-                  "restart")
+                  "restart", cfg.sudo)
     except CommandFailed as exc:
         raise NodeError(
             f"restart `{exc.command}` failed with exit code {exc.returncode} on "
@@ -1833,7 +1852,7 @@ def _restart_with_fallback(
     """Restart; if it fails, put `current` back on the previous release and restart that."""
     assert cfg.restart
     try:
-        run_shell(cfg.restart, new, _hook_env(layout, new, read_revision(new) or ""), "restart")
+        run_shell(cfg.restart, new, _hook_env(layout, new, read_revision(new) or ""), "restart", cfg.sudo)
         return
     except CommandFailed as exc:
         failure = exc
@@ -1854,6 +1873,7 @@ def _restart_with_fallback(
             previous.path,
             _hook_env(layout, previous.path, previous.commit or ""),
             "restart",
+            cfg.sudo,
         )
         again = "restarted OK"
     except CommandFailed as exc2:
@@ -1984,7 +2004,7 @@ def _revert_unhealthy(
     if cfg.restart:
         try:
             run_shell(cfg.restart, previous.path,
-                      _hook_env(layout, previous.path, previous.commit or ""), "restart")
+                      _hook_env(layout, previous.path, previous.commit or ""), "restart", cfg.sudo)
         except CommandFailed as exc:
             again = f" but its restart failed too (exit code {exc.returncode}): check the app's logs"
         finally:
@@ -2546,12 +2566,14 @@ def _parser() -> Any:
     a.add_argument("--force", action="store_true")
     a.add_argument("--manifest-stdin", action="store_true",
                    help="read the bundle's signed manifest (one JSON line) from stdin")
+    a.add_argument("--sudo-stdin", action="store_true", help="the sudo password is stdin's first line")
 
     r = sub.add_parser("rollback")
     r.add_argument("--release")
     r.add_argument("--user")
     r.add_argument("--restart", action="store_true")
     r.add_argument("--reason")
+    r.add_argument("--sudo-stdin", action="store_true", help="the sudo password is stdin's first line")
 
     st = sub.add_parser("status")
     st.add_argument("--after-boot", help="the boot id before a reboot: on a new boot, wait for "
@@ -2618,12 +2640,18 @@ def _dispatch(args: Any) -> dict[str, Any]:
         return {"ok": True, "version": VERSION}
     config = args.config or os.path.join(os.path.dirname(os.path.abspath(__file__)), "node.json")
     cfg = load_config(config)
+    rest = None
+    if getattr(args, "sudo_stdin", False):  # stdin's first line, before any URL (read to EOF: below)
+        global SUDO_PASSWORD
+        SUDO_PASSWORD, _, rest = sys.stdin.read().partition("\n")
     if args.command == "activate":
         # stdin: the presigned URL (--url-stdin), then the signed manifest (--manifest-stdin),
         # one line each; neither belongs in argv, where every local user can read it. Read to
         # EOF, not just a line: the controller's sender thread must be done writing before we
         # can exit (or it writes into a closed channel).
-        lines = sys.stdin.read().splitlines() if (args.url_stdin or args.manifest_stdin) else []
+        lines: list[str] = []
+        if args.url_stdin or args.manifest_stdin:
+            lines = (sys.stdin.read() if rest is None else rest).splitlines()
         url = args.url
         if args.url_stdin:
             url = lines.pop(0).strip() if lines else ""

@@ -18,7 +18,7 @@ from typing import Any
 from fabdeploy.adapters import aws, nodectl
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters.health import wait_healthy
-from fabdeploy.adapters.ssh import connect, run
+from fabdeploy.adapters.ssh import SUDO_REFUSED, as_root, connect, run, sudo_refusal
 from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import AWSError, HostError
@@ -177,12 +177,22 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
             _log(t0, host.name, f"already on {short(commit)}, skipped (--resume)")
             return res
         old_boot = before.get("boot_id")
+        reboot, stdin = as_root(cfg, cfg.reboot, sudo=cfg.ssh.sudo)
+        if traffic is not None and cfg.ssh.sudo and stdin is None:
+            # A missing sudo right must stop the roll before the host leaves its load balancer.
+            refused = sudo_refusal(host, cfg.ssh.user, cfg.reboot,
+                                   run(cfg, host, conn, f"sudo -n -l -- {cfg.reboot} >/dev/null 2>&1 || exit {SUDO_REFUSED}"))
+            if refused:
+                raise refused
         if traffic is not None:
             traffic.before_reboot(host)  # out of the load balancer (and into standby) first
         _log(t0, host.name, f"rebooting ({cfg.reboot})")
         start = time.monotonic()
         try:
-            r = run(cfg, host, conn, cfg.reboot, timeout=30)
+            r = run(cfg, host, conn, reboot, timeout=30, stdin=stdin)
+            refused = sudo_refusal(host, cfg.ssh.user, cfg.reboot, r) if cfg.ssh.sudo else None
+            if refused:
+                raise refused
             if r.exit_code not in (0, -1):
                 raise HostError(host.name, f"{host.name}: reboot command failed (exit {r.exit_code}): "
                                 + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],

@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pwd
 import select
 import signal
 import socket
@@ -53,6 +54,28 @@ def load_systemctl() -> ModuleType:
 
 def mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True)
+
+
+DEPLOY_USER = "deploy"
+
+
+def add_deploy_user() -> None:
+    """A non-root deploy user, its home in /run like root's (e2e deploys as it too). Its sudo
+    rights are the drop-in sandbox.py writes into the host's /etc/sudoers.d."""
+    passwd, group, shadow = Path("/etc/passwd"), Path("/etc/group"), Path("/etc/shadow")
+    text = passwd.read_text()
+    if any(line.startswith(DEPLOY_USER + ":") for line in text.splitlines()):
+        return
+    used = {int(line.split(":")[2]) for f in (text, group.read_text()) for line in f.splitlines()
+            if line.count(":") >= 3 and line.split(":")[2].isdigit()}
+    uid = next(n for n in range(1500, 60000) if n not in used)
+    with passwd.open("a") as f:
+        f.write(f"{DEPLOY_USER}:x:{uid}:{uid}:fabdeploy sandbox deploy user:/run/{DEPLOY_USER}:/bin/sh\n")
+    with group.open("a") as f:
+        f.write(f"{DEPLOY_USER}:x:{uid}:\n")
+    if shadow.exists():
+        with shadow.open("a") as f:
+            f.write(f"{DEPLOY_USER}:*:20000:0:99999:7:::\n")
 
 
 class Host:
@@ -95,6 +118,7 @@ class Host:
         passwd.write_text("".join(
             ("root:x:0:0:root:/run/root:/bin/sh\n" if line.startswith("root:") else line)
             for line in passwd.read_text().splitlines(True)))
+        add_deploy_user()
         self.boot_id_file.touch()
         mount("--bind", str(self.boot_id_file), "/proc/sys/kernel/random/boot_id")
         # Last: if the state dir were under /srv it would vanish here (sandbox.up refuses that).
@@ -183,6 +207,9 @@ class Host:
         for d in ("sshd", "lock", "sandbox-units"):
             os.makedirs(f"/run/{d}", mode=0o755, exist_ok=True)
         os.makedirs("/run/root", mode=0o700, exist_ok=True)
+        deploy = pwd.getpwnam(DEPLOY_USER)
+        os.makedirs(deploy.pw_dir, mode=0o700, exist_ok=True)
+        os.chown(deploy.pw_dir, deploy.pw_uid, deploy.pw_gid)
         self.log_dir.mkdir(exist_ok=True)
         info = {
             "name": self.name,

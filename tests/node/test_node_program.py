@@ -1534,3 +1534,25 @@ def test_space_slack_is_kept_even_when_every_file_is_linked(
     with pytest.raises(node.NodeError, match="not enough disk space.*16.0 MB needed"):
         activate(cfg, bundle, sha, "c2", now=lambda: T0 + 10)
     assert os.listdir(layout.releases) == [first["release"]]
+
+
+def test_restart_goes_through_sudo_with_the_password_on_stdin(tmp_path: Path, monkeypatch: Any) -> None:
+    """ssh.sudo: `sudo -n` without a password (never a prompt); with one, `sudo -S` reads it
+    from stdin and it is in no argv."""
+    bin_dir, seen, marker = tmp_path / "bin", tmp_path / "sudo-calls", tmp_path / "restarted"
+    bin_dir.mkdir()
+    fake = bin_dir / "sudo"
+    fake.write_text(f'#!/bin/sh\necho "ARGS $*" >> {seen}\n'
+                    f'case "$1" in -S) IFS= read -r pw; echo "STDIN $pw" >> {seen};; esac\n'
+                    'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = make_cfg(tmp_path, restart=f"touch {marker}", sudo=True)
+    assert cfg.sudo is True
+    deploy(cfg, tmp_path, "c1", restart=True)
+    assert marker.exists() and seen.read_text().splitlines() == [f"ARGS -n -- touch {marker}"]
+
+    seen.unlink()
+    monkeypatch.setattr(node, "SUDO_PASSWORD", "s3cret word")
+    deploy(cfg, tmp_path, "c2", restart=True)
+    assert seen.read_text().splitlines() == [f"ARGS -S -p  -- touch {marker}", "STDIN s3cret word"]

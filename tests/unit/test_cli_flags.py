@@ -79,6 +79,13 @@ def test_sudo_password_prompt_is_refused(app: Path) -> None:
     assert r.returncode == 1 and "needs no sudo password" in r.stderr
 
 
+def test_sudo_password_prompt_is_honoured_with_ssh_sudo(app: Path) -> None:
+    (app / "deploy.yml").write_text(DEPLOY_YML + "ssh: {user: deploy, sudo: true}\n"
+                                    "restart: /usr/bin/systemctl restart shop\n")
+    r = fab(app, "--prompt-for-sudo-password", "deploy.rollback", "--dry-run", stdin="secret\n")
+    assert r.returncode == 0 and "dry run" in r.stdout, r.stderr
+
+
 def test_search_root_finds_deploy_yml_beside_the_fabfile(app: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -114,3 +114,23 @@ def test_boot_order_breaks_cycles_instead_of_hanging() -> None:
 def test_unit_name() -> None:
     assert sc.unit_name("shop") == "shop.service"
     assert sc.unit_name("shop.service") == "shop.service"
+
+
+def test_user_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import pwd
+
+    unit = sc.parse_unit(UNIT, "fabdeploy-shop")
+    assert unit.user == "deploy"
+    me = pwd.getpwuid(os.getuid())
+    unit.user = me.pw_name
+    env = {"HOME": "/root", "USER": "root"}
+    creds = sc.credentials(unit, env)
+    if me.pw_uid == 0:
+        assert creds == {} and env["USER"] == "root"
+    else:
+        assert creds["user"] == me.pw_uid and env["USER"] == me.pw_name
+    unit.user = "no-such-user-fabdeploy"
+    monkeypatch.setattr(sc, "_log_line", lambda *a: None)
+    with pytest.raises(sc.UnitError, match="217/USER"):
+        sc.credentials(unit, {})

@@ -1,0 +1,155 @@
+"""A deploy user with sudo only where needed: config, the commands built, the unit, the drop-in."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from fabric import Config as FabricConfig
+
+from fabdeploy.adapters import nodectl, ssh
+from fabdeploy.basics import config
+from fabdeploy.basics.config import ConfigError, Host
+
+BASE = {"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop", "hosts": ["web1"],
+        "restart": "sudo systemctl restart shop"}
+DEPLOY = {"ssh": {"user": "deploy", "sudo": True}, "restart": "/usr/bin/systemctl restart shop"}
+
+
+def load(tmp_path: Path, **over) -> config.Config:
+    p = tmp_path / "deploy.yml"
+    p.write_text(yaml.safe_dump({**BASE, **over}))
+    return config.load(p)
+
+
+def error(tmp_path: Path, **over) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, **over)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_sudo_needs_a_non_root_user(tmp_path: Path) -> None:
+    assert "ssh.sudo needs ssh.user" in error(tmp_path, ssh={"sudo": True})
+    assert "ssh.sudo needs ssh.user" in error(tmp_path, ssh={"user": "root", "sudo": True})
+
+
+def test_sudo_commands_are_exact_full_paths(tmp_path: Path) -> None:
+    msg = error(tmp_path, ssh={"user": "deploy", "sudo": True})  # restart: sudo systemctl restart shop
+    assert "restart must be one command with its full path" in msg
+    assert "full path" in error(tmp_path, **{**DEPLOY, "restart": "/usr/bin/systemctl restart shop; rm -rf /"})
+    cfg = load(tmp_path, **{**DEPLOY, "restart": "sudo /usr/bin/systemctl restart shop"})
+    assert cfg.restart == "/usr/bin/systemctl restart shop"  # its own sudo is dropped
+    assert cfg.reboot == "/usr/bin/systemctl reboot"  # the default, as a full path
+    assert cfg.run_as == "deploy"
+
+
+def test_root_config_is_unchanged(tmp_path: Path) -> None:
+    cfg = load(tmp_path, ssh={"user": "root"})
+    assert cfg.run_as is None and cfg.restart == "sudo systemctl restart shop"
+    assert "User=" not in nodectl.unit_text(cfg) and "sudo" not in nodectl.node_json(cfg)
+
+
+def test_boot_unit_runs_as_the_deploy_user(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY, node={"app_unit": "shop.service"})
+    unit = nodectl.unit_text(cfg)
+    assert "\nUser=deploy\n" in unit and "\nBefore=shop.service\n" in unit
+    assert nodectl.node_json(cfg)["sudo"] is True
+
+
+def test_role_commands_are_exact_too_and_in_the_drop_in(tmp_path: Path) -> None:
+    roles = {"worker": {"restart": "sudo /usr/bin/systemctl restart worker"}}
+    cfg = load(tmp_path, **DEPLOY, roles=roles)
+    assert cfg.roles["worker"].restart == "/usr/bin/systemctl restart worker"
+    assert "/usr/bin/systemctl restart shop, /usr/bin/systemctl reboot, /usr/bin/systemctl restart worker" \
+        in nodectl.sudoers(cfg)
+    assert "roles.worker.restart must be one command" in error(
+        tmp_path, **DEPLOY, roles={"worker": {"restart": "systemctl restart worker"}})
+
+
+def test_sudoers_drop_in_names_exactly_restart_and_reboot(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    text = nodectl.sudoers(cfg)
+    assert "Cmnd_Alias FABDEPLOY_SHOP = /usr/bin/systemctl restart shop, /usr/bin/systemctl reboot\n" in text
+    assert "deploy ALL=(root) NOPASSWD: FABDEPLOY_SHOP\n" in text
+    rules = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert len(rules) == 2 and "ALL" not in rules[0]
+    with pytest.raises(ConfigError):
+        nodectl.sudoers(load(tmp_path))
+
+
+def test_export_writes_the_drop_in_and_install_sh_checks_it(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    names = {p.name: p for p in nodectl.export(cfg, tmp_path / "out", sudoers=True)}
+    drop = names["fabdeploy-shop.sudoers"]
+    assert drop.stat().st_mode & 0o777 == 0o440
+    script = names["install.sh"].read_text()
+    assert "visudo -cqf" in script and "/etc/sudoers.d/fabdeploy-shop" in script
+    assert "chown -h deploy:" in script
+
+
+def with_password(cfg: config.Config, pw: str | None) -> config.Config:
+    fc = FabricConfig()
+    if pw is not None:
+        fc["sudo"]["password"] = pw
+    return dataclasses.replace(cfg, fabric=fc)
+
+
+def test_sudo_n_without_a_password_and_stdin_with_one(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    assert ssh.as_root(cfg, "/usr/bin/systemctl reboot", sudo=True) == ("sudo -n -- /usr/bin/systemctl reboot", None)
+    assert ssh.as_root(cfg, "x", sudo=False) == ("x", None)
+    cmd, stdin = ssh.as_root(with_password(cfg, "s3cret"), "/usr/bin/systemctl reboot", sudo=True)
+    assert "s3cret" not in cmd and cmd.startswith("sudo -S ") and stdin == "s3cret\n"
+
+
+def test_restart_is_checked_with_sudo_n_l_before_anything_changes(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    cmd = nodectl.guarded(cfg, "activate", "--restart")
+    assert f"sudo -n -l -- /usr/bin/systemctl restart shop >/dev/null 2>&1 || {{ exit {ssh.SUDO_REFUSED}; }}" in cmd
+    assert cmd.index("sudo -n -l") < cmd.index("exec ")
+    assert "sudo" not in nodectl.guarded(cfg, "status")
+    assert "sudo -n -l" not in nodectl.guarded(with_password(cfg, "pw"), "activate", "--restart")
+
+
+def test_a_refusal_is_one_line_naming_host_and_command() -> None:
+    r = ssh.CommandResult("", "sudo: a password is required\n", 1)
+    e = ssh.sudo_refusal(Host("web2", "web2"), "deploy", "/usr/bin/systemctl reboot", r)
+    assert e is not None and "\n" not in e.message
+    assert e.message.startswith("web2: deploy may not run `sudo /usr/bin/systemctl reboot` (sudo: a password")
+    assert ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "boom", 1)) is None
+    assert ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "", 0)) is None
+    missing = ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "sh: 1: sudo: not found", 127))
+    assert missing is not None and "apt-get install sudo" in missing.message
+
+
+def test_root_script_moves_trees_over_and_installs_as_root(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    s = nodectl.root_script(cfg, "/tmp/fabdeploy-setup.abc", "f" * 64)
+    assert ("find /srv/shop /usr/local/lib/fabdeploy/shop ! -path /usr/local/lib/fabdeploy/shop/allowed_signers "
+            "! -user \"$u\" -exec chown -h \"$u:$g\" {} +") in s  # the trusted signers stay root's
+    signed = nodectl.root_script(cfg, "/tmp/x", "f" * 64, signers=True)
+    assert "install -o root -g root -m 0644 /tmp/x/allowed_signers /usr/local/lib/fabdeploy/shop/allowed_signers" in signed
+    assert "install -o root -g root -m 0644 /tmp/fabdeploy-setup.abc/unit" in s
+    assert 'install -o "$u" -g "$g" -m 0600 /tmp/fabdeploy-setup.abc/node.json' in s
+    assert s.index("chown -h") < s.index("systemctl daemon-reload") < s.index("systemctl enable")
+
+
+def test_the_password_travels_on_stdin_before_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = with_password(load(tmp_path, **DEPLOY), "s3cret")
+    sent: list[tuple[str, str | None]] = []
+
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None):
+        sent.append((command, stdin))
+        return ssh.CommandResult('{"ok": true}\n', "", 0)
+
+    monkeypatch.setattr(nodectl, "run", fake_run)
+    nodectl.call(cfg, Host("web1", "web1"), None, "activate", "--url-stdin", "--restart", stdin="https://u\n")
+    (command, stdin), = sent
+    assert "s3cret" not in command and "--sudo-stdin" in command
+    assert stdin == "s3cret\nhttps://u\n"
+    sent.clear()
+    nodectl.call(cfg, Host("web1", "web1"), None, "status")
+    assert sent == [(sent[0][0], None)] and "--sudo-stdin" not in sent[0][0]
