@@ -283,6 +283,18 @@ def _min_healthy(v: Any) -> str:
     return parse_count(v, zero_ok=True)
 
 
+def _run_on(v: Any) -> str:
+    if v not in ("local", "node"):
+        raise TypeError("local (the deploying machine) or node (the host itself)")
+    return str(v)
+
+
+def _wait(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise TypeError("a number of seconds >= 0")
+    return float(v)
+
+
 # --- the schema: one declaration per key ---------------------------------------------
 
 
@@ -447,6 +459,18 @@ class RollConfig:
 
 
 @dataclass(frozen=True)
+class TrafficConfig:
+    drain: str | None = key(_opt_str, doc="takes {host} ({address}) out of the load balancer; returns once drained")
+    restore: str | None = key(_opt_str, doc="puts {host} ({address}) back into the load balancer")
+    run_on: str = key(_run_on, "local", doc="where drain/restore run: local or node")
+    wait: float = key(_wait, 0.0, doc="seconds to wait after drain, for balancers that cannot say")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.drain or self.restore)
+
+
+@dataclass(frozen=True)
 class InstanceRefreshConfig:
     min_healthy_percentage: int = key(_percent, 90)
     instance_warmup: int | None = key(_seconds)
@@ -502,6 +526,7 @@ class Config:
     node: NodeConfig = key(NodeConfig)
     node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
     roll: RollConfig = key(RollConfig)
+    traffic: TrafficConfig = key(TrafficConfig, doc="drain/restore commands around each hotfix/rollback restart")
     min_healthy: str | None = key(_min_healthy, doc="hosts (count or %) that must stay up while hotfix, rollback "
                                   "and roll change the fleet in batches (aws.min_healthy wins on AWS fleets)")
     aws: AWSConfig | None = key(AWSConfig, optional_section=True, doc="discovery, load balancers, standby")

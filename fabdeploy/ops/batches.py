@@ -15,6 +15,7 @@ from typing import Any
 from fabric import Connection
 
 from fabdeploy.adapters.ssh import HostResult, run_parallel
+from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host, count_of
 from fabdeploy.basics.errors import ConfigError
 from fabdeploy.basics.output import progress_line, say
@@ -49,11 +50,13 @@ def min_healthy_of(cfg: Config) -> tuple[str, str] | None:
     return None
 
 
-def cap_for(cfg: Config, live: int) -> int | None:
-    """The most hosts min_healthy lets out at once (None: no limit); < 1 is an error."""
+def cap_for(cfg: Config, live: int, *, keep_one: bool = False) -> int | None:
+    """The most hosts min_healthy lets out at once (None: no limit); < 1 is an error.
+
+    `keep_one` (hosts drained from a load balancer): without min_healthy, one host stays in."""
     mh = min_healthy_of(cfg)
     if mh is None:
-        return None
+        return max(1, live - 1) if keep_one else None
     cap = max_down(mh[1], live)
     if cap < 1:
         raise ConfigError(f"{mh[0]} {mh[1]} of {live} live host(s) leaves none to take out at once: "
@@ -71,8 +74,10 @@ class Plan:
                 + ", ".join(h.name + (f" ({h.az})" if h.az else "") for h in g)
                 for i, g in enumerate(self.groups)]
 
-    def show(self, keep_going: bool = False) -> None:
-        """For a dry run: the batches, when there is more than one."""
+    def show(self, cfg: Config, keep_going: bool = False) -> None:
+        """For a dry run: the batches, when there is more than one, and the traffic steps."""
+        if cfg.traffic.enabled:
+            say(f"each host out of traffic around its change (traffic.drain/restore, run {cfg.traffic.run_on})")
         if len(self.groups) <= 1:
             return
         say("in batches, each health-gated" + ("" if keep_going else "; a failed batch stops the run") + ":")
@@ -100,13 +105,14 @@ def _split(cfg: Config, ordered: list[Host], size: int) -> list[list[Host]]:
     return groups
 
 
-def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary: int = 0) -> Plan:
+def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary: int = 0,
+         keep_one: bool = False) -> Plan:
     """The batches for changing `hosts` out of `live`: `batch` hosts at once (None: all),
     the first `canary` hosts alone first, each batch capped by min_healthy."""
     ordered = spread_by_az(hosts) if cfg.aws is not None else list(hosts)
     n = len(ordered)
     size = n if batch is None else count_of(batch, n)
-    cap = cap_for(cfg, live)
+    cap = cap_for(cfg, live, keep_one=keep_one)
     if cap is not None:
         size = min(size, cap)
     size = max(1, min(size, n or 1))
@@ -116,15 +122,19 @@ def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary
 
 
 def batching_asked(cfg: Config, batch: str | None, canary: int | None) -> bool:
-    """Without --batch, --canary and min_healthy a run is one parallel pass, as it always was."""
-    return batch is not None or bool(canary) or min_healthy_of(cfg) is not None
+    """Without --batch, --canary, min_healthy and traffic settings a run is one parallel pass,
+    as it always was."""
+    return batch is not None or bool(canary) or min_healthy_of(cfg) is not None or cfg.traffic.enabled
 
 
 def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | None) -> Plan:
-    """hotfix/rollback: one parallel pass unless --batch, --canary or min_healthy ask for batches."""
+    """hotfix/rollback: one parallel pass unless --batch, --canary, min_healthy or traffic ask for batches.
+
+    With traffic settings and no min_healthy, a whole-fleet run keeps one host in traffic."""
     if not batching_asked(cfg, batch, canary) or len(hosts) <= 1 and min_healthy_of(cfg) is None:
         return Plan([list(hosts)] if hosts else [])
-    return plan(cfg, hosts, batch, live=len(resolve_hosts(cfg)), canary=canary or 0)
+    return plan(cfg, hosts, batch, live=len(resolve_hosts(cfg)), canary=canary or 0,
+                keep_one=cfg.traffic.enabled)
 
 
 @dataclass
@@ -145,22 +155,33 @@ def run_batches(
     parallel: int | None = None,
     keep_going: bool = False,
     before_batch: Callable[[int], None] | None = None,
+    traffic: Drainer | None = None,
 ) -> Outcome:
     """Run `work` batch after batch; after a failed batch start no new one (unless keep_going).
 
     Every started host's outcome is collected; hosts of the batches not started are listed
-    as not touched.
+    as not touched. With `traffic`, each host is out of the load balancer around its `work`,
+    and none is left out at the end, whatever happened.
     """
     out = Outcome()
     on_done = progress_line(time.monotonic())
-    for i, group in enumerate(groups):
-        if before_batch is not None:
-            before_batch(i)
-        if len(groups) > 1:
-            say(f"batch {i + 1}/{len(groups)}: {', '.join(h.name for h in group)}")
-        res = run_parallel(cfg, group, work, parallel=parallel, on_done=on_done)
-        out.results += res
-        if not keep_going and not all(r.ok for r in res):
-            out.not_touched = [h.name for g in groups[i + 1:] for h in g]
-            break
+    step = work
+    if traffic is not None and traffic.enabled:
+        def step(host: Host, conn: Connection) -> dict[str, Any]:
+            with traffic.around(host, conn):
+                return work(host, conn)
+    try:
+        for i, group in enumerate(groups):
+            if before_batch is not None:
+                before_batch(i)
+            if len(groups) > 1:
+                say(f"batch {i + 1}/{len(groups)}: {', '.join(h.name for h in group)}")
+            res = run_parallel(cfg, group, step, parallel=parallel, on_done=on_done)
+            out.results += res
+            if not keep_going and not all(r.ok for r in res):
+                out.not_touched = [h.name for g in groups[i + 1:] for h in g]
+                break
+    finally:
+        if traffic is not None:
+            traffic.restore_all()
     return out

@@ -18,6 +18,7 @@ from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.store import store_for
+from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import BundleError
 from fabdeploy.basics.output import say, short, warn
@@ -80,7 +81,7 @@ def hotfix(
 
     try:
         return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                           keep_going=keep_going, before_batch=fresh_url)
+                           keep_going=keep_going, before_batch=fresh_url, traffic=Drainer(cfg))
     finally:
         if local_file:
             os.unlink(local_file)
@@ -125,7 +126,7 @@ def run_hotfix(
             + (f" via {'SFTP push' if push else 'S3'}; " )
             + ("then publish it (whole fleet), under the deploy lock" if targets.whole_fleet
                else "without publishing (subset: these hosts would drift from the published bundle)"))
-        the_plan.show(keep_going)
+        the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)

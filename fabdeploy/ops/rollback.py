@@ -12,6 +12,7 @@ from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.health import wait_healthy
 from fabdeploy.adapters.store import store_for
+from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
@@ -41,7 +42,7 @@ def rollback(cfg: Config, targets: Targets, *, release: str | None = None, paral
         return data
 
     return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                       keep_going=keep_going)
+                       keep_going=keep_going, traffic=Drainer(cfg))
 
 
 def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, dry_run: bool = False,
@@ -52,7 +53,7 @@ def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, d
         say(f"dry run: would roll back {', '.join(h.name for h in targets.hosts)} to "
             + (release or "each host's previous release")
             + (" and move the published pointer back" if targets.whole_fleet else ""))
-        the_plan.show(keep_going)
+        the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
     with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet):

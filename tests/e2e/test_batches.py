@@ -59,3 +59,23 @@ def test_failed_canary_leaves_the_rest_untouched(fleet: Fleet) -> None:
     assert any("web1" in line and "FAILED" in line for line in lines), r.stdout
     assert "0 ok, 1 failed, 3 not touched" in r.stdout
     assert fleet.pointer()["commit"] == old  # a failed run publishes nothing
+
+
+def test_each_host_is_out_of_traffic_for_its_swap_and_back_after(fleet: Fleet) -> None:
+    """traffic.drain/restore run on the node; the before_swap hook fails unless its host is drained."""
+    flag = "/srv/shop/shared/drained"
+    cfg = fleet.variant("drain", traffic={"drain": f"touch {flag}", "restore": f"rm {flag}", "run_on": "node"},
+                        hooks={"before_swap": [f"test -e {flag} || {{ echo not drained; exit 5; }}"]})
+    new = fleet.commit("a hotfix behind a drained balancer")
+    r = fleet.fab("deploy.hotfix", "--batch=2", config=cfg)
+    assert "batch 1/2: web1, web2" in r.stdout and "batch 2/2: web3, web4" in r.stdout
+    assert r.stdout.count("out of traffic") == 4 and r.stdout.count("back in traffic") == 4, r.stdout
+    for h in HOSTS:
+        assert fleet.revision(h) == new and fleet.version(h) == new
+        assert fleet.ssh(h, f"test -e {flag} && echo left || echo gone").strip() == "gone"
+    r = fleet.fab("deploy.rollback", config=cfg)
+    # No min_healthy: traffic settings keep one host in, so 4 hosts go as 3 + 1.
+    assert "batch 1/2: web1, web2, web3" in r.stdout and "batch 2/2: web4" in r.stdout
+    for h in HOSTS:
+        assert fleet.revision(h) != new
+        assert fleet.ssh(h, f"test -e {flag} && echo left || echo gone").strip() == "gone"

@@ -164,3 +164,122 @@ def test_results_table_lists_hosts_not_touched(capsys: pytest.CaptureFixture[str
     text = out.out + out.err
     assert text.count("not touched") >= 3  # two rows and the summary
     assert "0 ok, 1 failed, 2 not touched" in text
+
+
+# --- traffic.drain / traffic.restore around each host ------------------------------------------
+
+
+def traffic_cfg(tmp_path: Path, log: Path, extra: str = "", drain: str = "echo drain {host} {address} >> LOG") -> Any:
+    text = (f"traffic:\n  drain: {drain.replace('LOG', str(log))!r}\n"
+            f"  restore: {'echo restore {host} >> ' + str(log)!r}\n{extra}")
+    return load(tmp_path, text, n=4)
+
+
+@pytest.fixture
+def real_steps(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """run_parallel replaced by a loop that calls the (traffic-wrapped) step like the real one."""
+    from types import SimpleNamespace
+
+    from fabdeploy.basics.errors import HostError
+
+    ran: list[list[str]] = []
+
+    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
+                     on_done: Any = None) -> list[HostResult]:
+        ran.append([h.name for h in group])
+        out = []
+        for h in group:
+            try:
+                out.append(HostResult(h.name, True, work(h, SimpleNamespace(host=f"10.0.0.{h.name[-1]}"))))
+            except HostError as e:
+                out.append(HostResult(h.name, False, {}, e.message))
+        return out
+
+    monkeypatch.setattr(batches, "run_parallel", run_parallel)
+    return ran
+
+
+def test_command_placeholders_are_shell_quoted() -> None:
+    from fabdeploy.adapters.traffic import command_for
+
+    cmd = command_for("drain {host} at {address}", Host("web 1;rm", "x"), "10.0.0.1")
+    assert cmd == "drain 'web 1;rm' at 10.0.0.1"
+
+
+def test_traffic_settings_batch_the_fleet_and_keep_one_host_in(tmp_path: Path) -> None:
+    cfg = traffic_cfg(tmp_path, tmp_path / "log")
+    assert [len(g) for g in plan_for(cfg, list(cfg.hosts), None, None).groups] == [3, 1]
+    assert [len(g) for g in plan_for(cfg, list(cfg.hosts)[:1], None, None).groups] == [1]  # one host: no batching
+
+
+def test_each_host_is_drained_around_its_change_and_put_back(tmp_path: Path, real_steps) -> None:
+    from fabdeploy.adapters.traffic import Drainer
+
+    log = tmp_path / "log"
+    cfg = traffic_cfg(tmp_path, log)
+    seen: list[str] = []
+
+    def work(h: Host, conn: Any) -> dict:
+        seen.append(log.read_text().splitlines()[-1])  # what the balancer had been told last
+        return {}
+
+    out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), "1", None).groups, work, traffic=Drainer(cfg))
+    assert out.ok
+    assert seen == [f"drain web{i} 10.0.0.{i}" for i in range(1, 5)]
+    assert log.read_text().splitlines()[-2:] == ["drain web4 10.0.0.4", "restore web4"]
+    assert sum(1 for line in log.read_text().splitlines() if line.startswith("restore")) == 4
+
+
+def test_a_failed_host_is_put_back_and_the_run_stops(tmp_path: Path, real_steps) -> None:
+    from fabdeploy.adapters.traffic import Drainer
+    from fabdeploy.basics.errors import HostError
+
+    log = tmp_path / "log"
+    cfg = traffic_cfg(tmp_path, log)
+
+    def work(h: Host, conn: Any) -> dict:
+        raise HostError(h.name, f"{h.name}: health check failed")
+
+    out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), None, 1).groups, work, traffic=Drainer(cfg))
+    assert log.read_text().splitlines() == ["drain web1 10.0.0.1", "restore web1"]
+    assert out.not_touched == ["web2", "web3", "web4"]
+
+
+def test_a_failing_drain_fails_the_host_in_one_line_and_changes_nothing(tmp_path: Path, real_steps) -> None:
+    from fabdeploy.adapters.traffic import Drainer
+
+    log = tmp_path / "log"
+    cfg = traffic_cfg(tmp_path, log, drain="echo no such backend >&2; exit 3")
+    changed: list[str] = []
+    out = run_batches(cfg, [list(cfg.hosts)[:1]], lambda h, c: changed.append(h.name) or {}, traffic=Drainer(cfg))
+    assert changed == [] and not out.ok
+    err = out.results[0].error or ""
+    assert "traffic.drain failed (exit 3, local): no such backend" in err and "\n" not in err
+    assert log.read_text().splitlines() == ["restore web1"]  # a drain cut short is put back too
+
+
+def test_interrupted_run_leaves_no_host_drained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fabdeploy.adapters import traffic as traffic_mod
+    from fabdeploy.adapters.traffic import Drainer
+
+    log = tmp_path / "log"
+    cfg = traffic_cfg(tmp_path, log)
+
+    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
+                     on_done: Any = None) -> list[HostResult]:
+        d.drain(group[0], SimpleNamespace(host="10.0.0.1"))  # drained, then Ctrl-C before the rest
+        raise KeyboardInterrupt
+
+    d = Drainer(cfg)
+    monkeypatch.setattr(batches, "run_parallel", run_parallel)
+    monkeypatch.setattr(traffic_mod, "connect", lambda cfg, h: SimpleNamespace(host="10.0.0.1", close=lambda: None))
+    with pytest.raises(KeyboardInterrupt):
+        run_batches(cfg, [list(cfg.hosts)], lambda h, c: {}, traffic=d)
+    assert log.read_text().splitlines() == ["drain web1 10.0.0.1", "restore web1"]
+
+
+def test_traffic_run_on_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="traffic.run_on must be local"):
+        load(tmp_path, "traffic: {drain: x, run_on: lb}\n")

@@ -1,0 +1,105 @@
+"""Out of traffic and back around one host's swap + restart: deploy.yml's traffic.drain/restore.
+
+The commands run on the deploying machine (`run_on: local`) or on the host (`node`), with
+{host} (the deploy.yml name) and {address} (what SSH connects to) shell-quoted in: HAProxy's
+runtime API, nginx, Consul, ... A drain command returns once the host is drained;
+`traffic.wait` adds a pause for balancers that cannot say. Whatever was drained is put
+back: once healthy, when its change failed, and at the end of the run for the rest.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from fabric import Connection
+
+from fabdeploy.adapters.ssh import connect, run
+from fabdeploy.basics.config import Config, Host
+from fabdeploy.basics.errors import DeployError, HostError
+from fabdeploy.basics.output import say, warn
+
+
+def command_for(template: str, host: Host, address: str) -> str:
+    """The command with {host} and {address} filled in, shell-quoted."""
+    return template.replace("{host}", shlex.quote(host.name)).replace("{address}", shlex.quote(address))
+
+
+class Drainer:
+    def __init__(self, cfg: Config, log: Callable[[str], None] = say) -> None:
+        self.cfg = cfg
+        self.t = cfg.traffic
+        self.log = log
+        self._out: dict[str, Host] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.t.enabled
+
+    def _run(self, what: str, template: str, host: Host, conn: Connection) -> None:
+        cmd = command_for(template, host, conn.host)
+        limit = self.cfg.ssh.command_timeout
+        if self.t.run_on == "node":
+            r = run(self.cfg, host, conn, cmd, timeout=limit)
+            code, out = r.exit_code, (r.stderr or r.stdout or "")
+        else:
+            try:
+                p = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise HostError(host.name, f"{host.name}: traffic.{what} did not finish within {limit:g}s "
+                                f"(ssh.command_timeout); check the command in {self.cfg.path}", command=cmd) from None
+            code, out = p.returncode, (p.stderr or p.stdout or "")
+        if code != 0:
+            last = (out.strip().splitlines() or ["no output"])[-1]
+            raise HostError(host.name, f"{host.name}: traffic.{what} failed (exit {code}, {self.t.run_on}): {last}; "
+                            f"check traffic.{what} in {self.cfg.path}", command=cmd, exit_code=code, output=out)
+
+    def drain(self, host: Host, conn: Connection) -> None:
+        with self._lock:
+            self._out[host.name] = host  # recorded first: a drain cut short is still put back
+        if self.t.drain:
+            start = time.monotonic()
+            self._run("drain", self.t.drain, host, conn)
+            if self.t.wait:
+                time.sleep(self.t.wait)
+            self.log(f"{host.name}: out of traffic ({time.monotonic() - start:.1f}s)")
+
+    def restore(self, host: Host, conn: Connection) -> None:
+        with self._lock:
+            if self._out.pop(host.name, None) is None:
+                return
+        if self.t.restore:
+            self._run("restore", self.t.restore, host, conn)
+            self.log(f"{host.name}: back in traffic")
+
+    @contextmanager
+    def around(self, host: Host, conn: Connection) -> Iterator[None]:
+        """Drained for the body; put back after it, whether it worked or not."""
+        try:
+            self.drain(host, conn)
+            yield
+        except BaseException:
+            try:
+                self.restore(host, conn)
+            except DeployError as e:
+                warn(f"{host.name}: could not put it back in traffic: {e}")
+            raise
+        self.restore(host, conn)
+
+    def restore_all(self) -> None:
+        """Put back every host still drained (a Ctrl-C or a bug cut its change short)."""
+        with self._lock:
+            left = list(self._out.values())
+        for host in left:
+            conn = connect(self.cfg, host)
+            try:
+                self.restore(host, conn)
+            except DeployError as e:
+                warn(f"{host.name}: could not put it back in traffic: {e}; run traffic.restore by hand")
+            finally:
+                conn.close()
