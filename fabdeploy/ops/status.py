@@ -26,7 +26,10 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
 
     results = run_parallel(cfg, targets, work)
     aws_ids = {h.name: (h.instance_id, h.az) for h in targets if h.instance_id}
+    roles = {h.name: list(h.roles) for h in targets if h.roles}
     for r in results:
+        if r.host in roles:
+            r.data["roles"] = roles[r.host]
         if r.host in aws_ids:  # also for unreachable hosts: the id is what you look up in the console
             r.data["instance_id"], r.data["az"] = aws_ids[r.host]
         cur = (r.data or {}).get("current") or {}
@@ -64,9 +67,11 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
     rows = []
     # Hosts discovered from AWS: show which instance and AZ each one is.
     ids = any(r.data.get("instance_id") for r in results)
+    with_roles = any(r.data.get("roles") for r in results)
     for r in results:
         d = r.data
         aws_cols = [d.get("instance_id") or "-", d.get("az") or "-"] if ids else []
+        aws_cols += [",".join(d.get("roles") or []) or "-"] if with_roles else []
         cur = d.get("current") or {}
         last_boot = d.get("last_boot") or {}
         boot = last_boot.get("outcome", "")
@@ -97,4 +102,4 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
             boot or "-",
             state,
         ])
-    table(f"{cfg.app}{f' ({cfg.stage})' if cfg.stage else ''}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)
+    table(f"{cfg.app}{f' ({cfg.stage})' if cfg.stage else ''}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), *(["roles"] if with_roles else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)

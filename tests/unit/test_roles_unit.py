@@ -139,3 +139,24 @@ def test_an_unquoted_on_key_is_read_as_on_not_as_yaml_true(tmp_path: Path) -> No
     cfg = load(tmp_path, BASE.replace('health: {url', 'health: {on: controller, url')
                .replace('health: {command', 'health: {on: node, command') + "  web: {health: {on: node}}\n")
     assert cfg.health.on == "controller" and for_host(cfg, cfg.host("web1")).health.on == "node"
+
+
+def test_status_names_each_hosts_roles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from fabdeploy.adapters.ssh import HostResult
+    from fabdeploy.ops import status
+
+    cfg = load(tmp_path)
+    monkeypatch.setattr(status, "run_parallel", lambda cfg, hosts, work: [
+        HostResult(h.name, True, data={"current": {"release": "1", "commit": "a" * 40, "ok": True}}) for h in hosts])
+
+    class Store:
+        def read_pointer(self):
+            return None, None
+
+    info, results = status.collect(cfg, list(cfg.hosts), Store())
+    assert {r.host: r.data.get("roles") for r in results} == {
+        "web1": ["web"], "web2": ["web"], "work1": ["worker"], "plain": None}
+    status.show(cfg, info, results, as_json=False)
+    out = capsys.readouterr().out
+    assert "roles" in out and "worker" in out
