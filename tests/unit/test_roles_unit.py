@@ -160,3 +160,31 @@ def test_status_names_each_hosts_roles(tmp_path: Path, monkeypatch: pytest.Monke
     status.show(cfg, info, results, as_json=False)
     out = capsys.readouterr().out
     assert "roles" in out and "worker" in out
+
+
+def test_a_roll_reboots_each_host_with_its_roles_reboot_command(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fabdeploy.basics.errors import HostError
+    from fabdeploy.ops import roll
+
+    cfg = load(tmp_path)
+    ran: list[str] = []
+
+    class Conn:
+        def close(self) -> None:
+            pass
+
+    def stop(cfg: config.Config, host: Host, *a: object) -> None:
+        raise HostError(host.name, "stopped after the reboot command")
+
+    monkeypatch.setattr(roll, "prepare", lambda cfg, host: roll.Prepared(Conn(), {"boot_id": "b0", "current": {}}))
+    monkeypatch.setattr(roll, "run", lambda cfg, host, conn, cmd, timeout=None: ran.append(cmd)
+                        or SimpleNamespace(exit_code=0, stdout="", stderr=""))
+    monkeypatch.setattr(roll, "_wait_back", stop)
+    monkeypatch.setattr(roll, "say", lambda *a: None)
+    for name in ("work1", "web1"):
+        with pytest.raises(HostError, match="stopped after"):
+            roll.reboot_one(cfg, cfg.host(name), "a" * 40, 0.0, False)
+    assert ran == ["/sbin/reboot", cfg.reboot]
