@@ -180,7 +180,7 @@ def test_a_roll_reboots_each_host_with_its_roles_reboot_command(tmp_path: Path,
         raise HostError(host.name, "stopped after the reboot command")
 
     monkeypatch.setattr(roll, "prepare", lambda cfg, host: roll.Prepared(Conn(), {"boot_id": "b0", "current": {}}))
-    monkeypatch.setattr(roll, "run", lambda cfg, host, conn, cmd, timeout=None: ran.append(cmd)
+    monkeypatch.setattr(roll, "run", lambda cfg, host, conn, cmd, timeout=None, **kw: ran.append(cmd)
                         or SimpleNamespace(exit_code=0, stdout="", stderr=""))
     monkeypatch.setattr(roll, "_wait_back", stop)
     monkeypatch.setattr(roll, "say", lambda *a: None)
