@@ -169,6 +169,16 @@ def setup_task(c, hosts=None, roles=None, admin_user=None):
     _fail_unless(run_setup(cfg, _targets(cfg, hosts, roles), admin_user=admin_user))
 
 
+@deploy_task(name="check", help={"hosts": "comma-separated deploy.yml host names (default: all)",
+            "roles": _ROLES_HELP})
+def check_task(c, hosts=None, roles=None):
+    """Preflight, changing nothing: SSH, sudo rights, shared files, Python/boto3, node program and unit."""
+    cfg = _cfg(c)
+    from fabdeploy.ops.check import run_check
+
+    _fail_unless(run_check(cfg, _targets(cfg, hosts, roles)))
+
+
 @deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)",
             "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)",
             "sudoers": "also write the sudoers drop-in for the deploy user (ssh.user, with ssh.sudo)"})
@@ -286,7 +296,7 @@ def unlock_task(c, force=False):
 
 
 deploy = Collection(
-    "deploy", bundle_task, publish_task, setup_task, hotfix_task, rollback_task, roll_task,
+    "deploy", bundle_task, publish_task, setup_task, check_task, hotfix_task, rollback_task, roll_task,
     status_task, unlock_task, export_node_task,
 )
 

@@ -240,6 +240,50 @@ def _probe_script(cfg: Config) -> str:
     )
 
 
+def check_script(cfg: Config, host: Host) -> str:
+    """deploy.check's one command per host: reads only. Sudo rights first (`sudo -n -l`, never a
+    prompt), linked files in shared/, then setup's own probe (python, boto3, node, unit)."""
+    hcfg = for_host(cfg, host)
+    parts = []
+    if cfg.ssh.sudo:
+        for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
+            parts.append(f"sudo -n -l -- {cmd} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused")
+    for i, f in enumerate(cfg.linked_files):
+        parts.append(f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing")
+    return "".join(p + "; " for p in parts) + _probe_script(cfg)
+
+
+def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
+    """What deploy.check reports for a host, one short phrase each (empty: all good)."""
+    hcfg = for_host(cfg, host)
+    out = []
+    if cfg.ssh.sudo:
+        for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
+            if state.get(f"sudo{i}") != "ok":
+                out.append(f"{cfg.ssh.user} may not run `sudo {cmd}` (sudo -n -l)")
+    out += [f"shared/{f} is missing" for i, f in enumerate(cfg.linked_files) if state.get(f"linked{i}") != "ok"]
+    need = ".".join(map(str, MIN_PYTHON))
+    if state.get("python") != "ok":
+        return out + [f"{cfg.node.python} is missing"]
+    if _version(state.get("pyver", "")) < MIN_PYTHON:
+        out.append(f"Python {state.get('pyver') or '?'} < {need}")
+    if state.get("boto3") != "ok":
+        out.append("boto3 is missing (the boot unit needs it)")
+    if state.get("sha") != fingerprint(cfg, host):
+        out.append("node program/config not current (fab deploy.setup)" if state.get("sha")
+                   else "not set up (fab deploy.setup)")
+    if state.get("enabled") != "yes":
+        out.append("boot unit not enabled")
+    if cfg.run_as:
+        if state.get("user") != "ok":
+            out.append(f"no user {cfg.run_as}")
+        elif state.get("unit") != hashlib.sha256(unit_text(cfg).encode()).hexdigest():
+            out.append("boot unit not current")
+        if state.get("owner") != "ok":
+            out.append(f"files not {cfg.run_as}'s (fab deploy.setup)")
+    return out
+
+
 def _owner_probe(cfg: Config) -> str:
     """The deploy user's side of a host: the user exists, the unit is ours, nothing is root's."""
     u = q(cfg.run_as or "")

@@ -87,8 +87,14 @@ def test_the_whole_flow_as_deploy(fleet: Fleet, cfg) -> None:
 
 def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
     fleet.fab("deploy.setup", "--hosts=web3", config=cfg)
+    r = fleet.fab("deploy.check", config=cfg)
+    assert flat(r).count(" ok ") >= 3 and "FAILED" not in r.stdout, r.stdout
     before = fleet.current("web3")
     fleet.ssh("web3", "rm /etc/sudoers.d/fabdeploy-shop")  # the last test here: no need to put it back
+    r = fleet.fab("deploy.check", config=cfg, check=False)  # the preflight sees it, changing nothing
+    assert r.returncode == 1 and "web3 FAILED deploy may not run `sudo /usr/local/bin/systemctl restart shop`" \
+        in flat(r), r.stdout
+    assert fleet.current("web3") == before
     fleet.commit("no sudo on web3")
     t0 = time.monotonic()
     r = fleet.fab("deploy.hotfix", "--hosts=web3", config=cfg, check=False, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,20 @@ def test_the_password_travels_on_stdin_before_the_url(tmp_path: Path, monkeypatc
     sent.clear()
     nodectl.call(cfg, Host("web1", "web1"), None, "status")
     assert sent == [(sent[0][0], None)] and "--sudo-stdin" not in sent[0][0]
+
+
+def test_check_reports_each_problem_and_nothing_when_all_is_well(tmp_path: Path) -> None:
+    cfg = load(tmp_path, **DEPLOY, linked_files=["config/database.yml"])
+    host = Host("web1", "web1")
+    script = nodectl.check_script(cfg, host)
+    assert script.index("sudo -n -l -- /usr/bin/systemctl restart shop") < script.index("python=ok")
+    assert "sudo -n -l -- /usr/bin/systemctl reboot" in script and "/srv/shop/shared/config/database.yml" in script
+    good = {"sudo0": "ok", "sudo1": "ok", "linked0": "ok", "python": "ok", "pyver": "3.11", "boto3": "ok",
+            "sha": nodectl.fingerprint(cfg, host), "enabled": "yes", "user": "ok", "owner": "ok",
+            "unit": hashlib.sha256(nodectl.unit_text(cfg).encode()).hexdigest()}
+    assert nodectl.check_problems(cfg, host, good) == []
+    bad = {**good, "sudo1": "refused", "linked0": "missing", "pyver": "3.6", "boto3": "missing", "sha": "x"}
+    assert nodectl.check_problems(cfg, host, bad) == [
+        "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -n -l)", "shared/config/database.yml is missing",
+        "Python 3.6 < 3.8", "boto3 is missing (the boot unit needs it)",
+        "node program/config not current (fab deploy.setup)"]
