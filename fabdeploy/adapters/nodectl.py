@@ -196,6 +196,15 @@ def parse(host: Host, command: str, stdout: str, stderr: str, code: int) -> dict
     )
 
 
+def call_timeout(cfg: Config, host: Host, args: tuple[str, ...], timeout: float | None) -> float | None:
+    """ssh.command_timeout bounds the node's work; a restart that the node health-checks
+    itself (health.on: node) gets health.timeout on top, the check's own bound."""
+    health = for_host(cfg, host).health
+    if timeout is None and "--restart" in args and health.on == "node" and (health.url or health.command):
+        return cfg.ssh.command_timeout + health.timeout
+    return timeout
+
+
 def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
          stdin: str | None = None) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
@@ -205,6 +214,7 @@ def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float |
     if password is not None:
         args, stdin = (*args, "--sudo-stdin"), password + "\n" + (stdin or "")
     cmd = guarded(cfg, *args, stdin=stdin is not None, host=host)
+    timeout = call_timeout(cfg, host, args, timeout)
     r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == NEEDS_INSTALL:
         install(cfg, host, conn)

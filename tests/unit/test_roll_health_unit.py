@@ -75,3 +75,13 @@ def test_controller_side_check_when_asked(tmp_path: Path, monkeypatch: pytest.Mo
     res = reboot(tmp_path, monkeypatch, None, on="controller")
     assert res.ok and probed == ["10.0.0.5"]  # its ssh_config HostName
     assert dataclasses.replace(cfg(tmp_path), health=HealthConfig()).health.on == "node"  # the default
+
+
+def test_a_restart_checked_on_the_node_gets_the_health_timeout_on_top(tmp_path: Path) -> None:
+    from fabdeploy.adapters import nodectl
+
+    c = cfg(tmp_path, timeout=7)
+    assert nodectl.call_timeout(c, HOST, ("activate", "--restart"), None) == c.ssh.command_timeout + 7
+    assert nodectl.call_timeout(c, HOST, ("status",), None) is None  # ssh.command_timeout
+    assert nodectl.call_timeout(c, HOST, ("rollback", "--restart"), 30) == 30  # the caller's own bound
+    assert nodectl.call_timeout(cfg(tmp_path, on="controller"), HOST, ("activate", "--restart"), None) is None
