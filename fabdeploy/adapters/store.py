@@ -797,6 +797,30 @@ class Store:
             "wait, or if it is stale run `fab deploy.unlock --force`"
         )
 
+    def renew_lock(self, lock: Lock, expiry: float) -> Lock:
+        """Push our lock's expiry out, only if it is still ours (If-Match on its ETag).
+
+        ConflictError if it was broken (removed, or taken by someone else) meanwhile."""
+        key = self.lock_key
+        new = replace(lock, expires_at=time.time() + expiry)
+        try:
+            r = self.client.put_object(Bucket=self.s3.bucket, Key=key, Body=new.to_json(),
+                                       ContentType="application/json", IfMatch=lock.etag)
+        except Exception as e:
+            err = self._error(e, key, "renewing the deploy lock")
+            if not (self._is_missing(e) or isinstance(err, ConflictError)):
+                raise err from None
+            try:
+                current = self.read_lock()
+            except StoreError:
+                current = None
+            if current is not None and (current.holder, current.created_at, current.pid, current.boot_id) == (
+                    lock.holder, lock.created_at, lock.pid, lock.boot_id):
+                return current  # our own earlier renewal landed although its answer was lost
+            who = f"now held by {current.describe()}" if current else "it was removed"
+            raise ConflictError(f"our deploy lock {self.uri(key)} was broken: {who}") from None
+        return replace(new, etag=r["ETag"])
+
     def release_lock(self, lock: Lock) -> None:
         """Delete our lock; already gone is fine, someone else's lock is left alone."""
         key = self.lock_key

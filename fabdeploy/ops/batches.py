@@ -18,7 +18,7 @@ from fabdeploy.adapters.ssh import HostResult, run_parallel
 from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host, count_of
 from fabdeploy.basics.errors import ConfigError
-from fabdeploy.basics.output import progress_line, say
+from fabdeploy.basics.output import progress_line, say, warn
 from fabdeploy.ops.targets import resolve_hosts
 
 
@@ -156,6 +156,7 @@ def run_batches(
     keep_going: bool = False,
     before_batch: Callable[[int], None] | None = None,
     traffic: Drainer | None = None,
+    held: Any = None,
 ) -> Outcome:
     """Run `work` batch after batch; after a failed batch start no new one (unless keep_going).
 
@@ -172,6 +173,10 @@ def run_batches(
                 return work(host, conn)
     try:
         for i, group in enumerate(groups):
+            if held is not None and held.lost is not None:  # the fleet lock (ops/lock.py) was broken
+                warn(f"stopped before batch {i + 1}: the deploy lock was lost ({held.lost})")
+                out.not_touched = [h.name for g in groups[i:] for h in g]
+                break
             if before_batch is not None:
                 before_batch(i)
             if len(groups) > 1:

@@ -39,6 +39,7 @@ def hotfix(
     parallel: int | None = None,
     groups: list[list[Host]] | None = None,
     keep_going: bool = False,
+    held: Any = None,
 ) -> Outcome:
     user = local_user()
     base = ["activate", "--sha256", bundle.sha256, "--commit", bundle.commit, "--ref", bundle.ref,
@@ -81,7 +82,7 @@ def hotfix(
 
     try:
         return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                           keep_going=keep_going, before_batch=fresh_url, traffic=Drainer(cfg))
+                           keep_going=keep_going, before_batch=fresh_url, traffic=Drainer(cfg), held=held)
     finally:
         if local_file:
             os.unlink(local_file)
@@ -130,12 +131,16 @@ def run_hotfix(
         return True
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
-    with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet):
+    with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet) as held:
         start = time.monotonic()
         out = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel,
-                     groups=the_plan.groups, keep_going=keep_going)
+                     groups=the_plan.groups, keep_going=keep_going, held=held)
         ok = out.ok
         if targets.whole_fleet and ok:
+            if held is not None and held.lost is not None:
+                print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
+                              out.not_touched)
+                held.check(f"publishing {short(b.commit)}")
             bundles.publish_bundle(store, b, log=say, cfg=cfg)
     print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
                   out.not_touched)

@@ -31,10 +31,12 @@ def run_instance_refresh(cfg: Config, ref: str | None, *, dry_run: bool = False,
     c = clients or Clients(cfg)
     _group_instances(cfg, c, aws.autoscaling_groups)  # fail on a missing group before publishing
     store = store_for(cfg)
-    with fleet_lock(cfg, store, "roll (instance refresh)"):
+    with fleet_lock(cfg, store, "roll (instance refresh)") as held:
         b = bundles.ensure_bundle(cfg, store, ref)
+        held.check(f"publishing {short(b.commit)}")
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
         for group in aws.autoscaling_groups:
+            held.check(f"starting an instance refresh of {group}")
             rid = start_refresh(cfg, c, group)
             say(f"instance refresh {rid} of {group} started ({refresh_preferences(cfg)})")
             status = follow_refresh(cfg, c, group, rid, poll=poll)

@@ -289,7 +289,7 @@ def run_roll(
     traffic = None
     if cfg.aws is not None:
         traffic = aws.Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
-    with fleet_lock(cfg, store, "roll"), _Interrupt() as stop:
+    with fleet_lock(cfg, store, "roll") as held, _Interrupt() as stop:
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer(replacing=True)
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
@@ -302,6 +302,9 @@ def run_roll(
                 if stop.requested:
                     warn(f"stopped by Ctrl-C before batch {i}")
                     break
+                if held.lost is not None:
+                    warn(f"stopped before batch {i}: the deploy lock was lost ({held.lost})")
+                    break
                 mine, nxt = nxt, ({h.name: ahead.submit(prepare, cfg, h) for h in groups[i]}
                                   if i < len(groups) else {})
                 with ThreadPoolExecutor(max_workers=len(group)) as pool:
@@ -311,7 +314,7 @@ def run_roll(
                 failed = [r for r in batch_results if not r.ok]
                 if failed:
                     if rollback_on_failure:
-                        _roll_back_failed(cfg, store, previous, group, failed, t0, traffic)
+                        _roll_back_failed(cfg, store, previous, group, failed, t0, traffic, held)
                     break
         finally:
             for f in nxt.values():  # prepared for a batch that will not run
@@ -325,9 +328,12 @@ def run_roll(
 
 
 def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float,
-                      traffic: Any = None) -> None:
+                      traffic: Any = None, held: Any = None) -> None:
     if previous is None:
         warn("--rollback-on-failure: there is no previous published bundle to go back to")
+        return
+    if held is not None and held.lost is not None:
+        warn(f"--rollback-on-failure: the published pointer was NOT moved back: the deploy lock was lost ({held.lost})")
         return
     current, etag = store.read_pointer(replacing=True)
     # A new pointer (signed, with a newer sequence) to the old bundle: nodes refuse replays.

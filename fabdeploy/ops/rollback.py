@@ -23,7 +23,7 @@ from fabdeploy.ops.targets import Targets
 
 
 def rollback(cfg: Config, targets: Targets, *, release: str | None = None, parallel: int | None = None,
-             groups: list[list[Host]] | None = None, keep_going: bool = False) -> Outcome:
+             groups: list[list[Host]] | None = None, keep_going: bool = False, held: Any = None) -> Outcome:
     user = local_user()
     args = ["rollback", "--user", user, "--restart"]
     if release:
@@ -42,7 +42,7 @@ def rollback(cfg: Config, targets: Targets, *, release: str | None = None, paral
         return data
 
     return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                       keep_going=keep_going, traffic=Drainer(cfg))
+                       keep_going=keep_going, traffic=Drainer(cfg), held=held)
 
 
 def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, dry_run: bool = False,
@@ -56,15 +56,17 @@ def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, d
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
-    with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet):
+    with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet) as held:
         start = time.monotonic()
         out = rollback(cfg, targets, release=release, parallel=parallel, groups=the_plan.groups,
-                       keep_going=keep_going)
+                       keep_going=keep_going, held=held)
         results = out.results
         ok = out.ok
         # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
         print_results(f"rollback in {time.monotonic() - start:.1f}s", results, out.not_touched)
         if targets.whole_fleet and ok:
+            if held is not None:
+                held.check("moving the published pointer back")
             _pointer_back(cfg, store, {r.data.get("commit") for r in results})
     commits = {r.data.get("commit") for r in results}
     if ok and len(commits) == 1:
