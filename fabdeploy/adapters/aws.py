@@ -17,6 +17,7 @@ whatever a failure or Ctrl-C left half-done.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -142,6 +143,25 @@ def _address_of(inst: dict[str, Any], address: str) -> str | None:
     return inst.get(key) or None
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def valid_address(addr: str) -> bool:
+    """A host name (an ssh_config alias counts: letters, digits, '-', '_', dots) or an IP address.
+
+    Discovered names come from tags anyone with ec2:CreateTags can set, and become SSH targets:
+    `ops@evil.example:2222`, `-oProxyCommand=...` or a space must not."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(addr)
+        return True
+    except ValueError:
+        pass
+    name = addr[:-1] if addr.endswith(".") else addr
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
 def discover(cfg: Config, clients: Clients | None = None) -> list[Host]:
     """The in-service instances named by aws.autoscaling_groups and/or aws.tag_filters.
 
@@ -177,6 +197,10 @@ def discover(cfg: Config, clients: Clients | None = None) -> list[Host]:
         if addr is None:
             raise AWSError(f"instance {iid} has no {aws.address} (aws.address in {cfg.path}): pick an address "
                            "every instance has, e.g. private_ip, or tag:Name with a Name tag on each")
+        if not valid_address(addr):
+            raise AWSError(f"instance {iid} has {aws.address} {addr[:80]!r}, which is not a host name or IP "
+                           "address (no user@, :port, spaces or leading '-'); refusing to use it as a target: "
+                           f"fix the instance's tag, or pick another aws.address in {cfg.path}")
         hosts.append(Host(name=addr, host=addr, instance_id=iid, roles=_roles_of(inst, aws.role_tag),
                           az=inst.get("Placement", {}).get("AvailabilityZone")))
     dupes = sorted({h.name for h in hosts if [x.name for x in hosts].count(h.name) > 1})

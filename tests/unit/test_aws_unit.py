@@ -182,6 +182,27 @@ def test_discovery_by_tags_and_private_ip(tmp_path: Path, moto: dict[str, Any]) 
     assert all(h.name == h.host and h.host.count(".") == 3 for h in hosts)
 
 
+@pytest.mark.parametrize("bad", ["ops@evil.example:2222", "evil.example:2222", "-oProxyCommand=touch /tmp/x",
+                                 "web 1", "web1\nHost *"])
+def test_discovered_address_that_is_not_a_host_name_is_refused(tmp_path: Path, moto: dict[str, Any], bad: str) -> None:
+    """moto: a Name tag is anyone-with-ec2:CreateTags' input; it must not become user@host:port or an option."""
+    name, ids, _ = make_group(moto, 2)
+    moto["ec2"].create_tags(Resources=[ids[1]], Tags=[{"Key": "Name", "Value": bad}])
+    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  address: tag:Name\n")
+    with pytest.raises(AWSError) as e:
+        aws.discover(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"instance {ids[1]} has tag:Name ") and "not a host name or IP address" in msg
+    assert "\n" not in msg
+
+
+def test_discovered_host_names_and_ips_are_accepted() -> None:
+    for ok in ("10.0.0.1", "fe80::1", "ip-10-0-0-1.ec2.internal", "web_1", "web-1.example.com."):
+        assert aws.valid_address(ok), ok
+    for bad in ("a@b", "b:22", "-x", "a b", "", "a..b", "web-", "x" * 254):
+        assert not aws.valid_address(bad), bad
+
+
 def test_group_not_found_is_one_line(tmp_path: Path, moto: dict[str, Any]) -> None:
     cfg = aws_cfg(tmp_path, moto, "  autoscaling_groups: [no-such-group]\n")
     with pytest.raises(AWSError) as e:
