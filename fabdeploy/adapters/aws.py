@@ -22,8 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from fabdeploy.adapters import boto
 from fabdeploy.basics.config import AWSConfig, Config, Host
@@ -264,12 +264,20 @@ class _Undo:
     restore_min: int | None = None
 
 
+class Journal(Protocol):
+    """Where Traffic records what it must undo, before each change, so a controller killed
+    mid-roll leaves a record the next run can act on (ops/undo.py keeps it in S3)."""
+
+    def save(self, state: dict[str, dict[str, Any]]) -> None: ...
+
+
 class Traffic:
     """Deregister/standby a host before its reboot, put it back once healthy, undo on failure."""
 
     def __init__(self, cfg: Config, log: Callable[[Host, str], None] | None = None,
-                 clients: Clients | None = None) -> None:
+                 clients: Clients | None = None, journal: Journal | None = None) -> None:
         self.cfg = cfg
+        self.journal = journal
         self.aws = cfg.aws or AWSConfig()
         self.c = clients or (Clients(cfg) if cfg.aws else None)
         self.log = log or (lambda host, msg: print(f"{host.name}: {msg}", flush=True))
@@ -281,6 +289,31 @@ class Traffic:
     @property
     def enabled(self) -> bool:
         return self.c is not None and bool(self.aws.target_groups or self.aws.classic_elbs or self.aws.standby)
+
+    def _record(self, host: Host | None = None, iid: str | None = None, **pending: Any) -> None:
+        """Save everything still to undo, plus `pending` (the change about to be made) for `iid`."""
+        if self.journal is None:
+            return
+        with self._lock:
+            state = {i: {"host": h.name, **asdict(u)} for i, (h, u) in self._undo.items()}
+            if iid is not None and host is not None:
+                entry = state.setdefault(iid, {"host": host.name, **asdict(_Undo())})
+                for k, v in pending.items():
+                    entry[k] = sorted({*entry[k], v}) if isinstance(entry[k], list) else v
+            state = {i: e for i, e in state.items()
+                     if e["target_groups"] or e["classic_elbs"] or e["standby_group"] or e["restore_min"] is not None}
+            self.journal.save(state)  # under the lock: saves land in the order of the changes
+
+    def adopt(self, state: dict[str, dict[str, Any]]) -> list[Host]:
+        """Take over what an earlier (killed) run recorded, so restore_all() puts it back."""
+        hosts = []
+        with self._lock:
+            for iid, e in state.items():
+                host = Host(name=e["host"], host=e["host"], instance_id=iid)
+                self._undo[iid] = (host, _Undo(list(e["target_groups"]), list(e["classic_elbs"]),
+                                               e["standby_group"], e["restore_min"]))
+                hosts.append(host)
+        return hosts
 
     def _need_id(self, host: Host) -> str | None:
         if host.instance_id is None:
@@ -298,11 +331,13 @@ class Traffic:
         for arn in self.aws.target_groups:
             if self._tg_state(arn, iid) in ("unused", None):
                 continue  # not registered there: nothing to drain, nothing to put back
+            self._record(host, iid, target_groups=arn)
             self.c.call("elbv2", "deregister_targets", f"deregistering {iid} from target group {arn}",
                         TargetGroupArn=arn, Targets=[{"Id": iid}])
             undo.target_groups.append(arn)
             self.log(host, f"deregistered from {_tg_name(arn)}; draining")
         for name in self.aws.classic_elbs:
+            self._record(host, iid, classic_elbs=name)
             self.c.call("elb", "deregister_instances_from_load_balancer",
                         f"deregistering {iid} from classic load balancer {name}",
                         LoadBalancerName=name, Instances=[{"InstanceId": iid}])
@@ -353,6 +388,7 @@ class Traffic:
             undo.classic_elbs.remove(name)
         with self._lock:
             self._undo.pop(iid, None)
+        self._record()
 
     # --- target groups ---
 
@@ -436,11 +472,13 @@ class Traffic:
             # Standby lowers desired capacity (else the group launches a replacement); AWS refuses to go
             # below MinSize, so lower MinSize for the reboot and put it back afterwards.
             if g["DesiredCapacity"] - 1 < g["MinSize"]:
+                self._record(host, iid, restore_min=g["MinSize"], standby_group=group_name)
                 self.c.call("autoscaling", "update_auto_scaling_group",
                             f"lowering MinSize of {group_name} for {iid}'s standby",
                             AutoScalingGroupName=group_name, MinSize=g["DesiredCapacity"] - 1)
                 undo.restore_min = g["MinSize"]
                 self.log(host, f"MinSize of {group_name} lowered {g['MinSize']} -> {g['DesiredCapacity'] - 1}")
+            self._record(host, iid, standby_group=group_name)
             self.c.call("autoscaling", "enter_standby", f"putting {iid} into standby in {group_name}",
                         AutoScalingGroupName=group_name, InstanceIds=[iid], ShouldDecrementDesiredCapacity=True)
             undo.standby_group = group_name

@@ -431,6 +431,10 @@ class Store:
         return self._key("lock.json")
 
     @property
+    def undo_key(self) -> str:
+        return self._key("state/undo.json")
+
+    @property
     def history_prefix(self) -> str:
         return self._key("history/")
 
@@ -876,6 +880,48 @@ class Store:
                 ) from None
             raise err from None
         return held
+
+
+    # --- what a roll must undo (load balancers, ASG standby) -----------------------------
+
+    def read_undo(self) -> tuple[Any, str | None]:
+        """(the parsed undo state or None, its etag). StoreError if it is not valid JSON."""
+        key = self.undo_key
+        got = self._get(key, "reading the roll's undo state")
+        if got is None:
+            return None, None
+        try:
+            return load_json(got[0]), got[1]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{self.uri(key)} is not valid JSON ({_short(e)}): check the instances' load "
+                             "balancer registration and ASG standby/MinSize by hand, then delete it") from None
+
+    def write_undo(self, state: dict[str, Any], expected_etag: str | None) -> str:
+        """Replace the undo state only if it is still what we wrote (or still absent)."""
+        key = self.undo_key
+        cond = {"IfMatch": expected_etag} if expected_etag else {"IfNoneMatch": "*"}
+        body = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
+        try:
+            r = self.client.put_object(Bucket=self.s3.bucket, Key=key, Body=body,
+                                       ContentType="application/json", **cond)
+        except Exception as e:
+            err = self._error(e, key, "recording the roll's undo state")
+            if expected_etag and self._is_missing(e):
+                raise ConflictError(f"{self.uri(key)} was removed by someone else meanwhile") from None
+            raise err from None
+        return str(r["ETag"])
+
+    def delete_undo(self, expected_etag: str | None) -> None:
+        key = self.undo_key
+        try:
+            if expected_etag:
+                self.client.delete_object(Bucket=self.s3.bucket, Key=key, IfMatch=expected_etag)
+            else:
+                self.client.delete_object(Bucket=self.s3.bucket, Key=key)
+        except Exception as e:
+            if self._is_missing(e):
+                return
+            raise self._error(e, key, "clearing the roll's undo state") from None
 
 
 def store_for(cfg: Config) -> Store:

@@ -26,6 +26,7 @@ from fabdeploy.ops.batches import Outcome, plan_for, run_batches
 from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
+from fabdeploy.ops.undo import reconcile
 
 
 def hotfix(
@@ -132,6 +133,8 @@ def run_hotfix(
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
     with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet) as held:
+        if held is not None:
+            reconcile(cfg, store)  # a killed roll's standby/LB changes (only under the lock)
         start = time.monotonic()
         out = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel,
                      groups=the_plan.groups, keep_going=keep_going, held=held)

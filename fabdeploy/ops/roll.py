@@ -27,6 +27,7 @@ from fabdeploy.ops.batches import Plan
 from fabdeploy.ops.batches import plan as batch_plan
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets, by_role_order, resolve_hosts
+from fabdeploy.ops.undo import S3Journal, reconcile
 
 
 @dataclass
@@ -287,9 +288,11 @@ def run_roll(
     results: list[HostRoll] = []
     t0 = time.monotonic()
     traffic = None
+    journal = S3Journal(store)  # what the roll must undo, in S3 before each change
     if cfg.aws is not None:
-        traffic = aws.Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg))
+        traffic = aws.Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg), journal=journal)
     with fleet_lock(cfg, store, "roll") as held, _Interrupt() as stop:
+        reconcile(cfg, store, traffic, journal)  # a killed earlier roll's standby/LB changes
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer(replacing=True)
         bundles.publish_bundle(store, b, log=say, cfg=cfg)

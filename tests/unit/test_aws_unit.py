@@ -23,10 +23,12 @@ from botocore.stub import Stubber
 
 from fabdeploy.adapters import aws
 from fabdeploy.adapters.aws import AWSError, Clients, Traffic
+from fabdeploy.adapters.store import Store
 from fabdeploy.basics import config
-from fabdeploy.basics.config import ConfigError, Host
+from fabdeploy.basics.config import ConfigError, Host, S3Config
 from fabdeploy.ops.batches import plan, spread_by_az
 from fabdeploy.ops.targets import select_hosts
+from fabdeploy.ops.undo import S3Journal, reconcile
 from fabfile import sandbox
 
 BASE = """\
@@ -385,3 +387,76 @@ def test_no_boto3_at_import() -> None:
     code = "import sys, fabdeploy, fabdeploy.adapters.aws, fabdeploy.ops.roll, fabdeploy.ops.refresh; print('boto3' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --- the undo state in S3: a controller killed mid-roll (issue 13 §2.10) ----------------------
+
+
+@pytest.fixture
+def undo_store(moto: dict[str, Any], s3_server: Any) -> Store:
+    s3 = S3Config(s3_server.bucket, f"undo-{uuid.uuid4().hex[:8]}", "us-east-1", s3_server.endpoint)
+    return Store(s3, "shop")
+
+
+def undo_on_s3(store: Store) -> dict[str, Any] | None:
+    return store.read_undo()[0]
+
+
+def test_undo_state_is_in_s3_before_each_change_and_cleared_after(tmp_path: Path, moto: dict[str, Any],
+                                                                   undo_store: Store) -> None:
+    """moto: every save lands before the change it records; nothing is left once the host is back."""
+    name, ids, tg = make_group(moto, 3)
+    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    host = next(h for h in aws.discover(cfg) if h.instance_id == ids[0])
+    seen: list[tuple[dict[str, Any], str, int, str]] = []
+
+    class Watching(S3Journal):
+        def save(self, state: dict[str, dict[str, Any]]) -> None:
+            seen.append((state, lifecycle(moto, ids[0]), group(moto, name)["MinSize"], tg_state(moto, tg, ids[0])))
+            super().save(state)
+
+    t = Traffic(cfg, log=lambda h, m: None, journal=Watching(undo_store))
+    t.before_reboot(host)
+    recorded = undo_on_s3(undo_store)
+    assert recorded is not None and recorded["instances"][ids[0]] == {
+        "host": host.name, "target_groups": [tg], "classic_elbs": [], "standby_group": name, "restore_min": 3}
+    # recorded before the change: still registered / InService / MinSize 3 when each save landed
+    assert seen[0][0][ids[0]]["target_groups"] == [tg] and seen[0][3] == "healthy"
+    assert any(s[ids[0]].get("restore_min") == 3 and ms == 3 for s, _, ms, _ in seen)
+    assert any(s[ids[0]].get("standby_group") == name and lc == "InService" for s, lc, _, _ in seen)
+    t.after_healthy(host)
+    assert undo_on_s3(undo_store) is None
+    assert lifecycle(moto, ids[0]) == "InService" and group(moto, name)["MinSize"] == 3
+
+
+def test_a_roll_killed_in_standby_is_put_back_by_the_next_run(tmp_path: Path, moto: dict[str, Any], undo_store: Store,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """moto: the killed controller's in-memory undo is gone; the next run reads S3 and puts it all back."""
+    name, ids, tg = make_group(moto, 3)
+    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    host = next(h for h in aws.discover(cfg) if h.instance_id == ids[1])
+    killed = Traffic(cfg, log=lambda h, m: None, journal=S3Journal(undo_store))
+    killed.before_reboot(host)
+    del killed  # kill -9: no restore_all
+    assert lifecycle(moto, ids[1]) == "Standby" and group(moto, name)["MinSize"] == 2
+    capsys.readouterr()
+    reconcile(cfg, undo_store)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert lifecycle(moto, ids[1]) == "InService" and tg_state(moto, tg, ids[1]) == "healthy"
+    assert (group(moto, name)["MinSize"], group(moto, name)["DesiredCapacity"]) == (3, 3)
+    assert undo_on_s3(undo_store) is None
+    assert len(out) == 1 and out[0].startswith("reconciled an interrupted roll (") and ids[1] in out[0]
+    reconcile(cfg, undo_store)  # nothing left: silent
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("body", [b"{oops", b"[" * 100_000,
+                                  b'{"instances": {"i-1": {"host": "a@b:22", "target_groups": [], "classic_elbs": [],'
+                                  b' "standby_group": null, "restore_min": null}}}'])
+def test_damaged_undo_state_is_one_warning(tmp_path: Path, moto: dict[str, Any], undo_store: Store, body: bytes,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = aws_cfg(tmp_path, moto, "  standby: true\n  tag_filters: {fleet: [x]}\n")
+    undo_store.client.put_object(Bucket=undo_store.s3.bucket, Key=undo_store.undo_key, Body=body)
+    reconcile(cfg, undo_store)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and undo_store.uri(undo_store.undo_key) in err[0] and "by hand" in err[0]
