@@ -158,22 +158,29 @@ def node_command(cfg: Config, *args: str) -> str:
     return q(cfg.node.python, "-I", "-c", boot, "--config", f"{d}/node.json", *args)
 
 
-def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = None) -> str:
+def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = None,
+            remove_after: str | None = None) -> str:
     """Run the node program only if the installed one is exactly ours (one round trip).
 
     With `stdin`, the guard reads stdin to its end before it gives up, as the node program
     does: the sender must never write into a channel that is already closed.
     With ssh.sudo and no password, a call that will restart first asks `sudo -n -l` whether
-    the restart is allowed, so a missing sudo right fails before anything changes."""
+    the restart is allowed, so a missing sudo right fails before anything changes.
+    With `remove_after`, that file is removed once the node program ends (or sudo refuses),
+    whatever the outcome, in the same command (not when the guard bails: the call is retried
+    after the install)."""
     sha = f"{cfg.node_dir}/node.sha"
     drain = "cat >/dev/null; " if stdin else ""
+    rm = f"rm -f -- {q(remove_after)}; " if remove_after is not None else ""
     check = ""
     restart = (for_host(cfg, host) if host is not None else cfg).restart  # its role's, if any
     if cfg.ssh.sudo and restart and "--restart" in args and sudo_password(cfg) is None:
-        check = f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}exit {SUDO_REFUSED}; }}; "
+        check = f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}{rm}exit {SUDO_REFUSED}; }}; "
+    run_node = (f"exec {node_command(cfg, *args)}" if remove_after is None else
+                f"{node_command(cfg, *args)}; rc=$?; {rm}exit $rc")
     return (
         f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg, host))} || {{ {drain}exit {NEEDS_INSTALL}; }}; "
-        f"{check}exec {node_command(cfg, *args)}"
+        f"{check}{run_node}"
     )
 
 
@@ -206,14 +213,15 @@ def call_timeout(cfg: Config, host: Host, args: tuple[str, ...], timeout: float 
 
 
 def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
-         stdin: str | None = None) -> dict[str, Any]:
+         stdin: str | None = None, remove_after: str | None = None) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
     `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin); a sudo
-    password for the restart goes first, as its own line (never in argv)."""
+    password for the restart goes first, as its own line (never in argv). `remove_after`: a file
+    on the host removed when the node program ends (see guarded)."""
     password = sudo_password(cfg) if cfg.ssh.sudo and "--restart" in args else None
     if password is not None:
         args, stdin = (*args, "--sudo-stdin"), password + "\n" + (stdin or "")
-    cmd = guarded(cfg, *args, stdin=stdin is not None, host=host)
+    cmd = guarded(cfg, *args, stdin=stdin is not None, host=host, remove_after=remove_after)
     timeout = call_timeout(cfg, host, args, timeout)
     r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == NEEDS_INSTALL:

@@ -17,6 +17,7 @@ from fabric import Connection
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
+from fabdeploy.adapters.ssh import q, run
 from fabdeploy.adapters.store import store_for
 from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host
@@ -59,10 +60,15 @@ def hotfix(
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
         args = list(base)
+        remote = None
         if push:
             remote = f"{cfg.deploy_to}/.fabdeploy/push-{bid}.tar.gz"
             nodectl.call(cfg, host, conn, "version")  # installs the node program and its dirs
-            conn.sftp().put(str(local_file), remote)
+            try:
+                conn.sftp().put(str(local_file), remote)
+            except BaseException:
+                run(cfg, host, conn, f"rm -f -- {q(remote)}", timeout=30)  # a partial copy: only on failure
+                raise
             args += ["--file", remote]
         else:
             args.append("--url-stdin")  # the presigned URL is a credential: not in argv (ps)
@@ -71,7 +77,8 @@ def hotfix(
             # The node checks the signed manifest against its trusted signers before downloading.
             args.append("--manifest-stdin")
             stdin += json.dumps(bundle.manifest, sort_keys=True) + "\n"
-        data = nodectl.call(cfg, host, conn, *args, stdin=stdin or None)
+        # The pushed copy goes on every outcome (activated, unchanged, failed) in the same command.
+        data = nodectl.call(cfg, host, conn, *args, stdin=stdin or None, remove_after=remote)
         if data.get("changed"):
             data = health_or_revert(cfg, host, conn, data, user)
         return data

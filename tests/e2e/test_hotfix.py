@@ -84,7 +84,11 @@ def test_push_sends_bundle_over_sftp_for_nodes_without_s3(fleet: Fleet) -> None:
     r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push", env={"TMPDIR": str(tmpdir)})
     assert list(tmpdir.iterdir()) == []  # the controller's copy is gone too
     assert fleet.revision("web1") == new and fleet.version("web1") == new, r.stdout
-    # The pushed copy is the node program's to clean up once activated.
+    # The pushed copy is removed once activated...
+    assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
+    # ...and when the host already runs it ("unchanged": the node never opens it), issue 13 §2.17.
+    r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push", env={"TMPDIR": str(tmpdir)})
+    assert "unchanged" in r.stdout
     assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
 
 

@@ -162,3 +162,33 @@ def test_proxyjump_chain_in_its_order_and_every_hop_hardened(tmp_path: Path) -> 
         assert hop.connect_kwargs["banner_timeout"] == cfg.ssh.connect_timeout
         assert hop.connect_kwargs["key_filename"][0] == "/k/deploy"
         assert hop.connect_timeout == int(cfg.ssh.connect_timeout)
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_pushed_file_is_removed_whatever_the_node_program_answers(tmp_path: Path, exit_code: int) -> None:
+    """issue 13 §2.17: --push copies were left in .fabdeploy after an "unchanged" or failed
+    activation. The removal rides in the same command (no extra round trip), run here by a real sh."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    cfg = make_cfg(tmp_path)
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, install_dir=str(node_dir), python=sys.executable))
+    (node_dir / "node.py").write_text(
+        f"import json\ndef main():\n    print(json.dumps({{'ok': {exit_code == 0}, 'changed': False}}))\n"
+        f"    return {exit_code}\n")
+    pushed = tmp_path / "push-abc.tar.gz"
+    pushed.write_bytes(b"bundle")
+    cmd = nodectl.guarded(cfg, "activate", "--file", str(pushed), remove_after=str(pushed))
+
+    # The guard bails (node program missing or different): the copy stays for the retry after install.
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
+    assert r.returncode == nodectl.NEEDS_INSTALL and pushed.exists()
+
+    (node_dir / "node.sha").write_text(nodectl.fingerprint(cfg) + "\n")
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True)
+    assert r.returncode == exit_code, r.stderr
+    assert '"changed": false' in r.stdout  # the node program's answer still comes through
+    assert not pushed.exists()
