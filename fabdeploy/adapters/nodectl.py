@@ -52,7 +52,9 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
             "endpoint_url": cfg.s3.endpoint_url,
         },
         "env": dict(cfg.node_env),
-        "hooks": {"before_swap": list(cfg.hooks.before_swap)},
+        "hooks": {stage: [h.to_json() for h in getattr(cfg.hooks, stage)]
+                  for stage in ("before_swap", "after_swap", "after_restart") if getattr(cfg.hooks, stage)},
+        **({"stage": cfg.stage} if cfg.stage else {}),  # STAGE in hooks' environment
         "restart": cfg.restart,
         # With ssh.sudo the node runs restart through sudo (its password, if any, on stdin).
         **({"sudo": True} if cfg.ssh.sudo else {}),

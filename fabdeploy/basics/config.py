@@ -403,8 +403,60 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """One node hook: a command, or a mapping {run, boot, roles, timeout}."""
+
+    run: str
+    boot: bool = True  # false: not when a node activates at boot (hotfix only)
+    roles: tuple[str, ...] = ()  # only on hosts with one of these roles (empty: every host)
+    timeout: float | None = None  # seconds; then the hook's process group is killed
+
+    def to_json(self) -> str | dict[str, Any]:
+        if self.boot and not self.roles and self.timeout is None:
+            return self.run  # node.json as before options existed: no reinstall for it
+        return {"run": self.run, "boot": self.boot, "roles": list(self.roles), "timeout": self.timeout}
+
+
+_HOOK_KEYS = ("run", "boot", "roles", "timeout")
+
+
+def _hook(v: Any) -> Hook:
+    if isinstance(v, str):
+        return Hook(_str(v))
+    if not isinstance(v, dict):
+        raise TypeError("a list of commands or of {run, boot, roles, timeout} mappings")
+    unknown = sorted(str(k) for k in v if k not in _HOOK_KEYS)
+    if unknown:
+        raise TypeError(f"hooks with keys {', '.join(_HOOK_KEYS)} only (unknown: {', '.join(unknown)})")
+    if "run" not in v:
+        raise TypeError("hooks with a `run:` command")
+    return Hook(run=_str(v["run"]), boot=_bool(v.get("boot", True)),
+                roles=_commands(v.get("roles")), timeout=None if v.get("timeout") is None else _pos_num(v["timeout"]))
+
+
+def _hooks(v: Any) -> tuple[Hook, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if not isinstance(v, list):
+        raise TypeError("a list of commands or of {run, boot, roles, timeout} mappings")
+    return tuple(_hook(x) for x in v)
+
+
+@dataclass(frozen=True)
 class HooksConfig:
-    before_swap: tuple[str, ...] = key(_commands, factory=tuple, doc="run in the new release before the swap")
+    """Commands run on the nodes, in the release, with RELEASE_PATH, PREVIOUS_RELEASE, REVISION,
+    ROLE and DEPLOY_TO set and no deploy credentials. Each one is a command or a mapping
+    {run, boot: false (not at boot), roles: [...], timeout: seconds}."""
+
+    before_swap: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
+        "in the new release before `current` moves; a failure removes the release"))
+    after_swap: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
+        "after `current` moved, before the restart; a failure puts the previous release back"))
+    after_restart: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
+        "after the node restarted the app (hotfix, rollback; at boot the app starts after us); "
+        "a failure puts the previous release back"))
 
 
 @dataclass(frozen=True)

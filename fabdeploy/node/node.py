@@ -85,11 +85,19 @@ class UnsafeBundle(NodeError):
 
 
 class CommandFailed(Exception):
-    def __init__(self, command: str, returncode: int, tail: list[str]) -> None:
+    def __init__(self, command: str, returncode: int, tail: list[str], timed_out: float | None = None,
+                 label: str = "") -> None:
         super().__init__(f"`{command}` exited with {returncode}")
         self.command = command
         self.returncode = returncode
         self.tail = tail
+        self.timed_out = timed_out
+        self.label = label
+
+    def how(self) -> str:
+        if self.timed_out is not None:
+            return f"timed out after {self.timed_out:g}s (killed)"
+        return f"failed with exit code {self.returncode}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +272,40 @@ class BootConfig:
         self.max_seconds = max(0.0, float(max_seconds))
 
 
+HOOK_STAGES = ("before_swap", "after_swap", "after_restart")
+# Never in a hook's environment: the node program's own S3 credentials (node_env) and any it
+# inherited. Hooks are the app's code; what they need they get from the app's own config.
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# node_env keys this program put into os.environ for boto3 (s3_client): never passed on.
+_INJECTED: set[str] = set()
+
+
+class Hook:
+    """One hook command: `run`, and where it applies (boot, roles) and how long it may take."""
+
+    def __init__(self, run: str, boot: bool = True, roles: list[str] | None = None,
+                 timeout: float | None = None) -> None:
+        self.run = run
+        self.boot = boot
+        self.roles = list(roles or [])
+        self.timeout = timeout
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Hook:
+        if isinstance(raw, str):  # node.json written before hooks had options
+            return cls(raw)
+        if not isinstance(raw, dict) or not isinstance(raw.get("run"), str):
+            raise NodeError(f"a hook in node.json on {hostname()} is not a command: re-run setup")
+        timeout = raw.get("timeout")
+        return cls(raw["run"], bool(raw.get("boot", True)), [str(r) for r in raw.get("roles") or []],
+                   float(timeout) if timeout else None)
+
+    def applies(self, action: str, roles: list[str]) -> bool:
+        if action == "boot" and not self.boot:
+            return False
+        return not self.roles or bool(set(self.roles) & set(roles))
+
+
 class Config:
     def __init__(self, raw: dict[str, Any], source: str = "<dict>") -> None:
         def need(value: Any, name: str) -> Any:
@@ -294,9 +336,14 @@ class Config:
         )
         self.env: dict[str, str] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
         hooks = raw.get("hooks") or {}
-        self.before_swap: list[str] = [str(c) for c in hooks.get("before_swap") or []]
+        self.hooks: dict[str, list[Hook]] = {
+            stage: [Hook.from_json(h) for h in hooks.get(stage) or []] for stage in HOOK_STAGES
+        }
         self.restart: str | None = raw.get("restart") or None
         self.sudo: bool = bool(raw.get("sudo"))  # restart runs through sudo (deploy user)
+        self.stage: str | None = str(raw["stage"]) if raw.get("stage") else None
+        # This host's roles (node.json is per host when roles exist): hooks with `roles:`.
+        self.roles: list[str] = [str(r) for r in raw.get("roles") or []]
         boot = raw.get("boot") or {}
         known = ("attempts", "first_boot_attempts", "backoff", "max_backoff", "max_seconds")
         self.boot = BootConfig(**{k: boot[k] for k in known if boot.get(k) is not None})
@@ -311,6 +358,11 @@ class Config:
         # Hardlink files unchanged since the previous release instead of writing them again.
         link = raw.get("link_unchanged")
         self.link_unchanged: bool = True if link is None else bool(link)
+
+    @property
+    def before_swap(self) -> list[str]:
+        return [h.run for h in self.hooks["before_swap"]]
+
 
 class HealthConfig:
     """deploy.yml's health: section as the node reads it from node.json."""
@@ -576,11 +628,14 @@ class Source:
 
 
 def s3_client(cfg: Config) -> Any:
+    _INJECTED.update(k for k, v in cfg.env.items() if os.environ.get(k) != v)
     os.environ.update(cfg.env)
     # New boto3 sends CRC32 checksums that some S3-compatible servers reject; old boto3
     # ignores these variables, so setting them is harmless either way.
-    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    for name in ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        if name not in os.environ:
+            _INJECTED.add(name)
+            os.environ[name] = "when_required"
     try:
         import boto3
         from botocore.config import Config as BotoConfig
@@ -1673,11 +1728,21 @@ def link_shared(cfg: Config, layout: Layout, release: str) -> None:
 SUDO_PASSWORD: str | None = None
 
 
-def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: bool = False) -> None:
+def command_env(extra: dict[str, str]) -> dict[str, str]:
+    """A hook's (or restart's) environment: what we started with, minus any credentials."""
+    base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS and k not in _INJECTED}
+    return {**base, **extra}
+
+
+def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: bool = False,
+              timeout: float | None = None) -> None:
     """Run through /bin/sh, relaying output to stderr (stdout is reserved for our JSON).
 
-    `sudo`: through sudo, `-n` (fail, never prompt) unless the controller sent a password."""
+    `sudo`: through sudo, `-n` (fail, never prompt) unless the controller sent a password.
+    With a timeout, the command runs in its own session and the whole group is killed then."""
+    import signal
     import subprocess
+    import threading
     from collections import deque
 
     secret = None
@@ -1692,13 +1757,14 @@ def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: boo
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],
             cwd=cwd,
-            env={**os.environ, **env},
+            env=command_env(env),
             stdin=subprocess.PIPE if secret else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=timeout is not None,
         )
     except OSError as exc:
-        raise CommandFailed(command, 127, [str(exc)]) from None
+        raise CommandFailed(command, 127, [str(exc)], label=label) from None
     if secret and proc.stdin is not None:
         try:
             proc.stdin.write(secret)
@@ -1706,13 +1772,41 @@ def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: boo
         except OSError:
             pass
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        tail.append(line)
-        _emit(f"{LOG_PREFIX}  | {line}")
-    rc = proc.wait()
+    fired: list[bool] = []
+
+    def kill() -> None:
+        fired.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    timer = threading.Timer(timeout, kill) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            tail.append(line)
+            _emit(f"{LOG_PREFIX}  | {line}")
+        rc = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
     if rc != 0:
-        raise CommandFailed(command, rc, list(tail))
+        raise CommandFailed(command, rc, list(tail), timed_out=timeout if fired else None, label=label)
+
+
+def run_hooks(cfg: Config, stage: str, cwd: str, env: dict[str, str], action: str, roles: list[str]) -> None:
+    """The `stage` hooks that apply to this run (not at boot if boot: false; only on their roles)."""
+    for hook in cfg.hooks.get(stage, []):
+        if hook.applies(action, roles):
+            run_shell(hook.run, cwd, env, stage, timeout=hook.timeout)
+        else:
+            log(f"{stage}: skipped `{hook.run}` ({'not at boot' if action == 'boot' and not hook.boot else 'other roles'})")
+
+
 
 
 def swap_current(layout: Layout, release: str) -> None:
@@ -1793,8 +1887,14 @@ def prune(layout: Layout, keep: int, previous: str | None = None) -> list[str]:
     return pruned
 
 
-def _hook_env(layout: Layout, release: str, commit: str) -> dict[str, str]:
-    return {"RELEASE_PATH": release, "DEPLOY_TO": layout.deploy_to, "REVISION": commit}
+def _hook_env(layout: Layout, release: str, commit: str, previous: Current | None = None,
+              roles: list[str] | None = None, stage: str | None = None) -> dict[str, str]:
+    env = {"RELEASE_PATH": release, "DEPLOY_TO": layout.deploy_to, "REVISION": commit,
+           "PREVIOUS_RELEASE": previous.path if previous is not None and previous.ok else "",
+           "ROLE": ",".join(roles or [])}
+    if stage:
+        env["STAGE"] = stage
+    return env
 
 
 def _tail_text(tail: list[str]) -> str:
@@ -1846,20 +1946,42 @@ def _clear_restart_pending(layout: Layout) -> None:
         pass
 
 
+def _after_swap_failed(layout: Layout, exc: CommandFailed, release: str, previous: Current | None,
+                       user: str) -> NodeError:
+    """The app was not restarted yet: put `current` back and drop the release."""
+    where = f"on {hostname()} for release {os.path.basename(release)}"
+    if previous is None or not previous.ok:
+        return NodeError(f"after_swap hook `{exc.command}` {exc.how()} {where}, and there is no previous "
+                         f"release to go back to: fix it and deploy again. Output tail: {_tail_text(exc.tail)}",
+                         output_tail=exc.tail)
+    swap_current(layout, previous.path)
+    append_revision_log(layout, f"{user} rolled back to release {previous.release}")
+    remove_path(release)
+    return NodeError(f"after_swap hook `{exc.command}` {exc.how()} {where}; current is back on "
+                     f"{previous.release} and the release was removed: fix it and deploy again. "
+                     f"Output tail: {_tail_text(exc.tail)}", output_tail=exc.tail, current=previous.release)
+
+
 def _restart_with_fallback(
-    cfg: Config, layout: Layout, new: str, previous: Current | None, user: str
+    cfg: Config, layout: Layout, new: str, previous: Current | None, user: str,
+    env: dict[str, str] | None = None, roles: list[str] | None = None,
 ) -> None:
-    """Restart; if it fails, put `current` back on the previous release and restart that."""
+    """Restart, then the after_restart hooks; if either fails, put `current` back on the
+    previous release and restart that."""
     assert cfg.restart
+    roles = roles if roles is not None else cfg.roles
+    env = env or _hook_env(layout, new, read_revision(new) or "", previous, roles, cfg.stage)
     try:
-        run_shell(cfg.restart, new, _hook_env(layout, new, read_revision(new) or ""), "restart", cfg.sudo)
+        run_shell(cfg.restart, new, env, "restart", cfg.sudo)
+        run_hooks(cfg, "after_restart", new, env, "activate", roles)
         return
     except CommandFailed as exc:
         failure = exc
     host = hostname()
+    what = "restart" if failure.label == "restart" else f"{failure.label} hook"
     if previous is None or not previous.ok:
         raise NodeError(
-            f"restart `{failure.command}` failed with exit code {failure.returncode} on {host} "
+            f"{what} `{failure.command}` {failure.how()} on {host} "
             f"for release {os.path.basename(new)} and there is no previous release to go back "
             f"to: fix the app and deploy again. Output tail: {_tail_text(failure.tail)}",
             output_tail=failure.tail,
@@ -1879,7 +2001,7 @@ def _restart_with_fallback(
     except CommandFailed as exc2:
         again = f"its restart failed too (exit code {exc2.returncode})"
     raise NodeError(
-        f"restart `{failure.command}` failed with exit code {failure.returncode} on {host} "
+        f"{what} `{failure.command}` {failure.how()} on {host} "
         f"for release {os.path.basename(new)}; current is back on {previous.release} and "
         f"{again}: check the app's logs. Output tail: {_tail_text(failure.tail)}",
         output_tail=failure.tail,
@@ -2035,8 +2157,10 @@ def activate(
     action: str = "activate",
     now: Callable[[], float] = time.time,
     bundle_id: str | None = None,
+    roles: list[str] | None = None,
 ) -> dict[str, Any]:
     layout = Layout(cfg.deploy_to)
+    roles = cfg.roles if roles is None else roles
     try:
         result = _activate(
             cfg,
@@ -2052,6 +2176,7 @@ def activate(
             action,
             now,
             bundle_id or commit,
+            roles,
         )
     except NodeError as exc:
         record_status(
@@ -2101,6 +2226,7 @@ def _activate(
     action: str,
     now: Callable[[], float],
     bundle_id: str,
+    roles: list[str],
 ) -> dict[str, Any]:
     started = time.monotonic()
     user = user or default_user()
@@ -2139,18 +2265,17 @@ def _activate(
             remove_path(staging)
             raise
 
-        env = _hook_env(layout, release, commit)
-        for command in cfg.before_swap:
-            try:
-                run_shell(command, release, env, "before_swap")
-            except CommandFailed as exc:
-                remove_path(release)
-                raise NodeError(
-                    f"before_swap hook `{exc.command}` failed with exit code {exc.returncode} "
-                    f"on {hostname()} in {release}; release removed, current unchanged: fix it "
-                    f"and deploy again. Output tail: {_tail_text(exc.tail)}",
-                    output_tail=exc.tail,
-                ) from None
+        env = _hook_env(layout, release, commit, previous, roles, cfg.stage)
+        try:
+            run_hooks(cfg, "before_swap", release, env, action, roles)
+        except CommandFailed as exc:
+            remove_path(release)
+            raise NodeError(
+                f"before_swap hook `{exc.command}` {exc.how()} "
+                f"on {hostname()} in {release}; release removed, current unchanged: fix it "
+                f"and deploy again. Output tail: {_tail_text(exc.tail)}",
+                output_tail=exc.tail,
+            ) from None
 
         # Flush file data before publishing: after a power cut `current` must not point at
         # a release whose files were never written.
@@ -2164,9 +2289,14 @@ def _activate(
         )
         os.unlink(os.path.join(release, PENDING_MARKER))
         log(f"current -> {release}")
+        try:
+            run_hooks(cfg, "after_swap", release, env, action, roles)
+        except CommandFailed as exc:
+            _clear_restart_pending(layout)
+            raise _after_swap_failed(layout, exc, release, previous, user) from None
         if restart and cfg.restart:
             try:
-                _restart_with_fallback(cfg, layout, release, previous, user)
+                _restart_with_fallback(cfg, layout, release, previous, user, env, roles)
             except NodeError:
                 if previous is not None and previous.ok:
                     remove_path(release)  # known bad, and must not linger as the newest release

@@ -131,3 +131,27 @@ def test_a_bundle_every_node_would_refuse_fails_at_bundle_naming_the_member(flee
     finally:
         fleet.git("rm", "-q", "vendorlog")
         fleet.commit("drop the link")
+
+
+def test_hooks_at_boot_get_their_environment_and_never_the_credentials(fleet: Fleet) -> None:
+    """issue 14 §2: node_env's AWS keys used to leak into hook environments at boot."""
+    cfg = fleet.variant("hooks", hooks={
+        "before_swap": ["env > /srv/shop/shared/before_swap.env"],
+        "after_swap": [{"run": "echo migrated >> /srv/shop/shared/hotfix-only.log", "boot": False, "timeout": 30}],
+    })
+    fleet.fab("deploy.setup", config=cfg)  # node.json with the hooks
+    before = fleet.current("web1")
+    commit = fleet.commit("boot with hooks")
+    fleet.fab("deploy.publish", config=cfg)
+    fleet.reboot("web1")
+    assert wait_for(lambda: fleet.revision("web1") == commit, what="web1 booted onto the commit")
+    env = dict(line.split("=", 1) for line in fleet.ssh("web1", "cat /srv/shop/shared/before_swap.env").splitlines()
+               if "=" in line)
+    assert not {k for k in env if k.startswith("AWS_")}, sorted(env)
+    assert env["REVISION"] == commit and env["DEPLOY_TO"] == "/srv/shop"
+    assert env["RELEASE_PATH"].startswith("/srv/shop/releases/") and env["PREVIOUS_RELEASE"] == before
+    assert fleet.ssh("web1", "test -e /srv/shop/shared/hotfix-only.log && echo yes || echo no").strip() == "no"
+    # boot: false hooks do run on a hotfix.
+    fleet.commit("hotfix with hooks")
+    fleet.fab("deploy.hotfix", "--hosts=web1", config=cfg)
+    assert fleet.ssh("web1", "cat /srv/shop/shared/hotfix-only.log").split() == ["migrated"]
