@@ -214,8 +214,11 @@ def call_timeout(cfg: Config, host: Host, args: tuple[str, ...], timeout: float 
     return timeout
 
 
+NOT_INSTALLED = 98  # exit code of an unguarded read: no node program on the host at all
+
+
 def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
-         stdin: str | None = None, remove_after: str | None = None) -> dict[str, Any]:
+         stdin: str | None = None, remove_after: str | None = None, reinstall: bool = True) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
     `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin); a sudo
     password for the restart goes first, as its own line (never in argv). `remove_after`: a file
@@ -226,13 +229,22 @@ def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float |
     cmd = guarded(cfg, *args, stdin=stdin is not None, host=host, remove_after=remove_after)
     timeout = call_timeout(cfg, host, args, timeout)
     r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
-    if r.exit_code == NEEDS_INSTALL:
+    outdated = r.exit_code == NEEDS_INSTALL
+    if outdated and not reinstall:
+        # A read (status) never rewrites a host: ask the installed program, and say it is old.
+        cmd = f"test -f {q(cfg.node_dir + '/node.py')} || exit {NOT_INSTALLED}; exec {node_command(cfg, *args)}"
+        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
+        if r.exit_code == NOT_INSTALLED:
+            raise HostError(host.name, f"{host.name}: not set up (no node program): run fab deploy.setup")
+    elif outdated:
         install(cfg, host, conn)
         r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == SUDO_REFUSED:
         raise (sudo_refusal(host, cfg.ssh.user, for_host(cfg, host).restart or "", r)
                or HostError(host.name, f"{host.name}: sudo refused the restart"))
     data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
+    if outdated and not reinstall:
+        data["outdated"] = True
     if not data.get("ok"):
         raise HostError(
             host.name,

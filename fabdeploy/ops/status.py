@@ -20,7 +20,7 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
         pointer_error = str(e)
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
-        data = nodectl.call(cfg, host, conn, "status", timeout=30)
+        data = nodectl.call(cfg, host, conn, "status", timeout=30, reinstall=False)  # reads only
         data["address"] = conn.host
         return data
 
@@ -87,6 +87,8 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
             state = f"BROKEN current -> {cur.get('path')}"
         elif d.get("drift"):
             state = "DRIFT (differs from published)"
+        if d.get("outdated"):
+            state += "; outdated node program/config (fab deploy.setup)"
         if d.get("staging"):
             state += f"; {len(d['staging'])} staging leftover(s)"
         if d.get("stray"):

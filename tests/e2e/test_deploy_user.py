@@ -85,6 +85,17 @@ def test_the_whole_flow_as_deploy(fleet: Fleet, cfg) -> None:
         assert fleet.ssh(h, "find /srv/shop -user root").split() == []
 
 
+def test_status_with_a_stale_deploy_yml_reinstalls_nothing(fleet: Fleet) -> None:
+    stale = fleet.variant("stale", ssh={"user": "deploy", "sudo": True, "admin_user": "root"}, keep_releases=4,
+                          restart=RESTART, reboot="/usr/local/bin/systemctl reboot")
+    node_dir = "/usr/local/lib/fabdeploy/shop"
+    before = fleet.ssh("web1", f"cat {node_dir}/node.sha {node_dir}/node.json")
+    r = fleet.fab("deploy.status", "--json", config=stale)
+    assert all(h["outdated"] for h in json.loads(r.stdout)["hosts"]), r.stdout
+    assert "outdated node program/config (fab deploy.setup)" in flat(fleet.fab("deploy.status", config=stale))
+    assert fleet.ssh("web1", f"cat {node_dir}/node.sha {node_dir}/node.json") == before
+
+
 def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
     fleet.fab("deploy.setup", "--hosts=web3", config=cfg)
     r = fleet.fab("deploy.check", config=cfg)

@@ -171,3 +171,18 @@ def test_check_reports_each_problem_and_nothing_when_all_is_well(tmp_path: Path)
         "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -n -l)", "shared/config/database.yml is missing",
         "Python 3.6 < 3.8", "boto3 is missing (the boot unit needs it)",
         "node program/config not current (fab deploy.setup)"]
+
+
+def test_a_read_never_reinstalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load(tmp_path, **DEPLOY)
+    codes = [nodectl.NEEDS_INSTALL, 0]
+    sent: list[str] = []
+
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None):
+        sent.append(command)
+        return ssh.CommandResult('{"ok": true}\n', "", codes.pop(0))
+
+    monkeypatch.setattr(nodectl, "run", fake_run)
+    monkeypatch.setattr(nodectl, "install", lambda *a, **k: pytest.fail("status must not install"))
+    data = nodectl.call(cfg, Host("web1", "web1"), None, "status", reinstall=False)
+    assert data["outdated"] is True and "node.sha" not in sent[1] and "exit 98" in sent[1]
