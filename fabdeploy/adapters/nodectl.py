@@ -89,8 +89,9 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
 
 
 def signers_path(cfg: Config) -> str:
-    """Where nodes keep the trusted signers: beside the node program, root's, 0644."""
-    return f"{cfg.node_dir}/allowed_signers"
+    """Where nodes keep the trusted signers: root's file in a root-owned folder, outside
+    node_dir, which a deploy user owns (and could otherwise rename a new file into)."""
+    return f"/etc/fabdeploy/{cfg.app}/allowed_signers"
 
 
 def unit_text(cfg: Config) -> str:
@@ -339,6 +340,8 @@ def _version(text: str) -> tuple[int, ...]:
 def _dirs(cfg: Config) -> list[str]:
     base = cfg.deploy_to
     dirs = [cfg.node_dir, base, f"{base}/releases", f"{base}/shared", f"{base}/.fabdeploy"]
+    if cfg.signing.allowed_signers is not None:
+        dirs.append(str(Path(signers_path(cfg)).parent))  # root's: never chowned to the deploy user
     dirs += [f"{base}/shared/{d}" for d in cfg.linked_dirs]
     dirs += sorted({f"{base}/shared/{Path(f).parent}" for f in cfg.linked_files if "/" in f})
     return dirs

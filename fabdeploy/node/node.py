@@ -934,7 +934,10 @@ def _signers_file(cfg: Config) -> str | None:
         raise TrustError(
             f"trusted signers {path} are missing on {hostname()}: re-run the controller's setup"
         ) from None
-    if st.st_uid != 0 or st.st_mode & 0o022 or (os.geteuid() != 0 and os.access(path, os.W_OK)):
+    folder = os.stat(os.path.dirname(path))
+    # The folder too: whoever can write it can rename another file over this one.
+    if (st.st_uid != 0 or st.st_mode & 0o022 or folder.st_uid != 0 or folder.st_mode & 0o022
+            or (os.geteuid() != 0 and os.access(path, os.W_OK))):
         raise TrustError(
             f"trusted signers {path} on {hostname()} can be written by someone other than root: "
             "refusing to trust them; re-run the controller's setup"

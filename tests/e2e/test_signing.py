@@ -73,8 +73,9 @@ def serving(fleet: Fleet, host: str, commit: str) -> None:
 
 
 def test_setup_installs_root_owned_signers(fleet: Fleet, cfg: Path, keys: dict[str, Path]) -> None:
-    out = fleet.ssh("web1", f"stat -c '%U %a' {NODE}/allowed_signers; cat {NODE}/allowed_signers")
-    assert out.splitlines()[0] == "root 644" and "alice@example.com" in out
+    signers = "/etc/fabdeploy/shop/allowed_signers"
+    out = fleet.ssh("web1", f"stat -c '%U %a' {signers} /etc/fabdeploy/shop; cat {signers}")
+    assert out.splitlines()[:2] == ["root 644", "root 755"] and "alice@example.com" in out
 
 
 def test_a_signed_release_boots(fleet: Fleet, cfg: Path) -> None:
