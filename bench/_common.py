@@ -44,8 +44,14 @@ def free_subnet(preferred: str | None = None) -> str:
 
 
 @contextmanager
-def fleet(root: Path, hosts: int, subnet: str, reboot_delay: float = 1.0, rtt: float = 0.0,
-          handshake: bool = True):
+def fleet(
+    root: Path,
+    hosts: int,
+    subnet: str,
+    reboot_delay: float = 1.0,
+    rtt: float = 0.0,
+    handshake: bool = True,
+):
     """sandbox.up in root/sb, yielded as a Fleet; always sandbox.down at the end.
 
     rtt > 0: through the sandbox's latency proxy (sandbox.set_rtt changes it later)."""
@@ -53,8 +59,15 @@ def fleet(root: Path, hosts: int, subnet: str, reboot_delay: float = 1.0, rtt: f
     t = time.monotonic()
     sb = None
     try:
-        sb = sandbox.up(root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay,
-                        rtt=rtt, handshake=handshake)
+        sb = sandbox.up(
+            root / "sb",
+            hosts=hosts,
+            subnet=subnet,
+            s3_port=0,
+            reboot_delay=reboot_delay,
+            rtt=rtt,
+            handshake=handshake,
+        )
         home = root / "home"
         home.mkdir(exist_ok=True)
         f = Fleet(sb, home)
@@ -78,30 +91,46 @@ class Fleet(fleet_helpers.Fleet):
     def names(self) -> list[str]:
         return list(self.sb.hosts)
 
-    def fab(self, *args: str, config: Path | None = None, check: bool = True,  # type: ignore[override]
-            timeout: float = 300) -> tuple[float, subprocess.CompletedProcess[str]]:
+    def fab(
+        self,
+        *args: str,
+        config: Path | None = None,
+        check: bool = True,  # type: ignore[override]
+        timeout: float = 300,
+    ) -> tuple[float, subprocess.CompletedProcess[str]]:
         """(wall seconds, result) of one `fab` run."""
         t = time.perf_counter()
         r = super().fab(*args, config=config, check=False, timeout=timeout)
         wall = time.perf_counter() - t
         if check and r.returncode != 0:
-            raise SystemExit(f"fab {' '.join(args)} exited {r.returncode}\n--- stdout\n{r.stdout}\n"
-                             f"--- stderr\n{r.stderr}")
+            raise SystemExit(
+                f"fab {' '.join(args)} exited {r.returncode}\n--- stdout\n{r.stdout}\n"
+                f"--- stderr\n{r.stderr}"
+            )
         return wall, r
 
-    def fab_traced(self, out: Path, *args: str, config: Path | None = None,
-                   timeout: float = 300) -> tuple[float, dict[str, Any], subprocess.CompletedProcess[str]]:
+    def fab_traced(
+        self, out: Path, *args: str, config: Path | None = None, timeout: float = 300
+    ) -> tuple[float, dict[str, Any], subprocess.CompletedProcess[str]]:
         """Like fab(), through bench/_trace.py: (wall, trace, result)."""
         t_spawn = time.time()
         c0 = cpu_busy()
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, TRACE, str(out), *args], cwd=ROOT,
-                           env=self.env(config, {"BENCH_T_SPAWN": repr(t_spawn)}),
-                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, TRACE, str(out), *args],
+            cwd=ROOT,
+            env=self.env(config, {"BENCH_T_SPAWN": repr(t_spawn)}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t
         if r.returncode != 0:
-            raise SystemExit(f"(traced) fab {' '.join(args)} exited {r.returncode}\n--- stdout\n"
-                             f"{r.stdout}\n--- stderr\n{r.stderr}")
+            raise SystemExit(
+                f"(traced) fab {' '.join(args)} exited {r.returncode}\n--- stdout\n"
+                f"{r.stdout}\n--- stderr\n{r.stderr}"
+            )
         trace = json.loads(out.read_text())
         trace["milestones"]["returned"] = t_spawn + wall
         trace["cpu_busy_s"] = cpu_busy() - c0
@@ -116,9 +145,19 @@ class Fleet(fleet_helpers.Fleet):
 
     def ssh_all(self, hosts: list[str], cmd_for) -> None:
         """Run cmd_for(host) on every host, in parallel (OpenSSH client)."""
-        procs = [(h, subprocess.Popen(["ssh", "-F", str(self.sb.ssh_config), "-o", "BatchMode=yes", h,
-                                        cmd_for(h)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)) for h in hosts]
+        procs = [
+            (
+                h,
+                subprocess.Popen(
+                    ["ssh", "-F", str(self.sb.ssh_config), "-o", "BatchMode=yes", h, cmd_for(h)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+            for h in hosts
+        ]
         for h, p in procs:
             out, err = p.communicate(timeout=60)
             if p.returncode != 0:
@@ -132,8 +171,13 @@ def stats(xs: list[float]) -> dict[str, float]:
     xs = list(xs)
     if not xs:
         return {}
-    return {"min": min(xs), "median": statistics.median(xs), "mean": statistics.fmean(xs),
-            "max": max(xs), "n": len(xs)}
+    return {
+        "min": min(xs),
+        "median": statistics.median(xs),
+        "mean": statistics.fmean(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
@@ -141,7 +185,12 @@ def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = [title]
     for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     text = "\n".join(lines)
@@ -159,8 +208,13 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
 def machine() -> dict[str, Any]:
     import platform
 
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_at_start": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def cpu_busy() -> float:

@@ -32,8 +32,15 @@ _lock = threading.Lock()
 
 def _record(label: str, start: float, end: float, **extra) -> None:
     with _lock:
-        SPANS.append({"thread": threading.current_thread().name, "label": label,
-                      "start": start, "end": end, **extra})
+        SPANS.append(
+            {
+                "thread": threading.current_thread().name,
+                "label": label,
+                "start": start,
+                "end": end,
+                **extra,
+            }
+        )
 
 
 def wrap(owner, name: str, label: str | None = None, extra=None) -> None:
@@ -94,7 +101,16 @@ def install() -> None:
     def run_extra(a, kw, r):
         cmd = a[3] if len(a) > 3 else kw.get("command", "")
         kind = "other"
-        for k in ("activate", "rollback", "status", "version", "reboot", "python=", "mkdir", "mv -f"):
+        for k in (
+            "activate",
+            "rollback",
+            "status",
+            "version",
+            "reboot",
+            "python=",
+            "mkdir",
+            "mv -f",
+        ):
             if k in cmd:
                 kind = k.rstrip("=")
                 break
@@ -116,11 +132,25 @@ def install() -> None:
     for mod in (nodectl, roll):
         mod.run = fleet.run
     for mod in (inplace, rollback, roll):
-        wrap(mod, "wait_healthy", "health", lambda a, kw, r: {"address": a[1],
-             "health_s": getattr(r, "seconds", None)})
-    wrap(nodectl, "call", "node_call", lambda a, kw, r: {"host": a[1].name, "cmd": a[3] if len(a) > 3 else ""})
+        wrap(
+            mod,
+            "wait_healthy",
+            "health",
+            lambda a, kw, r: {"address": a[1], "health_s": getattr(r, "seconds", None)},
+        )
+    wrap(
+        nodectl,
+        "call",
+        "node_call",
+        lambda a, kw, r: {"host": a[1].name, "cmd": a[3] if len(a) > 3 else ""},
+    )
     wrap(nodectl, "install", "node_install", conn_host)
-    wrap(roll, "_boot_id", "roll_status_poll", lambda a, kw, r: {"host": a[1].name, "up": bool(r and r[0])})
+    wrap(
+        roll,
+        "_boot_id",
+        "roll_status_poll",
+        lambda a, kw, r: {"host": a[1].name, "up": bool(r and r[0])},
+    )
     wrap(roll, "reboot_one", "roll_host", lambda a, kw, r: {"host": a[1].name})
     wrap(fleet, "connect", "conn_object", lambda a, kw, r: {"host": a[1].name})
     for mod in (fleet, hotfix, rollback, roll, nodectl):
@@ -128,8 +158,16 @@ def install() -> None:
             mod.connect = fleet.connect
     wrap(bundle, "ensure_bundle", "ensure_bundle")
     wrap(bundle, "publish_bundle", "publish_bundle")
-    for m in ("acquire_lock", "release_lock", "presign_bundle", "read_pointer", "write_pointer",
-              "head_bundle", "_make_client", "pointer_history"):
+    for m in (
+        "acquire_lock",
+        "release_lock",
+        "presign_bundle",
+        "read_pointer",
+        "write_pointer",
+        "head_bundle",
+        "_make_client",
+        "pointer_history",
+    ):
         wrap(store.Store, m, f"s3.{m}")
     wrap(hotfix, "run_hotfix", "task_body")
     wrap(rollback, "run_rollback", "task_body")

@@ -77,7 +77,8 @@ def build_app(root: Path, files: int) -> tuple[Path, Path]:
 
 def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(  # noqa: E731
-        *a, directory=str(directory), **kw)
+        *a, directory=str(directory), **kw
+    )
     http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None  # type: ignore[method-assign]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -87,7 +88,9 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 def device_sectors(path: Path) -> int | None:
     st = os.stat(path)
     try:
-        fields = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat").read_text()
+        fields = Path(
+            f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+        ).read_text()
         return int(fields.split()[6])
     except (OSError, IndexError, ValueError):
         return None
@@ -98,8 +101,11 @@ def measured(script: str, work: Path) -> dict[str, float]:
     os.sync()
     sectors = device_sectors(work)
     t0 = time.perf_counter()
-    r = subprocess.run(["sh", "-c", f"{script}\nrc=$?\ngrep ^write_bytes /proc/$$/io\nexit $rc"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["sh", "-c", f"{script}\nrc=$?\ngrep ^write_bytes /proc/$$/io\nexit $rc"],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"failed: {script}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -111,14 +117,25 @@ def measured(script: str, work: Path) -> dict[str, float]:
 
 
 def node_json(path: Path, deploy_to: Path, link: bool) -> Path:
-    path.write_text(json.dumps({"app": "bench", "deploy_to": str(deploy_to), "keep_releases": 5,
-                                "s3": {"bucket": "unused"}, "link_unchanged": link}))
+    path.write_text(
+        json.dumps(
+            {
+                "app": "bench",
+                "deploy_to": str(deploy_to),
+                "keep_releases": 5,
+                "s3": {"bucket": "unused"},
+                "link_unchanged": link,
+            }
+        )
+    )
     return path
 
 
 def activate_cmd(python: str, node: Path, config: Path, url: str, sha: str, commit: str) -> str:
-    return (f"{python} -I {node} --config {config} activate --sha256 {sha} --commit {commit} "
-            f"--url {url} >/dev/null 2>&1")
+    return (
+        f"{python} -I {node} --config {config} activate --sha256 {sha} --commit {commit} "
+        f"--url {url} >/dev/null 2>&1"
+    )
 
 
 def bench(files: int, runs: int, work: Path, python: str, baseline_node: Path | None) -> dict:
@@ -136,33 +153,48 @@ def bench(files: int, runs: int, work: Path, python: str, baseline_node: Path | 
             floor_dir = work / "floor"
             shutil.rmtree(floor_dir, ignore_errors=True)
             floor_dir.mkdir()
-            results.setdefault("floor", []).append(measured(
-                f"curl -s {url1} | tar xz -C {floor_dir} && sync -f {floor_dir}", work))
+            results.setdefault("floor", []).append(
+                measured(f"curl -s {url1} | tar xz -C {floor_dir} && sync -f {floor_dir}", work)
+            )
             shutil.rmtree(floor_dir)
             for label, node in nodes.items():
                 deploy_to = work / f"deploy-{label}"
                 shutil.rmtree(deploy_to, ignore_errors=True)
                 cfg = node_json(work / f"node-{label}.json", deploy_to, True)
                 results.setdefault(f"full/{label}", []).append(
-                    measured(activate_cmd(python, node, cfg, url1, sha1, "c1"), work))
+                    measured(activate_cmd(python, node, cfg, url1, sha1, "c1"), work)
+                )
                 results.setdefault(f"one/{label}", []).append(
-                    measured(activate_cmd(python, node, cfg, url2, sha2, "c2"), work))
+                    measured(activate_cmd(python, node, cfg, url2, sha2, "c2"), work)
+                )
                 shutil.rmtree(deploy_to)
-            print(f"  {files} files, run {len(results['floor'])}: " + ", ".join(
-                f"{k} {v[-1]['seconds']:.1f}s" for k, v in results.items()), file=sys.stderr)
+            print(
+                f"  {files} files, run {len(results['floor'])}: "
+                + ", ".join(f"{k} {v[-1]['seconds']:.1f}s" for k, v in results.items()),
+                file=sys.stderr,
+            )
     finally:
         server.shutdown()
-    summary = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "written", "disk")}
-               for k, v in results.items()}
-    summary["bundle"] = {"bytes": v1.stat().st_size, "files": files,
-                         "tar_bytes": sum(m.size for m in tarfile.open(v1))}
+    summary = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "written", "disk")}
+        for k, v in results.items()
+    }
+    summary["bundle"] = {
+        "bytes": v1.stat().st_size,
+        "files": files,
+        "tar_bytes": sum(m.size for m in tarfile.open(v1)),
+    }
     return {"summary": summary, "runs": results}
 
 
 def baseline_node(rev: str, work: Path) -> Path | None:
     try:
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:fabdeploy/node/node.py"],
-                              capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:fabdeploy/node/node.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except subprocess.CalledProcessError:
         return None
     path = work / f"node-{rev}.py"
@@ -174,18 +206,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", default="2000,20000", help="comma-separated app sizes")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dir", default="/var/tmp/fabdeploy-bench-activation",
-                    help="work dir: bundles, releases and the floor's dir (one filesystem)")
+    ap.add_argument(
+        "--dir",
+        default="/var/tmp/fabdeploy-bench-activation",
+        help="work dir: bundles, releases and the floor's dir (one filesystem)",
+    )
     ap.add_argument("--python", default="/usr/bin/python3", help="the node's interpreter")
-    ap.add_argument("--baseline", default=BASELINE, help="git rev of the 'before' node.py; '' for none")
+    ap.add_argument(
+        "--baseline", default=BASELINE, help="git rev of the 'before' node.py; '' for none"
+    )
     args = ap.parse_args()
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     before = baseline_node(args.baseline, work) if args.baseline else None
     load = os.getloadavg()[0]
     report = {"load_average": load, "sizes": {}}
-    print(f"activation of a big app vs `curl | tar xz && sync -f` (median of {args.runs}; "
-          f"load {load:.1f})")
+    print(
+        f"activation of a big app vs `curl | tar xz && sync -f` (median of {args.runs}; "
+        f"load {load:.1f})"
+    )
     print(f"{'files':>6} {'case':<12} {'seconds':>8} {'MB written':>11} {'disk MB':>8}  ratio")
     for files in (int(f) for f in args.files.split(",")):
         res = bench(files, args.runs, work, args.python, before)
@@ -200,13 +239,19 @@ def main() -> None:
                 ratio = f"time {row['seconds'] / floor['seconds']:.2f}x floor"
             else:
                 ref = s[case.replace("one/", "full/")]
-                ratio = (f"time {row['seconds'] / ref['seconds']:.0%}, bytes "
-                         f"{row['written'] / max(1, ref['written']):.1%} of full")
-            print(f"{files:>6} {case:<12} {row['seconds']:>8.2f} {row['written'] / 1e6:>11.1f} "
-                  f"{row['disk'] / 1e6:>8.1f}  {ratio}")
+                ratio = (
+                    f"time {row['seconds'] / ref['seconds']:.0%}, bytes "
+                    f"{row['written'] / max(1, ref['written']):.1%} of full"
+                )
+            print(
+                f"{files:>6} {case:<12} {row['seconds']:>8.2f} {row['written'] / 1e6:>11.1f} "
+                f"{row['disk'] / 1e6:>8.1f}  {ratio}"
+            )
         b = s["bundle"]
-        print(f"{'':>6} bundle {b['bytes'] / 1e6:.1f} MB gz, {b['tar_bytes'] / 1e6:.1f} MB of file data; "
-              f"full/floor {full['seconds'] / floor['seconds']:.2f}x")
+        print(
+            f"{'':>6} bundle {b['bytes'] / 1e6:.1f} MB gz, {b['tar_bytes'] / 1e6:.1f} MB of file data; "
+            f"full/floor {full['seconds'] / floor['seconds']:.2f}x"
+        )
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "activation.json").write_text(json.dumps(report, indent=1, default=str))

@@ -86,7 +86,9 @@ def _git_env() -> dict[str, str]:
 
 def repo_size_mb(repo: Path) -> float:
     out = subprocess.run(
-        ["git", "-C", str(repo), "archive", "--format=tar", "HEAD"], stdout=subprocess.PIPE, check=True
+        ["git", "-C", str(repo), "archive", "--format=tar", "HEAD"],
+        stdout=subprocess.PIPE,
+        check=True,
     ).stdout
     return len(out) / 1e6
 
@@ -121,7 +123,9 @@ class Moto:
                 time.sleep(0.05)
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, **_creds_kwargs()).create_bucket(Bucket=BUCKET)
+        boto3.client("s3", endpoint_url=self.endpoint, **_creds_kwargs()).create_bucket(
+            Bucket=BUCKET
+        )
 
     def reset(self) -> None:
         # moto keeps every object in memory; forgetting them keeps later runs honest.
@@ -129,7 +133,9 @@ class Moto:
         urllib.request.urlopen(req, timeout=30).read()
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, **_creds_kwargs()).create_bucket(Bucket=BUCKET)
+        boto3.client("s3", endpoint_url=self.endpoint, **_creds_kwargs()).create_bucket(
+            Bucket=BUCKET
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -142,7 +148,11 @@ class Moto:
 
 
 def _creds_kwargs() -> dict[str, str]:
-    return {"region_name": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
+    return {
+        "region_name": "us-east-1",
+        "aws_access_key_id": "bench",
+        "aws_secret_access_key": "bench",
+    }
 
 
 def bench_env(home: Path) -> dict[str, str]:
@@ -176,14 +186,18 @@ def _tree(pid: int) -> list[int]:
 def _hwm(pid: int) -> tuple[str, int] | None:
     try:
         fields = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if ":" in line
         )
         return fields["Name"].strip(), int(fields["VmHWM"].split()[0])
     except (OSError, KeyError, ValueError):
         return None
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, dict[str, int], str]:
+def timed(
+    cmd: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[float, dict[str, int], str]:
     """(wall seconds, peak RSS KiB per process name in the command's tree, stdout).
 
     Per process, because git's own peak is its mmap of the pack (file-backed,
@@ -276,26 +290,35 @@ def sample_wheel(work: Path) -> Path:
     src = work / "dep-src"
     (src / "benchdep").mkdir(parents=True)
     for i in range(200):  # a dependency of a few hundred modules, like a real one
-        (src / "benchdep" / f"m{i}.py").write_text(f"VALUE = {i}\n" + "def f(x):\n    return x\n" * 50)
+        (src / "benchdep" / f"m{i}.py").write_text(
+            f"VALUE = {i}\n" + "def f(x):\n    return x\n" * 50
+        )
     (src / "benchdep" / "__init__.py").write_text("VERSION = '1.0'\n")
     (src / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
-        '[project]\nname = "benchdep"\nversion = "1.0"\n[tool.setuptools]\npackages = ["benchdep"]\n')
+        '[project]\nname = "benchdep"\nversion = "1.0"\n[tool.setuptools]\npackages = ["benchdep"]\n'
+    )
     out = work / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(out), str(src)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+        check=True,
+    )
     return out
 
 
 def build_commands(wheels: Path) -> list[str]:
-    return [f"{sys.executable} -m pip install -q --no-index --find-links {wheels} --target vendor benchdep",
-            f"{sys.executable} -c \"{ASSETS_PY}\""]
+    return [
+        f"{sys.executable} -m pip install -q --no-index --find-links {wheels} --target vendor benchdep",
+        f'{sys.executable} -c "{ASSETS_PY}"',
+    ]
 
 
 def build_alone(repo: Path, commands: list[str], env: dict[str, str], work: Path) -> float:
     """The build commands by themselves, in an already exported tree (export not counted)."""
     d = Path(tempfile.mkdtemp(prefix="alone-", dir=work))
-    subprocess.run(f"git -C {repo} archive --format=tar HEAD | tar -x -C {d}", shell=True, check=True)
+    subprocess.run(
+        f"git -C {repo} archive --format=tar HEAD | tar -x -C {d}", shell=True, check=True
+    )
     t0 = time.perf_counter()
     for c in commands:
         timed(["sh", "-c", c], env, cwd=d)
@@ -327,31 +350,63 @@ def run_build_bench(args: argparse.Namespace) -> None:
         for _ in range(runs):
             n += 1
             cfg = write_config(work, repo, moto.endpoint, f"p{n}")
-            plain.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0])
+            plain.append(
+                timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0]
+            )
             cfg = write_config(work, repo, moto.endpoint, f"b{n}")
             with cfg.open("a") as fh:
-                fh.write("build:\n  commands:\n" + "".join(f"    - {json.dumps(c)}\n" for c in commands))
-            built.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0])
+                fh.write(
+                    "build:\n  commands:\n" + "".join(f"    - {json.dumps(c)}\n" for c in commands)
+                )
+            built.append(
+                timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0]
+            )
             if shm.is_dir():  # the same build with its export on tmpfs (TMPDIR), new prefix
                 n += 1
                 cfg2 = write_config(work, repo, moto.endpoint, f"t{n}")
                 cfg2.write_text(cfg.read_text().replace(f"prefix: b{n - 1}", f"prefix: t{n}"))
-                built_shm.append(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg2),
-                                                              "TMPDIR": str(shm)}, cwd=ROOT)[0])
-        rebundle = min(timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0]
-                       for _ in range(runs))
+                built_shm.append(
+                    timed(
+                        bundle_cmd(args.cli),
+                        {**env, "DEPLOY_CONFIG": str(cfg2), "TMPDIR": str(shm)},
+                        cwd=ROOT,
+                    )[0]
+                )
+        rebundle = min(
+            timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)[0]
+            for _ in range(runs)
+        )
         size = repo_size_mb(repo)
         with_build, today = min(built), min(plain)
         budget = alone + floor
         rows = [
             (f"floor: {label} ({size:.0f} MB tar)", f"{floor:.2f} s", "", ""),
             ("build commands alone (pip --target vendor + 2000 assets)", f"{alone:.2f} s", "", ""),
-            ("bundle, no build step (today's path)", f"{today:.2f} s", f"{today / floor:.2f}x floor", ""),
-            ("bundle with the build step", f"{with_build:.2f} s", f"{with_build / budget:.2f}x budget",
-             _ok(with_build <= budget)),
+            (
+                "bundle, no build step (today's path)",
+                f"{today:.2f} s",
+                f"{today / floor:.2f}x floor",
+                "",
+            ),
+            (
+                "bundle with the build step",
+                f"{with_build:.2f} s",
+                f"{with_build / budget:.2f}x budget",
+                _ok(with_build <= budget),
+            ),
             ("  budget = build alone + floor", f"{budget:.2f} s", "", ""),
-            *([("bundle with the build step, TMPDIR=/dev/shm (export on tmpfs)", f"{min(built_shm):.2f} s",
-                f"{min(built_shm) / budget:.2f}x budget", _ok(min(built_shm) <= budget))] if built_shm else []),
+            *(
+                [
+                    (
+                        "bundle with the build step, TMPDIR=/dev/shm (export on tmpfs)",
+                        f"{min(built_shm):.2f} s",
+                        f"{min(built_shm) / budget:.2f}x budget",
+                        _ok(min(built_shm) <= budget),
+                    )
+                ]
+                if built_shm
+                else []
+            ),
             ("re-bundle, same commit + recipe", f"{rebundle:.2f} s", "", ""),
         ]
     finally:
@@ -371,14 +426,21 @@ def bundle_cmd(cli: bool) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cli", action="store_true", help="time the real `fab deploy.bundle` instead of the API")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--cli", action="store_true", help="time the real `fab deploy.bundle` instead of the API"
+    )
     ap.add_argument("--big-mb", type=int, default=200)
     ap.add_argument("--small-mb", type=int, default=50)
     ap.add_argument("--runs", type=int, default=2, help="repeats per measurement (best is kept)")
     ap.add_argument("--gen-only", action="store_true")
-    ap.add_argument("--build", action="store_true",
-                    help="bundle with a build step vs the build commands alone + the floor (--small-mb repo)")
+    ap.add_argument(
+        "--build",
+        action="store_true",
+        help="bundle with a build step vs the build commands alone + the floor (--small-mb repo)",
+    )
     args = ap.parse_args()
     if args.build:
         run_build_bench(args)
@@ -413,7 +475,9 @@ def main() -> None:
 
         def bundle_run(repo: Path, prefix: str) -> tuple[float, int]:
             cfg = write_config(work, repo, moto.endpoint, prefix)
-            wall, peaks, _ = timed(bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT)
+            wall, peaks, _ = timed(
+                bundle_cmd(args.cli), {**env, "DEPLOY_CONFIG": str(cfg)}, cwd=ROOT
+            )
             git_rss[repo.name] = max(git_rss.get(repo.name, 0), peaks.get("git", 0))
             return wall, python_peak(peaks)
 
@@ -435,10 +499,25 @@ def main() -> None:
         ratio = first / floor
         rows = [
             ("floor: " + label, f"{floor:.2f} s", "", ""),
-            (f"bundle {size_big:.0f} MB tar ({mode})", f"{first:.2f} s", f"{ratio:.2f}x floor", _ok(ratio <= 1.3)),
+            (
+                f"bundle {size_big:.0f} MB tar ({mode})",
+                f"{first:.2f} s",
+                f"{ratio:.2f}x floor",
+                _ok(ratio <= 1.3),
+            ),
             ("re-bundle same commit", f"{rebundle:.2f} s", "", ""),
-            ("fab --list", f"{fab_list:.2f} s", f"+{rebundle - fab_list:.2f} s", _ok(rebundle - fab_list <= 0.5)),
-            (f"peak RSS python, bundle {size_small:.0f} MB tar", f"{rss_small / 1024:.0f} MB", "", _ok(rss_small < 150 * 1024)),
+            (
+                "fab --list",
+                f"{fab_list:.2f} s",
+                f"+{rebundle - fab_list:.2f} s",
+                _ok(rebundle - fab_list <= 0.5),
+            ),
+            (
+                f"peak RSS python, bundle {size_small:.0f} MB tar",
+                f"{rss_small / 1024:.0f} MB",
+                "",
+                _ok(rss_small < 150 * 1024),
+            ),
             (
                 f"peak RSS python, bundle {size_big:.0f} MB tar",
                 f"{rss_big / 1024:.0f} MB",
@@ -461,7 +540,9 @@ def main() -> None:
     print(f"{'measurement':<{w}}  {'value':>9}  {'ratio':<14} target")
     for name, value, ratio_s, ok in rows:
         print(f"{name:<{w}}  {value:>9}  {ratio_s:<14} {ok}")
-    print(f"(best of {args.runs} runs; targets: bundle <= 1.3x floor, re-bundle <= fab --list + 0.5 s, RSS < 150 MB, flat)")
+    print(
+        f"(best of {args.runs} runs; targets: bundle <= 1.3x floor, re-bundle <= fab --list + 0.5 s, RSS < 150 MB, flat)"
+    )
 
 
 def _ok(good: bool) -> str:

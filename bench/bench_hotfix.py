@@ -62,7 +62,9 @@ class Cap:
         self.f = f
         self.hosts = hosts
         self.bare = work / "app.git"
-        subprocess.run(["git", "clone", "-q", "--bare", str(f.sb.app_repo), str(self.bare)], check=True)
+        subprocess.run(
+            ["git", "clone", "-q", "--bare", str(f.sb.app_repo), str(self.bare)], check=True
+        )
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SSH_", "CAP_"))}
         self.env.update(
             HOME=str(f.home),
@@ -82,41 +84,63 @@ class Cap:
             cfg = self.f.sb.dir / "hosts" / h / "sshd_config"
             text = cfg.read_text()
             if "ecdh-sha2-nistp256" not in text:
-                cfg.write_text(text.replace("curve25519-sha256@libssh.org\n",
-                                            "curve25519-sha256@libssh.org,ecdh-sha2-nistp256\n"))
+                cfg.write_text(
+                    text.replace(
+                        "curve25519-sha256@libssh.org\n",
+                        "curve25519-sha256@libssh.org,ecdh-sha2-nistp256\n",
+                    )
+                )
         self.f.ssh_all(self.hosts, lambda h: "kill -HUP $(cat /run/sshd.pid)")
         time.sleep(0.3)  # sshd re-execs on HUP
         # 2) shared/config/database.yml (deploy:check:linked_files needs it) and a unit for the app.
         ips = self.f.sb.hosts
 
         def prep(h: str) -> str:
-            unit = (f"[Unit]\\nDescription=capshop sample app (bench)\\n\\n[Service]\\nType=simple\\n"
-                    f"WorkingDirectory={CAP_DEPLOY_TO}/current\\n"
-                    f"ExecStart=/usr/bin/python3 {CAP_DEPLOY_TO}/current/app.py --bind {ips[h]} "
-                    f"--port {CAP_PORT}\\n")
-            return (f"mkdir -p {CAP_DEPLOY_TO}/shared/config && "
-                    f"cp /srv/shop/shared/config/database.yml {CAP_DEPLOY_TO}/shared/config/ && "
-                    f"printf '{unit}' > /etc/systemd/system/capshop.service")
+            unit = (
+                f"[Unit]\\nDescription=capshop sample app (bench)\\n\\n[Service]\\nType=simple\\n"
+                f"WorkingDirectory={CAP_DEPLOY_TO}/current\\n"
+                f"ExecStart=/usr/bin/python3 {CAP_DEPLOY_TO}/current/app.py --bind {ips[h]} "
+                f"--port {CAP_PORT}\\n"
+            )
+            return (
+                f"mkdir -p {CAP_DEPLOY_TO}/shared/config && "
+                f"cp /srv/shop/shared/config/database.yml {CAP_DEPLOY_TO}/shared/config/ && "
+                f"printf '{unit}' > /etc/systemd/system/capshop.service"
+            )
 
         self.f.ssh_all(self.hosts, prep)
 
     def push(self) -> None:
-        subprocess.run(["git", "-C", str(self.f.sb.app_repo), "push", "-q", str(self.bare), "HEAD:main"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(self.f.sb.app_repo), "push", "-q", str(self.bare), "HEAD:main"],
+            check=True,
+            capture_output=True,
+        )
 
     def run(self, *task: str) -> float:
         t = time.perf_counter()
-        r = subprocess.run(["cap", "production", *task], cwd=CAP_DIR, env=self.env, capture_output=True,
-                           text=True, timeout=300, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["cap", "production", *task],
+            cwd=CAP_DIR,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t
         if r.returncode != 0:
-            raise SystemExit(f"cap {' '.join(task)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            raise SystemExit(
+                f"cap {' '.join(task)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            )
         return wall
 
     def version(self, host: str) -> str:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://{self.f.sb.hosts[host]}:{CAP_PORT}/version", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://{self.f.sb.hosts[host]}:{CAP_PORT}/version", timeout=5
+        ) as r:
             return r.read().decode().strip()
 
 
@@ -124,7 +148,11 @@ class Cap:
 
 
 def _spans(trace: dict, label: str, **match: Any) -> list[dict]:
-    return [s for s in trace["spans"] if s["label"] == label and all(s.get(k) == v for k, v in match.items())]
+    return [
+        s
+        for s in trace["spans"]
+        if s["label"] == label and all(s.get(k) == v for k, v in match.items())
+    ]
 
 
 def breakdown(trace: dict, kind: str) -> dict[str, Any]:
@@ -152,8 +180,11 @@ def breakdown(trace: dict, kind: str) -> dict[str, Any]:
             "health": (h["end"] - h["start"]) if h else 0.0,
         }
         if ns:
-            row.update(node_total=ns.get("total", 0.0), download=ns.get("download", 0.0),
-                       extract=ns.get("extract", 0.0))
+            row.update(
+                node_total=ns.get("total", 0.0),
+                download=ns.get("download", 0.0),
+                extract=ns.get("extract", 0.0),
+            )
             row["node_other"] = row["node_total"] - row["download"] - row["extract"]
             row["node_startup"] = exec_s - row["node_total"]
         per_host.append(row)
@@ -170,15 +201,28 @@ def breakdown(trace: dict, kind: str) -> dict[str, Any]:
         "exit": m["returned"] - body["end"],
         "total": m["returned"] - t0,
     }
-    keys = [k for k in ("queued", "connect", "node_exec", "node_startup", "download", "extract",
-                        "node_other", "node_total", "health") if any(k in r for r in per_host)]
+    keys = [
+        k
+        for k in (
+            "queued",
+            "connect",
+            "node_exec",
+            "node_startup",
+            "download",
+            "extract",
+            "node_other",
+            "node_total",
+            "health",
+        )
+        if any(k in r for r in per_host)
+    ]
     host_stats = {k: stats([r[k] for r in per_host if k in r]) for k in keys}
     return {"phases": phases, "s3_and_bundle": s3, "per_host": host_stats, "hosts": per_host}
 
 
 def host_micro(f: Fleet, host: str) -> dict[str, float]:
     """Host-side costs, best of 3, measured on the host itself (seconds)."""
-    script = r'''
+    script = r"""
 import json, os, subprocess, time
 D = "/usr/local/lib/fabdeploy/shop"
 def t(cmd, n=3):
@@ -195,7 +239,7 @@ out = {
   "python3 -c 'import boto3' (boot unit only)": t(["python3", "-c", "import boto3"], 1),
 }
 print(json.dumps(out))
-'''
+"""
     import json
 
     return json.loads(f.ssh(host, f"python3 - <<'EOF'\n{script}\nEOF").strip().splitlines()[-1])
@@ -216,7 +260,9 @@ def controller_micro(f: Fleet) -> dict[str, float]:
         "fab --list": best([str(Path(py).parent / "fab"), "--list"]),
         "python -c 'import boto3'": best([py, "-c", "import boto3"]),
         "python -c 'import fabric'": best([py, "-c", "import fabric"]),
-        "ssh hostname (OpenSSH, connect+auth+exec)": best(["ssh", "-F", str(f.sb.ssh_config), f.names[0], "true"]),
+        "ssh hostname (OpenSSH, connect+auth+exec)": best(
+            ["ssh", "-F", str(f.sb.ssh_config), f.names[0], "true"]
+        ),
     }
 
 
@@ -224,10 +270,16 @@ def controller_micro(f: Fleet) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hosts", type=int, default=20, help="hosts for the fab-vs-cap comparison")
-    ap.add_argument("--scale", default="1,5,20,50", help="host counts for the scaling sweep ('' = skip)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    ap.add_argument(
+        "--scale", default="1,5,20,50", help="host counts for the scaling sweep ('' = skip)"
+    )
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed runs per measurement (median reported)"
+    )
     ap.add_argument("--no-cap", action="store_true", help="skip Capistrano")
     ap.add_argument("--subnet", default=None, help="127.0.5X (default: first free in 127.0.50-59)")
     args = ap.parse_args()
@@ -236,11 +288,19 @@ def main() -> int:
     n_hosts = max([args.hosts, *scale])
     use_cap = not args.no_cap and shutil.which("cap") is not None
     if not args.no_cap and not use_cap:
-        print("note: `cap` not found (apt-get install -y capistrano); skipping Capistrano", file=sys.stderr)
+        print(
+            "note: `cap` not found (apt-get install -y capistrano); skipping Capistrano",
+            file=sys.stderr,
+        )
     runs = max(1, args.runs)
     work = Path(tempfile.mkdtemp(prefix="fabdeploy-bench-hotfix-"))
     subnet = free_subnet(args.subnet)
-    res: dict[str, Any] = {"machine": machine(), "hosts": args.hosts, "runs": runs, "subnet": subnet}
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "hosts": args.hosts,
+        "runs": runs,
+        "subnet": subnet,
+    }
     started = time.monotonic()
     n_commit = 0
 
@@ -257,7 +317,9 @@ def main() -> int:
             cfg_cmp = f.variant(f"n{args.hosts}", hosts=cmp_hosts)
             t, _ = f.fab("deploy.setup")
             res["setup_s"] = t
-            t, _ = f.fab("deploy.hotfix")  # warm-up on the whole sandbox (every host gets a release)
+            t, _ = f.fab(
+                "deploy.hotfix"
+            )  # warm-up on the whole sandbox (every host gets a release)
             res["warmup_hotfix_s"] = t
             print(f"setup {res['setup_s']:.1f}s, warm-up hotfix {t:.1f}s", flush=True)
 
@@ -280,31 +342,60 @@ def main() -> int:
                 fab_bundle.append(f.fab("deploy.bundle", config=cfg_cmp)[0])
                 fab_hot.append(timed("hotfix", "activate", "deploy.hotfix", config=cfg_cmp))
                 fab_rb.append(timed("rollback", "rollback", "deploy.rollback", config=cfg_cmp))
-            res["fab"] = {"hotfix": stats(fab_hot), "rollback": stats(fab_rb), "bundle_new_commit": stats(fab_bundle)}
-            print(f"fab hotfix {statistics.median(fab_hot):.2f}s, rollback {statistics.median(fab_rb):.2f}s", flush=True)
+            res["fab"] = {
+                "hotfix": stats(fab_hot),
+                "rollback": stats(fab_rb),
+                "bundle_new_commit": stats(fab_bundle),
+            }
+            print(
+                f"fab hotfix {statistics.median(fab_hot):.2f}s, rollback {statistics.median(fab_rb):.2f}s",
+                flush=True,
+            )
 
             # --- profile: the median run of each, plus --parallel=N
             prof: dict[str, Any] = {}
             for _ in range(runs):
                 new_commit(f)
                 f.fab("deploy.bundle", config=cfg_cmp)
-                timed(f"hotfix_parallel_{args.hosts}", "activate", "deploy.hotfix", f"--parallel={args.hosts}",
-                      config=cfg_cmp)
+                timed(
+                    f"hotfix_parallel_{args.hosts}",
+                    "activate",
+                    "deploy.hotfix",
+                    f"--parallel={args.hosts}",
+                    config=cfg_cmp,
+                )
             for key, rs in runs_by.items():
                 ordered = sorted(rs, key=lambda b: b["wall"])
                 prof[key] = ordered[len(ordered) // 2]
                 fastest = ordered[0]["wall"]
                 prof[key]["outliers"] = [
-                    {"wall": b["wall"], "phases": b["phases"], "loadavg_1m": b["loadavg_1m"],
-                     "slowest_host": max(b["hosts"], key=lambda h: h.get("queued", 0) + h.get("connect", 0)
-                                         + h.get("node_exec", 0) + h.get("health", 0))}
-                    for b in rs if b["wall"] > 1.4 * fastest]
+                    {
+                        "wall": b["wall"],
+                        "phases": b["phases"],
+                        "loadavg_1m": b["loadavg_1m"],
+                        "slowest_host": max(
+                            b["hosts"],
+                            key=lambda h: (
+                                h.get("queued", 0)
+                                + h.get("connect", 0)
+                                + h.get("node_exec", 0)
+                                + h.get("health", 0)
+                            ),
+                        ),
+                    }
+                    for b in rs
+                    if b["wall"] > 1.4 * fastest
+                ]
                 prof[key]["all_walls"] = [b["wall"] for b in rs]
-            res["fab"]["hotfix_parallel_n"] = stats([b["wall"] for b in runs_by[f"hotfix_parallel_{args.hosts}"]])
+            res["fab"]["hotfix_parallel_n"] = stats(
+                [b["wall"] for b in runs_by[f"hotfix_parallel_{args.hosts}"]]
+            )
             prof["host_micro"] = host_micro(f, f.names[0])
             prof["controller_micro"] = controller_micro(f)
             # What-if, config only: poll the health URL every 20 ms instead of 200 ms.
-            cfg_fast = f.variant(f"n{args.hosts}-fasthealth", hosts=cmp_hosts, health={"interval": 0.02})
+            cfg_fast = f.variant(
+                f"n{args.hosts}-fasthealth", hosts=cmp_hosts, health={"interval": 0.02}
+            )
             fast = []
             for _ in range(runs):
                 new_commit(f)
@@ -324,13 +415,20 @@ def main() -> int:
                     sha = new_commit(f)
                     cap.push()
                     cap_dep.append(cap.run("deploy"))
-                    assert cap.version(cmp_hosts[-1]) == sha, "cap deploy did not restart on the new commit"
+                    assert cap.version(cmp_hosts[-1]) == sha, (
+                        "cap deploy did not restart on the new commit"
+                    )
                     cap_rb.append(cap.run("deploy:rollback"))
-                res["cap"] = {"deploy": stats(cap_dep), "rollback": stats(cap_rb),
-                              "restart": "systemctl restart capshop after deploy:publishing (both tasks)",
-                              "kex": "ecdh-sha2-nistp256 (net-ssh lacks x25519 on Debian)"}
-                print(f"cap deploy {statistics.median(cap_dep):.2f}s, rollback {statistics.median(cap_rb):.2f}s",
-                      flush=True)
+                res["cap"] = {
+                    "deploy": stats(cap_dep),
+                    "rollback": stats(cap_rb),
+                    "restart": "systemctl restart capshop after deploy:publishing (both tasks)",
+                    "kex": "ecdh-sha2-nistp256 (net-ssh lacks x25519 on Debian)",
+                }
+                print(
+                    f"cap deploy {statistics.median(cap_dep):.2f}s, rollback {statistics.median(cap_rb):.2f}s",
+                    flush=True,
+                )
 
             # --- 2. scaling sweep
             sweep = []
@@ -345,7 +443,10 @@ def main() -> int:
                         assert f"{n} ok, 0 failed" in r.stdout, r.stdout
                         times.append(t)
                     sweep.append({"hosts": n, "parallel": par, **stats(times)})
-                    print(f"scale: {n} hosts, parallel {par}: {statistics.median(times):.2f}s", flush=True)
+                    print(
+                        f"scale: {n} hosts, parallel {par}: {statistics.median(times):.2f}s",
+                        flush=True,
+                    )
             res["scaling"] = sweep
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -360,20 +461,42 @@ def report(res: dict[str, Any]) -> None:
     n = res["hosts"]
     fab, cap = res["fab"], res.get("cap")
     print()
-    rows = [["fab deploy.bundle (new commit; not in the ratio)", f"{fab['bundle_new_commit']['median']:.2f}", "", "", ""]]
+    rows = [
+        [
+            "fab deploy.bundle (new commit; not in the ratio)",
+            f"{fab['bundle_new_commit']['median']:.2f}",
+            "",
+            "",
+            "",
+        ]
+    ]
     ratios = {}
-    for what, fk, ck in (("hotfix / deploy", "hotfix", "deploy"), ("rollback", "rollback", "rollback")):
+    for what, fk, ck in (
+        ("hotfix / deploy", "hotfix", "deploy"),
+        ("rollback", "rollback", "rollback"),
+    ):
         f_s = fab[fk]["median"]
         if cap:
             c_s = cap[ck]["median"]
             ratio = c_s / f_s
             ratios[fk] = ratio
-            rows.append([what, f"{f_s:.2f}", f"{c_s:.2f}", f"{ratio:.1f}x", "ok" if ratio >= TARGET else "MISSED"])
+            rows.append(
+                [
+                    what,
+                    f"{f_s:.2f}",
+                    f"{c_s:.2f}",
+                    f"{ratio:.1f}x",
+                    "ok" if ratio >= TARGET else "MISSED",
+                ]
+            )
         else:
             rows.append([what, f"{f_s:.2f}", "-", "-", "-"])
     res["ratios_cap_over_fab"] = ratios
-    table(f"fab vs Capistrano 3 on {n} hosts (median of {res['runs']} runs, seconds)",
-          ["", "fab", "cap", "cap/fab", f">= {TARGET:.0f}x"], rows)
+    table(
+        f"fab vs Capistrano 3 on {n} hosts (median of {res['runs']} runs, seconds)",
+        ["", "fab", "cap", "cap/fab", f">= {TARGET:.0f}x"],
+        rows,
+    )
 
     sweep = res.get("scaling") or []
     if sweep:
@@ -382,11 +505,22 @@ def report(res: dict[str, Any]) -> None:
         b1 = base.get(10) or next(iter(base.values()), None)
         rows = []
         for s in sweep:
-            rows.append([s["hosts"], s["parallel"], f"{s['median']:.2f}",
-                         f"{s['median'] / b1:.2f}x" if b1 else "-",
-                         f"{(s['median'] - b1) / max(1, s['hosts'] - 1) * 1000:.0f}" if b1 and s["hosts"] > 1 else "-"])
-        table("hotfix scaling (median seconds; growth vs 1 host; marginal ms per extra host)",
-              ["hosts", "parallel", "seconds", "vs 1 host", "ms/extra host"], rows)
+            rows.append(
+                [
+                    s["hosts"],
+                    s["parallel"],
+                    f"{s['median']:.2f}",
+                    f"{s['median'] / b1:.2f}x" if b1 else "-",
+                    f"{(s['median'] - b1) / max(1, s['hosts'] - 1) * 1000:.0f}"
+                    if b1 and s["hosts"] > 1
+                    else "-",
+                ]
+            )
+        table(
+            "hotfix scaling (median seconds; growth vs 1 host; marginal ms per extra host)",
+            ["hosts", "parallel", "seconds", "vs 1 host", "ms/extra host"],
+            rows,
+        )
 
     prof = res.get("profile")
     if prof:
@@ -396,22 +530,43 @@ def report(res: dict[str, Any]) -> None:
             ph = b["phases"]
             rows = [[k, f"{v:.3f}"] for k, v in ph.items()]
             rows += [[f"  {k}", f"{v:.3f}"] for k, v in sorted(b["s3_and_bundle"].items())]
-            table(f"profile: {key} on {n} hosts (median run of {len(b.get('all_walls', [1]))}; seconds; "
-                  f"machine busy CPU {b.get('cpu_busy_s', 0):.1f}s, load {b.get('loadavg_1m', 0):.1f})",
-                  ["phase", "s"], rows)
-            rows = [[k, f"{v['mean']:.3f}", f"{v['median']:.3f}", f"{v['max']:.3f}"] for k, v in b["per_host"].items()]
-            table("  per host (node_exec = ssh exec incl. node start-up; node_* = node program's own JSON)",
-                  ["per host", "mean", "median", "max"], rows)
+            table(
+                f"profile: {key} on {n} hosts (median run of {len(b.get('all_walls', [1]))}; seconds; "
+                f"machine busy CPU {b.get('cpu_busy_s', 0):.1f}s, load {b.get('loadavg_1m', 0):.1f})",
+                ["phase", "s"],
+                rows,
+            )
+            rows = [
+                [k, f"{v['mean']:.3f}", f"{v['median']:.3f}", f"{v['max']:.3f}"]
+                for k, v in b["per_host"].items()
+            ]
+            table(
+                "  per host (node_exec = ssh exec incl. node start-up; node_* = node program's own JSON)",
+                ["per host", "mean", "median", "max"],
+                rows,
+            )
             for o in b.get("outliers", []):
-                sh = {k: round(v, 2) if isinstance(v, float) else v for k, v in o["slowest_host"].items()}
-                print(f"  outlier run {o['wall']:.2f}s (load {o['loadavg_1m']:.1f}): pool "
-                      f"{o['phases']['pool']:.2f}s; slowest host {sh}")
+                sh = {
+                    k: round(v, 2) if isinstance(v, float) else v
+                    for k, v in o["slowest_host"].items()
+                }
+                print(
+                    f"  outlier run {o['wall']:.2f}s (load {o['loadavg_1m']:.1f}): pool "
+                    f"{o['phases']['pool']:.2f}s; slowest host {sh}"
+                )
         print()
         rows = [[k, f"{v * 1000:.0f}"] for k, v in prof["host_micro"].items()]
-        rows += [[f"controller: {k}", f"{v * 1000:.0f}"] for k, v in prof["controller_micro"].items()]
+        rows += [
+            [f"controller: {k}", f"{v * 1000:.0f}"] for k, v in prof["controller_micro"].items()
+        ]
         w = prof.get("what_if_health_interval_0.02")
         if w:
-            rows.append([f"what-if: hotfix {n} hosts with health.interval 0.02 (median)", f"{w['median'] * 1000:.0f}"])
+            rows.append(
+                [
+                    f"what-if: hotfix {n} hosts with health.interval 0.02 (median)",
+                    f"{w['median'] * 1000:.0f}",
+                ]
+            )
         table("micro costs (ms, best of 3)", ["", "ms"], rows)
 
 

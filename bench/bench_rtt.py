@@ -60,7 +60,12 @@ def slope(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def theil_sen(points: list[tuple[float, float]]) -> float:
     """The median of the pairwise slopes: one point thrown off by a load spike barely moves it."""
-    pairs = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:] if x2 != x1]
+    pairs = [
+        (y2 - y1) / (x2 - x1)
+        for i, (x1, y1) in enumerate(points)
+        for x2, y2 in points[i + 1 :]
+        if x2 != x1
+    ]
     return statistics.median(pairs) if pairs else float("nan")
 
 
@@ -87,10 +92,20 @@ def trim_history(f: Fleet, keep: int) -> int:
     history growing over the bench, not the RTT."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=f.sb.s3_direct, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = sorted(o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
-        Bucket=f.sb.bucket, Prefix="shop/history/") for o in page.get("Contents", []))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f.sb.s3_direct,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    keys = sorted(
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=f.sb.bucket, Prefix="shop/history/"
+        )
+        for o in page.get("Contents", [])
+    )
     for k in keys[keep:]:  # keys sort newest first (inverted millis)
         s3.delete_object(Bucket=f.sb.bucket, Key=k)
     return min(len(keys), keep)
@@ -102,14 +117,18 @@ def trim_history(f: Fleet, keep: int) -> int:
 def hotfix_phases(b: dict[str, Any]) -> dict[str, float]:
     """One traced hotfix/rollback as critical-path phases (seconds): the slowest host's chain."""
     ph, s3 = b["phases"], b["s3_and_bundle"]
-    slowest = max(b["hosts"], key=lambda h: h["queued"] + h["connect"] + h["node_exec"] + h["health"])
+    slowest = max(
+        b["hosts"], key=lambda h: h["queued"] + h["connect"] + h["node_exec"] + h["health"]
+    )
     out = {
         "controller start-up (python, imports, config)": ph["controller_startup"],
         "before the hosts (S3: bundle check, lock, pointer)": ph["before_pool"],
         "SSH connect (slowest host)": slowest["connect"],
         "node program over SSH (exec, activate/rollback)": slowest["node_exec"],
         "health check from here": slowest["health"],
-        "pool, rest (queueing, spread between hosts)": ph["pool"] - slowest["connect"] - slowest["node_exec"]
+        "pool, rest (queueing, spread between hosts)": ph["pool"]
+        - slowest["connect"]
+        - slowest["node_exec"]
         - slowest["health"],
         "after the hosts (publish / pointer, unlock)": ph["after_pool"],
         "exit": ph["exit"],
@@ -130,25 +149,52 @@ def per_phase_slopes(pts: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hosts", type=int, default=20)
     ap.add_argument("--rtts", default="0,50,100,200", help="round trips in ms, comma-separated")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per RTT for hotfix/rollback/cap/ssh")
-    ap.add_argument("--stat", choices=("min", "median"), default="min",
-                    help="which run at each RTT the slope uses (default: the fastest)")
-    ap.add_argument("--reboot-delay", type=float, default=1.0, help="R for the roll: seconds a host stays down")
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed runs per RTT for hotfix/rollback/cap/ssh"
+    )
+    ap.add_argument(
+        "--stat",
+        choices=("min", "median"),
+        default="min",
+        help="which run at each RTT the slope uses (default: the fastest)",
+    )
+    ap.add_argument(
+        "--reboot-delay", type=float, default=1.0, help="R for the roll: seconds a host stays down"
+    )
     ap.add_argument("--no-cap", action="store_true")
     ap.add_argument("--no-roll", action="store_true")
-    ap.add_argument("--no-handshake", action="store_true",
-                    help="do not charge one RTT per new TCP connection (pure per-chunk delay)")
-    ap.add_argument("--parallel", type=int, default=0,
-                    help="deploy.yml parallel for fab (default: every host at once, as cap and the ssh floor)")
-    ap.add_argument("--history", type=int, default=5,
-                    help="pointer history entries in S3 before each timed rollback (it reads them all)")
+    ap.add_argument(
+        "--no-handshake",
+        action="store_true",
+        help="do not charge one RTT per new TCP connection (pure per-chunk delay)",
+    )
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="deploy.yml parallel for fab (default: every host at once, as cap and the ssh floor)",
+    )
+    ap.add_argument(
+        "--history",
+        type=int,
+        default=5,
+        help="pointer history entries in S3 before each timed rollback (it reads them all)",
+    )
     ap.add_argument("--subnet", default=None)
-    ap.add_argument("--health-on", choices=("node", "controller"), default="node",
-                    help="where the health check runs (deploy.yml health.on): controller is the pre-issue-15 way")
-    ap.add_argument("--report", metavar="JSON", help="only print the report of a saved results file")
+    ap.add_argument(
+        "--health-on",
+        choices=("node", "controller"),
+        default="node",
+        help="where the health check runs (deploy.yml health.on): controller is the pre-issue-15 way",
+    )
+    ap.add_argument(
+        "--report", metavar="JSON", help="only print the report of a saved results file"
+    )
     args = ap.parse_args()
     if args.report:
         import json
@@ -164,15 +210,28 @@ def main() -> int:
         raise SystemExit("--rtts needs at least two values to fit a slope")
     use_cap = not args.no_cap and shutil.which("cap") is not None
     if not args.no_cap and not use_cap:
-        print("note: `cap` not found (scripts/bootstrap --with-capistrano); skipping Capistrano", file=sys.stderr)
+        print(
+            "note: `cap` not found (scripts/bootstrap --with-capistrano); skipping Capistrano",
+            file=sys.stderr,
+        )
     runs = max(1, args.runs)
     handshake = not args.no_handshake
     work = Path(tempfile.mkdtemp(prefix="fabdeploy-bench-rtt-"))
     subnet = free_subnet(args.subnet)
-    res: dict[str, Any] = {"machine": machine(), "hosts": args.hosts, "rtts_ms": [r * 1000 for r in rtts],
-                           "runs": runs, "reboot_delay": args.reboot_delay, "handshake": handshake, "parallel": parallel,
-                           "history": args.history, "stat": args.stat,
-                           "subnet": subnet, "health_on": args.health_on, "points": {}}
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "hosts": args.hosts,
+        "rtts_ms": [r * 1000 for r in rtts],
+        "runs": runs,
+        "reboot_delay": args.reboot_delay,
+        "handshake": handshake,
+        "parallel": parallel,
+        "history": args.history,
+        "stat": args.stat,
+        "subnet": subnet,
+        "health_on": args.health_on,
+        "points": {},
+    }
     started = time.monotonic()
     n_commit = 0
 
@@ -182,11 +241,20 @@ def main() -> int:
         return f.commit(f"bench rtt {n_commit}")
 
     try:
-        with fleet(work, args.hosts, subnet, reboot_delay=args.reboot_delay, rtt=max(rtts),
-                   handshake=handshake) as f:
+        with fleet(
+            work,
+            args.hosts,
+            subnet,
+            reboot_delay=args.reboot_delay,
+            rtt=max(rtts),
+            handshake=handshake,
+        ) as f:
             hosts = f.names
-            print(f"sandbox: {args.hosts} hosts on {subnet}.x behind the latency proxy, up in "
-                  f"{f.up_seconds:.1f}s", flush=True)
+            print(
+                f"sandbox: {args.hosts} hosts on {subnet}.x behind the latency proxy, up in "
+                f"{f.up_seconds:.1f}s",
+                flush=True,
+            )
             sandbox.set_rtt(f.sb.dir, 0.0, handshake)
             if args.health_on != "node":
                 set_health_on(f, args.health_on)  # before the variant: it copies deploy.yml
@@ -209,11 +277,15 @@ def main() -> int:
                 for i in range(runs):
                     new_commit(f)
                     f.fab("deploy.bundle", config=cfg)
-                    for what, kind, task in (("hotfix", "activate", "deploy.hotfix"),
-                                             ("rollback", "rollback", "deploy.rollback")):
+                    for what, kind, task in (
+                        ("hotfix", "activate", "deploy.hotfix"),
+                        ("rollback", "rollback", "deploy.rollback"),
+                    ):
                         if what == "rollback":
                             trim_history(f, args.history)
-                        wall, tr, r = f.fab_traced(work / f"trace-{what}-{key}-{i}.json", task, config=cfg)
+                        wall, tr, r = f.fab_traced(
+                            work / f"trace-{what}-{key}-{i}.json", task, config=cfg
+                        )
                         assert f"{len(hosts)} ok, 0 failed" in r.stdout, r.stdout
                         b = breakdown(tr, kind)
                         b["wall"] = wall
@@ -231,25 +303,36 @@ def main() -> int:
                         sha = new_commit(f)
                         cap.push()
                         dep.append(cap.run("deploy"))
-                        assert cap.version(hosts[-1]) == sha, "cap deploy did not restart on the new commit"
+                        assert cap.version(hosts[-1]) == sha, (
+                            "cap deploy did not restart on the new commit"
+                        )
                         crb.append(cap.run("deploy:rollback"))
                     pt["cap_deploy"], pt["cap_rollback"] = stats(dep), stats(crb)
                 if not args.no_roll:
                     commit = new_commit(f)
                     before = {h: len(f.boots(h)) for h in hosts}
-                    wall, tr, r = f.fab_traced(work / f"trace-roll-{key}.json", "deploy.roll", config=cfg,
-                                               timeout=1200)
+                    wall, tr, r = f.fab_traced(
+                        work / f"trace-roll-{key}.json", "deploy.roll", config=cfg, timeout=1200
+                    )
                     assert "not touched" not in r.stdout and "FAILED" not in r.stdout, r.stdout
                     boots = new_boots(f, before)
                     floor = sum(floor_of(boots, args.reboot_delay).values())
                     br = handoffs(tr, boots, hosts, args.reboot_delay)
-                    pt["roll"] = {"commit": commit, "wall": wall, "floor": floor,
-                                  "overhead_per_host": (wall - floor) / len(hosts),
-                                  "segments_mean": br["segments_mean"], "phases": br["phases"],
-                                  "ssh_connects": br["ssh_connects"], "status_polls": br["status_polls"]}
+                    pt["roll"] = {
+                        "commit": commit,
+                        "wall": wall,
+                        "floor": floor,
+                        "overhead_per_host": (wall - floor) / len(hosts),
+                        "segments_mean": br["segments_mean"],
+                        "phases": br["phases"],
+                        "ssh_connects": br["ssh_connects"],
+                        "status_polls": br["status_polls"],
+                    }
                 res["points"][key] = pt
-                line = (f"RTT {key:>4} ms: ssh {pt['ssh'][args.stat]:.2f}s, fab hotfix {pt['fab_hotfix'][args.stat]:.2f}s"
-                        f" rollback {pt['fab_rollback'][args.stat]:.2f}s")
+                line = (
+                    f"RTT {key:>4} ms: ssh {pt['ssh'][args.stat]:.2f}s, fab hotfix {pt['fab_hotfix'][args.stat]:.2f}s"
+                    f" rollback {pt['fab_rollback'][args.stat]:.2f}s"
+                )
                 if cap:
                     line += f", cap deploy {pt['cap_deploy'][args.stat]:.2f}s rollback {pt['cap_rollback'][args.stat]:.2f}s"
                 if "roll" in pt:
@@ -274,9 +357,13 @@ def report(res: dict[str, Any]) -> None:
         "fab deploy.hotfix": lambda p: p["fab_hotfix"][st],
         "fab deploy.rollback": lambda p: p["fab_rollback"][st],
         "cap deploy + restart": lambda p: p["cap_deploy"][st] if "cap_deploy" in p else None,
-        "cap deploy:rollback + restart": lambda p: p["cap_rollback"][st] if "cap_rollback" in p else None,
+        "cap deploy:rollback + restart": lambda p: (
+            p["cap_rollback"][st] if "cap_rollback" in p else None
+        ),
         f"{n} x OpenSSH `ssh host true` (parallel)": lambda p: p["ssh"][st],
-        "roll: overhead per host": lambda p: p["roll"]["overhead_per_host"] if "roll" in p else None,
+        "roll: overhead per host": lambda p: (
+            p["roll"]["overhead_per_host"] if "roll" in p else None
+        ),
     }
     slopes: dict[str, dict[str, float]] = {}
     rows = []
@@ -291,30 +378,51 @@ def report(res: dict[str, Any]) -> None:
         rows.append([name, *[f"{y:.2f}" for y in ys], f"{b:.1f}", f"{ts:.1f}"])
     res["slopes"] = slopes
     print()
-    table(f"seconds at each RTT ({n} hosts, fab parallel {res.get('parallel', n)}, {st} of {res['runs']}; "
-          f"roll: 1 run); slope = round trips "
-          f"on the critical path{'' if res['handshake'] else ' (no handshake charge)'}",
-          ["", *[f"{p['rtt'] * 1000:g} ms" for p in pts], "slope (RTs)", "Theil-Sen"], rows)
+    table(
+        f"seconds at each RTT ({n} hosts, fab parallel {res.get('parallel', n)}, {st} of {res['runs']}; "
+        f"roll: 1 run); slope = round trips "
+        f"on the critical path{'' if res['handshake'] else ' (no handshake charge)'}",
+        ["", *[f"{p['rtt'] * 1000:g} ms" for p in pts], "slope (RTs)", "Theil-Sen"],
+        rows,
+    )
     fab_h = slopes.get("fab deploy.hotfix", {}).get("round_trips")
     fab_r = slopes.get("fab deploy.rollback", {}).get("round_trips")
     ssh = slopes.get(f"{n} x OpenSSH `ssh host true` (parallel)", {}).get("round_trips")
     ratios = []
-    for label, f_rt, c_key in (("hotfix vs cap deploy", fab_h, "cap deploy + restart"),
-                               ("rollback vs cap rollback", fab_r, "cap deploy:rollback + restart")):
+    for label, f_rt, c_key in (
+        ("hotfix vs cap deploy", fab_h, "cap deploy + restart"),
+        ("rollback vs cap rollback", fab_r, "cap deploy:rollback + restart"),
+    ):
         c_rt = slopes.get(c_key, {}).get("round_trips")
-        ratios.append([label, f"{f_rt:.1f}", f"{c_rt:.1f}" if c_rt else "-",
-                       f"{c_rt / f_rt:.1f}x" if c_rt and f_rt else "-", f"{ssh:.1f}",
-                       f"{f_rt / ssh:.1f}x" if ssh else "-"])
+        ratios.append(
+            [
+                label,
+                f"{f_rt:.1f}",
+                f"{c_rt:.1f}" if c_rt else "-",
+                f"{c_rt / f_rt:.1f}x" if c_rt and f_rt else "-",
+                f"{ssh:.1f}",
+                f"{f_rt / ssh:.1f}x" if ssh else "-",
+            ]
+        )
     print()
-    table("round trips: fab vs Capistrano vs the OpenSSH floor",
-          ["", "fab", "cap", "cap/fab", "ssh floor", "fab/floor"], ratios)
+    table(
+        "round trips: fab vs Capistrano vs the OpenSSH floor",
+        ["", "fab", "cap", "cap/fab", "ssh floor", "fab/floor"],
+        ratios,
+    )
     if fab_h is not None:
-        print(f"targets (issue 15): hotfix <= {TARGETS['hotfix']} RTs: {fab_h:.1f} "
-              f"({'ok' if fab_h <= TARGETS['hotfix'] else 'MISSED'})", end="")
+        print(
+            f"targets (issue 15): hotfix <= {TARGETS['hotfix']} RTs: {fab_h:.1f} "
+            f"({'ok' if fab_h <= TARGETS['hotfix'] else 'MISSED'})",
+            end="",
+        )
         roll = slopes.get("roll: overhead per host")
         if roll:
-            print(f"; roll <= {TARGETS['roll_handoff']} RTs per hand-off: {roll['round_trips']:.1f} "
-                  f"({'ok' if roll['round_trips'] <= TARGETS['roll_handoff'] else 'MISSED'})", end="")
+            print(
+                f"; roll <= {TARGETS['roll_handoff']} RTs per hand-off: {roll['round_trips']:.1f} "
+                f"({'ok' if roll['round_trips'] <= TARGETS['roll_handoff'] else 'MISSED'})",
+                end="",
+            )
         print()
 
     lo, hi = pts[0], pts[-1]
@@ -324,9 +432,12 @@ def report(res: dict[str, Any]) -> None:
         rt = per_phase_slopes(pts, key)
         res[f"{what}_round_trips_by_phase"] = rt
         print()
-        table(f"where each round trip of fab deploy.{what} goes (the {st} traced run at each RTT; RTs = "
-              "least-squares slope)", ["phase", *cols, "RTs"],
-              [[k, *[f"{p[key][k]:.2f}" for p in pts], f"{v:.1f}"] for k, v in rt.items()])
+        table(
+            f"where each round trip of fab deploy.{what} goes (the {st} traced run at each RTT; RTs = "
+            "least-squares slope)",
+            ["phase", *cols, "RTs"],
+            [[k, *[f"{p[key][k]:.2f}" for p in pts], f"{v:.1f}"] for k, v in rt.items()],
+        )
     if all("roll" in p for p in pts):
         labels = {
             "detect": "detect: host's sshd up -> fab has seen the new boot id",
@@ -338,13 +449,22 @@ def report(res: dict[str, Any]) -> None:
         }
         segs = [{"rtt": p["rtt"], "s": p["roll"]["segments_mean"]} for p in pts]
         rt = per_phase_slopes(segs, "s")
-        rows = [[v, *[f"{p['s'][k]:.2f}" for p in segs], f"{rt[k]:.1f}"] for k, v in labels.items() if k in rt]
+        rows = [
+            [v, *[f"{p['s'][k]:.2f}" for p in segs], f"{rt[k]:.1f}"]
+            for k, v in labels.items()
+            if k in rt
+        ]
         rt_sum = sum(rt[k] for k in ("detect", "verify", "next", "shutdown") if k in rt)
-        rows.append(["hand-off (detect + verify + next + shutdown)", *["" for _ in segs], f"{rt_sum:.1f}"])
+        rows.append(
+            ["hand-off (detect + verify + next + shutdown)", *["" for _ in segs], f"{rt_sum:.1f}"]
+        )
         res["roll_round_trips_by_segment"] = rt
         print()
-        table("where each round trip of a roll hand-off goes (mean s per host at each RTT; RTs = slope)",
-              ["segment", *cols, "RTs"], rows)
+        table(
+            "where each round trip of a roll hand-off goes (mean s per host at each RTT; RTs = slope)",
+            ["segment", *cols, "RTs"],
+            rows,
+        )
     del lo, hi
 
 

@@ -50,8 +50,11 @@ class FleetExecutor(Executor):
                 if takes_hosts:
                     given = call.kwargs.get("hosts")
                     if given and _names(given) != _names(host_str):
-                        raise Exit(f"error: -H {host_str} and --hosts={given} name different hosts; "
-                                   "give one of them", 1)
+                        raise Exit(
+                            f"error: -H {host_str} and --hosts={given} name different hosts; "
+                            "give one of them",
+                            1,
+                        )
                     call.kwargs["hosts"] = host_str
                 out.extend(super().expand_calls(call.pre, apply_hosts=False))
                 out.append(call)
@@ -81,9 +84,14 @@ def check_stage_order(tasks: list[Any]) -> None:
         name = getattr(t, "fabdeploy_stage", None)
         if name is not None:
             if ran is not None:
-                raise Exit(f"error: stage {name} comes after {ran}; name the stage first: fab {name} {ran}", 1)
+                raise Exit(
+                    f"error: stage {name} comes after {ran}; name the stage first: fab {name} {ran}",
+                    1,
+                )
             if stage is not None and stage != name:
-                raise Exit(f"error: two stages in one run ({stage}, {name}); deploy one stage per run", 1)
+                raise Exit(
+                    f"error: two stages in one run ({stage}, {name}); deploy one stage per run", 1
+                )
             stage = name
         elif is_fabdeploy_task(t) and ran is None:
             ran = getattr(t, "fabdeploy_name", None) or getattr(t, "name", "a fabdeploy task")
@@ -94,7 +102,10 @@ def select_stage(c: Any, name: str) -> None:
     fc = c.config
     ran, chosen = fc.get(RAN_KEY), fc.get(STAGE_KEY)
     if ran:
-        raise Exit(f"error: stage {name} comes after deploy.{ran}; name the stage first: fab {name} deploy.{ran}", 1)
+        raise Exit(
+            f"error: stage {name} comes after deploy.{ran}; name the stage first: fab {name} deploy.{ran}",
+            1,
+        )
     if chosen and chosen != name:
         raise Exit(f"error: two stages in one run ({chosen}, {name}); deploy one stage per run", 1)
     fc[STAGE_KEY] = name
@@ -162,7 +173,7 @@ def refuse_per_host_call(c: Any, name: str) -> None:
 _REFUSED = {
     "pty": "-p/--pty: the node program talks JSON over a plain channel; drop -p",
     "warn": "-w/--warn-only: every host already runs and every failure is reported, with a non-zero "
-            "exit; -w would hide a failed deploy, so drop it",
+    "exit; -w would hide a failed deploy, so drop it",
     "hide": "--hide: fabdeploy prints one table per run and never streams remote output; drop --hide",
 }
 
@@ -178,11 +189,16 @@ def check_flags(fc: Any, name: str, takes_dry_run: bool) -> bool:
         if run.get(flag):
             raise Exit(f"error: deploy.{name} does not take {message}", 1)
     if (_overrides(fc).get("sudo") or {}).get("password") is not None and not _uses_sudo(fc, name):
-        raise Exit(f"error: deploy.{name} needs no sudo password: deploy.yml has no ssh.sudo: true "
-                   "(drop --prompt-for-sudo-password)", 1)
+        raise Exit(
+            f"error: deploy.{name} needs no sudo password: deploy.yml has no ssh.sudo: true "
+            "(drop --prompt-for-sudo-password)",
+            1,
+        )
     if run.get("dry"):
         if not takes_dry_run:
-            raise Exit(f"error: deploy.{name} has no dry run, and -R/--dry must change nothing: drop -R", 1)
+            raise Exit(
+                f"error: deploy.{name} has no dry run, and -R/--dry must change nothing: drop -R", 1
+            )
         return True
     return False
 

@@ -17,7 +17,9 @@ from fabdeploy import cli
 from fabdeploy.basics.errors import DeployError
 
 
-def deploy_task(*, name: str, help: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Any]:
+def deploy_task(
+    *, name: str, help: dict[str, str] | None = None
+) -> Callable[[Callable[..., Any]], Any]:
     """@task for fabdeploy: one-line errors, never run once per -H host, marked as ours."""
 
     def wrap(fn: Callable[..., Any]) -> Any:
@@ -51,7 +53,9 @@ def stage_task(name: str) -> Any:
     def body(c: Any) -> None:
         cli.select_stage(c, name)
 
-    body.__doc__ = f"Deploy to stage {name}: name it before the deploy tasks (fab {name} deploy.roll)."
+    body.__doc__ = (
+        f"Deploy to stage {name}: name it before the deploy tasks (fab {name} deploy.roll)."
+    )
     t = task(name=name)(body)
     t.fabdeploy = True
     t.fabdeploy_stage = name
@@ -70,7 +74,11 @@ def stage_tasks(start: Any = None) -> list[Any]:
         from fabdeploy.basics import config
 
         data = yaml.safe_load(config.find_config_path(start=start).read_text())
-        names = list(data["stages"]) if isinstance(data, dict) and isinstance(data.get("stages"), dict) else []
+        names = (
+            list(data["stages"])
+            if isinstance(data, dict) and isinstance(data.get("stages"), dict)
+            else []
+        )
         return [stage_task(n) for n in names if isinstance(n, str) and config.is_name(n)]
     except Exception:  # noqa: BLE001 - any problem: no stage tasks, the deploy task will say what is wrong
         return []
@@ -92,7 +100,9 @@ def _targets(cfg, hosts, roles=None):
     return targets_for(cfg, hosts, roles)
 
 
-_ROLES_HELP = "only hosts with one of these roles, comma-separated (Capistrano's ROLES=), e.g. worker"
+_ROLES_HELP = (
+    "only hosts with one of these roles, comma-separated (Capistrano's ROLES=), e.g. worker"
+)
 
 
 def _count(value, flag: str) -> int | None:
@@ -117,7 +127,7 @@ def _batch(value) -> str | None:
 
 _BATCH_HELP = {
     "batch": "hosts changed (swap, restart, health) at once: a count (2) or a percentage (25%); "
-             "default: all, capped by min_healthy",
+    "default: all, capped by min_healthy",
     "canary": "the first N hosts go alone and must pass health before the rest",
     "keep_going": "run every batch even after one failed (default: stop; the rest are 'not touched')",
 }
@@ -128,8 +138,13 @@ def _fail_unless(ok: bool) -> None:
         raise Exit(code=1)
 
 
-@deploy_task(name="bundle", help={"ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
-            "verify": "rebuild even if the bundle exists and compare sha256"})
+@deploy_task(
+    name="bundle",
+    help={
+        "ref": "branch, tag or sha to bundle (default: ref in deploy.yml)",
+        "verify": "rebuild even if the bundle exists and compare sha256",
+    },
+)
 def bundle_task(c, ref=None, verify=False):
     """Pack a ref (git archive, or the result of `build:` in a clean export) and upload it to S3 under its bundle id."""
     cfg = _cfg(c)
@@ -138,8 +153,13 @@ def bundle_task(c, ref=None, verify=False):
     bundle_for(cfg, ref, verify=verify)
 
 
-@deploy_task(name="publish", help={"ref": "branch, tag or sha to publish (bundled first if missing)",
-            "from": "another stage: publish the exact bundle it has published, no rebuild"})
+@deploy_task(
+    name="publish",
+    help={
+        "ref": "branch, tag or sha to publish (bundled first if missing)",
+        "from": "another stage: publish the exact bundle it has published, no rebuild",
+    },
+)
 def publish_task(c, ref=None, from_=None):
     """Point booting nodes at the bundle of a ref (conditional write, history kept)."""
     cfg = _cfg(c)
@@ -149,7 +169,10 @@ def publish_task(c, ref=None, from_=None):
         publish_for(cfg, ref)
         return
     if ref is not None:
-        raise Exit("error: give --ref or --from, not both: --from publishes what that stage has published", 1)
+        raise Exit(
+            "error: give --ref or --from, not both: --from publishes what that stage has published",
+            1,
+        )
     if from_ == cfg.stage:
         raise Exit(f"error: --from={from_} is the stage being published; name another stage", 1)
     from fabdeploy.ops.publish import promote_for
@@ -157,10 +180,15 @@ def publish_task(c, ref=None, from_=None):
     promote_for(cfg, _cfg(c, stage=from_))
 
 
-@deploy_task(name="setup", help={"hosts": "comma-separated deploy.yml host names (default: all)",
-            "roles": _ROLES_HELP,
-            "admin_user": "login for what needs root (root, or a user with full sudo); default: "
-                          "ssh.admin_user, else ssh.user through sudo"})
+@deploy_task(
+    name="setup",
+    help={
+        "hosts": "comma-separated deploy.yml host names (default: all)",
+        "roles": _ROLES_HELP,
+        "admin_user": "login for what needs root (root, or a user with full sudo); default: "
+        "ssh.admin_user, else ssh.user through sudo",
+    },
+)
 def setup_task(c, hosts=None, roles=None, admin_user=None):
     """Install/update the node program, its config and boot unit; create the layout."""
     cfg = _cfg(c)
@@ -169,8 +197,10 @@ def setup_task(c, hosts=None, roles=None, admin_user=None):
     _fail_unless(run_setup(cfg, _targets(cfg, hosts, roles), admin_user=admin_user))
 
 
-@deploy_task(name="check", help={"hosts": "comma-separated deploy.yml host names (default: all)",
-            "roles": _ROLES_HELP})
+@deploy_task(
+    name="check",
+    help={"hosts": "comma-separated deploy.yml host names (default: all)", "roles": _ROLES_HELP},
+)
 def check_task(c, hosts=None, roles=None):
     """Preflight, changing nothing: SSH, sudo rights, shared files, Python/boto3, node program and unit."""
     cfg = _cfg(c)
@@ -179,9 +209,14 @@ def check_task(c, hosts=None, roles=None):
     _fail_unless(run_check(cfg, _targets(cfg, hosts, roles)))
 
 
-@deploy_task(name="export-node", help={"out": "folder to write the files into (default: node-bundle/)",
-            "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)",
-            "sudoers": "also write the sudoers drop-in for the deploy user (ssh.user, with ssh.sudo)"})
+@deploy_task(
+    name="export-node",
+    help={
+        "out": "folder to write the files into (default: node-bundle/)",
+        "role": "write the node config of this role (its restart and health; see roles: in deploy.yml)",
+        "sudoers": "also write the sudoers drop-in for the deploy user (ssh.user, with ssh.sudo)",
+    },
+)
 def export_node_task(c, out="node-bundle", role=None, sudoers=False):
     """Write the node program, its config, boot unit and install.sh, for AMIs and user-data."""
     from pathlib import Path
@@ -194,50 +229,113 @@ def export_node_task(c, out="node-bundle", role=None, sudoers=False):
         from fabdeploy.basics.config import Host, known_roles
 
         if role not in known_roles(cfg):
-            raise Exit(f"error: unknown role {role!r}; known roles: {', '.join(known_roles(cfg)) or 'none'}", 1)
+            raise Exit(
+                f"error: unknown role {role!r}; known roles: {', '.join(known_roles(cfg)) or 'none'}",
+                1,
+            )
         host = Host(name=f"role-{role}", host="", roles=(role,))
     for p in nodectl.export(cfg, Path(out), host, sudoers=sudoers):
         print(p)
-    print(f"bake these into the image (or ship them in user-data) and run install.sh as root; "
-          f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})")
+    print(
+        f"bake these into the image (or ship them in user-data) and run install.sh as root; "
+        f"node.json holds node_env ({'empty: the node uses its instance role' if not cfg.node_env else 'set'})"
+    )
 
 
-@deploy_task(name="hotfix", help={"hosts": "comma-separated host names (default: all, which also publishes)",
-            "ref": "branch, tag or sha (default: ref in deploy.yml)",
-            "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
-            "dry_run": "print what would happen and change nothing",
-            "force": "activate even if a host already runs that commit",
-            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
-            "roles": _ROLES_HELP, **_BATCH_HELP})
-def hotfix_task(c, hosts=None, ref=None, push=False, dry_run=False, force=False, parallel=None, batch=None,
-                canary=None, keep_going=False, roles=None):
+@deploy_task(
+    name="hotfix",
+    help={
+        "hosts": "comma-separated host names (default: all, which also publishes)",
+        "ref": "branch, tag or sha (default: ref in deploy.yml)",
+        "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
+        "dry_run": "print what would happen and change nothing",
+        "force": "activate even if a host already runs that commit",
+        "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
+        "roles": _ROLES_HELP,
+        **_BATCH_HELP,
+    },
+)
+def hotfix_task(
+    c,
+    hosts=None,
+    ref=None,
+    push=False,
+    dry_run=False,
+    force=False,
+    parallel=None,
+    batch=None,
+    canary=None,
+    keep_going=False,
+    roles=None,
+):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg(c)
     from fabdeploy.ops.hotfix import run_hotfix
 
-    _fail_unless(run_hotfix(cfg, _targets(cfg, hosts, roles), ref, push=push, force=force, dry_run=dry_run,
-                            parallel=_count(parallel, '--parallel'), batch=_batch(batch),
-                            canary=_count(canary, '--canary'), keep_going=keep_going))
+    _fail_unless(
+        run_hotfix(
+            cfg,
+            _targets(cfg, hosts, roles),
+            ref,
+            push=push,
+            force=force,
+            dry_run=dry_run,
+            parallel=_count(parallel, "--parallel"),
+            batch=_batch(batch),
+            canary=_count(canary, "--canary"),
+            keep_going=keep_going,
+        )
+    )
 
 
-@deploy_task(name="rollback", help={"hosts": "comma-separated host names (default: all, which also moves the pointer back)",
-            "release": "release timestamp to go back to (default: each host's previous one)",
-            "dry_run": "print what would happen and change nothing",
-            "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
-            "roles": _ROLES_HELP, **_BATCH_HELP})
-def rollback_task(c, hosts=None, release=None, dry_run=False, parallel=None, batch=None, canary=None,
-                  keep_going=False, roles=None):
+@deploy_task(
+    name="rollback",
+    help={
+        "hosts": "comma-separated host names (default: all, which also moves the pointer back)",
+        "release": "release timestamp to go back to (default: each host's previous one)",
+        "dry_run": "print what would happen and change nothing",
+        "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
+        "roles": _ROLES_HELP,
+        **_BATCH_HELP,
+    },
+)
+def rollback_task(
+    c,
+    hosts=None,
+    release=None,
+    dry_run=False,
+    parallel=None,
+    batch=None,
+    canary=None,
+    keep_going=False,
+    roles=None,
+):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
     cfg = _cfg(c)
     from fabdeploy.ops.rollback import run_rollback
 
-    _fail_unless(run_rollback(cfg, _targets(cfg, hosts, roles), release=release, dry_run=dry_run,
-                              parallel=_count(parallel, '--parallel'), batch=_batch(batch),
-                              canary=_count(canary, '--canary'), keep_going=keep_going))
+    _fail_unless(
+        run_rollback(
+            cfg,
+            _targets(cfg, hosts, roles),
+            release=release,
+            dry_run=dry_run,
+            parallel=_count(parallel, "--parallel"),
+            batch=_batch(batch),
+            canary=_count(canary, "--canary"),
+            keep_going=keep_going,
+        )
+    )
 
 
-@deploy_task(name="status", help={"hosts": "comma-separated host names (default: all)", "json": "machine-readable output",
-            "roles": _ROLES_HELP})
+@deploy_task(
+    name="status",
+    help={
+        "hosts": "comma-separated host names (default: all)",
+        "json": "machine-readable output",
+        "roles": _ROLES_HELP,
+    },
+)
 def status_task(c, hosts=None, json=False, roles=None):
     """What every host runs, its last boot, and drift from the published bundle."""
     cfg = _cfg(c)
@@ -250,23 +348,40 @@ def status_task(c, hosts=None, json=False, roles=None):
     _fail_unless(all(r.ok for r in results))
 
 
-@deploy_task(name="roll", help={"hosts": "comma-separated host names (default: all)",
-            "ref": "branch, tag or sha (default: ref in deploy.yml)",
-            "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
-            "resume": "skip hosts already on the published commit",
-            "dry_run": "print the plan and change nothing",
-            "rollback_on_failure": "on failure, move the pointer back and reboot the failed host",
-            "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)",
-            "roles": "only hosts with these roles, rolled in the order given (worker,web: workers first; "
-                     "default order: roll.role_order)"})
-def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, rollback_on_failure=False,
-              engine="ssh", roles=None):
+@deploy_task(
+    name="roll",
+    help={
+        "hosts": "comma-separated host names (default: all)",
+        "ref": "branch, tag or sha (default: ref in deploy.yml)",
+        "batch": "hosts rebooted at once: a count (2) or a percentage (25%)",
+        "resume": "skip hosts already on the published commit",
+        "dry_run": "print the plan and change nothing",
+        "rollback_on_failure": "on failure, move the pointer back and reboot the failed host",
+        "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)",
+        "roles": "only hosts with these roles, rolled in the order given (worker,web: workers first; "
+        "default order: roll.role_order)",
+    },
+)
+def roll_task(
+    c,
+    hosts=None,
+    ref=None,
+    batch=None,
+    resume=False,
+    dry_run=False,
+    rollback_on_failure=False,
+    engine="ssh",
+    roles=None,
+):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
     cfg = _cfg(c)
     if engine == "instance-refresh":
         if hosts or batch or resume or rollback_on_failure or roles:
-            raise Exit("error: --engine=instance-refresh replaces the whole group; --hosts, --roles, --batch, --resume "
-                       "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)", 1)
+            raise Exit(
+                "error: --engine=instance-refresh replaces the whole group; --hosts, --roles, --batch, --resume "
+                "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)",
+                1,
+            )
         from fabdeploy.ops.refresh import run_instance_refresh
 
         _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run))
@@ -276,8 +391,18 @@ def roll_task(c, hosts=None, ref=None, batch=None, resume=False, dry_run=False, 
     from fabdeploy.ops.roll import run_roll
     from fabdeploy.ops.targets import parse_roles
 
-    _fail_unless(run_roll(cfg, _targets(cfg, hosts, roles), ref, batch=_batch(batch), resume=resume, dry_run=dry_run,
-                          rollback_on_failure=rollback_on_failure, role_order=parse_roles(roles) if roles else None))
+    _fail_unless(
+        run_roll(
+            cfg,
+            _targets(cfg, hosts, roles),
+            ref,
+            batch=_batch(batch),
+            resume=resume,
+            dry_run=dry_run,
+            rollback_on_failure=rollback_on_failure,
+            role_order=parse_roles(roles) if roles else None,
+        )
+    )
 
 
 @deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})
@@ -296,8 +421,17 @@ def unlock_task(c, force=False):
 
 
 deploy = Collection(
-    "deploy", bundle_task, publish_task, setup_task, check_task, hotfix_task, rollback_task, roll_task,
-    status_task, unlock_task, export_node_task,
+    "deploy",
+    bundle_task,
+    publish_task,
+    setup_task,
+    check_task,
+    hotfix_task,
+    rollback_task,
+    roll_task,
+    status_task,
+    unlock_task,
+    export_node_task,
 )
 
 cli.install(stage_tasks)

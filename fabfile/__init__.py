@@ -31,27 +31,47 @@ def _sandbox_dir(dir):
     return Path(dir) if dir else Path(__file__).resolve().parent.parent / ".sandbox"
 
 
-@task(name="up", help={"hosts": "number of hosts (web1..webN)", "dir": "state dir (default .sandbox/)",
-                       "reboot_delay": "seconds a host stays down on reboot",
-                       "s3_port": "port of the local S3",
-                       "rtt": "network round trip between this machine and the fleet and its S3, "
-                              "e.g. 100ms, 0.1s or 100 (ms); 0 = none (no latency proxy)",
-                       "handshake": "with --rtt, charge one round trip per new TCP connection",
-                       "private_port": "the sample app also serves on this port, which --rtt's proxy does not "
-                                       "forward: only the host itself reaches it (a node behind a bastion)"})
+@task(
+    name="up",
+    help={
+        "hosts": "number of hosts (web1..webN)",
+        "dir": "state dir (default .sandbox/)",
+        "reboot_delay": "seconds a host stays down on reboot",
+        "s3_port": "port of the local S3",
+        "rtt": "network round trip between this machine and the fleet and its S3, "
+        "e.g. 100ms, 0.1s or 100 (ms); 0 = none (no latency proxy)",
+        "handshake": "with --rtt, charge one round trip per new TCP connection",
+        "private_port": "the sample app also serves on this port, which --rtt's proxy does not "
+        "forward: only the host itself reaches it (a node behind a bastion)",
+    },
+)
 @_sandbox_errors
-def sandbox_up(c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555, rtt="0", handshake=True, private_port=None):
+def sandbox_up(
+    c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555, rtt="0", handshake=True, private_port=None
+):
     """Start a local fleet: N hosts with real sshd in namespaces, a local S3, a sample app."""
     from . import sandbox
 
-    sb = sandbox.up(_sandbox_dir(dir), hosts=int(hosts), reboot_delay=float(reboot_delay), s3_port=int(s3_port),
-                    rtt=sandbox.parse_rtt(rtt), handshake=bool(handshake),
-                    private_port=int(private_port) if private_port else None)
-    print(f"sandbox up: {', '.join(f'{n} ({ip})' for n, ip in sb.hosts.items())}; S3 at {sb.s3_endpoint}")
+    sb = sandbox.up(
+        _sandbox_dir(dir),
+        hosts=int(hosts),
+        reboot_delay=float(reboot_delay),
+        s3_port=int(s3_port),
+        rtt=sandbox.parse_rtt(rtt),
+        handshake=bool(handshake),
+        private_port=int(private_port) if private_port else None,
+    )
+    print(
+        f"sandbox up: {', '.join(f'{n} ({ip})' for n, ip in sb.hosts.items())}; S3 at {sb.s3_endpoint}"
+    )
     if sb.rtt:
-        print(f"latency: {sb.rtt * 1000:g} ms round trip to the hosts (ssh_config's HostName is the latency "
-              f"path) and to S3; the hosts reach S3 directly at {sb.s3_direct}")
-    print(f"config: {sb.deploy_yml}\nshell:  . {sb.dir / 'env'}   # AWS creds + DEPLOY_CONFIG for fab")
+        print(
+            f"latency: {sb.rtt * 1000:g} ms round trip to the hosts (ssh_config's HostName is the latency "
+            f"path) and to S3; the hosts reach S3 directly at {sb.s3_direct}"
+        )
+    print(
+        f"config: {sb.deploy_yml}\nshell:  . {sb.dir / 'env'}   # AWS creds + DEPLOY_CONFIG for fab"
+    )
 
 
 @task(name="down", help={"dir": "state dir (default .sandbox/)"})
@@ -61,7 +81,10 @@ def sandbox_down(c, dir=None):
     from . import sandbox
 
     stopped = sandbox.down(_sandbox_dir(dir))
-    print("sandbox down" + (f": stopped {', '.join(stopped)}" if stopped else " (nothing was running)"))
+    print(
+        "sandbox down"
+        + (f": stopped {', '.join(stopped)}" if stopped else " (nothing was running)")
+    )
 
 
 sandbox_ns = Collection("sandbox")

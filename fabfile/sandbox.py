@@ -300,7 +300,9 @@ def parse_rtt(text: str | float | int | None) -> float:
         try:
             value = float(t)
         except ValueError:
-            raise SandboxError(f"rtt {text!r} is not a duration; use e.g. 100ms, 0.1s or 100 (ms)") from None
+            raise SandboxError(
+                f"rtt {text!r} is not a duration; use e.g. 100ms, 0.1s or 100 (ms)"
+            ) from None
     seconds = value * scale
     if not 0 <= seconds <= 10:
         raise SandboxError(f"rtt {text!r} must be between 0 and 10s")
@@ -393,9 +395,13 @@ def _wait_proxy(dir: Path, pid: int, deadline: float) -> None:
     ready = dir / "proxy.ready"
     while not ready.exists():
         if not _alive(pid):
-            raise SandboxError(f"the latency proxy exited on start; see {dir / 'log' / 'proxy.log'}")
+            raise SandboxError(
+                f"the latency proxy exited on start; see {dir / 'log' / 'proxy.log'}"
+            )
         if time.monotonic() > deadline:
-            raise SandboxError(f"the latency proxy did not start in time; see {dir / 'log' / 'proxy.log'}")
+            raise SandboxError(
+                f"the latency proxy did not start in time; see {dir / 'log' / 'proxy.log'}"
+            )
         time.sleep(POLL)
 
 
@@ -417,10 +423,14 @@ def set_rtt(dir: Path, rtt: float, handshake: bool = True) -> Sandbox:
     state = _read_json(dir / STATE_FILE) or {}
     proxy = state.get("proxy")
     if not proxy:
-        raise SandboxError(f"sandbox in {dir} has no latency proxy; bring it up with --rtt to change the rtt")
+        raise SandboxError(
+            f"sandbox in {dir} has no latency proxy; bring it up with --rtt to change the rtt"
+        )
     left = _wait_gone(_stop_proxy(dir, proxy), STOP_TIMEOUT)
     if left:
-        raise SandboxError(f"the latency proxy (pid {left[0]}) did not stop; check `ps -p {left[0]}`")
+        raise SandboxError(
+            f"the latency proxy (pid {left[0]}) did not stop; check `ps -p {left[0]}`"
+        )
     proxy["pid"] = _spawn_proxy(dir, rtt, proxy["routes"], handshake)
     proxy["rtt"] = rtt
     proxy["handshake"] = handshake
@@ -483,12 +493,24 @@ def load(dir: Path) -> Sandbox:
             f"sandbox in {dir} is not running (its latency proxy is gone; see {dir / 'log' / 'proxy.log'}); "
             "run `fab sandbox.down` then `fab sandbox.up`"
         )
-    return _sandbox(dir, state["hosts"], state["s3"]["endpoint"], state["bucket"],
-                    rtt=proxy["rtt"] if proxy else 0.0, s3_direct=state["s3"].get("direct", ""))
+    return _sandbox(
+        dir,
+        state["hosts"],
+        state["s3"]["endpoint"],
+        state["bucket"],
+        rtt=proxy["rtt"] if proxy else 0.0,
+        s3_direct=state["s3"].get("direct", ""),
+    )
 
 
-def _sandbox(dir: Path, hosts: dict[str, str], endpoint: str, bucket: str, rtt: float = 0.0,
-             s3_direct: str = "") -> Sandbox:
+def _sandbox(
+    dir: Path,
+    hosts: dict[str, str],
+    endpoint: str,
+    bucket: str,
+    rtt: float = 0.0,
+    s3_direct: str = "",
+) -> Sandbox:
     return Sandbox(
         dir=dir,
         hosts=dict(hosts),
@@ -603,8 +625,14 @@ node_env:
 """
 
 
-def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None = None,
-                  private_port: int | None = None) -> str:
+def _prepare_host(
+    dir: Path,
+    name: str,
+    ip: str,
+    app: str,
+    etc_hosts: str | None = None,
+    private_port: int | None = None,
+) -> str:
     """Lay out webK's state dir before its first boot; returns its known_hosts key."""
     hdir = host_dir(dir, name)
     for sub in ("etc/upper", "etc/work", "usr_local/upper", "usr_local/work", "log"):
@@ -627,8 +655,13 @@ def _prepare_host(dir: Path, name: str, ip: str, app: str, etc_hosts: str | None
     # Its `deploy` user may restart the app and reboot, exactly that (as a real fleet's would).
     drop_in = hdir / "etc/upper/sudoers.d" / f"fabdeploy-{app}"
     drop_in.parent.mkdir(mode=0o750)
-    drop_in.write_text(sudoers_for(DEPLOY_USER, app, [f"/usr/local/bin/systemctl restart {app}",
-                                                      "/usr/local/bin/systemctl reboot"]))
+    drop_in.write_text(
+        sudoers_for(
+            DEPLOY_USER,
+            app,
+            [f"/usr/local/bin/systemctl restart {app}", "/usr/local/bin/systemctl reboot"],
+        )
+    )
     drop_in.chmod(0o440)
     shutil.copy(dir / "authorized_keys", hdir / "etc/upper/sandbox_authorized_keys")
     for sub, tool in (("bin", "systemctl"), ("sbin", "reboot")):
@@ -659,7 +692,9 @@ def _make_app_repo(dir: Path) -> None:
         _run(["git", *args], cwd=repo, env=env)
 
 
-def _write_client_files(dir: Path, hosts: dict[str, str], known: list[str], via_proxy: bool = False) -> None:
+def _write_client_files(
+    dir: Path, hosts: dict[str, str], known: list[str], via_proxy: bool = False
+) -> None:
     (dir / "known_hosts").write_text("".join(line + "\n" for line in known))
     blocks = [
         f"Host {name}\n"
@@ -749,10 +784,16 @@ def up(
     if not 0 <= rtt <= 10:
         raise SandboxError(f"rtt must be between 0 and 10 seconds, not {rtt}")
     via_proxy = rtt > 0
-    if private_port is not None and (private_port in (*PROXIED_PORTS, s3_port) or not 0 < private_port < 65536):
-        raise SandboxError(f"private_port {private_port} must be a free port other than {PROXIED_PORTS} and S3's")
+    if private_port is not None and (
+        private_port in (*PROXIED_PORTS, s3_port) or not 0 < private_port < 65536
+    ):
+        raise SandboxError(
+            f"private_port {private_port} must be a free port other than {PROXIED_PORTS} and S3's"
+        )
     if via_proxy and s3_port in PROXIED_PORTS:
-        raise SandboxError(f"s3_port {s3_port} is a proxied host port; pick another (0 = any free port)")
+        raise SandboxError(
+            f"s3_port {s3_port} is a proxied host port; pick another (0 = any free port)"
+        )
     listen = list(addrs.values()) + ([latency_ip(ip) for ip in addrs.values()] if via_proxy else [])
     busy = [f"{ip}:22" for ip in listen if _listening(ip, 22)]
     if busy:
@@ -790,8 +831,14 @@ def up(
     try:
         if via_proxy:
             routes = _proxy_routes(addrs, subnet, port)
-            state["proxy"] = {"pid": None, "rtt": rtt, "handshake": handshake, "routes": routes,
-                              "s3_name": s3host, "s3_ip": _s3_proxy_ip(subnet)}
+            state["proxy"] = {
+                "pid": None,
+                "rtt": rtt,
+                "handshake": handshake,
+                "routes": routes,
+                "s3_name": s3host,
+                "s3_ip": _s3_proxy_ip(subnet),
+            }
             state["proxy"]["pid"] = _spawn_proxy(dir, rtt, routes, handshake)
             (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             _set_etc_hosts(s3host, _s3_proxy_ip(subnet), dir)

@@ -33,10 +33,13 @@ POLL = 1.0  # seconds between AWS polls; tests lower it (moto answers at once)
 DRAIN_MARGIN = 30.0  # past the deregistration delay, AWS should have finished draining
 
 
-
 # IAM service prefix of each boto3 client, to name the missing permission on AccessDenied.
-_IAM_PREFIX = {"ec2": "ec2", "autoscaling": "autoscaling", "elbv2": "elasticloadbalancing",
-               "elb": "elasticloadbalancing"}
+_IAM_PREFIX = {
+    "ec2": "ec2",
+    "autoscaling": "autoscaling",
+    "elbv2": "elasticloadbalancing",
+    "elb": "elasticloadbalancing",
+}
 
 
 class Clients:
@@ -70,12 +73,17 @@ class Clients:
         try:
             session = boto3.Session(profile_name=self.aws.profile, region_name=self.region)
         except botocore.exceptions.ProfileNotFound:
-            raise AWSError(f"AWS profile {self.aws.profile!r} (aws.profile in {self.config_path}) not found "
-                           "in ~/.aws/config or ~/.aws/credentials: create it or fix aws.profile") from None
+            raise AWSError(
+                f"AWS profile {self.aws.profile!r} (aws.profile in {self.config_path}) not found "
+                "in ~/.aws/config or ~/.aws/credentials: create it or fix aws.profile"
+            ) from None
         if session.region_name is None:
-            raise AWSError(f"no AWS region for {service}: set aws.region (or s3.region) in {self.config_path}")
-        conf = botocore.config.Config(connect_timeout=5, read_timeout=30,
-                                      retries={"max_attempts": 5, "mode": "standard"})
+            raise AWSError(
+                f"no AWS region for {service}: set aws.region (or s3.region) in {self.config_path}"
+            )
+        conf = botocore.config.Config(
+            connect_timeout=5, read_timeout=30, retries={"max_attempts": 5, "mode": "standard"}
+        )
         return session.client(service, endpoint_url=self.aws.endpoint_url, config=conf)
 
     def call(self, service: str, op: str, what: str, **params: Any) -> dict[str, Any]:
@@ -101,20 +109,30 @@ class Clients:
     def error(self, exc: BaseException, service: str, what: str) -> AWSError:
         f = boto.classify(exc)
         if f.kind == boto.NO_CREDENTIALS:
-            return AWSError(f"no AWS credentials found while {what}: set AWS_PROFILE/AWS_ACCESS_KEY_ID "
-                            f"or aws.profile in {self.config_path}")
+            return AWSError(
+                f"no AWS credentials found while {what}: set AWS_PROFILE/AWS_ACCESS_KEY_ID "
+                f"or aws.profile in {self.config_path}"
+            )
         if f.kind == boto.UNREACHABLE:
-            return AWSError(f"cannot reach AWS {service} at {self.where} while {what}: "
-                            "check the network, aws.region and aws.endpoint_url")
+            return AWSError(
+                f"cannot reach AWS {service} at {self.where} while {what}: "
+                "check the network, aws.region and aws.endpoint_url"
+            )
         if f.kind == boto.DENIED:
             perm = f"{_IAM_PREFIX.get(service, service)}:{f.operation or '?'}"
-            return AWSError(f"access denied while {what} at {self.where}: the credentials lack IAM "
-                            f"permission {perm}; add it to the deploy role/user's policy")
+            return AWSError(
+                f"access denied while {what} at {self.where}: the credentials lack IAM "
+                f"permission {perm}; add it to the deploy role/user's policy"
+            )
         if f.kind == boto.BAD_CREDENTIALS:
-            return AWSError(f"AWS rejected the credentials ({f.code}) while {what} at {self.where}: "
-                            "check AWS_PROFILE/AWS_ACCESS_KEY_ID or aws.profile")
+            return AWSError(
+                f"AWS rejected the credentials ({f.code}) while {what} at {self.where}: "
+                "check AWS_PROFILE/AWS_ACCESS_KEY_ID or aws.profile"
+            )
         if f.code:
-            return AWSError(f"AWS {f.operation or '?'} failed while {what} at {self.where}: {f.code}: {f.message}")
+            return AWSError(
+                f"AWS {f.operation or '?'} failed while {what} at {self.where}: {f.code}: {f.message}"
+            )
         if f.kind in (boto.API, boto.SLOW):
             return AWSError(f"AWS {service} failed while {what} at {self.where}: {f.message}")
         return AWSError(f"AWS {service} failed while {what}: {f.message}")
@@ -138,8 +156,12 @@ def _tags(inst: dict[str, Any]) -> dict[str, str]:
 def _address_of(inst: dict[str, Any], address: str) -> str | None:
     if address.startswith("tag:"):
         return _tags(inst).get(address[4:]) or None
-    key = {"private_ip": "PrivateIpAddress", "public_ip": "PublicIpAddress",
-           "public_dns": "PublicDnsName", "private_dns": "PrivateDnsName"}[address]
+    key = {
+        "private_ip": "PrivateIpAddress",
+        "public_ip": "PublicIpAddress",
+        "public_dns": "PublicDnsName",
+        "private_dns": "PrivateDnsName",
+    }[address]
     return inst.get(key) or None
 
 
@@ -183,8 +205,13 @@ def discover(cfg: Config, clients: Clients | None = None) -> list[Host]:
         if not ids:
             return _no_instances(cfg, c)
         params["InstanceIds"] = ids
-    reservations = c.pages("ec2", "describe_instances", "Reservations",
-                           "listing the fleet's instances (ec2:DescribeInstances)", **params)
+    reservations = c.pages(
+        "ec2",
+        "describe_instances",
+        "Reservations",
+        "listing the fleet's instances (ec2:DescribeInstances)",
+        **params,
+    )
     instances = [i for r in reservations for i in r.get("Instances", [])]
     if ids is None and instances:
         instances = _drop_not_in_service(c, instances)
@@ -195,32 +222,56 @@ def discover(cfg: Config, clients: Clients | None = None) -> list[Host]:
         iid = inst["InstanceId"]
         addr = _address_of(inst, aws.address)
         if addr is None:
-            raise AWSError(f"instance {iid} has no {aws.address} (aws.address in {cfg.path}): pick an address "
-                           "every instance has, e.g. private_ip, or tag:Name with a Name tag on each")
+            raise AWSError(
+                f"instance {iid} has no {aws.address} (aws.address in {cfg.path}): pick an address "
+                "every instance has, e.g. private_ip, or tag:Name with a Name tag on each"
+            )
         if not valid_address(addr):
-            raise AWSError(f"instance {iid} has {aws.address} {addr[:80]!r}, which is not a host name or IP "
-                           "address (no user@, :port, spaces or leading '-'); refusing to use it as a target: "
-                           f"fix the instance's tag, or pick another aws.address in {cfg.path}")
-        hosts.append(Host(name=addr, host=addr, instance_id=iid, roles=_roles_of(inst, aws.role_tag),
-                          az=inst.get("Placement", {}).get("AvailabilityZone")))
+            raise AWSError(
+                f"instance {iid} has {aws.address} {addr[:80]!r}, which is not a host name or IP "
+                "address (no user@, :port, spaces or leading '-'); refusing to use it as a target: "
+                f"fix the instance's tag, or pick another aws.address in {cfg.path}"
+            )
+        hosts.append(
+            Host(
+                name=addr,
+                host=addr,
+                instance_id=iid,
+                roles=_roles_of(inst, aws.role_tag),
+                az=inst.get("Placement", {}).get("AvailabilityZone"),
+            )
+        )
     dupes = sorted({h.name for h in hosts if [x.name for x in hosts].count(h.name) > 1})
     if dupes:
-        raise AWSError(f"several instances share the address {', '.join(dupes)} (aws.address: {aws.address} in "
-                       f"{cfg.path}): give each a distinct tag, or address them by private_ip")
+        raise AWSError(
+            f"several instances share the address {', '.join(dupes)} (aws.address: {aws.address} in "
+            f"{cfg.path}): give each a distinct tag, or address them by private_ip"
+        )
     return sorted(hosts, key=lambda h: h.name)
 
 
 def _group_instances(cfg: Config, c: Clients, names: Iterable[str]) -> list[str]:
     names = list(names)
-    groups = c.pages("autoscaling", "describe_auto_scaling_groups", "AutoScalingGroups",
-                     "reading auto scaling groups", AutoScalingGroupNames=names)
+    groups = c.pages(
+        "autoscaling",
+        "describe_auto_scaling_groups",
+        "AutoScalingGroups",
+        "reading auto scaling groups",
+        AutoScalingGroupNames=names,
+    )
     found = {g["AutoScalingGroupName"] for g in groups}
     missing = [n for n in names if n not in found]
     if missing:
-        raise AWSError(f"auto scaling group {', '.join(missing)} not found at {c.where}: "
-                       f"check aws.autoscaling_groups and aws.region in {cfg.path}")
-    return [i["InstanceId"] for g in groups for i in g.get("Instances", [])
-            if i.get("LifecycleState") == "InService"]
+        raise AWSError(
+            f"auto scaling group {', '.join(missing)} not found at {c.where}: "
+            f"check aws.autoscaling_groups and aws.region in {cfg.path}"
+        )
+    return [
+        i["InstanceId"]
+        for g in groups
+        for i in g.get("Instances", [])
+        if i.get("LifecycleState") == "InService"
+    ]
 
 
 def _drop_not_in_service(c: Clients, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,12 +279,21 @@ def _drop_not_in_service(c: Clients, instances: list[dict[str, Any]]) -> list[di
     if not in_asg:
         return instances
     states = {s["InstanceId"]: s["LifecycleState"] for s in _asg_instances(c, in_asg)}
-    return [i for i in instances if i["InstanceId"] not in states or states[i["InstanceId"]] == "InService"]
+    return [
+        i
+        for i in instances
+        if i["InstanceId"] not in states or states[i["InstanceId"]] == "InService"
+    ]
 
 
 def _asg_instances(c: Clients, ids: list[str]) -> list[dict[str, Any]]:
-    return c.pages("autoscaling", "describe_auto_scaling_instances", "AutoScalingInstances",
-                   "reading instances' auto scaling states", InstanceIds=ids)
+    return c.pages(
+        "autoscaling",
+        "describe_auto_scaling_instances",
+        "AutoScalingInstances",
+        "reading instances' auto scaling states",
+        InstanceIds=ids,
+    )
 
 
 def _no_instances(cfg: Config, c: Clients) -> list[Host]:
@@ -244,8 +304,10 @@ def _no_instances(cfg: Config, c: Clients) -> list[Host]:
         what.append(f"auto scaling group(s) {', '.join(aws.autoscaling_groups)}")
     if aws.tag_filters:
         what.append("tags " + ", ".join(f"{k}={'|'.join(v)}" for k, v in aws.tag_filters.items()))
-    raise AWSError(f"no in-service instances in {' with '.join(what)} at {c.where}: is the group scaled to 0, "
-                   f"or are instances still launching? (check aws: in {cfg.path})")
+    raise AWSError(
+        f"no in-service instances in {' with '.join(what)} at {c.where}: is the group scaled to 0, "
+        f"or are instances still launching? (check aws: in {cfg.path})"
+    )
 
 
 # --- batches: AZ spread and min healthy ----------------------------------------------
@@ -274,8 +336,13 @@ class Journal(Protocol):
 class Traffic:
     """Deregister/standby a host before its reboot, put it back once healthy, undo on failure."""
 
-    def __init__(self, cfg: Config, log: Callable[[Host, str], None] | None = None,
-                 clients: Clients | None = None, journal: Journal | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        log: Callable[[Host, str], None] | None = None,
+        clients: Clients | None = None,
+        journal: Journal | None = None,
+    ) -> None:
         self.cfg = cfg
         self.journal = journal
         self.aws = cfg.aws or AWSConfig()
@@ -288,7 +355,9 @@ class Traffic:
 
     @property
     def enabled(self) -> bool:
-        return self.c is not None and bool(self.aws.target_groups or self.aws.classic_elbs or self.aws.standby)
+        return self.c is not None and bool(
+            self.aws.target_groups or self.aws.classic_elbs or self.aws.standby
+        )
 
     def _record(self, host: Host | None = None, iid: str | None = None, **pending: Any) -> None:
         """Save everything still to undo, plus `pending` (the change about to be made) for `iid`."""
@@ -300,8 +369,14 @@ class Traffic:
                 entry = state.setdefault(iid, {"host": host.name, **asdict(_Undo())})
                 for k, v in pending.items():
                     entry[k] = sorted({*entry[k], v}) if isinstance(entry[k], list) else v
-            state = {i: e for i, e in state.items()
-                     if e["target_groups"] or e["classic_elbs"] or e["standby_group"] or e["restore_min"] is not None}
+            state = {
+                i: e
+                for i, e in state.items()
+                if e["target_groups"]
+                or e["classic_elbs"]
+                or e["standby_group"]
+                or e["restore_min"] is not None
+            }
             self.journal.save(state)  # under the lock: saves land in the order of the changes
 
     def adopt(self, state: dict[str, dict[str, Any]]) -> list[Host]:
@@ -310,15 +385,25 @@ class Traffic:
         with self._lock:
             for iid, e in state.items():
                 host = Host(name=e["host"], host=e["host"], instance_id=iid)
-                self._undo[iid] = (host, _Undo(list(e["target_groups"]), list(e["classic_elbs"]),
-                                               e["standby_group"], e["restore_min"]))
+                self._undo[iid] = (
+                    host,
+                    _Undo(
+                        list(e["target_groups"]),
+                        list(e["classic_elbs"]),
+                        e["standby_group"],
+                        e["restore_min"],
+                    ),
+                )
                 hosts.append(host)
         return hosts
 
     def _need_id(self, host: Host) -> str | None:
         if host.instance_id is None:
-            self.log(host, "no instance id (a static host, not discovered from AWS): "
-                     "not deregistered from load balancers nor put in standby")
+            self.log(
+                host,
+                "no instance id (a static host, not discovered from AWS): "
+                "not deregistered from load balancers nor put in standby",
+            )
         return host.instance_id
 
     def before_reboot(self, host: Host) -> None:
@@ -332,15 +417,24 @@ class Traffic:
             if self._tg_state(arn, iid) in ("unused", None):
                 continue  # not registered there: nothing to drain, nothing to put back
             self._record(host, iid, target_groups=arn)
-            self.c.call("elbv2", "deregister_targets", f"deregistering {iid} from target group {arn}",
-                        TargetGroupArn=arn, Targets=[{"Id": iid}])
+            self.c.call(
+                "elbv2",
+                "deregister_targets",
+                f"deregistering {iid} from target group {arn}",
+                TargetGroupArn=arn,
+                Targets=[{"Id": iid}],
+            )
             undo.target_groups.append(arn)
             self.log(host, f"deregistered from {_tg_name(arn)}; draining")
         for name in self.aws.classic_elbs:
             self._record(host, iid, classic_elbs=name)
-            self.c.call("elb", "deregister_instances_from_load_balancer",
-                        f"deregistering {iid} from classic load balancer {name}",
-                        LoadBalancerName=name, Instances=[{"InstanceId": iid}])
+            self.c.call(
+                "elb",
+                "deregister_instances_from_load_balancer",
+                f"deregistering {iid} from classic load balancer {name}",
+                LoadBalancerName=name,
+                Instances=[{"InstanceId": iid}],
+            )
             undo.classic_elbs.append(name)
             self.log(host, f"deregistered from classic ELB {name}")
         for arn in undo.target_groups:
@@ -361,7 +455,11 @@ class Traffic:
             try:
                 self._put_back(host, iid, wait=False)
             except AWSError as e:
-                print(f"warning: could not restore {host.name} ({iid}): {e}", file=sys.stderr, flush=True)
+                print(
+                    f"warning: could not restore {host.name} ({iid}): {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _put_back(self, host: Host, iid: str, wait: bool) -> None:
         assert self.c is not None
@@ -373,16 +471,25 @@ class Traffic:
         if undo.standby_group:
             self._exit_standby(host, iid, undo)
         for arn in list(undo.target_groups):
-            self.c.call("elbv2", "register_targets", f"registering {iid} in target group {arn}",
-                        TargetGroupArn=arn, Targets=[{"Id": iid}])
+            self.c.call(
+                "elbv2",
+                "register_targets",
+                f"registering {iid} in target group {arn}",
+                TargetGroupArn=arn,
+                Targets=[{"Id": iid}],
+            )
             self.log(host, f"registered in {_tg_name(arn)}")
             if wait:
                 self._wait_tg_healthy(host, arn, iid)
             undo.target_groups.remove(arn)
         for name in list(undo.classic_elbs):
-            self.c.call("elb", "register_instances_with_load_balancer",
-                        f"registering {iid} with classic load balancer {name}",
-                        LoadBalancerName=name, Instances=[{"InstanceId": iid}])
+            self.c.call(
+                "elb",
+                "register_instances_with_load_balancer",
+                f"registering {iid} with classic load balancer {name}",
+                LoadBalancerName=name,
+                Instances=[{"InstanceId": iid}],
+            )
             if wait:
                 self._wait_classic_in_service(host, name, iid)
             undo.classic_elbs.remove(name)
@@ -394,15 +501,26 @@ class Traffic:
 
     def _tg_state(self, arn: str, iid: str) -> str | None:
         assert self.c is not None
-        r = self.c.call("elbv2", "describe_target_health", f"reading health of {iid} in target group {arn}",
-                        TargetGroupArn=arn, Targets=[{"Id": iid}])
-        states = [d.get("TargetHealth", {}).get("State") for d in r.get("TargetHealthDescriptions", [])]
+        r = self.c.call(
+            "elbv2",
+            "describe_target_health",
+            f"reading health of {iid} in target group {arn}",
+            TargetGroupArn=arn,
+            Targets=[{"Id": iid}],
+        )
+        states = [
+            d.get("TargetHealth", {}).get("State") for d in r.get("TargetHealthDescriptions", [])
+        ]
         return states[0] if states else None
 
     def _drain_limit(self, arn: str) -> float:
         assert self.c is not None
-        r = self.c.call("elbv2", "describe_target_group_attributes", f"reading target group {arn}",
-                        TargetGroupArn=arn)
+        r = self.c.call(
+            "elbv2",
+            "describe_target_group_attributes",
+            f"reading target group {arn}",
+            TargetGroupArn=arn,
+        )
         attrs = {a["Key"]: a["Value"] for a in r.get("Attributes", [])}
         return float(attrs.get("deregistration_delay.timeout_seconds", 300))
 
@@ -411,8 +529,11 @@ class Traffic:
         deadline = time.monotonic() + limit
         while (state := self._tg_state(arn, iid)) not in ("unused", None):
             if time.monotonic() > deadline:
-                self.log(host, f"still {state} in {_tg_name(arn)} after {limit:.0f}s "
-                         "(deregistration delay + margin); rebooting anyway")
+                self.log(
+                    host,
+                    f"still {state} in {_tg_name(arn)} after {limit:.0f}s "
+                    "(deregistration delay + margin); rebooting anyway",
+                )
                 return
             time.sleep(POLL)
         self.log(host, f"drained from {_tg_name(arn)}")
@@ -421,9 +542,11 @@ class Traffic:
         deadline = time.monotonic() + self.aws.healthy_timeout
         while (state := self._tg_state(arn, iid)) != "healthy":
             if time.monotonic() > deadline:
-                raise AWSError(f"{host.name} ({iid}) is registered in target group {_tg_name(arn)} but still "
-                               f"{state} after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check the "
-                               "target group's health check path/port against the app")
+                raise AWSError(
+                    f"{host.name} ({iid}) is registered in target group {_tg_name(arn)} but still "
+                    f"{state} after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check the "
+                    "target group's health check path/port against the app"
+                )
             time.sleep(POLL)
         self.log(host, f"healthy in {_tg_name(arn)}")
 
@@ -431,14 +554,21 @@ class Traffic:
         assert self.c is not None
         deadline = time.monotonic() + self.aws.healthy_timeout
         while True:
-            r = self.c.call("elb", "describe_instance_health", f"reading health of {iid} in classic ELB {name}",
-                            LoadBalancerName=name, Instances=[{"InstanceId": iid}])
+            r = self.c.call(
+                "elb",
+                "describe_instance_health",
+                f"reading health of {iid} in classic ELB {name}",
+                LoadBalancerName=name,
+                Instances=[{"InstanceId": iid}],
+            )
             state = next((s.get("State") for s in r.get("InstanceStates", [])), None)
             if state == "InService":
                 return
             if time.monotonic() > deadline:
-                raise AWSError(f"{host.name} ({iid}) is registered with classic ELB {name} but still {state} "
-                               f"after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check its health check")
+                raise AWSError(
+                    f"{host.name} ({iid}) is registered with classic ELB {name} but still {state} "
+                    f"after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check its health check"
+                )
             time.sleep(POLL)
 
     # --- standby ---
@@ -446,12 +576,20 @@ class Traffic:
     def _lifecycle(self, iid: str) -> tuple[str | None, str | None]:
         assert self.c is not None
         rows = _asg_instances(self.c, [iid])
-        return (rows[0].get("AutoScalingGroupName"), rows[0].get("LifecycleState")) if rows else (None, None)
+        return (
+            (rows[0].get("AutoScalingGroupName"), rows[0].get("LifecycleState"))
+            if rows
+            else (None, None)
+        )
 
     def _group(self, name: str) -> dict[str, Any]:
         assert self.c is not None
-        groups = self.c.call("autoscaling", "describe_auto_scaling_groups", f"reading auto scaling group {name}",
-                             AutoScalingGroupNames=[name]).get("AutoScalingGroups", [])
+        groups = self.c.call(
+            "autoscaling",
+            "describe_auto_scaling_groups",
+            f"reading auto scaling group {name}",
+            AutoScalingGroupNames=[name],
+        ).get("AutoScalingGroups", [])
         if not groups:
             raise AWSError(f"auto scaling group {name} disappeared at {self.c.where}")
         return groups[0]
@@ -465,22 +603,37 @@ class Traffic:
             self.log(host, "not in an auto scaling group: no standby")
             return
         if state != "InService":
-            raise AWSError(f"{host.name} ({iid}) is {state} in auto scaling group {group_name}, not InService: "
-                           "wait for the group to settle, then `fab deploy.roll --resume`")
+            raise AWSError(
+                f"{host.name} ({iid}) is {state} in auto scaling group {group_name}, not InService: "
+                "wait for the group to settle, then `fab deploy.roll --resume`"
+            )
         with self._group_lock:
             g = self._group(group_name)
             # Standby lowers desired capacity (else the group launches a replacement); AWS refuses to go
             # below MinSize, so lower MinSize for the reboot and put it back afterwards.
             if g["DesiredCapacity"] - 1 < g["MinSize"]:
                 self._record(host, iid, restore_min=g["MinSize"], standby_group=group_name)
-                self.c.call("autoscaling", "update_auto_scaling_group",
-                            f"lowering MinSize of {group_name} for {iid}'s standby",
-                            AutoScalingGroupName=group_name, MinSize=g["DesiredCapacity"] - 1)
+                self.c.call(
+                    "autoscaling",
+                    "update_auto_scaling_group",
+                    f"lowering MinSize of {group_name} for {iid}'s standby",
+                    AutoScalingGroupName=group_name,
+                    MinSize=g["DesiredCapacity"] - 1,
+                )
                 undo.restore_min = g["MinSize"]
-                self.log(host, f"MinSize of {group_name} lowered {g['MinSize']} -> {g['DesiredCapacity'] - 1}")
+                self.log(
+                    host,
+                    f"MinSize of {group_name} lowered {g['MinSize']} -> {g['DesiredCapacity'] - 1}",
+                )
             self._record(host, iid, standby_group=group_name)
-            self.c.call("autoscaling", "enter_standby", f"putting {iid} into standby in {group_name}",
-                        AutoScalingGroupName=group_name, InstanceIds=[iid], ShouldDecrementDesiredCapacity=True)
+            self.c.call(
+                "autoscaling",
+                "enter_standby",
+                f"putting {iid} into standby in {group_name}",
+                AutoScalingGroupName=group_name,
+                InstanceIds=[iid],
+                ShouldDecrementDesiredCapacity=True,
+            )
             undo.standby_group = group_name
         self._wait_lifecycle(host, iid, "Standby")
         self.log(host, f"in standby in {group_name}")
@@ -492,17 +645,26 @@ class Traffic:
         if state in ("Standby", "EnteringStandby"):
             if state == "EnteringStandby":
                 self._wait_lifecycle(host, iid, "Standby")
-            self.c.call("autoscaling", "exit_standby", f"taking {iid} out of standby in {group_name}",
-                        AutoScalingGroupName=group_name, InstanceIds=[iid])
+            self.c.call(
+                "autoscaling",
+                "exit_standby",
+                f"taking {iid} out of standby in {group_name}",
+                AutoScalingGroupName=group_name,
+                InstanceIds=[iid],
+            )
             self._wait_lifecycle(host, iid, "InService")
             self.log(host, f"out of standby, InService in {group_name}")
         undo.standby_group = None
         if undo.restore_min is not None:
             # Only after ExitStandby has raised desired capacity again, else MinSize > desired.
             with self._group_lock:
-                self.c.call("autoscaling", "update_auto_scaling_group",
-                            f"restoring MinSize of {group_name} to {undo.restore_min}",
-                            AutoScalingGroupName=group_name, MinSize=undo.restore_min)
+                self.c.call(
+                    "autoscaling",
+                    "update_auto_scaling_group",
+                    f"restoring MinSize of {group_name} to {undo.restore_min}",
+                    AutoScalingGroupName=group_name,
+                    MinSize=undo.restore_min,
+                )
             self.log(host, f"MinSize of {group_name} restored to {undo.restore_min}")
             undo.restore_min = None
 
@@ -510,8 +672,10 @@ class Traffic:
         deadline = time.monotonic() + self.aws.healthy_timeout
         while (state := self._lifecycle(iid)[1]) != want:
             if time.monotonic() > deadline:
-                raise AWSError(f"{host.name} ({iid}) is still {state}, not {want}, after "
-                               f"{self.aws.healthy_timeout:g}s; check the group's activity history")
+                raise AWSError(
+                    f"{host.name} ({iid}) is still {state}, not {want}, after "
+                    f"{self.aws.healthy_timeout:g}s; check the group's activity history"
+                )
             time.sleep(POLL)
 
 
@@ -535,7 +699,10 @@ def refresh_preferences(cfg: Config) -> dict[str, Any]:
     ir = (cfg.aws or AWSConfig()).instance_refresh
     # SkipMatching off: the launch template is unchanged by a deploy, yet every instance must be
     # replaced so it boots and pulls the newly published bundle.
-    prefs: dict[str, Any] = {"MinHealthyPercentage": ir.min_healthy_percentage, "SkipMatching": False}
+    prefs: dict[str, Any] = {
+        "MinHealthyPercentage": ir.min_healthy_percentage,
+        "SkipMatching": False,
+    }
     if ir.instance_warmup is not None:
         prefs["InstanceWarmup"] = ir.instance_warmup
     if ir.checkpoint_percentages:
@@ -550,23 +717,36 @@ def start_refresh(cfg: Config, c: Clients, group: str) -> str:
 
     try:
         r = c.get("autoscaling").start_instance_refresh(
-            AutoScalingGroupName=group, Strategy="Rolling", Preferences=refresh_preferences(cfg))
+            AutoScalingGroupName=group, Strategy="Rolling", Preferences=refresh_preferences(cfg)
+        )
     except bex.ClientError as e:
         code = e.response.get("Error", {}).get("Code")
         if code == "InstanceRefreshInProgress":
-            raise AWSError(f"an instance refresh is already running on {group}: let it finish, or cancel it "
-                           f"(aws autoscaling cancel-instance-refresh --auto-scaling-group-name {group})") from None
+            raise AWSError(
+                f"an instance refresh is already running on {group}: let it finish, or cancel it "
+                f"(aws autoscaling cancel-instance-refresh --auto-scaling-group-name {group})"
+            ) from None
         if code == "ResourceContention":
-            raise AWSError(f"{group} is busy with another scaling activity: retry in a minute") from None
+            raise AWSError(
+                f"{group} is busy with another scaling activity: retry in a minute"
+            ) from None
         raise c.error(e, "autoscaling", f"starting an instance refresh of {group}") from None
     except Exception as e:
         raise c.error(e, "autoscaling", f"starting an instance refresh of {group}") from None
     return str(r["InstanceRefreshId"])
 
 
-def follow_refresh(cfg: Config, c: Clients, group: str, refresh_id: str, *,
-                   interactive: bool | None = None, ask: Callable[[str], str] = input,
-                   sleep: Callable[[float], None] = time.sleep, poll: float = 15.0) -> str:
+def follow_refresh(
+    cfg: Config,
+    c: Clients,
+    group: str,
+    refresh_id: str,
+    *,
+    interactive: bool | None = None,
+    ask: Callable[[str], str] = input,
+    sleep: Callable[[float], None] = time.sleep,
+    poll: float = 15.0,
+) -> str:
     """Print progress until the refresh ends; returns its final status.
 
     Ctrl-C offers to cancel (a non-interactive run cancels), then keeps following
@@ -577,8 +757,13 @@ def follow_refresh(cfg: Config, c: Clients, group: str, refresh_id: str, *,
     cancelling = False
     while True:
         try:
-            r = c.call("autoscaling", "describe_instance_refreshes", f"following the instance refresh of {group}",
-                       AutoScalingGroupName=group, InstanceRefreshIds=[refresh_id])
+            r = c.call(
+                "autoscaling",
+                "describe_instance_refreshes",
+                f"following the instance refresh of {group}",
+                AutoScalingGroupName=group,
+                InstanceRefreshIds=[refresh_id],
+            )
             refreshes = r.get("InstanceRefreshes", [])
             if not refreshes:
                 raise AWSError(f"instance refresh {refresh_id} of {group} vanished at {c.where}")
@@ -589,7 +774,11 @@ def follow_refresh(cfg: Config, c: Clients, group: str, refresh_id: str, *,
             now = (status, pct, left)
             if now != last:
                 tail = f", {left} instance(s) to update" if left is not None else ""
-                reason = f": {ref['StatusReason']}" if ref.get("StatusReason") and status not in ("Pending",) else ""
+                reason = (
+                    f": {ref['StatusReason']}"
+                    if ref.get("StatusReason") and status not in ("Pending",)
+                    else ""
+                )
                 print(f"{group} {_bar(pct)} {status}{tail}{reason}", flush=True)
                 last = now
             if status in _REFRESH_DONE:
@@ -601,15 +790,25 @@ def follow_refresh(cfg: Config, c: Clients, group: str, refresh_id: str, *,
             answer = "y"
             if interactive:
                 try:
-                    answer = ask(f"\ncancel the instance refresh of {group}? [y/N] ").strip().lower()
+                    answer = (
+                        ask(f"\ncancel the instance refresh of {group}? [y/N] ").strip().lower()
+                    )
                 except (KeyboardInterrupt, EOFError):
                     answer = "y"
             if answer not in ("y", "yes"):
-                print("not cancelled; still following (the refresh goes on without us if you quit)", flush=True)
+                print(
+                    "not cancelled; still following (the refresh goes on without us if you quit)",
+                    flush=True,
+                )
                 continue
-            c.call("autoscaling", "cancel_instance_refresh", f"cancelling the instance refresh of {group}",
-                   AutoScalingGroupName=group)
-            print(f"cancelling the instance refresh of {group} (instances already replaced stay)", flush=True)
+            c.call(
+                "autoscaling",
+                "cancel_instance_refresh",
+                f"cancelling the instance refresh of {group}",
+                AutoScalingGroupName=group,
+            )
+            print(
+                f"cancelling the instance refresh of {group} (instances already replaced stay)",
+                flush=True,
+            )
             cancelling = True
-
-

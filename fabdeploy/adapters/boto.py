@@ -22,10 +22,25 @@ API = "api"  # any other error the service returned
 OTHER = "other"
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-_DENIED_CODES = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "UnauthorizedAccess",
-                 "Forbidden", "403", "AllAccessDisabled", "AccountProblem"}
-_BADCREDS_CODES = {"InvalidClientTokenId", "AuthFailure", "SignatureDoesNotMatch", "ExpiredToken",
-                   "InvalidAccessKeyId", "UnrecognizedClientException", "InvalidToken"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnauthorizedOperation",
+    "UnauthorizedAccess",
+    "Forbidden",
+    "403",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+_BADCREDS_CODES = {
+    "InvalidClientTokenId",
+    "AuthFailure",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "UnrecognizedClientException",
+    "InvalidToken",
+}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -45,7 +60,9 @@ def classify(exc: BaseException) -> Failure:
         return Failure(NO_CREDENTIALS, message=str(exc))
     if isinstance(exc, bex.ProfileNotFound):
         return Failure(NO_PROFILE, message=str(exc))
-    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
+    if isinstance(
+        exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)
+    ):
         return Failure(UNREACHABLE, message=str(exc))
     if isinstance(exc, bex.ReadTimeoutError):
         return Failure(SLOW, message=str(exc))

@@ -270,7 +270,9 @@ def archive(repo: Path, commit: str, out: IO[bytes]) -> tuple[str, int]:
         if rc != 0:
             errf.seek(0)
             msg = errf.read().decode(errors="replace").strip().splitlines()
-            raise BundleError(f"git archive of {commit[:12]} in {repo} failed: {msg[-1] if msg else rc}")
+            raise BundleError(
+                f"git archive of {commit[:12]} in {repo} failed: {msg[-1] if msg else rc}"
+            )
     return h.hexdigest(), size
 
 
@@ -299,8 +301,10 @@ def check_members(members: list[tarfile.TarInfo], what: str) -> None:
         hint = "fix it in the repository or the build and bundle again"
         for m in members:
             if m.issym() and m.linkname.startswith("/") and repr(m.name.rstrip("/")) in reason:
-                hint = (f"list {m.name!r} in build.exclude and in linked_dirs (or linked_files), so each "
-                        f"release links it to shared/{m.name}, or commit a relative link instead of {m.linkname!r}")
+                hint = (
+                    f"list {m.name!r} in build.exclude and in linked_dirs (or linked_files), so each "
+                    f"release links it to shared/{m.name}, or commit a relative link instead of {m.linkname!r}"
+                )
                 break
             if m.issym() and repr(m.name.rstrip("/")) in reason:
                 hint = f"point {m.name!r} at a path inside the release (a relative link), or list it in linked_dirs"
@@ -309,8 +313,11 @@ def check_members(members: list[tarfile.TarInfo], what: str) -> None:
 
 
 def _git_text(repo: Path, *args: str) -> bytes:
-    r = subprocess.run(["git", "-C", str(repo), *git_pinned(), *args], capture_output=True,
-                       env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    r = subprocess.run(
+        ["git", "-C", str(repo), *git_pinned(), *args],
+        capture_output=True,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"},
+    )
     if r.returncode != 0:
         msg = r.stderr.decode(errors="replace").strip().splitlines()
         raise BundleError(f"git {args[0]} in {repo} failed: {msg[-1] if msg else r.returncode}")
@@ -345,14 +352,18 @@ def tree_members(repo: Path, commit: str) -> list[tarfile.TarInfo]:
 
 def _git_text_input(repo: Path, oids: str) -> list[str]:
     """Blob contents via one `git cat-file --batch` (symlink targets are small blobs)."""
-    r = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch"], input=oids.encode(),
-                       capture_output=True, env={**os.environ, "LC_ALL": "C"})
+    r = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "--batch"],
+        input=oids.encode(),
+        capture_output=True,
+        env={**os.environ, "LC_ALL": "C"},
+    )
     data, out = r.stdout, []
     while data:
         header, _, data = data.partition(b"\n")
         size = int(header.split()[2])
         out.append(data[:size].decode("utf-8", "surrogateescape"))
-        data = data[size + 1:]
+        data = data[size + 1 :]
     return out
 
 
@@ -361,27 +372,43 @@ def _git_text_input(repo: Path, oids: str) -> list[str]:
 
 def export_commit(repo: Path, commit: str, dest: Path) -> None:
     """The commit's tree into `dest`, as `git archive` gives it: never the working tree."""
-    git = subprocess.Popen(["git", "-C", str(repo), *git_pinned(), "archive", "--format=tar", commit],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    git = subprocess.Popen(
+        ["git", "-C", str(repo), *git_pinned(), "archive", "--format=tar", commit],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert git.stdout is not None
-    untar = subprocess.run(["tar", "-x", "--no-same-owner", "-f", "-", "-C", str(dest)],
-                           stdin=git.stdout, capture_output=True)
+    untar = subprocess.run(
+        ["tar", "-x", "--no-same-owner", "-f", "-", "-C", str(dest)],
+        stdin=git.stdout,
+        capture_output=True,
+    )
     git.stdout.close()
     err = git.stderr.read().decode(errors="replace").strip() if git.stderr else ""
     if git.wait() != 0 or untar.returncode != 0:
         msg = (err or untar.stderr.decode(errors="replace").strip()).splitlines()
-        raise BundleError(f"cannot export {commit[:12]} of {repo} for the build: {msg[-1] if msg else 'tar failed'}")
+        raise BundleError(
+            f"cannot export {commit[:12]} of {repo} for the build: {msg[-1] if msg else 'tar failed'}"
+        )
 
 
-def run_build(commands: tuple[str, ...], cwd: Path, env: dict[str, str], what: str, log: Log) -> None:
+def run_build(
+    commands: tuple[str, ...], cwd: Path, env: dict[str, str], what: str, log: Log
+) -> None:
     """Each command with `sh -c` in `cwd`, output streamed line by line; the first failure raises
     one line plus the last lines of its output."""
     for i, command in enumerate(commands, 1):
         log(f"build [{i}/{len(commands)}] $ {command}")
         tail: collections.deque[str] = collections.deque(maxlen=BUILD_TAIL_LINES)
         t0 = time.monotonic()
-        proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["sh", "-c", command],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:
@@ -448,8 +475,10 @@ def collect(root: Path, build: BuildConfig, mtime: int) -> list[tuple[tarfile.Ta
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
                 out.append((info(rel, tarfile.REGTYPE, mode, size=st.st_size), path))
             else:
-                raise BundleError(f"the build left {rel!r}, a special file (socket, fifo or device): "
-                                  "remove it in the build, or exclude it in build.exclude")
+                raise BundleError(
+                    f"the build left {rel!r}, a special file (socket, fifo or device): "
+                    "remove it in the build, or exclude it in build.exclude"
+                )
             kept = True
         return kept
 
@@ -487,11 +516,15 @@ def pack(members: list[tuple[tarfile.TarInfo, str | None]], out: IO[bytes]) -> t
     return w.h.hexdigest(), w.size
 
 
-def build_pack(cfg: Config, commit: str, committed_at: int, out: IO[bytes], log: Log) -> tuple[str, int]:
+def build_pack(
+    cfg: Config, commit: str, committed_at: int, out: IO[bytes], log: Log
+) -> tuple[str, int]:
     """Export `commit`, run the build recipe in it, check and pack the result into `out`."""
     where = cfg.build.tmpdir
     if where is not None and not where.is_dir():
-        raise BundleError(f"build.tmpdir {where} is not a directory: create it or fix build.tmpdir in {cfg.path}")
+        raise BundleError(
+            f"build.tmpdir {where} is not a directory: create it or fix build.tmpdir in {cfg.path}"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-build-", dir=where))
     try:
         src = tmp / "src"
@@ -554,7 +587,9 @@ class _Progress:
             self._bar.stop()
 
 
-def _bundle_from_meta(store: Store, bid: str, commit: str, ref: str, ct: int, meta: dict[str, str]) -> Bundle:
+def _bundle_from_meta(
+    store: Store, bid: str, commit: str, ref: str, ct: int, meta: dict[str, str]
+) -> Bundle:
     key = store.bundle_key(bid)
     return Bundle(
         commit=commit,
@@ -579,8 +614,19 @@ def _mismatch(store: Store, bid: str, theirs: str, ours: str) -> BundleError:
 
 def _legacy_sha256(repo: Path, commit: str) -> str:
     """The sha256 of the bundle an older fabdeploy made of `commit`: git's default tar.umask (002)."""
-    cmd = ["git", "-C", str(repo), "-c", "tar.umask=0002", "-c", "tar.tar.gz.command=git archive gzip",
-           "archive", "--format=tar.gz", f"-{GZIP_LEVEL}", commit]
+    cmd = [
+        "git",
+        "-C",
+        str(repo),
+        "-c",
+        "tar.umask=0002",
+        "-c",
+        "tar.tar.gz.command=git archive gzip",
+        "archive",
+        "--format=tar.gz",
+        f"-{GZIP_LEVEL}",
+        commit,
+    ]
     h = hashlib.sha256()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
         assert proc.stdout is not None
@@ -597,7 +643,9 @@ def _report(b: Bundle, log: Log) -> None:
     log(f"sha256  {b.sha256}  ({_human_size(b.size)})")
 
 
-def _metadata(cfg: Config, bid: str, commit: str, ref: str, sha: str, size: int, ct: int) -> dict[str, Any]:
+def _metadata(
+    cfg: Config, bid: str, commit: str, ref: str, sha: str, size: int, ct: int
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "commit": commit,
         "ref": ref,
@@ -637,15 +685,22 @@ def _build(
             sha, size = archive(cfg.repo, commit, spool)
         else:
             sha, size = build_pack(cfg, commit, ct, spool, log)
-        bundle = Bundle(commit, ref, sha, size, key, uri, uploaded=False, committed_at=ct, bundle_id=bid)
+        bundle = Bundle(
+            commit, ref, sha, size, key, uri, uploaded=False, committed_at=ct, bundle_id=bid
+        )
         if existing is not None and existing.get("sha256"):
             if existing["sha256"] != sha:
-                if (cfg.build.recipe is None and not existing.get("pack")
-                        and existing["sha256"] == _legacy_sha256(cfg.repo, commit)):
+                if (
+                    cfg.build.recipe is None
+                    and not existing.get("pack")
+                    and existing["sha256"] == _legacy_sha256(cfg.repo, commit)
+                ):
                     # Packed before the git config was pinned: same tree, group-writable modes
                     # (which every node drops). Keep it: nodes verify against its sha256.
-                    log(f"bundle {bid[:25]} already in {uri}, packed by an older fabdeploy "
-                        f"(sha256 {existing['sha256']}); kept, nothing uploaded")
+                    log(
+                        f"bundle {bid[:25]} already in {uri}, packed by an older fabdeploy "
+                        f"(sha256 {existing['sha256']}); kept, nothing uploaded"
+                    )
                     return _bundle_from_meta(store, bid, commit, ref, ct, existing)
                 raise _mismatch(store, bid, existing["sha256"], sha)
             log(f"bundle {bid[:25]} already in {uri} (sha256 {sha}), nothing uploaded")
@@ -662,7 +717,9 @@ def _build(
             theirs = store.head_bundle(bid) or {}
             if theirs.get("sha256") != sha:
                 raise _mismatch(store, bid, theirs.get("sha256", "<none>"), sha) from None
-            log(f"bundle {bid[:25]} was uploaded meanwhile by {theirs.get('built-by', 'someone')}, same sha256")
+            log(
+                f"bundle {bid[:25]} was uploaded meanwhile by {theirs.get('built-by', 'someone')}, same sha256"
+            )
             return bundle
         finally:
             bar.close()
@@ -685,7 +742,9 @@ def build_and_upload(
     ref = ref or cfg.ref
     commit, ct = resolve_commit(cfg.repo, ref)
     _warn(cfg.repo, commit, log)
-    b = _build(cfg, store, commit, ref, ct, store.head_bundle(bundle_id(commit, cfg.build)), progress, log)
+    b = _build(
+        cfg, store, commit, ref, ct, store.head_bundle(bundle_id(commit, cfg.build)), progress, log
+    )
     _report(b, log)
     return b
 
@@ -713,12 +772,26 @@ def ensure_bundle(
     bid = bundle_id(commit, cfg.build)
     meta = store.head_bundle(bid)
     signed = signing_on(cfg)
-    trusted = trusted_manifest(cfg, store, commit, log, bid) if signed and meta is not None and not verify else None
+    trusted = (
+        trusted_manifest(cfg, store, commit, log, bid)
+        if signed and meta is not None and not verify
+        else None
+    )
     if trusted is not None:
         env, m, principal = trusted
         key = store.bundle_key(bid)
-        b = Bundle(commit, ref, m["sha256"], m["size"], key, store.uri(key), uploaded=False,
-                   committed_at=int(m.get("committed_at") or ct), manifest=env, bundle_id=bid)
+        b = Bundle(
+            commit,
+            ref,
+            m["sha256"],
+            m["size"],
+            key,
+            store.uri(key),
+            uploaded=False,
+            committed_at=int(m.get("committed_at") or ct),
+            manifest=env,
+            bundle_id=bid,
+        )
         log(f"bundle {bid[:25]} already in S3, manifest signed by {principal}, nothing uploaded")
     elif meta is not None and not signed and not verify and all(meta.get(k) for k in REQUIRED_META):
         b = _bundle_from_meta(store, bid, commit, ref, ct, meta)
@@ -739,8 +812,9 @@ def signing_on(cfg: Config | None) -> bool:
     return cfg is not None and cfg.signing.key is not None
 
 
-def trusted_manifest(cfg: Config, store: Store, commit: str, log: Log = print,
-                     bid: str | None = None) -> tuple[Any, Any, str] | None:
+def trusted_manifest(
+    cfg: Config, store: Store, commit: str, log: Log = print, bid: str | None = None
+) -> tuple[Any, Any, str] | None:
     """The bundle's manifest if a trusted signer signed it for this app and bundle, else None (said why)."""
     bid = bid or commit
     env = store.get_manifest(bid)
@@ -753,17 +827,32 @@ def trusted_manifest(cfg: Config, store: Store, commit: str, log: Log = print,
         log(f"warning: {e}; rebuilding the bundle instead")
         return None
     sha, size = m.get("sha256"), m.get("size")
-    if (m.get("commit") != commit or m.get("app") != cfg.app or m.get("key") != store.bundle_key(bid)
-            or not isinstance(sha, str) or not isinstance(size, int)):
+    if (
+        m.get("commit") != commit
+        or m.get("app") != cfg.app
+        or m.get("key") != store.bundle_key(bid)
+        or not isinstance(sha, str)
+        or not isinstance(size, int)
+    ):
         log(f"warning: {where}, signed by {principal}, names another bundle; rebuilding instead")
         return None
     return env, m, principal
 
 
 def sign_manifest(cfg: Config, store: Store, b: Bundle) -> dict[str, str]:
-    payload = {"format": 1, "app": cfg.app, "key": b.key, "commit": b.commit, "sha256": b.sha256,
-               "size": b.size, "ref": b.ref, "committed_at": b.committed_at, "built_at": now_iso(),
-               "built_by": local_user(), "bundle_id": b.bundle_id}
+    payload = {
+        "format": 1,
+        "app": cfg.app,
+        "key": b.key,
+        "commit": b.commit,
+        "sha256": b.sha256,
+        "size": b.size,
+        "ref": b.ref,
+        "committed_at": b.committed_at,
+        "built_at": now_iso(),
+        "built_by": local_user(),
+        "bundle_id": b.bundle_id,
+    }
     env = signing.sign(cfg, payload, signing.NS_MANIFEST)
     store.put_manifest(b.bundle_id, env)
     return env
@@ -785,20 +874,42 @@ def _next_sequence(cfg: Config, current: Pointer | None) -> int:
 
 def new_pointer(cfg: Config | None, b: Bundle, current: Pointer | None) -> Pointer:
     """The pointer to publish for `b`: signed (with its manifest and a sequence) when signing is on."""
-    pointer = Pointer(key=b.key, commit=b.commit, sha256=b.sha256, ref=b.ref, size=b.size,
-                      published_by=local_user(), published_at=now_iso(), committed_at=b.committed_at,
-                      bundle_id=b.bundle_id)
+    pointer = Pointer(
+        key=b.key,
+        commit=b.commit,
+        sha256=b.sha256,
+        ref=b.ref,
+        size=b.size,
+        published_by=local_user(),
+        published_at=now_iso(),
+        committed_at=b.committed_at,
+        bundle_id=b.bundle_id,
+    )
     if not signing_on(cfg):
         return pointer
     assert cfg is not None
     if b.manifest is None:
-        raise SigningError(f"{b.commit[:12]} has no signed manifest: run `fab deploy.bundle --ref={b.commit}`")
+        raise SigningError(
+            f"{b.commit[:12]} has no signed manifest: run `fab deploy.bundle --ref={b.commit}`"
+        )
     seq = _next_sequence(cfg, current)
-    payload = {"app": cfg.app, "key": b.key, "commit": b.commit, "sha256": b.sha256, "size": b.size,
-               "ref": b.ref, "committed_at": b.committed_at, "published_by": pointer.published_by,
-               "published_at": pointer.published_at, "sequence": seq, "manifest": b.manifest,
-               "bundle_id": b.bundle_id}
-    return dataclasses.replace(pointer, sequence=seq, signed=signing.sign(cfg, payload, signing.NS_POINTER))
+    payload = {
+        "app": cfg.app,
+        "key": b.key,
+        "commit": b.commit,
+        "sha256": b.sha256,
+        "size": b.size,
+        "ref": b.ref,
+        "committed_at": b.committed_at,
+        "published_by": pointer.published_by,
+        "published_at": pointer.published_at,
+        "sequence": seq,
+        "manifest": b.manifest,
+        "bundle_id": b.bundle_id,
+    }
+    return dataclasses.replace(
+        pointer, sequence=seq, signed=signing.sign(cfg, payload, signing.NS_POINTER)
+    )
 
 
 def bundle_of_pointer(cfg: Config, store: Store, p: Pointer, log: Log = print) -> Bundle:
@@ -807,15 +918,29 @@ def bundle_of_pointer(cfg: Config, store: Store, p: Pointer, log: Log = print) -
     if signing_on(cfg):
         trusted = trusted_manifest(cfg, store, p.commit, log, p.id)
         if trusted is None:
-            raise SigningError(f"{p.commit[:12]} has no manifest signed by a trusted key in "
-                               f"{store.uri(store.manifest_key(p.id))}: bundle it again "
-                               f"(`fab deploy.bundle --ref={p.commit}`), then publish it")
+            raise SigningError(
+                f"{p.commit[:12]} has no manifest signed by a trusted key in "
+                f"{store.uri(store.manifest_key(p.id))}: bundle it again "
+                f"(`fab deploy.bundle --ref={p.commit}`), then publish it"
+            )
         env, m, _ = trusted
         if m["sha256"] != p.sha256 or m["size"] != p.size:
-            raise SigningError(f"the history entry of {p.commit[:12]} disagrees with its signed manifest: "
-                               "refusing to publish it")
-    return Bundle(p.commit, p.ref, p.sha256, p.size, p.key, store.uri(p.key), uploaded=False,
-                  committed_at=p.committed_at or 0, manifest=env, bundle_id=p.id)
+            raise SigningError(
+                f"the history entry of {p.commit[:12]} disagrees with its signed manifest: "
+                "refusing to publish it"
+            )
+    return Bundle(
+        p.commit,
+        p.ref,
+        p.sha256,
+        p.size,
+        p.key,
+        store.uri(p.key),
+        uploaded=False,
+        committed_at=p.committed_at or 0,
+        manifest=env,
+        bundle_id=p.id,
+    )
 
 
 def publish(
@@ -830,7 +955,11 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print, cfg: Config | None
     """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept);
     signed when `cfg` has signing on."""
     current, etag = store.read_pointer(replacing=True)
-    if current is not None and current.id == b.bundle_id and (current.signed or not signing_on(cfg)):
+    if (
+        current is not None
+        and current.id == b.bundle_id
+        and (current.signed or not signing_on(cfg))
+    ):
         log(
             f"{b.commit[:12]} is already published (by {current.published_by} at {current.published_at}); "
             "nothing changed"
@@ -844,8 +973,9 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print, cfg: Config | None
     return pointer
 
 
-def promote(source: Store, store: Store, from_stage: str, log: Log = print,
-            cfg: Config | None = None) -> tuple[Bundle, Pointer]:
+def promote(
+    source: Store, store: Store, from_stage: str, log: Log = print, cfg: Config | None = None
+) -> tuple[Bundle, Pointer]:
     """Publish what `source` (another stage) has published, byte for byte: no rebuild.
 
     The bundle is copied into this stage's prefix (checked against the source pointer's sha256
@@ -855,25 +985,50 @@ def promote(source: Store, store: Store, from_stage: str, log: Log = print,
     """
     p, _ = source.read_pointer()
     if p is None:
-        raise BundleError(f"stage {from_stage} has nothing published ({source.uri(source.pointer_key)}); "
-                          f"publish it first: fab {from_stage} deploy.publish")
+        raise BundleError(
+            f"stage {from_stage} has nothing published ({source.uri(source.pointer_key)}); "
+            f"publish it first: fab {from_stage} deploy.publish"
+        )
     if signing_on(cfg):
         assert cfg is not None
-        signed, who = signing.verify(cfg, p.signed, signing.NS_POINTER,
-                                     f"stage {from_stage}'s pointer {source.uri(source.pointer_key)}")
-        if ((signed.get("commit"), signed.get("sha256"), signed.get("size"), signed.get("bundle_id") or signed.get("commit"))
-                != (p.commit, p.sha256, p.size, p.id)):
-            raise SigningError(f"stage {from_stage}'s pointer disagrees with what {who} signed: refusing to promote it")
+        signed, who = signing.verify(
+            cfg,
+            p.signed,
+            signing.NS_POINTER,
+            f"stage {from_stage}'s pointer {source.uri(source.pointer_key)}",
+        )
+        if (
+            signed.get("commit"),
+            signed.get("sha256"),
+            signed.get("size"),
+            signed.get("bundle_id") or signed.get("commit"),
+        ) != (p.commit, p.sha256, p.size, p.id):
+            raise SigningError(
+                f"stage {from_stage}'s pointer disagrees with what {who} signed: refusing to promote it"
+            )
     key = store.bundle_key(p.id)
-    b = Bundle(p.commit, p.ref, p.sha256, p.size, key, store.uri(key), uploaded=False,
-               committed_at=p.committed_at or 0, bundle_id=p.id)
+    b = Bundle(
+        p.commit,
+        p.ref,
+        p.sha256,
+        p.size,
+        key,
+        store.uri(key),
+        uploaded=False,
+        committed_at=p.committed_at or 0,
+        bundle_id=p.id,
+    )
     existing = store.head_bundle(p.id)
     if existing is not None:
         if existing.get("sha256") != p.sha256:
             raise _mismatch(store, p.id, existing.get("sha256", "<none>"), p.sha256)
         log(f"bundle for {p.commit[:12]} already in {b.uri} (sha256 {p.sha256}), nothing copied")
     else:
-        meta = {k: v for k, v in (source.head_bundle(p.id) or {}).items() if k not in ("etag", "content-length")}
+        meta = {
+            k: v
+            for k, v in (source.head_bundle(p.id) or {}).items()
+            if k not in ("etag", "content-length")
+        }
         meta.update({"sha256": p.sha256, "promoted-from": from_stage})
         with tempfile.TemporaryFile(prefix="fabdeploy-promote-") as spool:
             digest, size = hashlib.sha256(), 0
@@ -883,8 +1038,10 @@ def promote(source: Store, store: Store, from_stage: str, log: Log = print,
                 size += len(chunk)
                 spool.write(chunk)
             if digest.hexdigest() != p.sha256:
-                raise BundleError(f"{source.uri(source.bundle_key(p.id))} has sha256 {digest.hexdigest()}, but "
-                                  f"stage {from_stage}'s pointer says {p.sha256}: investigate before promoting")
+                raise BundleError(
+                    f"{source.uri(source.bundle_key(p.id))} has sha256 {digest.hexdigest()}, but "
+                    f"stage {from_stage}'s pointer says {p.sha256}: investigate before promoting"
+                )
             spool.seek(0)
             try:
                 store.upload_bundle(spool, p.id, meta, size_hint=size)
@@ -892,8 +1049,17 @@ def promote(source: Store, store: Store, from_stage: str, log: Log = print,
                 theirs = store.head_bundle(p.id) or {}
                 if theirs.get("sha256") != p.sha256:
                     raise _mismatch(store, p.id, theirs.get("sha256", "<none>"), p.sha256) from None
-        b = Bundle(p.commit, p.ref, p.sha256, size, key, b.uri, uploaded=True, committed_at=b.committed_at,
-                   bundle_id=p.id)
+        b = Bundle(
+            p.commit,
+            p.ref,
+            p.sha256,
+            size,
+            key,
+            b.uri,
+            uploaded=True,
+            committed_at=b.committed_at,
+            bundle_id=p.id,
+        )
         log(f"copied {p.commit[:12]} from stage {from_stage} to {b.uri} (sha256 {p.sha256})")
     if signing_on(cfg):
         assert cfg is not None

@@ -40,8 +40,12 @@ def wait_healthy(cfg: Config, address: str, timeout: float | None = None) -> Hea
 
     # A restarted app usually answers within milliseconds: start probing fast, back off
     # to health.interval, so no host pays a whole interval for nothing.
-    r = poll(probe, timeout=timeout if timeout is not None else cfg.health.timeout,
-             interval=cfg.health.interval, first=0.01)
+    r = poll(
+        probe,
+        timeout=timeout if timeout is not None else cfg.health.timeout,
+        interval=cfg.health.interval,
+        first=0.01,
+    )
     if r.done:
         return Health(True, r.last, time.monotonic() - start)
     waited = time.monotonic() - start

@@ -52,8 +52,11 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
             "endpoint_url": cfg.s3.endpoint_url,
         },
         "env": dict(cfg.node_env),
-        "hooks": {stage: [h.to_json() for h in getattr(cfg.hooks, stage)]
-                  for stage in ("before_swap", "after_swap", "after_restart") if getattr(cfg.hooks, stage)},
+        "hooks": {
+            stage: [h.to_json() for h in getattr(cfg.hooks, stage)]
+            for stage in ("before_swap", "after_swap", "after_restart")
+            if getattr(cfg.hooks, stage)
+        },
         **({"stage": cfg.stage} if cfg.stage else {}),  # STAGE in hooks' environment
         "restart": cfg.restart,
         # With ssh.sudo the node runs restart through sudo (its password, if any, on stdin).
@@ -161,8 +164,13 @@ def node_command(cfg: Config, *args: str) -> str:
     return q(cfg.node.python, "-I", "-c", boot, "--config", f"{d}/node.json", *args)
 
 
-def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = None,
-            remove_after: str | None = None) -> str:
+def guarded(
+    cfg: Config,
+    *args: str,
+    stdin: bool = False,
+    host: Host | None = None,
+    remove_after: str | None = None,
+) -> str:
     """Run the node program only if the installed one is exactly ours (one round trip).
 
     With `stdin`, the guard reads stdin to its end before it gives up, as the node program
@@ -178,11 +186,16 @@ def guarded(cfg: Config, *args: str, stdin: bool = False, host: Host | None = No
     check = ""
     restart = (for_host(cfg, host) if host is not None else cfg).restart  # its role's, if any
     if cfg.ssh.sudo and restart and "--restart" in args and sudo_password(cfg) is None:
-        check = f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}{rm}exit {SUDO_REFUSED}; }}; "
-    run_node = (f"exec {node_command(cfg, *args)}" if remove_after is None else
-                f"{node_command(cfg, *args)}; rc=$?; {rm}exit $rc")
+        check = (
+            f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}{rm}exit {SUDO_REFUSED}; }}; "
+        )
+    run_node = (
+        f"exec {node_command(cfg, *args)}"
+        if remove_after is None
+        else f"{node_command(cfg, *args)}; rc=$?; {rm}exit $rc"
+    )
     return (
-        f"test \"$(cat {q(sha)} 2>/dev/null)\" = {q(fingerprint(cfg, host))} || {{ {drain}exit {NEEDS_INSTALL}; }}; "
+        f'test "$(cat {q(sha)} 2>/dev/null)" = {q(fingerprint(cfg, host))} || {{ {drain}exit {NEEDS_INSTALL}; }}; '
         f"{check}{run_node}"
     )
 
@@ -206,11 +219,18 @@ def parse(host: Host, command: str, stdout: str, stderr: str, code: int) -> dict
     )
 
 
-def call_timeout(cfg: Config, host: Host, args: tuple[str, ...], timeout: float | None) -> float | None:
+def call_timeout(
+    cfg: Config, host: Host, args: tuple[str, ...], timeout: float | None
+) -> float | None:
     """ssh.command_timeout bounds the node's work; a restart that the node health-checks
     itself (health.on: node) gets health.timeout on top, the check's own bound."""
     health = for_host(cfg, host).health
-    if timeout is None and "--restart" in args and health.on == "node" and (health.url or health.command):
+    if (
+        timeout is None
+        and "--restart" in args
+        and health.on == "node"
+        and (health.url or health.command)
+    ):
         return cfg.ssh.command_timeout + health.timeout
     return timeout
 
@@ -218,8 +238,16 @@ def call_timeout(cfg: Config, host: Host, args: tuple[str, ...], timeout: float 
 NOT_INSTALLED = 98  # exit code of an unguarded read: no node program on the host at all
 
 
-def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float | None = None,
-         stdin: str | None = None, remove_after: str | None = None, reinstall: bool = True) -> dict[str, Any]:
+def call(
+    cfg: Config,
+    host: Host,
+    conn: Connection,
+    *args: str,
+    timeout: float | None = None,
+    stdin: str | None = None,
+    remove_after: str | None = None,
+    reinstall: bool = True,
+) -> dict[str, Any]:
     """Call the node program; install/update it first if needed. Raises HostError on failure.
     `stdin` goes to the node program's stdin (e.g. the presigned URL for --url-stdin); a sudo
     password for the restart goes first, as its own line (never in argv). `remove_after`: a file
@@ -236,13 +264,17 @@ def call(cfg: Config, host: Host, conn: Connection, *args: str, timeout: float |
         cmd = f"test -f {q(cfg.node_dir + '/node.py')} || exit {NOT_INSTALLED}; exec {node_command(cfg, *args)}"
         r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
         if r.exit_code == NOT_INSTALLED:
-            raise HostError(host.name, f"{host.name}: not set up (no node program): run fab deploy.setup")
+            raise HostError(
+                host.name, f"{host.name}: not set up (no node program): run fab deploy.setup"
+            )
     elif outdated:
         install(cfg, host, conn)
         r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
     if r.exit_code == SUDO_REFUSED:
-        raise (sudo_refusal(host, cfg.ssh.user, for_host(cfg, host).restart or "", r)
-               or HostError(host.name, f"{host.name}: sudo refused the restart"))
+        raise (
+            sudo_refusal(host, cfg.ssh.user, for_host(cfg, host).restart or "", r)
+            or HostError(host.name, f"{host.name}: sudo refused the restart")
+        )
     data = parse(host, cmd, r.stdout, r.stderr, r.exit_code)
     if outdated and not reinstall:
         data["outdated"] = True
@@ -280,9 +312,13 @@ def check_script(cfg: Config, host: Host) -> str:
     parts = []
     if cfg.ssh.sudo:
         for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
-            parts.append(f"sudo -n -l -- {cmd} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused")
+            parts.append(
+                f"sudo -n -l -- {cmd} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused"
+            )
     for i, f in enumerate(cfg.linked_files):
-        parts.append(f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing")
+        parts.append(
+            f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing"
+        )
     return "".join(p + "; " for p in parts) + _probe_script(cfg)
 
 
@@ -294,7 +330,11 @@ def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
         for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
             if state.get(f"sudo{i}") != "ok":
                 out.append(f"{cfg.ssh.user} may not run `sudo {cmd}` (sudo -n -l)")
-    out += [f"shared/{f} is missing" for i, f in enumerate(cfg.linked_files) if state.get(f"linked{i}") != "ok"]
+    out += [
+        f"shared/{f} is missing"
+        for i, f in enumerate(cfg.linked_files)
+        if state.get(f"linked{i}") != "ok"
+    ]
     need = ".".join(map(str, MIN_PYTHON))
     if state.get("python") != "ok":
         return out + [f"{cfg.node.python} is missing"]
@@ -303,8 +343,11 @@ def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
     if state.get("boto3") != "ok":
         out.append("boto3 is missing (the boot unit needs it)")
     if state.get("sha") != fingerprint(cfg, host):
-        out.append("node program/config not current (fab deploy.setup)" if state.get("sha")
-                   else "not set up (fab deploy.setup)")
+        out.append(
+            "node program/config not current (fab deploy.setup)"
+            if state.get("sha")
+            else "not set up (fab deploy.setup)"
+        )
     if state.get("enabled") != "yes":
         out.append("boot unit not enabled")
     if cfg.run_as:
@@ -325,7 +368,7 @@ def _owner_probe(cfg: Config) -> str:
         f"; id -u {u} >/dev/null 2>&1 && echo user=ok || echo user=missing; "
         f"echo unit=$(sha256sum < {q(unit_path(cfg))} 2>/dev/null | cut -c1-64); "
         f"echo signers=$(sha256sum < {q(signers_path(cfg))} 2>/dev/null | cut -c1-64); "
-        f"test -z \"$(find {trees} ! -path {q(signers_path(cfg))} ! -user {u} -print -quit 2>/dev/null)\" "
+        f'test -z "$(find {trees} ! -path {q(signers_path(cfg))} ! -user {u} -print -quit 2>/dev/null)" '
         "&& echo owner=ok || echo owner=wrong"
     )
 
@@ -356,8 +399,14 @@ class Admin:
     sudo: bool
 
 
-def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = False,
-            admin: Admin | None = None) -> str:
+def install(
+    cfg: Config,
+    host: Host,
+    conn: Connection,
+    *,
+    require_boto3: bool = False,
+    admin: Admin | None = None,
+) -> str:
     """Install or update the node program, its config and the boot unit. Idempotent.
 
     With a deploy user (ssh.user not root), what needs root (the unit, daemon-reload, enable,
@@ -397,11 +446,22 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     # umask 022: deploy_to must not be group/other-writable (the node refuses that). node.json
     # holds node_env credentials: created 0600 empty here, so the upload below writes into a
     # file nobody else can read (an SFTP put creates 0644, and a chmod after it is too late).
-    mk = run(cfg, host, conn, "umask 022 && mkdir -p " + q(*_dirs(cfg))
-             + f" && rm -f {q(secret)} && (umask 077 && : > {q(secret)})")
+    mk = run(
+        cfg,
+        host,
+        conn,
+        "umask 022 && mkdir -p "
+        + q(*_dirs(cfg))
+        + f" && rm -f {q(secret)} && (umask 077 && : > {q(secret)})",
+    )
     if mk.exit_code != 0:
-        raise HostError(host.name, f"cannot create directories on {host.name}: {mk.stderr.strip()}",
-                        command="mkdir", exit_code=mk.exit_code, output=mk.stderr)
+        raise HostError(
+            host.name,
+            f"cannot create directories on {host.name}: {mk.stderr.strip()}",
+            command="mkdir",
+            exit_code=mk.exit_code,
+            output=mk.stderr,
+        )
     payload = files(cfg, host)
     targets = {"node.py": f"{d}/node.py", "node.json": f"{d}/node.json", "unit": unit_path(cfg)}
     if "allowed_signers" in payload:
@@ -433,29 +493,48 @@ def install(cfg: Config, host: Host, conn: Connection, *, require_boto3: bool = 
     return "installed" if not state.get("sha") else "updated"
 
 
-def _install_as_user(cfg: Config, host: Host, conn: Connection, admin: Admin | None,
-                     state: dict[str, str], fp: str) -> str:
+def _install_as_user(
+    cfg: Config, host: Host, conn: Connection, admin: Admin | None, state: dict[str, str], fp: str
+) -> str:
     user = cfg.run_as
     if state.get("user") != "ok":
-        raise HostError(host.name, f"user {user} does not exist on {host.name}: create it (useradd --system "
-                        f"--create-home --shell /bin/sh {user}), give it your SSH key, then run fab deploy.setup")
+        raise HostError(
+            host.name,
+            f"user {user} does not exist on {host.name}: create it (useradd --system "
+            f"--create-home --shell /bin/sh {user}), give it your SSH key, then run fab deploy.setup",
+        )
     unit_sha = hashlib.sha256(unit_text(cfg).encode()).hexdigest()
     signers = files(cfg, host).get("allowed_signers")
-    signers_sha = hashlib.sha256(signers).hexdigest() if signers is not None else state.get("signers")
-    wrong = [why for why, bad in (
-        ("the boot unit is missing or different", state.get("unit") != unit_sha),
-        ("the trusted signers (root's) are missing or different", state.get("signers") != signers_sha),
-        ("the boot unit is not enabled", state.get("enabled") != "yes"),
-        (f"{cfg.deploy_to}/releases is missing", state.get("layout") != "ok"),
-        (f"files under {cfg.deploy_to} or {cfg.node_dir} are not {user}'s", state.get("owner") != "ok"),
-    ) if bad]
+    signers_sha = (
+        hashlib.sha256(signers).hexdigest() if signers is not None else state.get("signers")
+    )
+    wrong = [
+        why
+        for why, bad in (
+            ("the boot unit is missing or different", state.get("unit") != unit_sha),
+            (
+                "the trusted signers (root's) are missing or different",
+                state.get("signers") != signers_sha,
+            ),
+            ("the boot unit is not enabled", state.get("enabled") != "yes"),
+            (f"{cfg.deploy_to}/releases is missing", state.get("layout") != "ok"),
+            (
+                f"files under {cfg.deploy_to} or {cfg.node_dir} are not {user}'s",
+                state.get("owner") != "ok",
+            ),
+        )
+        if bad
+    ]
     if state.get("sha") == fp and not wrong:
         return "unchanged"
     if admin is not None:
         _install_as_root(cfg, host, admin, fp)
     elif wrong:
-        raise HostError(host.name, f"{host.name}: {wrong[0]}, and fixing it needs root: run fab deploy.setup "
-                        f"(--admin-user=root, or an admin with full sudo, if {user} has none)")
+        raise HostError(
+            host.name,
+            f"{host.name}: {wrong[0]}, and fixing it needs root: run fab deploy.setup "
+            f"(--admin-user=root, or an admin with full sudo, if {user} has none)",
+        )
     else:
         _put_node_files(cfg, host, conn, fp)
     return "installed" if not state.get("sha") else "updated"
@@ -473,15 +552,24 @@ def _put_node_files(cfg: Config, host: Host, conn: Connection, fp: str) -> None:
         for name in ("node.py", "node.json"):
             sftp.putfo(io.BytesIO(payload[name]), f"{d}/{name}.fabdeploy-new")
     except OSError as e:
-        raise HostError(host.name, f"upload to {d} on {host.name} failed: {e}; run fab deploy.setup") from None
-    finish = (f"set -e; mv -f {q(d + '/node.py.fabdeploy-new')} {q(d + '/node.py')}; "
-              f"mv -f {q(d + '/node.json.fabdeploy-new')} {q(d + '/node.json')}; "
-              f"chmod 0600 {q(d + '/node.json')}; echo {q(fp)} > {q(d + '/node.sha')}")
+        raise HostError(
+            host.name, f"upload to {d} on {host.name} failed: {e}; run fab deploy.setup"
+        ) from None
+    finish = (
+        f"set -e; mv -f {q(d + '/node.py.fabdeploy-new')} {q(d + '/node.py')}; "
+        f"mv -f {q(d + '/node.json.fabdeploy-new')} {q(d + '/node.json')}; "
+        f"chmod 0600 {q(d + '/node.json')}; echo {q(fp)} > {q(d + '/node.sha')}"
+    )
     r = run(cfg, host, conn, finish)
     if r.exit_code != 0:
-        raise HostError(host.name, f"installing the node program on {host.name} failed: "
-                        + (r.stderr.strip().splitlines() or ["no output"])[-1], command=finish,
-                        exit_code=r.exit_code, output=r.stderr)
+        raise HostError(
+            host.name,
+            f"installing the node program on {host.name} failed: "
+            + (r.stderr.strip().splitlines() or ["no output"])[-1],
+            command=finish,
+            exit_code=r.exit_code,
+            output=r.stderr,
+        )
 
 
 def root_script(cfg: Config, staging: str, fp: str, signers: bool = False) -> str:
@@ -490,25 +578,35 @@ def root_script(cfg: Config, staging: str, fp: str, signers: bool = False) -> st
     The unit and the trusted signers stay root's; the rest of node_dir is the deploy user's
     (the node program only ever runs as that user)."""
     d, unit, u = cfg.node_dir, unit_path(cfg), q(cfg.run_as or "root")
-    put = [(f"{staging}/node.py", f"{d}/node.py", '-o "$u" -g "$g"', "0644"),
-           (f"{staging}/node.json", f"{d}/node.json", '-o "$u" -g "$g"', "0600"),
-           (f"{staging}/unit", unit, "-o root -g root", "0644")]
+    put = [
+        (f"{staging}/node.py", f"{d}/node.py", '-o "$u" -g "$g"', "0644"),
+        (f"{staging}/node.json", f"{d}/node.json", '-o "$u" -g "$g"', "0600"),
+        (f"{staging}/unit", unit, "-o root -g root", "0644"),
+    ]
     if signers:
         put.append((f"{staging}/allowed_signers", signers_path(cfg), "-o root -g root", "0644"))
-    return "\n".join([
-        "set -e",
-        "umask 022",  # deploy_to must not be group/other-writable (the node refuses that)
-        f"trap {q('rm -rf ' + q(staging))} EXIT",
-        f"u={u}; g=$(id -gn {u})",
-        "mkdir -p " + q(*_dirs(cfg)),
-        # Trees a root deploy left behind become the deploy user's (links themselves, not targets).
-        f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user \"$u\" -exec chown -h \"$u:$g\" {{}} +",
-        *(f"install {owner} -m {mode} {q(src)} {q(dst + '.fabdeploy-new')}" for src, dst, owner, mode in put),
-        *(f"mv -f {q(dst + '.fabdeploy-new')} {q(dst)}" for _, dst, _, _ in put),
-        f"echo {q(fp)} > {q(d + '/node.sha')}; chown \"$u:$g\" {q(d + '/node.sha')}",
-        "systemctl daemon-reload",
-        f"systemctl enable {q(cfg.boot_unit)} >/dev/null",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "set -e",
+                "umask 022",  # deploy_to must not be group/other-writable (the node refuses that)
+                f"trap {q('rm -rf ' + q(staging))} EXIT",
+                f"u={u}; g=$(id -gn {u})",
+                "mkdir -p " + q(*_dirs(cfg)),
+                # Trees a root deploy left behind become the deploy user's (links themselves, not targets).
+                f'find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user "$u" -exec chown -h "$u:$g" {{}} +',
+                *(
+                    f"install {owner} -m {mode} {q(src)} {q(dst + '.fabdeploy-new')}"
+                    for src, dst, owner, mode in put
+                ),
+                *(f"mv -f {q(dst + '.fabdeploy-new')} {q(dst)}" for _, dst, _, _ in put),
+                f'echo {q(fp)} > {q(d + "/node.sha")}; chown "$u:$g" {q(d + "/node.sha")}',
+                "systemctl daemon-reload",
+                f"systemctl enable {q(cfg.boot_unit)} >/dev/null",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _install_as_root(cfg: Config, host: Host, admin: Admin, fp: str) -> None:
@@ -516,7 +614,9 @@ def _install_as_root(cfg: Config, host: Host, admin: Admin, fp: str) -> None:
     mk = run(cfg, host, conn, "mktemp -d /tmp/fabdeploy-setup.XXXXXX")
     staging = mk.stdout.strip()
     if mk.exit_code != 0 or not staging.startswith("/tmp/fabdeploy-setup."):
-        raise HostError(host.name, f"cannot create a staging dir in /tmp on {host.name}: {mk.stderr.strip()}")
+        raise HostError(
+            host.name, f"cannot create a staging dir in /tmp on {host.name}: {mk.stderr.strip()}"
+        )
     payload = files(cfg, host)
     try:
         sftp = conn.sftp()
@@ -530,14 +630,24 @@ def _install_as_root(cfg: Config, host: Host, admin: Admin, fp: str) -> None:
     if r.exit_code == 0:
         return
     if admin.sudo:
-        refused = sudo_refusal(host, admin.user, "/bin/sh -c <deploy.setup's root script>", r,
-                               hint="deploy.setup needs root: --admin-user=root (or ssh.admin_user), an admin "
-                               "with full sudo, or fab --prompt-for-sudo-password")
+        refused = sudo_refusal(
+            host,
+            admin.user,
+            "/bin/sh -c <deploy.setup's root script>",
+            r,
+            hint="deploy.setup needs root: --admin-user=root (or ssh.admin_user), an admin "
+            "with full sudo, or fab --prompt-for-sudo-password",
+        )
         if refused:
             raise refused
-    raise HostError(host.name, f"installing the boot unit on {host.name} as root failed (exit {r.exit_code}): "
-                    + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
-                    command="root script", exit_code=r.exit_code, output=r.stdout + r.stderr)
+    raise HostError(
+        host.name,
+        f"installing the boot unit on {host.name} as root failed (exit {r.exit_code}): "
+        + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
+        command="root script",
+        exit_code=r.exit_code,
+        output=r.stdout + r.stderr,
+    )
 
 
 def sudoers_for(user: str, app: str, commands: list[str]) -> str:
@@ -555,12 +665,20 @@ def sudoers_for(user: str, app: str, commands: list[str]) -> str:
 def sudoers(cfg: Config) -> str:
     """The drop-in for deploy.yml's deploy user: its restart and reboot commands (every role's)."""
     if not cfg.ssh.sudo or not cfg.run_as:
-        raise ConfigError(f"{cfg.path}: --sudoers needs ssh.user (the deploy user) and ssh.sudo: true")
-    cmds = [cfg.restart, cfg.reboot, *(c for r in cfg.roles.values() for c in (r.restart, r.reboot))]
+        raise ConfigError(
+            f"{cfg.path}: --sudoers needs ssh.user (the deploy user) and ssh.sudo: true"
+        )
+    cmds = [
+        cfg.restart,
+        cfg.reboot,
+        *(c for r in cfg.roles.values() for c in (r.restart, r.reboot)),
+    ]
     return sudoers_for(cfg.run_as, cfg.app, list(dict.fromkeys(c for c in cmds if c)))
 
 
-def export(cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = False) -> list[Path]:
+def export(
+    cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = False
+) -> list[Path]:
     """Write what a node needs into `out`, for baking into an AMI or shipping in user-data.
 
     `install.sh` puts the files where `fab deploy.setup` would and enables the boot unit;
@@ -578,14 +696,15 @@ def export(cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = 
     owner = ""
     if cfg.run_as:
         u = q(cfg.run_as)
-        owner = (f"g=$(id -gn {u})\n"
-                 f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user {u} "
-                 f"-exec chown -h {u}:\"$g\" {{}} +\n")
+        owner = (
+            f"g=$(id -gn {u})\n"
+            f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user {u} "
+            f'-exec chown -h {u}:"$g" {{}} +\n'
+        )
     drop = ""
     if drop_in:
         dst = f"/etc/sudoers.d/fabdeploy-{cfg.app}"
-        drop = (f'visudo -cqf "$here/{drop_in}"\n'
-                f'install -m 0440 "$here/{drop_in}" {q(dst)}\n')
+        drop = f'visudo -cqf "$here/{drop_in}"\ninstall -m 0440 "$here/{drop_in}" {q(dst)}\n'
     script = (
         "#!/bin/sh\n"
         f"# Install the fabdeploy node program for {cfg.app} (generated by `fab deploy.export-node`).\n"
@@ -595,8 +714,11 @@ def export(cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = 
         f'install -m 0644 "$here/node.py" {q(d + "/node.py")}\n'
         f'install -m 0600 "$here/node.json" {q(d + "/node.json")}\n'
         f'install -m 0644 "$here/{cfg.boot_unit}" {q(unit)}\n'
-        + (f'install -m 0644 -o root "$here/allowed_signers" {q(signers_path(cfg))}\n'
-           if "allowed_signers" in payload else "")
+        + (
+            f'install -m 0644 -o root "$here/allowed_signers" {q(signers_path(cfg))}\n'
+            if "allowed_signers" in payload
+            else ""
+        )
         + f"echo {q(fingerprint(cfg, host))} > {q(d + '/node.sha')}\n"
         + f"{owner}{drop}"
         f"systemctl daemon-reload 2>/dev/null || true\n"
@@ -615,8 +737,15 @@ def export(cfg: Config, out: Path, host: Host | None = None, *, sudoers: bool = 
     paths = []
     for name, data in written.items():
         p = out / name
-        mode = (0o755 if name == "install.sh" else 0o600 if name == "node.json"
-                else 0o440 if name == drop_in else 0o644)
+        mode = (
+            0o755
+            if name == "install.sh"
+            else 0o600
+            if name == "node.json"
+            else 0o440
+            if name == drop_in
+            else 0o644
+        )
         p.unlink(missing_ok=True)
         # Created with its final mode: node.json (credentials) is never readable by others.
         with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:

@@ -36,14 +36,18 @@ def _keygen(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
     try:
         return subprocess.run([KEYGEN, *args], input=stdin, capture_output=True, timeout=60)
     except FileNotFoundError:
-        raise SigningError(f"{KEYGEN} not found: install openssh-client (OpenSSH 8.2 or newer)") from None
+        raise SigningError(
+            f"{KEYGEN} not found: install openssh-client (OpenSSH 8.2 or newer)"
+        ) from None
 
 
 def sign(cfg: Config, payload: dict[str, Any], namespace: str) -> dict[str, str]:
     """An envelope of `payload` signed with signing.key (a private key, or a .pub whose key is in the agent)."""
     key = cfg.signing.key
     if key is None:
-        raise SigningError(f"signing.key is not set in {cfg.path}: name the deployer's SSH key to sign with")
+        raise SigningError(
+            f"signing.key is not set in {cfg.path}: name the deployer's SSH key to sign with"
+        )
     if not key.exists():
         raise SigningError(f"signing.key {key} does not exist (signing.key in {cfg.path})")
     text = payload_text(payload)
@@ -54,7 +58,9 @@ def sign(cfg: Config, payload: dict[str, Any], namespace: str) -> dict[str, str]
         sig = msg.with_name("payload.sig")
         if r.returncode != 0 or not sig.exists():
             why = (r.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-            raise SigningError(f"signing with {key} failed: {why} (is the key's passphrase in ssh-agent?)")
+            raise SigningError(
+                f"signing with {key} failed: {why} (is the key's passphrase in ssh-agent?)"
+            )
         return {"payload": text, "signature": sig.read_text()}
 
 
@@ -62,13 +68,20 @@ def verify(cfg: Config, envelope: Any, namespace: str, what: str) -> tuple[dict[
     """The payload of a signed envelope and the principal that signed it, or SigningError."""
     signers = cfg.signing.allowed_signers
     if signers is None:
-        raise SigningError(f"{what}: cannot verify signatures: signing.allowed_signers is not set in {cfg.path}")
+        raise SigningError(
+            f"{what}: cannot verify signatures: signing.allowed_signers is not set in {cfg.path}"
+        )
     return verify_with(signers, envelope, namespace, what)
 
 
-def verify_with(signers: Path, envelope: Any, namespace: str, what: str) -> tuple[dict[str, Any], str]:
-    if not (isinstance(envelope, dict) and isinstance(envelope.get("payload"), str)
-            and isinstance(envelope.get("signature"), str)):
+def verify_with(
+    signers: Path, envelope: Any, namespace: str, what: str
+) -> tuple[dict[str, Any], str]:
+    if not (
+        isinstance(envelope, dict)
+        and isinstance(envelope.get("payload"), str)
+        and isinstance(envelope.get("signature"), str)
+    ):
         raise SigningError(f"{what} is not signed")
     text, signature = envelope["payload"], envelope["signature"]
     with tempfile.TemporaryDirectory(prefix="fabdeploy-verify-") as tmp:
@@ -79,11 +92,24 @@ def verify_with(signers: Path, envelope: Any, namespace: str, what: str) -> tupl
         if found.returncode != 0 or not principals:
             raise SigningError(f"{what} is signed by a key that is not in {signers}: refusing it")
         principal = principals[0]
-        ok = _keygen("-Y", "verify", "-f", str(signers), "-I", principal, "-n", namespace, "-s", str(sig),
-                     stdin=text.encode())
+        ok = _keygen(
+            "-Y",
+            "verify",
+            "-f",
+            str(signers),
+            "-I",
+            principal,
+            "-n",
+            namespace,
+            "-s",
+            str(sig),
+            stdin=text.encode(),
+        )
         if ok.returncode != 0:
-            raise SigningError(f"{what}: the signature of {principal} does not match its content: "
-                               "it was changed after signing; refusing it")
+            raise SigningError(
+                f"{what}: the signature of {principal} does not match its content: "
+                "it was changed after signing; refusing it"
+            )
     try:
         payload = json.loads(text)
     except ValueError:
@@ -108,8 +134,7 @@ def signers_text(cfg: Config) -> bytes | None:
     except OSError as e:
         raise SigningError(f"signing.allowed_signers {path} cannot be read: {e.strerror}") from None
     if not data.strip():
-        raise SigningError(f"signing.allowed_signers {path} is empty: list each trusted deployer's public key")
+        raise SigningError(
+            f"signing.allowed_signers {path} is empty: list each trusted deployer's public key"
+        )
     return data if data.endswith(b"\n") else data + b"\n"
-
-
-

@@ -43,13 +43,16 @@ class _FabricConfigCache:
                 if cfg.fabric is not None:
                     # The task's own config: ~/.fabric.yaml, FABRIC_* env, -f, -i, prompts.
                     fc = cfg.fabric.clone()
-                    if cfg.ssh.config and str(cfg.ssh.config) != getattr(fc, "_runtime_ssh_path", None):
+                    if cfg.ssh.config and str(cfg.ssh.config) != getattr(
+                        fc, "_runtime_ssh_path", None
+                    ):
                         import paramiko
 
                         fc.base_ssh_config = paramiko.SSHConfig.from_path(str(cfg.ssh.config))
                 else:
-                    fc = FabricConfig(runtime_ssh_path=str(cfg.ssh.config) if cfg.ssh.config else None,
-                                      lazy=False)
+                    fc = FabricConfig(
+                        runtime_ssh_path=str(cfg.ssh.config) if cfg.ssh.config else None, lazy=False
+                    )
                     # Never read the operator's ~/.ssh/config behind deploy.yml's back when
                     # deploy.yml names one; without one, Fabric's normal lookup applies.
                     if cfg.ssh.config:
@@ -77,8 +80,13 @@ def _harden(conn: Connection, cfg: Config) -> None:
         _harden(gw, cfg)
 
 
-def _connection(cfg: Config, fc: FabricConfig, address: str, gateway: Connection | None = None,
-                user: str | None = None) -> Connection:
+def _connection(
+    cfg: Config,
+    fc: FabricConfig,
+    address: str,
+    gateway: Connection | None = None,
+    user: str | None = None,
+) -> Connection:
     """One hop (a host or a gateway): our timeouts, identities and host-key policy on each."""
     kwargs: dict[str, Any] = {"config": fc.clone()}
     if user:
@@ -87,8 +95,10 @@ def _connection(cfg: Config, fc: FabricConfig, address: str, gateway: Connection
         kwargs["connect_timeout"] = int(max(1, cfg.ssh.connect_timeout))
     if gateway is not None:
         kwargs["gateway"] = gateway
-    connect_kwargs: dict[str, Any] = {"banner_timeout": cfg.ssh.connect_timeout,
-                                      "auth_timeout": cfg.ssh.connect_timeout}
+    connect_kwargs: dict[str, Any] = {
+        "banner_timeout": cfg.ssh.connect_timeout,
+        "auth_timeout": cfg.ssh.connect_timeout,
+    }
     if cfg.ssh.identity_file and not cfg.ssh.identity_files:
         connect_kwargs["key_filename"] = [str(cfg.ssh.identity_file)]
     own = {k: v for k, v in dict(fc.connect_kwargs or {}).items() if k != "key_filename"}
@@ -150,7 +160,8 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
     except EOFError:
         # sshd accepted and hung up mid-handshake: typical of a host going down or booting.
         raise HostError(
-            host.name, f"cannot connect to {host.name} ({addr}): sshd closed the connection during the handshake"
+            host.name,
+            f"cannot connect to {host.name} ({addr}): sshd closed the connection during the handshake",
         ) from None
     except TimeoutError:
         raise HostError(
@@ -179,10 +190,16 @@ def open_connection(cfg: Config, host: Host, conn: Connection) -> None:
 
 
 def _tcp_keepalive(sock: Any, idle: int) -> None:
-    if not isinstance(sock, socket.socket):  # through a gateway: a channel, the gateway's socket has it
+    if not isinstance(
+        sock, socket.socket
+    ):  # through a gateway: a channel, the gateway's socket has it
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)), ("TCP_KEEPCNT", 3)):
+    for opt, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", max(1, idle // 3)),
+        ("TCP_KEEPCNT", 3),
+    ):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
 
@@ -230,14 +247,22 @@ def run(
             output=(e.result.stdout or "") + (e.result.stderr or ""),
         ) from None
     except (EOFError, OSError) as e:
-        raise HostError(host.name, f"connection to {host.name} lost while running a command ({e or type(e).__name__})", command=command,
-                        session_ended=True) from None
+        raise HostError(
+            host.name,
+            f"connection to {host.name} lost while running a command ({e or type(e).__name__})",
+            command=command,
+            session_ended=True,
+        ) from None
     except Exception as e:  # paramiko raises a zoo of types when a session dies
         import paramiko
 
         if isinstance(e, paramiko.SSHException):
-            raise HostError(host.name, f"connection to {host.name} lost: {e}", command=command,
-                            session_ended=True) from None
+            raise HostError(
+                host.name,
+                f"connection to {host.name} lost: {e}",
+                command=command,
+                session_ended=True,
+            ) from None
         raise
     if r.exited in (None, -1) and time.monotonic() - started >= limit:
         # invoke's timer closed the channel but, racing with the close, returned a result
@@ -284,12 +309,20 @@ def as_root(cfg: Config, command: str, *, sudo: bool) -> tuple[str, str | None]:
     return f"sudo -S -p '' -- {command}", pw + "\n"
 
 
-_SUDO_SAYS = ("a password is required", "is not allowed to execute", "is not in the sudoers file",
-              "incorrect password", "no password was provided", "a terminal is required",
-              "may not run sudo")
+_SUDO_SAYS = (
+    "a password is required",
+    "is not allowed to execute",
+    "is not in the sudoers file",
+    "incorrect password",
+    "no password was provided",
+    "a terminal is required",
+    "may not run sudo",
+)
 
 
-def sudo_refusal(host: Host, user: str | None, what: str, r: CommandResult, *, hint: str = "") -> HostError | None:
+def sudo_refusal(
+    host: Host, user: str | None, what: str, r: CommandResult, *, hint: str = ""
+) -> HostError | None:
     """The one line for a sudo that said no (or is missing); None if sudo was not the problem."""
     if r.exit_code == 0:
         return None
@@ -300,12 +333,24 @@ def sudo_refusal(host: Host, user: str | None, what: str, r: CommandResult, *, h
             host.name,
             f"{host.name}: {user or 'the SSH user'} may not run `sudo {what}`"
             + (f" ({said})" if said else "")
-            + ": " + (hint or "add it to the sudoers drop-in (fab deploy.export-node --sudoers), or give "
-                      "fab --prompt-for-sudo-password"),
-            command=what, exit_code=r.exit_code, output=text)
+            + ": "
+            + (
+                hint
+                or "add it to the sudoers drop-in (fab deploy.export-node --sudoers), or give "
+                "fab --prompt-for-sudo-password"
+            ),
+            command=what,
+            exit_code=r.exit_code,
+            output=text,
+        )
     if r.exit_code == 127 and "sudo" in text and "not found" in text:
-        return HostError(host.name, f"{host.name}: sudo is not installed (needed for `{what}`): "
-                         "apt-get install sudo (or dnf install sudo)", command=what, exit_code=127)
+        return HostError(
+            host.name,
+            f"{host.name}: sudo is not installed (needed for `{what}`): "
+            "apt-get install sudo (or dnf install sudo)",
+            command=what,
+            exit_code=127,
+        )
     return None
 
 
@@ -345,7 +390,9 @@ def run_parallel(
         except ConfigError as e:
             res = HostResult(host.name, False, {}, str(e))
         except Exception as e:  # one host's bug must not hide the other hosts' outcomes
-            res = HostResult(host.name, False, {}, f"unexpected error on {host.name}: {type(e).__name__}: {e}")
+            res = HostResult(
+                host.name, False, {}, f"unexpected error on {host.name}: {type(e).__name__}: {e}"
+            )
         finally:
             if conn is not None:
                 try:
@@ -360,5 +407,3 @@ def run_parallel(
     with ThreadPoolExecutor(max_workers=size, thread_name_prefix="fleet") as pool:
         results = list(pool.map(one, targets))
     return results
-
-

@@ -38,11 +38,20 @@ PART_SIZE = 8 * 1024 * 1024
 # whatever the bundle size, while keeping the connection pool busy.
 UPLOAD_THREADS = 4
 HISTORY_SPAN = 10**13  # ms; inverted timestamps stay 13 digits until year 2286
-METADATA_KEYS = ("commit", "ref", "sha256", "size", "built-at", "built-by", "app", "committed-at",
-                 "bundle-id", "pack", "recipe-sha256", "recipe")
-
-
-
+METADATA_KEYS = (
+    "commit",
+    "ref",
+    "sha256",
+    "size",
+    "built-at",
+    "built-by",
+    "app",
+    "committed-at",
+    "bundle-id",
+    "pack",
+    "recipe-sha256",
+    "recipe",
+)
 
 
 class _BadJSON(ValueError):
@@ -119,31 +128,42 @@ class Pointer:
         try:
             raw = load_json(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{where} is not valid JSON ({_short(e)}); fix or re-publish it with `fab deploy.publish`") from None
+            raise StoreError(
+                f"{where} is not valid JSON ({_short(e)}); fix or re-publish it with `fab deploy.publish`"
+            ) from None
         if not isinstance(raw, dict):
             raise StoreError(f"{where} is not a JSON object; re-publish with `fab deploy.publish`")
         str_fields = ("key", "commit", "sha256", "ref", "published_by", "published_at")
         missing = [f for f in (*str_fields, "size") if f not in raw]
         if missing:
-            raise StoreError(f"{where} lacks {', '.join(missing)}; re-publish with `fab deploy.publish`")
+            raise StoreError(
+                f"{where} lacks {', '.join(missing)}; re-publish with `fab deploy.publish`"
+            )
         bad = [f for f in str_fields if not isinstance(raw[f], str) or not raw[f]]
         if not _is_int(raw["size"]) or not 0 <= raw["size"] < 2**63:
             bad.append("size")
         committed_at = raw.get("committed_at")
-        if committed_at is not None and (not _is_int(committed_at) or not 0 <= committed_at < 2**63):
+        if committed_at is not None and (
+            not _is_int(committed_at) or not 0 <= committed_at < 2**63
+        ):
             bad.append("committed_at")
         sequence = raw.get("sequence")
         if sequence is not None and (not _is_int(sequence) or not 0 <= sequence < 2**63):
             bad.append("sequence")
         signed = raw.get("signed")
-        if signed is not None and not (isinstance(signed, dict) and isinstance(signed.get("payload"), str)
-                                       and isinstance(signed.get("signature"), str)):
+        if signed is not None and not (
+            isinstance(signed, dict)
+            and isinstance(signed.get("payload"), str)
+            and isinstance(signed.get("signature"), str)
+        ):
             bad.append("signed")
         bid = raw.get("bundle_id")
         if bid is not None and (not isinstance(bid, str) or not bid):
             bad.append("bundle_id")
         if bad:
-            raise StoreError(f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`")
+            raise StoreError(
+                f"{where} has invalid {', '.join(bad)}; re-publish with `fab deploy.publish`"
+            )
         return cls(
             key=raw["key"],
             commit=raw["commit"],
@@ -177,8 +197,14 @@ class Lock:
 
     @classmethod
     def unreadable(cls, etag: str | None) -> Lock:
-        return cls(holder="(unreadable)", action="unknown", created_at=time.time(), expires_at=0.0,
-                   etag=etag, unparsable=True)
+        return cls(
+            holder="(unreadable)",
+            action="unknown",
+            created_at=time.time(),
+            expires_at=0.0,
+            etag=etag,
+            unparsable=True,
+        )
 
     @property
     def age(self) -> float:
@@ -211,8 +237,11 @@ class Lock:
         return f"{self.holder} ({self.action}) for {human_duration(self.age)}"
 
     def to_json(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items()
-                if k not in ("etag", "unparsable") and not (k in _OPTIONAL_LOCK_FIELDS and v is None)}
+        body = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("etag", "unparsable") and not (k in _OPTIONAL_LOCK_FIELDS and v is None)
+        }
         return (json.dumps(body, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -225,8 +254,10 @@ class Lock:
             created_at, expires_at = raw["created_at"], raw["expires_at"]
             if not (isinstance(holder, str) and isinstance(action, str)):
                 raise TypeError("holder and action must be strings")
-            if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and abs(t) < 1e11
-                       for t in (created_at, expires_at)):
+            if not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and abs(t) < 1e11
+                for t in (created_at, expires_at)
+            ):
                 raise TypeError("created_at and expires_at must be timestamps")
             pid = raw.get("pid")
             return cls(
@@ -235,7 +266,9 @@ class Lock:
                 created_at=float(created_at),
                 expires_at=float(expires_at),
                 etag=etag,
-                pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31 else None,
+                pid=pid
+                if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31
+                else None,
                 machine_id=_id_field(raw.get("machine_id")),
                 boot_id=_id_field(raw.get("boot_id")),
                 pidns=_id_field(raw.get("pidns")),
@@ -264,8 +297,11 @@ def local_identity() -> tuple[str | None, str | None, str | None]:
     """(machine id, boot id, pid namespace) of this process; None where unreadable."""
     global _identity
     if _identity is None:
-        _identity = (_read_id("/etc/machine-id"), _read_id("/proc/sys/kernel/random/boot_id"),
-                     _read_id("/proc/self/ns/pid", link=True))
+        _identity = (
+            _read_id("/etc/machine-id"),
+            _read_id("/proc/sys/kernel/random/boot_id"),
+            _read_id("/proc/self/ns/pid", link=True),
+        )
     return _identity
 
 
@@ -372,7 +408,10 @@ def _file_slices(fileobj: Any, size_hint: int | None) -> Iterator[_FileSlice] | 
         return None
     if size_hint is not None and size_hint != total:
         return None
-    return (_FileSlice(fd, start + off, min(PART_SIZE, total - off)) for off in range(0, total, PART_SIZE))
+    return (
+        _FileSlice(fd, start + off, min(PART_SIZE, total - off))
+        for off in range(0, total, PART_SIZE)
+    )
 
 
 class Store:
@@ -411,8 +450,12 @@ class Store:
         """A bundle's signed manifest; overwriting is harmless, since nodes check the signature."""
         key = self.manifest_key(commit)
         try:
-            self.client.put_object(Bucket=self.s3.bucket, Key=key, ContentType="application/json",
-                                   Body=(json.dumps(envelope, sort_keys=True) + "\n").encode())
+            self.client.put_object(
+                Bucket=self.s3.bucket,
+                Key=key,
+                ContentType="application/json",
+                Body=(json.dumps(envelope, sort_keys=True) + "\n").encode(),
+            )
         except Exception as e:
             raise self._error(e, key, "writing manifest") from None
 
@@ -477,17 +520,27 @@ class Store:
         where = self.uri(key) if key else f"s3://{self.s3.bucket}"
         f = boto.classify(exc)
         if f.kind == boto.NO_CREDENTIALS:
-            return StoreError("no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile")
+            return StoreError(
+                "no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
+            )
         if f.kind == boto.NO_PROFILE:
-            return StoreError(f"AWS profile {self.s3.profile!r} (s3.profile) not found: create it or fix s3.profile")
+            return StoreError(
+                f"AWS profile {self.s3.profile!r} (s3.profile) not found: create it or fix s3.profile"
+            )
         if f.kind == boto.UNREACHABLE:
-            return StoreError(f"cannot reach S3 endpoint {self.endpoint} ({action} {where}): is it up?")
+            return StoreError(
+                f"cannot reach S3 endpoint {self.endpoint} ({action} {where}): is it up?"
+            )
         if f.kind == boto.SLOW:
-            return StoreError(f"S3 endpoint {self.endpoint} timed out ({action} {where}): is it overloaded? retry")
+            return StoreError(
+                f"S3 endpoint {self.endpoint} timed out ({action} {where}): is it overloaded? retry"
+            )
         if f.kind == boto.NO_BUCKET:
             return self._no_bucket()
         if f.kind == boto.CONFLICT:
-            return ConflictError(f"{where} changed while we were writing it ({action}): {f.message}")
+            return ConflictError(
+                f"{where} changed while we were writing it ({action}): {f.message}"
+            )
         if f.kind == boto.BAD_CREDENTIALS:
             return StoreError(
                 f"S3 at {self.endpoint} rejected the AWS credentials ({f.code}) for {where}: "
@@ -499,7 +552,9 @@ class Store:
                 "(s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket on the bucket and prefix)"
             )
         if f.code:
-            return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {f.code} {f.message}".rstrip())
+            return StoreError(
+                f"S3 {action} {where} failed at {self.endpoint}: {f.code} {f.message}".rstrip()
+            )
         if f.kind == boto.API:
             return StoreError(f"S3 {action} {where} failed at {self.endpoint}: {f.message}")
         return StoreError(f"S3 {action} {where} failed: {exc}")
@@ -576,7 +631,9 @@ class Store:
         second = next(bodies, None)
         if second is None:
             try:
-                client.put_object(Bucket=self.s3.bucket, Key=key, Body=first, IfNoneMatch="*", **extra)
+                client.put_object(
+                    Bucket=self.s3.bucket, Key=key, Body=first, IfNoneMatch="*", **extra
+                )
             except Exception as e:
                 raise self._error(e, key, "uploading bundle") from None
             if progress:
@@ -595,7 +652,9 @@ class Store:
         parts = all_parts()
 
         try:
-            upload_id = client.create_multipart_upload(Bucket=self.s3.bucket, Key=key, **extra)["UploadId"]
+            upload_id = client.create_multipart_upload(Bucket=self.s3.bucket, Key=key, **extra)[
+                "UploadId"
+            ]
         except Exception as e:
             raise self._error(e, key, "starting bundle upload") from None
         done_lock = threading.Lock()
@@ -625,7 +684,9 @@ class Store:
                 Bucket=self.s3.bucket,
                 Key=key,
                 UploadId=upload_id,
-                MultipartUpload={"Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]},
+                MultipartUpload={
+                    "Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]
+                },
                 IfNoneMatch="*",
             )
         except BaseException as e:
@@ -653,7 +714,9 @@ class Store:
         except Exception as e:
             if self._is_missing(e):
                 self._missing_object()
-                raise StoreError(f"no bundle at {self.uri(key)}: run `fab deploy.bundle` first") from None
+                raise StoreError(
+                    f"no bundle at {self.uri(key)}: run `fab deploy.bundle` first"
+                ) from None
             raise self._error(e, key, "downloading bundle") from None
 
     # --- published pointer ----------------------------------------------------------
@@ -700,11 +763,16 @@ class Store:
         hkey = f"{self.history_prefix}{HISTORY_SPAN - millis:013d}-{pointer.commit[:12]}.json"
         try:
             self.client.put_object(
-                Bucket=self.s3.bucket, Key=hkey, Body=pointer.to_json(), ContentType="application/json"
+                Bucket=self.s3.bucket,
+                Key=hkey,
+                Body=pointer.to_json(),
+                ContentType="application/json",
             )
         except Exception as e:
             err = self._error(e, hkey, "recording history")
-            raise StoreError(f"published {pointer.commit[:12]}, but could not record it in history: {err}") from None
+            raise StoreError(
+                f"published {pointer.commit[:12]}, but could not record it in history: {err}"
+            ) from None
         return r["ETag"]
 
     def _conflict(self, mine: Pointer) -> ConflictError:
@@ -723,7 +791,9 @@ class Store:
 
     def pointer_history(self, limit: int = 20) -> list[Pointer]:
         try:
-            r = self.client.list_objects_v2(Bucket=self.s3.bucket, Prefix=self.history_prefix, MaxKeys=limit)
+            r = self.client.list_objects_v2(
+                Bucket=self.s3.bucket, Prefix=self.history_prefix, MaxKeys=limit
+            )
         except Exception as e:
             raise self._error(e, self.history_prefix, "listing history") from None
         # Keys hold inverted millis, so S3's lexicographic listing is newest first.
@@ -754,8 +824,16 @@ class Store:
         for _ in range(3):  # the holder may release between our failed create and our read
             now = time.time()
             machine_id, boot_id, pidns = local_identity()
-            lock = Lock(holder=holder, action=action, created_at=now, expires_at=now + expiry,
-                        pid=os.getpid(), machine_id=machine_id, boot_id=boot_id, pidns=pidns)
+            lock = Lock(
+                holder=holder,
+                action=action,
+                created_at=now,
+                expires_at=now + expiry,
+                pid=os.getpid(),
+                machine_id=machine_id,
+                boot_id=boot_id,
+                pidns=pidns,
+            )
             try:
                 r = self.client.put_object(
                     Bucket=self.s3.bucket,
@@ -780,13 +858,18 @@ class Store:
                     raise err from None
                 import sys
 
-                print(f"warning: broke the deploy lock of {held.describe()}: its process "
-                      f"{held.pid} no longer runs on this machine (same machine id and boot)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: broke the deploy lock of {held.describe()}: its process "
+                    f"{held.pid} no longer runs on this machine (same machine id and boot)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             if held is not None:
                 raise StoreError(self._held_message(held))
-        raise ConflictError(f"could not take the deploy lock {self.uri(key)}: it keeps changing; retry")
+        raise ConflictError(
+            f"could not take the deploy lock {self.uri(key)}: it keeps changing; retry"
+        )
 
     @staticmethod
     def _held_message(held: Lock) -> str:
@@ -808,8 +891,13 @@ class Store:
         key = self.lock_key
         new = replace(lock, expires_at=time.time() + expiry)
         try:
-            r = self.client.put_object(Bucket=self.s3.bucket, Key=key, Body=new.to_json(),
-                                       ContentType="application/json", IfMatch=lock.etag)
+            r = self.client.put_object(
+                Bucket=self.s3.bucket,
+                Key=key,
+                Body=new.to_json(),
+                ContentType="application/json",
+                IfMatch=lock.etag,
+            )
         except Exception as e:
             err = self._error(e, key, "renewing the deploy lock")
             if not (self._is_missing(e) or isinstance(err, ConflictError)):
@@ -818,8 +906,12 @@ class Store:
                 current = self.read_lock()
             except StoreError:
                 current = None
-            if current is not None and (current.holder, current.created_at, current.pid, current.boot_id) == (
-                    lock.holder, lock.created_at, lock.pid, lock.boot_id):
+            if current is not None and (
+                current.holder,
+                current.created_at,
+                current.pid,
+                current.boot_id,
+            ) == (lock.holder, lock.created_at, lock.pid, lock.boot_id):
                 return current  # our own earlier renewal landed although its answer was lost
             who = f"now held by {current.describe()}" if current else "it was removed"
             raise ConflictError(f"our deploy lock {self.uri(key)} was broken: {who}") from None
@@ -881,7 +973,6 @@ class Store:
             raise err from None
         return held
 
-
     # --- what a roll must undo (load balancers, ASG standby) -----------------------------
 
     def read_undo(self) -> tuple[Any, str | None]:
@@ -893,8 +984,10 @@ class Store:
         try:
             return load_json(got[0]), got[1]
         except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{self.uri(key)} is not valid JSON ({_short(e)}): check the instances' load "
-                             "balancer registration and ASG standby/MinSize by hand, then delete it") from None
+            raise StoreError(
+                f"{self.uri(key)} is not valid JSON ({_short(e)}): check the instances' load "
+                "balancer registration and ASG standby/MinSize by hand, then delete it"
+            ) from None
 
     def write_undo(self, state: dict[str, Any], expected_etag: str | None) -> str:
         """Replace the undo state only if it is still what we wrote (or still absent)."""
@@ -902,12 +995,15 @@ class Store:
         cond = {"IfMatch": expected_etag} if expected_etag else {"IfNoneMatch": "*"}
         body = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
         try:
-            r = self.client.put_object(Bucket=self.s3.bucket, Key=key, Body=body,
-                                       ContentType="application/json", **cond)
+            r = self.client.put_object(
+                Bucket=self.s3.bucket, Key=key, Body=body, ContentType="application/json", **cond
+            )
         except Exception as e:
             err = self._error(e, key, "recording the roll's undo state")
             if expected_etag and self._is_missing(e):
-                raise ConflictError(f"{self.uri(key)} was removed by someone else meanwhile") from None
+                raise ConflictError(
+                    f"{self.uri(key)} was removed by someone else meanwhile"
+                ) from None
             raise err from None
         return str(r["ETag"])
 

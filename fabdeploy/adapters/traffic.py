@@ -26,7 +26,9 @@ from fabdeploy.basics.output import say, warn
 
 def command_for(template: str, host: Host, address: str) -> str:
     """The command with {host} and {address} filled in, shell-quoted."""
-    return template.replace("{host}", shlex.quote(host.name)).replace("{address}", shlex.quote(address))
+    return template.replace("{host}", shlex.quote(host.name)).replace(
+        "{address}", shlex.quote(address)
+    )
 
 
 class Drainer:
@@ -49,15 +51,27 @@ class Drainer:
             code, out = r.exit_code, (r.stderr or r.stdout or "")
         else:
             try:
-                p = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=limit)
+                p = subprocess.run(
+                    ["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=limit
+                )
             except subprocess.TimeoutExpired:
-                raise HostError(host.name, f"{host.name}: traffic.{what} did not finish within {limit:g}s "
-                                f"(ssh.command_timeout); check the command in {self.cfg.path}", command=cmd) from None
+                raise HostError(
+                    host.name,
+                    f"{host.name}: traffic.{what} did not finish within {limit:g}s "
+                    f"(ssh.command_timeout); check the command in {self.cfg.path}",
+                    command=cmd,
+                ) from None
             code, out = p.returncode, (p.stderr or p.stdout or "")
         if code != 0:
             last = (out.strip().splitlines() or ["no output"])[-1]
-            raise HostError(host.name, f"{host.name}: traffic.{what} failed (exit {code}, {self.t.run_on}): {last}; "
-                            f"check traffic.{what} in {self.cfg.path}", command=cmd, exit_code=code, output=out)
+            raise HostError(
+                host.name,
+                f"{host.name}: traffic.{what} failed (exit {code}, {self.t.run_on}): {last}; "
+                f"check traffic.{what} in {self.cfg.path}",
+                command=cmd,
+                exit_code=code,
+                output=out,
+            )
 
     def drain(self, host: Host, conn: Connection) -> None:
         with self._lock:
@@ -100,6 +114,8 @@ class Drainer:
             try:
                 self.restore(host, conn)
             except DeployError as e:
-                warn(f"{host.name}: could not put it back in traffic: {e}; run traffic.restore by hand")
+                warn(
+                    f"{host.name}: could not put it back in traffic: {e}; run traffic.restore by hand"
+                )
             finally:
                 conn.close()

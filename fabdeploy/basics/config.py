@@ -31,8 +31,15 @@ DEFAULT_NAME = "deploy.yml"
 _REQUIRED: Any = object()
 
 
-def key(kind: Callable[[Any], Any] | type | str, default: Any = None, *, required: bool = False,
-        factory: Callable[[], Any] | None = None, optional_section: bool = False, doc: str = "") -> Any:
+def key(
+    kind: Callable[[Any], Any] | type | str,
+    default: Any = None,
+    *,
+    required: bool = False,
+    factory: Callable[[], Any] | None = None,
+    optional_section: bool = False,
+    doc: str = "",
+) -> Any:
     """Declare one deploy.yml key: its validator (or section class), default and doc.
 
     A section (a dataclass kind) that is absent is built from its defaults, unless
@@ -108,7 +115,9 @@ def _unit_path(v: Any) -> str:
     """An absolute path that goes into a systemd unit line as is: no spaces, '%' or newlines."""
     v = _abs_path(v)
     if not _UNIT_SAFE.fullmatch(v):
-        raise TypeError("an absolute path of letters, digits and _ . / + - only (it goes into a systemd unit)")
+        raise TypeError(
+            "an absolute path of letters, digits and _ . / + - only (it goes into a systemd unit)"
+        )
     return v
 
 
@@ -141,7 +150,9 @@ def _rel_path(v: Any) -> str:
     v = _str(v)
     parts = v.split("/")
     if v.startswith("/") or ".." in parts or "" in parts or "." in parts:
-        raise TypeError("a plain relative path inside the release, without '..' (e.g. config/database.yml)")
+        raise TypeError(
+            "a plain relative path inside the release, without '..' (e.g. config/database.yml)"
+        )
     return v
 
 
@@ -234,7 +245,9 @@ def _address(v: Any) -> str:
 
 
 def _percentages(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 100 for x in v):
+    if not isinstance(v, list) or any(
+        isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 100 for x in v
+    ):
         raise TypeError("a list of whole percentages 1..100, ascending, e.g. [20, 50, 100]")
     if list(v) != sorted(set(v)):
         raise TypeError("a list of whole percentages 1..100, ascending, e.g. [20, 50, 100]")
@@ -300,7 +313,9 @@ def _wait(v: Any) -> float:
 
 @dataclass(frozen=True)
 class S3Config:
-    bucket: str = key(_str, required=True, doc="bucket holding bundles, the pointer, locks and history")
+    bucket: str = key(
+        _str, required=True, doc="bucket holding bundles, the pointer, locks and history"
+    )
     prefix: str = key(_opt_str, doc="key prefix (default: the app name)")
     region: str | None = key(_opt_str)
     endpoint_url: str | None = key(_opt_str, doc="an S3-compatible endpoint instead of AWS")
@@ -317,10 +332,17 @@ class SSHConfig:
     command_timeout: float = key(_pos_num, 600.0)
     keepalive: int = key(_pos_int, 15)
     identity_file: Path | None = key(_local_path)
-    sudo: bool = key(_bool, False, doc="restart and reboot run through sudo (NOPASSWD, or fab "
-                     "--prompt-for-sudo-password); releases belong to user, at boot too")
-    admin_user: str | None = key(_opt_str, doc="login deploy.setup uses for what needs root (root, or a "
-                                 "user with full sudo); default: user")
+    sudo: bool = key(
+        _bool,
+        False,
+        doc="restart and reboot run through sudo (NOPASSWD, or fab "
+        "--prompt-for-sudo-password); releases belong to user, at boot too",
+    )
+    admin_user: str | None = key(
+        _opt_str,
+        doc="login deploy.setup uses for what needs root (root, or a "
+        "user with full sudo); default: user",
+    )
     # Not a key: more identities, from `fab -i` (which may be given several times).
     identity_files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
 
@@ -337,7 +359,9 @@ class Host:
 @dataclass(frozen=True)
 class HostSpec:
     host: str | None = key(_opt_str, doc="address or ssh_config alias (default: the name)")
-    roles: tuple[str, ...] = key("role_names", factory=tuple, doc="the host's roles (a name or a list), e.g. [web]")
+    roles: tuple[str, ...] = key(
+        "role_names", factory=tuple, doc="the host's roles (a name or a list), e.g. [web]"
+    )
 
 
 HEALTH_ON = ("node", "controller")
@@ -345,19 +369,30 @@ HEALTH_ON = ("node", "controller")
 
 def _health_on(v: Any) -> str:
     if v not in HEALTH_ON:
-        raise TypeError("node (the node checks itself, over its own address) or controller (an HTTP "
-                        "request from the deploying machine)")
+        raise TypeError(
+            "node (the node checks itself, over its own address) or controller (an HTTP "
+            "request from the deploying machine)"
+        )
     return v
 
 
 @dataclass(frozen=True)
 class HealthConfig:
-    url: str | None = key(_opt_str, doc="checked after each change; {host} is the host's address (on: node, the "
-                          "address its sshd was reached on, else 127.0.0.1)")
-    command: str | None = key(_opt_str, doc="on: node only: a shell command run in the current release, "
-                              "healthy when it exits 0")
-    on: str = key(_health_on, "node", doc="where the check runs: node (in the same SSH command, works behind a "
-                  "bastion) or controller")
+    url: str | None = key(
+        _opt_str,
+        doc="checked after each change; {host} is the host's address (on: node, the "
+        "address its sshd was reached on, else 127.0.0.1)",
+    )
+    command: str | None = key(
+        _opt_str,
+        doc="on: node only: a shell command run in the current release, healthy when it exits 0",
+    )
+    on: str = key(
+        _health_on,
+        "node",
+        doc="where the check runs: node (in the same SSH command, works behind a "
+        "bastion) or controller",
+    )
     timeout: float = key(_pos_num, 120.0)
     interval: float = key(_pos_num, 0.2)
     expect_status: int = key(_pos_int, 200)
@@ -365,6 +400,7 @@ class HealthConfig:
 
 def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """`check`, or None when the key is left out (a role's overrides inherit the top-level value)."""
+
     def opt(v: Any) -> Any:
         return None if v is None else check(v)
 
@@ -375,8 +411,13 @@ def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 class RoleHealthConfig:
     """A role's health check. Setting url or command replaces the top-level check (the other is
     then unset); whatever a role leaves out comes from the top-level health:."""
-    url: str | None = key(_opt_str, doc="an HTTP check for this role's hosts ({host} as in health.url)")
-    command: str | None = key(_opt_str, doc="a command check for this role's hosts (exit 0: healthy)")
+
+    url: str | None = key(
+        _opt_str, doc="an HTTP check for this role's hosts ({host} as in health.url)"
+    )
+    command: str | None = key(
+        _opt_str, doc="a command check for this role's hosts (exit 0: healthy)"
+    )
     on: str | None = key(_opt(_health_on))
     timeout: float | None = key(_opt(_pos_num))
     interval: float | None = key(_opt(_pos_num))
@@ -386,6 +427,7 @@ class RoleHealthConfig:
 @dataclass(frozen=True)
 class RoleConfig:
     """What a role changes for its hosts; anything left out is the top-level value."""
+
     restart: str | None = key(_opt_str, doc="this role's restart command (default: restart)")
     reboot: str | None = key(_opt_str, doc="this role's reboot command (default: reboot)")
     health: RoleHealthConfig = key(RoleHealthConfig)
@@ -393,13 +435,22 @@ class RoleConfig:
 
 @dataclass(frozen=True)
 class SigningConfig:
-    allowed_signers: Path | None = key(_local_path, doc="trusted signers (ssh-keygen ALLOWED SIGNERS format): "
-                                                        "installed on every node by deploy.setup")
-    allow_unsigned: bool = key(_bool, False, doc="upgrade path: nodes accept an unsigned pointer until "
-                                                 "they have accepted a signed one")
+    allowed_signers: Path | None = key(
+        _local_path,
+        doc="trusted signers (ssh-keygen ALLOWED SIGNERS format): "
+        "installed on every node by deploy.setup",
+    )
+    allow_unsigned: bool = key(
+        _bool,
+        False,
+        doc="upgrade path: nodes accept an unsigned pointer until they have accepted a signed one",
+    )
     # Last: the field named `key` shadows key() in this class body.
-    key: Path | None = key(_local_path, doc="the deployer's SSH key that signs bundles and pointers "
-                                            "(a private key, or its .pub with the key in ssh-agent)")
+    key: Path | None = key(
+        _local_path,
+        doc="the deployer's SSH key that signs bundles and pointers "
+        "(a private key, or its .pub with the key in ssh-agent)",
+    )
 
 
 @dataclass(frozen=True)
@@ -414,7 +465,12 @@ class Hook:
     def to_json(self) -> str | dict[str, Any]:
         if self.boot and not self.roles and self.timeout is None:
             return self.run  # node.json as before options existed: no reinstall for it
-        return {"run": self.run, "boot": self.boot, "roles": list(self.roles), "timeout": self.timeout}
+        return {
+            "run": self.run,
+            "boot": self.boot,
+            "roles": list(self.roles),
+            "timeout": self.timeout,
+        }
 
 
 _HOOK_KEYS = ("run", "boot", "roles", "timeout")
@@ -427,11 +483,17 @@ def _hook(v: Any) -> Hook:
         raise TypeError("a list of commands or of {run, boot, roles, timeout} mappings")
     unknown = sorted(str(k) for k in v if k not in _HOOK_KEYS)
     if unknown:
-        raise TypeError(f"hooks with keys {', '.join(_HOOK_KEYS)} only (unknown: {', '.join(unknown)})")
+        raise TypeError(
+            f"hooks with keys {', '.join(_HOOK_KEYS)} only (unknown: {', '.join(unknown)})"
+        )
     if "run" not in v:
         raise TypeError("hooks with a `run:` command")
-    return Hook(run=_str(v["run"]), boot=_bool(v.get("boot", True)),
-                roles=_commands(v.get("roles")), timeout=None if v.get("timeout") is None else _pos_num(v["timeout"]))
+    return Hook(
+        run=_str(v["run"]),
+        boot=_bool(v.get("boot", True)),
+        roles=_commands(v.get("roles")),
+        timeout=None if v.get("timeout") is None else _pos_num(v["timeout"]),
+    )
 
 
 def _hooks(v: Any) -> tuple[Hook, ...]:
@@ -450,38 +512,72 @@ class HooksConfig:
     ROLE and DEPLOY_TO set and no deploy credentials. Each one is a command or a mapping
     {run, boot: false (not at boot), roles: [...], timeout: seconds}."""
 
-    before_swap: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
-        "in the new release before `current` moves; a failure removes the release"))
-    after_swap: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
-        "after `current` moved, before the restart; a failure puts the previous release back"))
-    after_restart: tuple[Hook, ...] = key(_hooks, factory=tuple, doc=(
-        "after the node restarted the app (hotfix, rollback; at boot the app starts after us); "
-        "a failure puts the previous release back"))
+    before_swap: tuple[Hook, ...] = key(
+        _hooks,
+        factory=tuple,
+        doc=("in the new release before `current` moves; a failure removes the release"),
+    )
+    after_swap: tuple[Hook, ...] = key(
+        _hooks,
+        factory=tuple,
+        doc=("after `current` moved, before the restart; a failure puts the previous release back"),
+    )
+    after_restart: tuple[Hook, ...] = key(
+        _hooks,
+        factory=tuple,
+        doc=(
+            "after the node restarted the app (hotfix, rollback; at boot the app starts after us); "
+            "a failure puts the previous release back"
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     """The build recipe: part of the bundle's identity (adapters/bundle.py: bundle_id)."""
 
-    commands: tuple[str, ...] = key(_commands, factory=tuple, doc=(
-        "run in turn with `sh -c` on the deploying machine, in a clean export of the commit "
-        "(never the working tree); their result is what ships"))
-    include: tuple[str, ...] = key(_patterns, factory=tuple, doc=(
-        "only paths matching one of these globs are packed (default: everything); a matching "
-        "directory brings all it holds"))
-    exclude: tuple[str, ...] = key(_patterns, factory=tuple, doc=(
-        "paths matching one of these globs are not packed (a pattern without '/' matches a "
-        "name at any depth)"))
-    tmpdir: Path | None = key(_local_path, doc=(
-        "where the clean export and the build run (default: $TMPDIR, else /tmp); a tmpfs such as "
-        "/dev/shm makes the export much faster on slow disks. Not part of the recipe"))
+    commands: tuple[str, ...] = key(
+        _commands,
+        factory=tuple,
+        doc=(
+            "run in turn with `sh -c` on the deploying machine, in a clean export of the commit "
+            "(never the working tree); their result is what ships"
+        ),
+    )
+    include: tuple[str, ...] = key(
+        _patterns,
+        factory=tuple,
+        doc=(
+            "only paths matching one of these globs are packed (default: everything); a matching "
+            "directory brings all it holds"
+        ),
+    )
+    exclude: tuple[str, ...] = key(
+        _patterns,
+        factory=tuple,
+        doc=(
+            "paths matching one of these globs are not packed (a pattern without '/' matches a "
+            "name at any depth)"
+        ),
+    )
+    tmpdir: Path | None = key(
+        _local_path,
+        doc=(
+            "where the clean export and the build run (default: $TMPDIR, else /tmp); a tmpfs such as "
+            "/dev/shm makes the export much faster on slow disks. Not part of the recipe"
+        ),
+    )
 
     @property
     def recipe(self) -> dict[str, list[str]] | None:
         """None when there is no build recipe at all: the bundle is then `git archive` as is."""
         if not (self.commands or self.include or self.exclude):
             return None
-        return {"commands": list(self.commands), "include": list(self.include), "exclude": list(self.exclude)}
+        return {
+            "commands": list(self.commands),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
 
 
 @dataclass(frozen=True)
@@ -495,24 +591,36 @@ class NodeConfig:
     boot_max_seconds: float = key(_pos_num, 900.0)
     download_timeout: float = key(_pos_num, 60.0)
     max_files: int = key(_pos_int, 200_000)
-    lock_timeout: float = key(_pos_num, 120.0, doc="seconds a node run waits for the host's deploy lock")
-    link_unchanged: bool = key(_bool, True, doc="hardlink files unchanged since the previous release "
-                               "(shared inodes: hooks and the app must not modify release files in place)")
+    lock_timeout: float = key(
+        _pos_num, 120.0, doc="seconds a node run waits for the host's deploy lock"
+    )
+    link_unchanged: bool = key(
+        _bool,
+        True,
+        doc="hardlink files unchanged since the previous release "
+        "(shared inodes: hooks and the app must not modify release files in place)",
+    )
 
 
 @dataclass(frozen=True)
 class RollConfig:
     batch: str = key(_batch, "1", doc="hosts rebooted at once: a count or a percentage")
     reboot_timeout: float = key(_pos_num, 300.0)
-    role_order: tuple[str, ...] = key(_names, factory=tuple, doc="roles rolled one after another, in this "
-                                      "order (e.g. [worker, web]); hosts of other roles come last")
+    role_order: tuple[str, ...] = key(
+        _names,
+        factory=tuple,
+        doc="roles rolled one after another, in this "
+        "order (e.g. [worker, web]); hosts of other roles come last",
+    )
     boot_timeout: float = key(_pos_num, 300.0)
     lock_expiry: float = key(_pos_num, 3600.0)
 
 
 @dataclass(frozen=True)
 class TrafficConfig:
-    drain: str | None = key(_opt_str, doc="takes {host} ({address}) out of the load balancer; returns once drained")
+    drain: str | None = key(
+        _opt_str, doc="takes {host} ({address}) out of the load balancer; returns once drained"
+    )
     restore: str | None = key(_opt_str, doc="puts {host} ({address}) back into the load balancer")
     run_on: str = key(_run_on, "local", doc="where drain/restore run: local or node")
     wait: float = key(_wait, 0.0, doc="seconds to wait after drain, for balancers that cannot say")
@@ -538,8 +646,10 @@ class AWSConfig:
     autoscaling_groups: tuple[str, ...] = key(_names, factory=tuple)
     tag_filters: dict[str, tuple[str, ...]] = key(_tag_filters, factory=dict)
     address: str = key(_address, "private_ip")
-    role_tag: str | None = key(_opt_str, doc="instance tag naming a discovered host's roles "
-                               "(comma-separated, e.g. Role: worker)")
+    role_tag: str | None = key(
+        _opt_str,
+        doc="instance tag naming a discovered host's roles (comma-separated, e.g. Role: worker)",
+    )
     target_groups: tuple[str, ...] = key(_names, factory=tuple)
     classic_elbs: tuple[str, ...] = key(_names, factory=tuple)
     standby: bool = key(_bool, False)
@@ -555,7 +665,9 @@ class AWSConfig:
 @dataclass(frozen=True)
 class Config:
     path: Path  # where it was loaded from: not a key
-    app: str = key(_name, required=True, doc="the app's name: default S3 prefix, unit and install dir")
+    app: str = key(
+        _name, required=True, doc="the app's name: default S3 prefix, unit and install dir"
+    )
     repo: Path = key(_local_path, required=True, doc="the app's git repository")
     s3: S3Config = key(S3Config, required=True)
     deploy_to: str = key(_abs_path, required=True, doc="Capistrano's deploy_to on the hosts")
@@ -565,23 +677,42 @@ class Config:
     keep_releases: int = key(_keep_releases, 5)
     linked_files: tuple[str, ...] = key(_rel_paths, factory=tuple)
     linked_dirs: tuple[str, ...] = key(_rel_paths, factory=tuple)
-    build: BuildConfig = key(BuildConfig, doc="build once on the deploying machine, ship the result")
+    build: BuildConfig = key(
+        BuildConfig, doc="build once on the deploying machine, ship the result"
+    )
     ssh: SSHConfig = key(SSHConfig)
     parallel: int = key(_pos_int, 10, doc="SSH sessions at once")
     restart: str | None = key(_opt_str, doc="command that restarts the app")
-    reboot: str = key(_str, "sudo systemctl reboot", doc="with ssh.sudo: run through sudo (a leading sudo is dropped)")
+    reboot: str = key(
+        _str,
+        "sudo systemctl reboot",
+        doc="with ssh.sudo: run through sudo (a leading sudo is dropped)",
+    )
     health: HealthConfig = key(HealthConfig)
-    roles: dict[str, RoleConfig] = key("roles", factory=dict, doc="role name -> its restart, reboot and health "
-                                       "(hosts.X.roles and aws.role_tag name a host's roles)")
+    roles: dict[str, RoleConfig] = key(
+        "roles",
+        factory=dict,
+        doc="role name -> its restart, reboot and health "
+        "(hosts.X.roles and aws.role_tag name a host's roles)",
+    )
     hooks: HooksConfig = key(HooksConfig)
     signing: SigningConfig = key(SigningConfig, doc="signed releases (see README: Trust)")
     node: NodeConfig = key(NodeConfig)
-    node_env: dict[str, str] = key(_env, factory=dict, doc="environment of the node program (not of hooks)")
+    node_env: dict[str, str] = key(
+        _env, factory=dict, doc="environment of the node program (not of hooks)"
+    )
     roll: RollConfig = key(RollConfig)
-    traffic: TrafficConfig = key(TrafficConfig, doc="drain/restore commands around each hotfix/rollback restart")
-    min_healthy: str | None = key(_min_healthy, doc="hosts (count or %) that must stay up while hotfix, rollback "
-                                  "and roll change the fleet in batches (aws.min_healthy wins on AWS fleets)")
-    aws: AWSConfig | None = key(AWSConfig, optional_section=True, doc="discovery, load balancers, standby")
+    traffic: TrafficConfig = key(
+        TrafficConfig, doc="drain/restore commands around each hotfix/rollback restart"
+    )
+    min_healthy: str | None = key(
+        _min_healthy,
+        doc="hosts (count or %) that must stay up while hotfix, rollback "
+        "and roll change the fleet in batches (aws.min_healthy wins on AWS fleets)",
+    )
+    aws: AWSConfig | None = key(
+        AWSConfig, optional_section=True, doc="discovery, load balancers, standby"
+    )
     # Not keys: the dotted keys deploy.yml set explicitly (so Fabric's config files can fill the
     # others), and the task's Fabric config (-i, -S, prompts, ~/.fabric.yaml, FABRIC_* env).
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -634,20 +765,31 @@ def _as_is(k: str) -> str:
     return k
 
 
-def _section(cls: type, data: Any, where: str, p: Path, base: Path, given: set[str] | None = None,
-             shown: Callable[[str], str] = _as_is) -> Any:
+def _section(
+    cls: type,
+    data: Any,
+    where: str,
+    p: Path,
+    base: Path,
+    given: set[str] | None = None,
+    shown: Callable[[str], str] = _as_is,
+) -> Any:
     """Validate one section; `shown` names a dotted key in messages (a stage's overrides: stages.X.key)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: {shown(where.rstrip('.')) if where else 'the file'} must be a mapping of keys")
+        raise ConfigError(
+            f"{p}: {shown(where.rstrip('.')) if where else 'the file'} must be a mapping of keys"
+        )
     fields = keys(cls)
     if True in data and "on" in fields and "on" not in data:
         # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean true.
         data = {("on" if k is True else k): v for k, v in data.items()}
     for k in data:
         if k not in fields:
-            raise ConfigError(f"{p}: unknown key {shown(where + str(k))!r}; valid keys here: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"{p}: unknown key {shown(where + str(k))!r}; valid keys here: {', '.join(sorted(fields))}"
+            )
     out: dict[str, Any] = {}
     for name, f in fields.items():
         full = where + name
@@ -691,7 +833,9 @@ def _resolve_local(s: str | None, base: Path) -> Path | None:
     return q if q.is_absolute() else base / q
 
 
-def _hosts(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is) -> tuple[Host, ...]:
+def _hosts(
+    value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is
+) -> tuple[Host, ...]:
     hosts: list[Host] = []
     where = shown(where)
     if isinstance(value, list):
@@ -699,18 +843,24 @@ def _hosts(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], s
             try:
                 name = _name(item)
             except TypeError as e:
-                raise ConfigError(f"{p}: every entry of {where} must be {e} (got {item!r})") from None
+                raise ConfigError(
+                    f"{p}: every entry of {where} must be {e} (got {item!r})"
+                ) from None
             hosts.append(Host(name=name, host=name))
     elif isinstance(value, dict):
         for name, spec in value.items():
             try:
                 _name(name)
             except TypeError as e:
-                raise ConfigError(f"{p}: host names in {where} must be {e} (got {name!r})") from None
+                raise ConfigError(
+                    f"{p}: host names in {where} must be {e} (got {name!r})"
+                ) from None
             body = _section(HostSpec, spec, f"{where}.{name}.", p, base)  # `where` is already shown
             hosts.append(Host(name=name, host=body.host or name, roles=body.roles))
     else:
-        raise ConfigError(f"{p}: {where} must be a list of ssh names or a mapping name -> {{host, roles}}")
+        raise ConfigError(
+            f"{p}: {where} must be a list of ssh names or a mapping name -> {{host, roles}}"
+        )
     if not hosts:
         raise ConfigError(f"{p}: {where} is empty; name at least one host")
     names = [h.name for h in hosts]
@@ -720,15 +870,21 @@ def _hosts(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], s
     return tuple(hosts)
 
 
-def _roles(value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is) -> dict[str, RoleConfig]:
+def _roles(
+    value: Any, where: str, p: Path, base: Path, shown: Callable[[str], str] = _as_is
+) -> dict[str, RoleConfig]:
     if not isinstance(value, dict):
-        raise ConfigError(f"{p}: {shown(where)} must be a mapping of role name -> {{restart, reboot, health}}")
+        raise ConfigError(
+            f"{p}: {shown(where)} must be a mapping of role name -> {{restart, reboot, health}}"
+        )
     out: dict[str, RoleConfig] = {}
     for name, spec in value.items():
         try:
             _name(name)
         except TypeError as e:
-            raise ConfigError(f"{p}: role names in {shown(where)} must be {e} (got {name!r})") from None
+            raise ConfigError(
+                f"{p}: role names in {shown(where)} must be {e} (got {name!r})"
+            ) from None
         out[name] = _section(RoleConfig, spec, f"{where}.{name}.", p, base, shown=shown)
     return out
 
@@ -755,8 +911,12 @@ def for_host(cfg: Config, host: Host) -> Config:
         interval=first(lambda o: o.health.interval, top.interval),
         expect_status=first(lambda o: o.health.expect_status, top.expect_status),
     )
-    return dataclasses.replace(cfg, restart=first(lambda o: o.restart, cfg.restart),
-                               reboot=first(lambda o: o.reboot, cfg.reboot), health=health)
+    return dataclasses.replace(
+        cfg,
+        restart=first(lambda o: o.restart, cfg.restart),
+        reboot=first(lambda o: o.reboot, cfg.reboot),
+        health=health,
+    )
 
 
 def known_roles_of(v: dict[str, Any]) -> list[str]:
@@ -777,7 +937,9 @@ def known_roles(cfg: Config, hosts: Sequence[Host] = ()) -> list[str]:
 # --- finding and loading the file ------------------------------------------------------
 
 
-def find_config_path(explicit: str | os.PathLike[str] | None = None, start: Path | None = None) -> Path:
+def find_config_path(
+    explicit: str | os.PathLike[str] | None = None, start: Path | None = None
+) -> Path:
     """$DEPLOY_CONFIG, else deploy.yml in `start` (the current folder) or a parent, up to the repo root."""
     if explicit:
         return Path(explicit)
@@ -812,8 +974,12 @@ def check_trusted(p: Path) -> None:
         )
 
 
-def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = None,
-         stage: str | None = None) -> Config:
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    start: Path | None = None,
+    stage: str | None = None,
+) -> Config:
     """Read, validate and resolve deploy.yml (or $DEPLOY_CONFIG), for `stage` if it defines stages."""
     import yaml  # lazy: `fab --list` should not pay for it
 
@@ -821,8 +987,11 @@ def load(path: str | os.PathLike[str] | None = None, *, start: Path | None = Non
     try:
         text = p.read_text()
     except FileNotFoundError:
-        hint = (f" (set {ENV_VAR}, or run from the repository holding deploy.yml or a folder below it)"
-                if not path else "")
+        hint = (
+            f" (set {ENV_VAR}, or run from the repository holding deploy.yml or a folder below it)"
+            if not path
+            else ""
+        )
         raise ConfigError(f"{p}: config file not found{hint}") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
@@ -843,23 +1012,37 @@ def build(data: Any, p: Path, stage: str | None = None) -> Config:
     """Validate parsed deploy.yml data; with `stages:`, every stage is checked and `stage` returned."""
     if not isinstance(data, dict) or "stages" not in data:
         if stage is not None:
-            raise ConfigError(f"{p}: no stages are defined, so there is no stage {stage!r}; "
-                              "drop it, or add a `stages:` section")
+            raise ConfigError(
+                f"{p}: no stages are defined, so there is no stage {stage!r}; "
+                "drop it, or add a `stages:` section"
+            )
         return _build(data, p)
     base = {k: v for k, v in data.items() if k != "stages"}
     stages = _stages(data["stages"], p)
-    built = {name: _build(deep_merge(base, over, replace=("hosts",)), p, name, tuple(stages), _overridden(over, name))
-             for name, over in stages.items()}
+    built = {
+        name: _build(
+            deep_merge(base, over, replace=("hosts",)),
+            p,
+            name,
+            tuple(stages),
+            _overridden(over, name),
+        )
+        for name, over in stages.items()
+    }
     seen: dict[tuple[str, str], str] = {}
     for name, cfg in built.items():
         where = (cfg.s3.bucket, cfg.s3.prefix)
         if where in seen:
-            raise ConfigError(f"{p}: stages {seen[where]} and {name} both use s3://{where[0]}/{where[1]} (one pointer, "
-                              "lock and history for both); give each stage its own s3.prefix or s3.bucket")
+            raise ConfigError(
+                f"{p}: stages {seen[where]} and {name} both use s3://{where[0]}/{where[1]} (one pointer, "
+                "lock and history for both); give each stage its own s3.prefix or s3.bucket"
+            )
         seen[where] = name
     if stage is None:
-        raise ConfigError(f"{p}: deploy.yml defines stages; name one before the task, e.g. "
-                          f"`fab {next(iter(stages))} deploy.status` (stages: {', '.join(stages)})")
+        raise ConfigError(
+            f"{p}: deploy.yml defines stages; name one before the task, e.g. "
+            f"`fab {next(iter(stages))} deploy.status` (stages: {', '.join(stages)})"
+        )
     if stage not in built:
         raise ConfigError(f"{p}: unknown stage {stage!r}; stages: {', '.join(stages)}")
     return built[stage]
@@ -867,8 +1050,10 @@ def build(data: Any, p: Path, stage: str | None = None) -> Config:
 
 def _stages(raw: Any, p: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{p}: stages must be a mapping of stage name -> overrides of top-level keys, "
-                          "e.g. {staging: {hosts: [web9]}, production: {}}")
+        raise ConfigError(
+            f"{p}: stages must be a mapping of stage name -> overrides of top-level keys, "
+            "e.g. {staging: {hosts: [web9]}, production: {}}"
+        )
     out = {}
     for name, over in raw.items():
         try:
@@ -876,12 +1061,16 @@ def _stages(raw: Any, p: Path) -> dict[str, dict[str, Any]]:
         except TypeError as e:
             raise ConfigError(f"{p}: stage names in stages must be {e} (got {name!r})") from None
         if over is not None and not isinstance(over, dict):
-            raise ConfigError(f"{p}: stages.{name} must be a mapping of top-level keys to override (or empty)")
+            raise ConfigError(
+                f"{p}: stages.{name} must be a mapping of top-level keys to override (or empty)"
+            )
         out[name] = over or {}
     return out
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+def deep_merge(
+    base: dict[str, Any], over: dict[str, Any], replace: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces.
 
     Top-level keys named in `replace` always replace: a stage's `hosts` mapping is its fleet,
@@ -919,37 +1108,56 @@ def _overridden(over: dict[str, Any], stage: str) -> Callable[[str], str]:
     return shown
 
 
-def _build(data: Any, p: Path, stage: str | None = None, stages: tuple[str, ...] = (),
-           shown: Callable[[str], str] = _as_is) -> Config:
+def _build(
+    data: Any,
+    p: Path,
+    stage: str | None = None,
+    stages: tuple[str, ...] = (),
+    shown: Callable[[str], str] = _as_is,
+) -> Config:
     given: set[str] = set()
     v = _section(Config, data, "", p, p.resolve().parent, given, shown)
     aws: AWSConfig | None = v.get("aws")
     for_stage = f" (for stage {stage})" if stage else ""
     if "hosts" not in v and not (aws and aws.discovers):
-        raise ConfigError(f"{p}: missing required key 'hosts'{for_stage} (or name the fleet with "
-                          "aws.autoscaling_groups / aws.tag_filters)")
+        raise ConfigError(
+            f"{p}: missing required key 'hosts'{for_stage} (or name the fleet with "
+            "aws.autoscaling_groups / aws.tag_filters)"
+        )
     if v["health"].command and v["health"].on != "node":
-        raise ConfigError(f"{p}: {shown('health.command')} runs on the node, so it needs health.on: node{for_stage} "
-                          "(or drop it and check health.url from here)")
+        raise ConfigError(
+            f"{p}: {shown('health.command')} runs on the node, so it needs health.on: node{for_stage} "
+            "(or drop it and check health.url from here)"
+        )
     for role, rc in v.get("roles", {}).items():
         on = rc.health.on or v["health"].on
         command = rc.health.command if (rc.health.url or rc.health.command) else v["health"].command
         if command and on != "node":
-            raise ConfigError(f"{p}: the health command of role {role} runs on the node, so it needs health.on: "
-                              f"node{for_stage} (set roles.{role}.health.on: node, or check a url instead)")
+            raise ConfigError(
+                f"{p}: the health command of role {role} runs on the node, so it needs health.on: "
+                f"node{for_stage} (set roles.{role}.health.on: node, or check a url instead)"
+            )
     order = v["roll"].role_order
-    unknown = [r for r in order if r not in v.get("roles", {}) and not any(r in h.roles for h in v.get("hosts", ()))]
+    unknown = [
+        r
+        for r in order
+        if r not in v.get("roles", {}) and not any(r in h.roles for h in v.get("hosts", ()))
+    ]
     if unknown and not (aws and aws.role_tag):
-        raise ConfigError(f"{p}: {shown('roll.role_order')} names unknown role(s) {', '.join(unknown)}; known roles: "
-                          + (", ".join(known_roles_of(v)) or "none (give hosts roles: or add a roles: section)"))
+        raise ConfigError(
+            f"{p}: {shown('roll.role_order')} names unknown role(s) {', '.join(unknown)}; known roles: "
+            + (", ".join(known_roles_of(v)) or "none (give hosts roles: or add a roles: section)")
+        )
     s3: S3Config = v["s3"]
     # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
     default_prefix = f"{v['app']}/{stage}" if stage else v["app"]
     v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or default_prefix).strip("/"))
     sign = v.get("signing")
     if sign is not None and sign.key is not None and sign.allowed_signers is None:
-        raise ConfigError(f"{p}: signing.key is set but signing.allowed_signers is not: list the trusted "
-                          "signers (your key among them) so deploys can verify what they publish")
+        raise ConfigError(
+            f"{p}: signing.key is set but signing.allowed_signers is not: list the trusted "
+            "signers (your key among them) so deploys can verify what they publish"
+        )
     _check_sudo(v, given, p, shown)
     return Config(path=p, given=frozenset(given), stage=stage, stages=stages, **v)
 
@@ -971,8 +1179,10 @@ def _check_sudo(v: dict[str, Any], given: set[str], p: Path, shown: Callable[[st
     if not ssh.sudo:
         return
     if not ssh.user or ssh.user == "root":
-        raise ConfigError(f"{p}: {shown('ssh.sudo')} needs ssh.user set to the deploy user (e.g. deploy), not "
-                          f"{ssh.user or 'unset'}: releases and the boot unit run as that user")
+        raise ConfigError(
+            f"{p}: {shown('ssh.sudo')} needs ssh.user set to the deploy user (e.g. deploy), not "
+            f"{ssh.user or 'unset'}: releases and the boot unit run as that user"
+        )
     if "reboot" not in given:
         v["reboot"] = "/usr/bin/systemctl reboot"
 
@@ -982,7 +1192,8 @@ def _check_sudo(v: dict[str, Any], given: set[str], p: Path, shown: Callable[[st
             raise ConfigError(
                 f"{p}: with ssh.sudo, {shown(name)} must be one command with its full path and plain words "
                 f"(e.g. /usr/bin/systemctl {'reboot' if name.endswith('reboot') else 'restart app'}), got {value!r}: "
-                "the sudoers drop-in names it exactly")
+                "the sudoers drop-in names it exactly"
+            )
         return cmd
 
     for name in ("restart", "reboot"):
@@ -990,5 +1201,11 @@ def _check_sudo(v: dict[str, Any], given: set[str], p: Path, shown: Callable[[st
             v[name] = exact(name, v[name])
     roles = v.get("roles") or {}
     for role, rc in list(roles.items()):
-        roles[role] = dataclasses.replace(rc, **{k: exact(f"roles.{role}.{k}", getattr(rc, k))
-                                                 for k in ("restart", "reboot") if getattr(rc, k) is not None})
+        roles[role] = dataclasses.replace(
+            rc,
+            **{
+                k: exact(f"roles.{role}.{k}", getattr(rc, k))
+                for k in ("restart", "reboot")
+                if getattr(rc, k) is not None
+            },
+        )

@@ -36,7 +36,6 @@ def short(commit: str | None) -> str:
     return (commit or "")[:8]
 
 
-
 def say(msg: str) -> None:
     print(msg, flush=True)
 

@@ -17,8 +17,14 @@ class Polled(Generic[T]):
     seconds: float
 
 
-def poll(probe: Callable[[], tuple[bool, T]], *, timeout: float, interval: float, first: float | None = None,
-         sleep: Callable[[float], None] = time.sleep) -> Polled[T]:
+def poll(
+    probe: Callable[[], tuple[bool, T]],
+    *,
+    timeout: float,
+    interval: float,
+    first: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Polled[T]:
     """Call `probe` until it says done or `timeout` passes; it is always called at least once.
 
     The pause starts at `first` (default: `interval`) and doubles up to `interval`, so a

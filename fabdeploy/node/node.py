@@ -85,8 +85,14 @@ class UnsafeBundle(NodeError):
 
 
 class CommandFailed(Exception):
-    def __init__(self, command: str, returncode: int, tail: list[str], timed_out: float | None = None,
-                 label: str = "") -> None:
+    def __init__(
+        self,
+        command: str,
+        returncode: int,
+        tail: list[str],
+        timed_out: float | None = None,
+        label: str = "",
+    ) -> None:
         super().__init__(f"`{command}` exited with {returncode}")
         self.command = command
         self.returncode = returncode
@@ -275,7 +281,12 @@ class BootConfig:
 HOOK_STAGES = ("before_swap", "after_swap", "after_restart")
 # Never in a hook's environment: the node program's own S3 credentials (node_env) and any it
 # inherited. Hooks are the app's code; what they need they get from the app's own config.
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
 # node_env keys this program put into os.environ for boto3 (s3_client): never passed on.
 _INJECTED: set[str] = set()
 
@@ -283,8 +294,13 @@ _INJECTED: set[str] = set()
 class Hook:
     """One hook command: `run`, and where it applies (boot, roles) and how long it may take."""
 
-    def __init__(self, run: str, boot: bool = True, roles: list[str] | None = None,
-                 timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        run: str,
+        boot: bool = True,
+        roles: list[str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.run = run
         self.boot = boot
         self.roles = list(roles or [])
@@ -297,8 +313,12 @@ class Hook:
         if not isinstance(raw, dict) or not isinstance(raw.get("run"), str):
             raise NodeError(f"a hook in node.json on {hostname()} is not a command: re-run setup")
         timeout = raw.get("timeout")
-        return cls(raw["run"], bool(raw.get("boot", True)), [str(r) for r in raw.get("roles") or []],
-                   float(timeout) if timeout else None)
+        return cls(
+            raw["run"],
+            bool(raw.get("boot", True)),
+            [str(r) for r in raw.get("roles") or []],
+            float(timeout) if timeout else None,
+        )
 
     def applies(self, action: str, roles: list[str]) -> bool:
         if action == "boot" and not self.boot:
@@ -809,7 +829,11 @@ class _open_source:
 
 
 def fetch_and_extract(
-    cfg: Config, layout: Layout, source: Source, expected: str, dest: str,
+    cfg: Config,
+    layout: Layout,
+    source: Source,
+    expected: str,
+    dest: str,
     previous: str | None = None,
 ) -> dict[str, int]:
     """Stream the bundle into `dest` (a new staging dir) in one pass: download, sha256,
@@ -831,8 +855,9 @@ def fetch_and_extract(
     try:
         with _open_source(cfg, source) as raw:
             try:
-                counts = extract_stream(raw, dest, cfg.max_files, desc,
-                                        previous if cfg.link_unchanged else None)
+                counts = extract_stream(
+                    raw, dest, cfg.max_files, desc, previous if cfg.link_unchanged else None
+                )
                 raw.drain()
             except NodeError as exc:
                 if not isinstance(exc, VerificationError) and not raw.eof:
@@ -880,6 +905,7 @@ def _no_constant(name: str) -> Any:
 def parse_pointer(raw: bytes, what: str) -> Any:
     """JSON that anyone with bucket write may have written: NaN, Infinity, 1e999 and nesting
     deep enough to exhaust the recursion limit are one clear NodeError, never a crash."""
+
     def finite(text: str) -> float:
         value = float(text)
         if value != value or value in (float("inf"), float("-inf")):
@@ -901,7 +927,9 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
     for field in ("key", "commit", "sha256"):
         if not isinstance(pointer.get(field), str) or not pointer[field]:
             raise NodeError(f"{where} lacks field {field!r}: re-publish")
-    if pointer.get("bundle_id") is not None and (not isinstance(pointer["bundle_id"], str) or not pointer["bundle_id"]):
+    if pointer.get("bundle_id") is not None and (
+        not isinstance(pointer["bundle_id"], str) or not pointer["bundle_id"]
+    ):
         raise NodeError(f"{where} has an invalid 'bundle_id': re-publish")
     if not re.fullmatch(r"[0-9a-fA-F]{64}", pointer["sha256"]):
         raise NodeError(f"{where} has a malformed sha256: re-publish")
@@ -909,9 +937,12 @@ def validate_pointer(pointer: Any, cfg: Config) -> dict[str, Any]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise NodeError(f"{where} lacks a valid 'size' (bytes of the bundle): re-publish")
     committed = pointer.get("committed_at")
-    if committed is not None and (not isinstance(committed, int) or isinstance(committed, bool)
-                                  or not 0 <= committed < 2**63):
-        raise NodeError(f"{where} has an invalid 'committed_at' ({str(committed)[:40]}): re-publish")
+    if committed is not None and (
+        not isinstance(committed, int) or isinstance(committed, bool) or not 0 <= committed < 2**63
+    ):
+        raise NodeError(
+            f"{where} has an invalid 'committed_at' ({str(committed)[:40]}): re-publish"
+        )
     return pointer
 
 
@@ -936,8 +967,13 @@ def _signers_file(cfg: Config) -> str | None:
         ) from None
     folder = os.stat(os.path.dirname(path))
     # The folder too: whoever can write it can rename another file over this one.
-    if (st.st_uid != 0 or st.st_mode & 0o022 or folder.st_uid != 0 or folder.st_mode & 0o022
-            or (os.geteuid() != 0 and os.access(path, os.W_OK))):
+    if (
+        st.st_uid != 0
+        or st.st_mode & 0o022
+        or folder.st_uid != 0
+        or folder.st_mode & 0o022
+        or (os.geteuid() != 0 and os.access(path, os.W_OK))
+    ):
         raise TrustError(
             f"trusted signers {path} on {hostname()} can be written by someone other than root: "
             "refusing to trust them; re-run the controller's setup"
@@ -945,31 +981,62 @@ def _signers_file(cfg: Config) -> str | None:
     return path
 
 
-def verify_envelope(signers: str, envelope: Any, namespace: str, what: str) -> tuple[dict[str, Any], str]:
+def verify_envelope(
+    signers: str, envelope: Any, namespace: str, what: str
+) -> tuple[dict[str, Any], str]:
     """The payload of a signed envelope and who signed it, or TrustError naming the problem."""
     import subprocess
     import tempfile
 
-    if not (isinstance(envelope, dict) and isinstance(envelope.get("payload"), str)
-            and isinstance(envelope.get("signature"), str)):
+    if not (
+        isinstance(envelope, dict)
+        and isinstance(envelope.get("payload"), str)
+        and isinstance(envelope.get("signature"), str)
+    ):
         raise TrustError(f"{what} is not signed: refusing it on {hostname()}")
     with tempfile.TemporaryDirectory(prefix="fabdeploy-verify-") as tmp:
         sig = os.path.join(tmp, "sig")
         with open(sig, "w", encoding="utf-8") as fh:
             fh.write(envelope["signature"])
         try:
-            found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", sig, "-f", signers],
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            found = subprocess.run(
+                ["ssh-keygen", "-Y", "find-principals", "-s", sig, "-f", signers],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+            )
         except FileNotFoundError:
-            raise TrustError(f"ssh-keygen not found on {hostname()}: install openssh-client (8.2+)") from None
+            raise TrustError(
+                f"ssh-keygen not found on {hostname()}: install openssh-client (8.2+)"
+            ) from None
         principals = found.stdout.decode("utf-8", "replace").split()
         if found.returncode != 0 or not principals:
-            raise TrustError(f"{what} is signed by a key that is not trusted on {hostname()}: refusing it")
-        ok = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", signers, "-I", principals[0], "-n", namespace,
-                             "-s", sig], input=envelope["payload"].encode(), capture_output=True, timeout=60)
+            raise TrustError(
+                f"{what} is signed by a key that is not trusted on {hostname()}: refusing it"
+            )
+        ok = subprocess.run(
+            [
+                "ssh-keygen",
+                "-Y",
+                "verify",
+                "-f",
+                signers,
+                "-I",
+                principals[0],
+                "-n",
+                namespace,
+                "-s",
+                sig,
+            ],
+            input=envelope["payload"].encode(),
+            capture_output=True,
+            timeout=60,
+        )
         if ok.returncode != 0:
-            raise TrustError(f"{what}: the signature of {principals[0]} does not match its content "
-                             f"(changed after signing): refusing it on {hostname()}")
+            raise TrustError(
+                f"{what}: the signature of {principals[0]} does not match its content "
+                f"(changed after signing): refusing it on {hostname()}"
+            )
     try:
         payload = json.loads(envelope["payload"])
     except ValueError:
@@ -979,16 +1046,23 @@ def verify_envelope(signers: str, envelope: Any, namespace: str, what: str) -> t
     return payload, principals[0]
 
 
-def check_manifest(cfg: Config, signers: str, envelope: Any, *, sha256: str, commit: str,
-                   size: int | None) -> str:
+def check_manifest(
+    cfg: Config, signers: str, envelope: Any, *, sha256: str, commit: str, size: int | None
+) -> str:
     """A signed manifest that names exactly this bundle; returns the principal that signed it."""
     what = f"the manifest of {commit[:12]}"
     m, principal = verify_envelope(signers, envelope, NS_MANIFEST, what)
     if m.get("app") != cfg.app:
         raise TrustError(f"{what} is for app {m.get('app')!r}, not {cfg.app!r}: refusing it")
-    if m.get("commit") != commit or m.get("sha256") != sha256 or (size is not None and m.get("size") != size):
-        raise TrustError(f"{what}, signed by {principal}, names another bundle "
-                         f"({str(m.get('commit'))[:12]}, sha256 {str(m.get('sha256'))[:12]}): refusing it")
+    if (
+        m.get("commit") != commit
+        or m.get("sha256") != sha256
+        or (size is not None and m.get("size") != size)
+    ):
+        raise TrustError(
+            f"{what}, signed by {principal}, names another bundle "
+            f"({str(m.get('commit'))[:12]}, sha256 {str(m.get('sha256'))[:12]}): refusing it"
+        )
     return principal
 
 
@@ -1008,11 +1082,16 @@ def read_trust(layout: Layout) -> dict[str, Any]:
 
 def record_trust(layout: Layout, sequence: int, principal: str) -> None:
     os.makedirs(layout.state, 0o755, exist_ok=True)
-    atomic_write(_trust_path(layout), json.dumps({"sequence": sequence, "principal": principal,
-                                                  "at": iso_now()}, sort_keys=True) + "\n")
+    atomic_write(
+        _trust_path(layout),
+        json.dumps({"sequence": sequence, "principal": principal, "at": iso_now()}, sort_keys=True)
+        + "\n",
+    )
 
 
-def trusted_pointer(cfg: Config, layout: Layout, pointer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def trusted_pointer(
+    cfg: Config, layout: Layout, pointer: dict[str, Any]
+) -> tuple[dict[str, Any], Any]:
     """The pointer fields to act on, from its verified signature when signers are installed.
 
     Returns (pointer, trust) where trust is (sequence, principal) to record once the release
@@ -1025,24 +1104,40 @@ def trusted_pointer(cfg: Config, layout: Layout, pointer: dict[str, Any]) -> tup
     if not pointer.get("signed"):
         if cfg.allow_unsigned and not seen:
             return pointer, None
-        raise TrustError(f"{where} is not signed: refusing it on {hostname()} "
-                         + ("(this node already runs signed releases)" if seen else
-                            "(publish with signing.key set)"))
+        raise TrustError(
+            f"{where} is not signed: refusing it on {hostname()} "
+            + (
+                "(this node already runs signed releases)"
+                if seen
+                else "(publish with signing.key set)"
+            )
+        )
     p, principal = verify_envelope(signers, pointer["signed"], NS_POINTER, where)
     seq = p.get("sequence")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise TrustError(f"{where}, signed by {principal}, has no valid sequence: refusing it")
     last = seen.get("sequence")
     if isinstance(last, int) and seq < last:
-        raise TrustError(f"{where} has sequence {seq}, older than {last} that this node accepted: "
-                         "a replayed pointer; refusing it (publish again to move forward)")
+        raise TrustError(
+            f"{where} has sequence {seq}, older than {last} that this node accepted: "
+            "a replayed pointer; refusing it (publish again to move forward)"
+        )
     for name in ("key", "commit", "sha256"):
         if not isinstance(p.get(name), str) or not p[name]:
             raise TrustError(f"{where}, signed by {principal}, lacks {name!r}: refusing it")
     size = p.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not _SHA_RE.fullmatch(p["sha256"]):
-        raise TrustError(f"{where}, signed by {principal}, has a malformed size or sha256: refusing it")
-    check_manifest(cfg, signers, p.get("manifest"), sha256=p["sha256"], commit=p["commit"], size=size)
+    if (
+        not isinstance(size, int)
+        or isinstance(size, bool)
+        or size < 0
+        or not _SHA_RE.fullmatch(p["sha256"])
+    ):
+        raise TrustError(
+            f"{where}, signed by {principal}, has a malformed size or sha256: refusing it"
+        )
+    check_manifest(
+        cfg, signers, p.get("manifest"), sha256=p["sha256"], commit=p["commit"], size=size
+    )
     return p, (seq, principal)
 
 
@@ -1139,11 +1234,18 @@ def _safe_tarfile_class() -> type[tarfile.TarFile]:
         _proc_member is tarfile's documented extension point for subclasses (3.8 to 3.13)."""
 
         def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-            ext = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                   tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+            ext = (
+                tarfile.XHDTYPE,
+                tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE,
+                tarfile.GNUTYPE_LONGNAME,
+                tarfile.GNUTYPE_LONGLINK,
+            )
             if self.type in ext:
-                what = {tarfile.GNUTYPE_LONGNAME: "GNU long-name",
-                        tarfile.GNUTYPE_LONGLINK: "GNU long-link"}.get(self.type, "pax")
+                what = {
+                    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+                    tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+                }.get(self.type, "pax")
                 if self.size > MAX_EXT_HEADER:
                     raise UnsafeBundle(
                         f"a {what} header at offset {self.offset} claims {self.size} bytes "
@@ -1253,8 +1355,9 @@ class _Members:
         return True
 
     def finish(self) -> None:
-        resolver = _Resolver(self.symlinks,
-                             max_steps=MAX_RESOLVE_STEPS_PER_MEMBER * max(1, self.count))
+        resolver = _Resolver(
+            self.symlinks, max_steps=MAX_RESOLVE_STEPS_PER_MEMBER * max(1, self.count)
+        )
         for name, target in self.symlinks.items():
             resolver.member = name
             if resolver.link(name) is None:
@@ -1333,7 +1436,7 @@ class _Unpacked:
         if 0 <= n <= len(buf) - off:
             self.off = off + n
             self.pos += n
-            return buf[off:off + n]
+            return buf[off : off + n]
         parts = [buf[off:]]
         have = len(parts[0])
         self.buf, self.off = b"", 0
@@ -1465,13 +1568,19 @@ class _Writer:
         if self.previous is None or not self._prev_dir_is_real(m.name.rpartition("/")[0]):
             return None
         try:
-            fd = os.open(os.path.join(self.previous, m.name),
-                         os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(
+                os.path.join(self.previous, m.name),
+                os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+            )
         except OSError:
             return None
         st = os.fstat(fd)
-        if (stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_uid == self.uid
-                and stat.S_IMODE(st.st_mode) == m.mode):
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == m.size
+            and st.st_uid == self.uid
+            and stat.S_IMODE(st.st_mode) == m.mode
+        ):
             return fd
         os.close(fd)
         return None
@@ -1488,15 +1597,19 @@ class _Writer:
                 same, offset, first = _same_content(src, prev_fd, size, first)
                 if same:
                     try:
-                        os.link(os.path.join(self.previous or "", m.name), path,
-                                follow_symlinks=False)
+                        os.link(
+                            os.path.join(self.previous or "", m.name), path, follow_symlinks=False
+                        )
                         self.linked += 1
                         return
                     except OSError:
                         pass  # EMLINK and the like: copy it instead (the same bytes)
             self.space.take(size)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                0o600,
+            )
             try:
                 done = 0
                 while done < offset:  # the previous file's bytes, equal to the member's
@@ -1525,8 +1638,11 @@ class _Writer:
 
     def hardlink(self, m: tarfile.TarInfo) -> None:
         self.parents(m.name)
-        os.link(os.path.join(self.dest, m.linkname), os.path.join(self.dest, m.name),
-                follow_symlinks=False)
+        os.link(
+            os.path.join(self.dest, m.linkname),
+            os.path.join(self.dest, m.name),
+            follow_symlinks=False,
+        )
 
     def finish(self, symlinks: list[tarfile.TarInfo]) -> None:
         for m in symlinks:
@@ -1541,7 +1657,7 @@ class _Writer:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def extract_stream(
@@ -1554,8 +1670,12 @@ def extract_stream(
     import tarfile
     import zlib
 
-    corrupt: tuple[type[BaseException], ...] = (tarfile.TarError, zlib.error, EOFError,
-                                                gzip.BadGzipFile)
+    corrupt: tuple[type[BaseException], ...] = (
+        tarfile.TarError,
+        zlib.error,
+        EOFError,
+        gzip.BadGzipFile,
+    )
     try:
         import lzma
 
@@ -1636,11 +1756,13 @@ def extract_bundle(bundle: str, dest: str, max_files: int, previous: str | None 
     except OSError as exc:
         raise NodeError(f"cannot read bundle {bundle} on {hostname()}: {exc.strerror}") from None
     with fh:
+
         def file_error(exc: Exception) -> NodeError:
             return NodeError(f"cannot read bundle {bundle} on {hostname()}: {exc}")
 
-        return extract_stream(_Fetch(fh, None, bundle, file_error), dest, max_files, bundle,
-                              previous)["members"]
+        return extract_stream(
+            _Fetch(fh, None, bundle, file_error), dest, max_files, bundle, previous
+        )["members"]
 
 
 def _discard(path: str, created: bool) -> None:
@@ -1675,7 +1797,9 @@ def check_linked_files(cfg: Config, layout: Layout) -> None:
         check_linked_path(rel, "dir")
 
 
-def write_revision(release: str, commit: str, committed_at: int | None, bundle_id: str | None = None) -> None:
+def write_revision(
+    release: str, commit: str, committed_at: int | None, bundle_id: str | None = None
+) -> None:
     # Same format as Capistrano's `echo "#{rev}" > REVISION`: value plus newline.
     stamp = int(committed_at) if committed_at is not None else int(time.time())
     files = [("REVISION", commit), ("REVISION_TIME", str(stamp))]
@@ -1737,8 +1861,14 @@ def command_env(extra: dict[str, str]) -> dict[str, str]:
     return {**base, **extra}
 
 
-def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: bool = False,
-              timeout: float | None = None) -> None:
+def run_shell(
+    command: str,
+    cwd: str,
+    env: dict[str, str],
+    label: str,
+    sudo: bool = False,
+    timeout: float | None = None,
+) -> None:
     """Run through /bin/sh, relaying output to stderr (stdout is reserved for our JSON).
 
     `sudo`: through sudo, `-n` (fail, never prompt) unless the controller sent a password.
@@ -1798,18 +1928,22 @@ def run_shell(command: str, cwd: str, env: dict[str, str], label: str, sudo: boo
         if timer is not None:
             timer.cancel()
     if rc != 0:
-        raise CommandFailed(command, rc, list(tail), timed_out=timeout if fired else None, label=label)
+        raise CommandFailed(
+            command, rc, list(tail), timed_out=timeout if fired else None, label=label
+        )
 
 
-def run_hooks(cfg: Config, stage: str, cwd: str, env: dict[str, str], action: str, roles: list[str]) -> None:
+def run_hooks(
+    cfg: Config, stage: str, cwd: str, env: dict[str, str], action: str, roles: list[str]
+) -> None:
     """The `stage` hooks that apply to this run (not at boot if boot: false; only on their roles)."""
     for hook in cfg.hooks.get(stage, []):
         if hook.applies(action, roles):
             run_shell(hook.run, cwd, env, stage, timeout=hook.timeout)
         else:
-            log(f"{stage}: skipped `{hook.run}` ({'not at boot' if action == 'boot' and not hook.boot else 'other roles'})")
-
-
+            log(
+                f"{stage}: skipped `{hook.run}` ({'not at boot' if action == 'boot' and not hook.boot else 'other roles'})"
+            )
 
 
 def swap_current(layout: Layout, release: str) -> None:
@@ -1890,11 +2024,21 @@ def prune(layout: Layout, keep: int, previous: str | None = None) -> list[str]:
     return pruned
 
 
-def _hook_env(layout: Layout, release: str, commit: str, previous: Current | None = None,
-              roles: list[str] | None = None, stage: str | None = None) -> dict[str, str]:
-    env = {"RELEASE_PATH": release, "DEPLOY_TO": layout.deploy_to, "REVISION": commit,
-           "PREVIOUS_RELEASE": previous.path if previous is not None and previous.ok else "",
-           "ROLE": ",".join(roles or [])}
+def _hook_env(
+    layout: Layout,
+    release: str,
+    commit: str,
+    previous: Current | None = None,
+    roles: list[str] | None = None,
+    stage: str | None = None,
+) -> dict[str, str]:
+    env = {
+        "RELEASE_PATH": release,
+        "DEPLOY_TO": layout.deploy_to,
+        "REVISION": commit,
+        "PREVIOUS_RELEASE": previous.path if previous is not None and previous.ok else "",
+        "ROLE": ",".join(roles or []),
+    }
     if stage:
         env["STAGE"] = stage
     return env
@@ -1929,8 +2073,13 @@ def _finish_interrupted_restart(cfg: Config, layout: Layout, current: Current) -
         return False
     log(f"the run that made {current.release} current died before restarting: restarting now")
     try:
-        run_shell(cfg.restart, current.path, _hook_env(layout, current.path, current.commit or ""),
-                  "restart", cfg.sudo)
+        run_shell(
+            cfg.restart,
+            current.path,
+            _hook_env(layout, current.path, current.commit or ""),
+            "restart",
+            cfg.sudo,
+        )
     except CommandFailed as exc:
         raise NodeError(
             f"restart `{exc.command}` failed with exit code {exc.returncode} on "
@@ -1949,25 +2098,37 @@ def _clear_restart_pending(layout: Layout) -> None:
         pass
 
 
-def _after_swap_failed(layout: Layout, exc: CommandFailed, release: str, previous: Current | None,
-                       user: str) -> NodeError:
+def _after_swap_failed(
+    layout: Layout, exc: CommandFailed, release: str, previous: Current | None, user: str
+) -> NodeError:
     """The app was not restarted yet: put `current` back and drop the release."""
     where = f"on {hostname()} for release {os.path.basename(release)}"
     if previous is None or not previous.ok:
-        return NodeError(f"after_swap hook `{exc.command}` {exc.how()} {where}, and there is no previous "
-                         f"release to go back to: fix it and deploy again. Output tail: {_tail_text(exc.tail)}",
-                         output_tail=exc.tail)
+        return NodeError(
+            f"after_swap hook `{exc.command}` {exc.how()} {where}, and there is no previous "
+            f"release to go back to: fix it and deploy again. Output tail: {_tail_text(exc.tail)}",
+            output_tail=exc.tail,
+        )
     swap_current(layout, previous.path)
     append_revision_log(layout, f"{user} rolled back to release {previous.release}")
     remove_path(release)
-    return NodeError(f"after_swap hook `{exc.command}` {exc.how()} {where}; current is back on "
-                     f"{previous.release} and the release was removed: fix it and deploy again. "
-                     f"Output tail: {_tail_text(exc.tail)}", output_tail=exc.tail, current=previous.release)
+    return NodeError(
+        f"after_swap hook `{exc.command}` {exc.how()} {where}; current is back on "
+        f"{previous.release} and the release was removed: fix it and deploy again. "
+        f"Output tail: {_tail_text(exc.tail)}",
+        output_tail=exc.tail,
+        current=previous.release,
+    )
 
 
 def _restart_with_fallback(
-    cfg: Config, layout: Layout, new: str, previous: Current | None, user: str,
-    env: dict[str, str] | None = None, roles: list[str] | None = None,
+    cfg: Config,
+    layout: Layout,
+    new: str,
+    previous: Current | None,
+    user: str,
+    env: dict[str, str] | None = None,
+    roles: list[str] | None = None,
 ) -> None:
     """Restart, then the after_restart hooks; if either fails, put `current` back on the
     previous release and restart that."""
@@ -2094,8 +2255,14 @@ def check_health(
             last = _probe_command(h.command, release, env, min(30.0, left))
         waited = time.monotonic() - start
         if last is None:
-            what = " and ".join(x for x in (url and f"{url} answered {h.expect_status}",
-                                            h.command and f"`{h.command}` exited 0") if x)
+            what = " and ".join(
+                x
+                for x in (
+                    url and f"{url} answered {h.expect_status}",
+                    h.command and f"`{h.command}` exited 0",
+                )
+                if x
+            )
             return {"ok": True, "detail": what, "seconds": round(waited, 3)}
         if time.monotonic() >= deadline:
             return {
@@ -2108,7 +2275,11 @@ def check_health(
 
 
 def _revert_unhealthy(
-    cfg: Config, layout: Layout, release: str, previous: Current | None, user: str,
+    cfg: Config,
+    layout: Layout,
+    release: str,
+    previous: Current | None,
+    user: str,
     health: dict[str, Any],
 ) -> NodeError:
     """The new release failed its health check: put `current` back on the previous release and
@@ -2120,18 +2291,27 @@ def _revert_unhealthy(
             health=health,
         )
     if cfg.restart:
-        atomic_write(os.path.join(layout.state, RESTART_MARKER),
-                     json.dumps({"release": previous.release, "boot_id": boot_id()}) + "\n")
+        atomic_write(
+            os.path.join(layout.state, RESTART_MARKER),
+            json.dumps({"release": previous.release, "boot_id": boot_id()}) + "\n",
+        )
     swap_current(layout, previous.path)
     append_revision_log(layout, f"{user} rolled back to release {previous.release}")
     log(f"health check failed; current is back on {previous.release}, restarting it")
     again = ""
     if cfg.restart:
         try:
-            run_shell(cfg.restart, previous.path,
-                      _hook_env(layout, previous.path, previous.commit or ""), "restart", cfg.sudo)
+            run_shell(
+                cfg.restart,
+                previous.path,
+                _hook_env(layout, previous.path, previous.commit or ""),
+                "restart",
+                cfg.sudo,
+            )
         except CommandFailed as exc:
-            again = f" but its restart failed too (exit code {exc.returncode}): check the app's logs"
+            again = (
+                f" but its restart failed too (exit code {exc.returncode}): check the app's logs"
+            )
         finally:
             _clear_restart_pending(layout)
     return NodeError(
@@ -2253,7 +2433,9 @@ def _activate(
         t0 = time.monotonic()
         counts = fetch_and_extract(cfg, layout, source, sha256, staging, base)
         t_extract = time.monotonic() - t0
-        linked = f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
+        linked = (
+            f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
+        )
         log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
 
         try:
@@ -2284,8 +2466,10 @@ def _activate(
         # a release whose files were never written.
         sync_filesystem(layout.releases)
         if restart and cfg.restart:
-            atomic_write(os.path.join(layout.state, RESTART_MARKER),
-                         json.dumps({"release": name, "boot_id": boot_id()}) + "\n")
+            atomic_write(
+                os.path.join(layout.state, RESTART_MARKER),
+                json.dumps({"release": name, "boot_id": boot_id()}) + "\n",
+            )
         swap_current(layout, release)
         append_revision_log(
             layout, f"Branch {ref or 'HEAD'} (at {commit}) deployed as release {name} by {user}"
@@ -2347,13 +2531,18 @@ def rollback(
         result = _rollback(cfg, layout, release, user or default_user(), restart)
         if restart and cfg.health.here:
             health = check_health(cfg, layout, layout.release_path(result["release"]))
-            record_status(layout, "last_health",
-                          {**health, "release": result["release"], "commit": result["commit"]})
+            record_status(
+                layout,
+                "last_health",
+                {**health, "release": result["release"], "commit": result["commit"]},
+            )
             result["health"] = health
             if not health["ok"]:
                 # No revert here: this already is the way back.
-                raise NodeError(f"rolled back to {result['release']} but {health['detail']}",
-                                **{k: v for k, v in result.items() if k != "ok"})
+                raise NodeError(
+                    f"rolled back to {result['release']} but {health['detail']}",
+                    **{k: v for k, v in result.items() if k != "ok"},
+                )
     except NodeError as exc:
         record_status(
             layout, "last", {"action": "rollback", "outcome": "failed", "reason": exc.message}
@@ -2420,8 +2609,10 @@ def _rollback(
                 "previous": current.brief(),
             }
         if restart and cfg.restart:
-            atomic_write(os.path.join(layout.state, RESTART_MARKER),
-                         json.dumps({"release": target, "boot_id": boot_id()}) + "\n")
+            atomic_write(
+                os.path.join(layout.state, RESTART_MARKER),
+                json.dumps({"release": target, "boot_id": boot_id()}) + "\n",
+            )
         swap_current(layout, path)
         append_revision_log(layout, f"{user} rolled back to release {target}")
         log(f"current -> {path}")
@@ -2439,8 +2630,9 @@ def _rollback(
     }
 
 
-def _wait_boot_record(layout: Layout, me: str | None, wait: float,
-                      sleep: Callable[[float], None]) -> None:
+def _wait_boot_record(
+    layout: Layout, me: str | None, wait: float, sleep: Callable[[float], None]
+) -> None:
     """Wait (bounded) until the boot unit has recorded its outcome for this boot."""
     deadline = time.monotonic() + wait
     while (read_status(layout).get("last_boot") or {}).get("boot_id") != me:
@@ -2476,8 +2668,9 @@ def status(
                 cur = None
             if cur is not None and cur.ok:
                 health = check_health(cfg, layout, cur.path, sleep=sleep)
-                record_status(layout, "last_health",
-                              {**health, "release": cur.release, "commit": cur.commit})
+                record_status(
+                    layout, "last_health", {**health, "release": cur.release, "commit": cur.commit}
+                )
     try:
         current = read_current(layout)
         current_info: dict[str, Any] | None = current.as_dict() if current else None
@@ -2619,7 +2812,9 @@ def boot(
             verification_failures += 1
         except NodeError as exc:
             reason = exc.message
-        except Exception as exc:  # a bug or a surprise must still end as a recorded outcome, never a crash
+        except (
+            Exception
+        ) as exc:  # a bug or a surprise must still end as a recorded outcome, never a crash
             reason = f"unexpected error: {type(exc).__name__}: {exc}"[:500]
         log(f"boot attempt {attempt}/{attempts} failed: {reason}")
         if verification_failures >= 2 or attempt == attempts:
@@ -2697,20 +2892,30 @@ def _parser() -> Any:
     a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
     a.add_argument("--restart", action="store_true")
     a.add_argument("--force", action="store_true")
-    a.add_argument("--manifest-stdin", action="store_true",
-                   help="read the bundle's signed manifest (one JSON line) from stdin")
-    a.add_argument("--sudo-stdin", action="store_true", help="the sudo password is stdin's first line")
+    a.add_argument(
+        "--manifest-stdin",
+        action="store_true",
+        help="read the bundle's signed manifest (one JSON line) from stdin",
+    )
+    a.add_argument(
+        "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
+    )
 
     r = sub.add_parser("rollback")
     r.add_argument("--release")
     r.add_argument("--user")
     r.add_argument("--restart", action="store_true")
     r.add_argument("--reason")
-    r.add_argument("--sudo-stdin", action="store_true", help="the sudo password is stdin's first line")
+    r.add_argument(
+        "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
+    )
 
     st = sub.add_parser("status")
-    st.add_argument("--after-boot", help="the boot id before a reboot: on a new boot, wait for "
-                    "the boot unit's outcome, then check health here")
+    st.add_argument(
+        "--after-boot",
+        help="the boot id before a reboot: on a new boot, wait for "
+        "the boot unit's outcome, then check health here",
+    )
     st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
 
     for name in ("boot", "cleanup", "version"):
@@ -2774,7 +2979,9 @@ def _dispatch(args: Any) -> dict[str, Any]:
     config = args.config or os.path.join(os.path.dirname(os.path.abspath(__file__)), "node.json")
     cfg = load_config(config)
     rest = None
-    if getattr(args, "sudo_stdin", False):  # stdin's first line, before any URL (read to EOF: below)
+    if getattr(
+        args, "sudo_stdin", False
+    ):  # stdin's first line, before any URL (read to EOF: below)
         global SUDO_PASSWORD
         SUDO_PASSWORD, _, rest = sys.stdin.read().partition("\n")
     if args.command == "activate":
@@ -2793,8 +3000,9 @@ def _dispatch(args: Any) -> dict[str, Any]:
         manifest = _stdin_manifest(lines[0] if lines else "") if args.manifest_stdin else None
         signers = _signers_file(cfg)
         if signers is not None:
-            principal = check_manifest(cfg, signers, manifest, sha256=args.sha256, commit=args.commit,
-                                       size=args.size)
+            principal = check_manifest(
+                cfg, signers, manifest, sha256=args.sha256, commit=args.commit, size=args.size
+            )
             log(f"manifest of {args.commit[:12]} signed by {principal}")
         if args.s3_key:
             source = Source("s3", args.s3_key, args.size)

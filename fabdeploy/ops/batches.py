@@ -59,8 +59,10 @@ def cap_for(cfg: Config, live: int, *, keep_one: bool = False) -> int | None:
         return max(1, live - 1) if keep_one else None
     cap = max_down(mh[1], live)
     if cap < 1:
-        raise ConfigError(f"{mh[0]} {mh[1]} of {live} live host(s) leaves none to take out at once: "
-                          f"lower {mh[0]} in {cfg.path} or add hosts first")
+        raise ConfigError(
+            f"{mh[0]} {mh[1]} of {live} live host(s) leaves none to take out at once: "
+            f"lower {mh[0]} in {cfg.path} or add hosts first"
+        )
     return cap
 
 
@@ -70,24 +72,32 @@ class Plan:
     canary: int = 0  # how many of the first groups are the canary
 
     def describe(self) -> list[str]:
-        return [f"  {'canary' if i < self.canary else 'batch'} {i + 1}: "
-                + ", ".join(h.name + (f" ({h.az})" if h.az else "") for h in g)
-                for i, g in enumerate(self.groups)]
+        return [
+            f"  {'canary' if i < self.canary else 'batch'} {i + 1}: "
+            + ", ".join(h.name + (f" ({h.az})" if h.az else "") for h in g)
+            for i, g in enumerate(self.groups)
+        ]
 
     def show(self, cfg: Config, keep_going: bool = False) -> None:
         """For a dry run: the batches, when there is more than one, and the traffic steps."""
         if cfg.traffic.enabled:
-            say(f"each host out of traffic around its change (traffic.drain/restore, run {cfg.traffic.run_on})")
+            say(
+                f"each host out of traffic around its change (traffic.drain/restore, run {cfg.traffic.run_on})"
+            )
         if len(self.groups) <= 1:
             return
-        say("in batches, each health-gated" + ("" if keep_going else "; a failed batch stops the run") + ":")
+        say(
+            "in batches, each health-gated"
+            + ("" if keep_going else "; a failed batch stops the run")
+            + ":"
+        )
         for line in self.describe():
             say(line)
 
 
 def _split(cfg: Config, ordered: list[Host], size: int) -> list[list[Host]]:
     if cfg.aws is None:
-        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
     # A batch must not take every host of an AZ that has more than one: shrink until it doesn't.
     per_az: dict[str, int] = {}
     for h in ordered:
@@ -97,16 +107,24 @@ def _split(cfg: Config, ordered: list[Host], size: int) -> list[list[Host]]:
     while i < len(ordered):
         take = size
         while take > 1 and any(
-            sum(1 for h in ordered[i:i + take] if (h.az or "") == az) >= count > 1 for az, count in per_az.items()
+            sum(1 for h in ordered[i : i + take] if (h.az or "") == az) >= count > 1
+            for az, count in per_az.items()
         ):
             take -= 1
-        groups.append(ordered[i:i + take])
+        groups.append(ordered[i : i + take])
         i += take
     return groups
 
 
-def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary: int = 0,
-         keep_one: bool = False) -> Plan:
+def plan(
+    cfg: Config,
+    hosts: list[Host],
+    batch: str | None,
+    *,
+    live: int,
+    canary: int = 0,
+    keep_one: bool = False,
+) -> Plan:
     """The batches for changing `hosts` out of `live`: `batch` hosts at once (None: all),
     the first `canary` hosts alone first, each batch capped by min_healthy."""
     ordered = spread_by_az(hosts) if cfg.aws is not None else list(hosts)
@@ -124,7 +142,9 @@ def plan(cfg: Config, hosts: list[Host], batch: str | None, *, live: int, canary
 def batching_asked(cfg: Config, batch: str | None, canary: int | None) -> bool:
     """Without --batch, --canary, min_healthy and traffic settings a run is one parallel pass,
     as it always was."""
-    return batch is not None or bool(canary) or min_healthy_of(cfg) is not None or cfg.traffic.enabled
+    return (
+        batch is not None or bool(canary) or min_healthy_of(cfg) is not None or cfg.traffic.enabled
+    )
 
 
 def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | None) -> Plan:
@@ -133,8 +153,14 @@ def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | No
     With traffic settings and no min_healthy, a whole-fleet run keeps one host in traffic."""
     if not batching_asked(cfg, batch, canary) or len(hosts) <= 1 and min_healthy_of(cfg) is None:
         return Plan([list(hosts)] if hosts else [])
-    return plan(cfg, hosts, batch, live=len(resolve_hosts(cfg)), canary=canary or 0,
-                keep_one=cfg.traffic.enabled)
+    return plan(
+        cfg,
+        hosts,
+        batch,
+        live=len(resolve_hosts(cfg)),
+        canary=canary or 0,
+        keep_one=cfg.traffic.enabled,
+    )
 
 
 @dataclass
@@ -168,12 +194,16 @@ def run_batches(
     on_done = progress_line(time.monotonic())
     step = work
     if traffic is not None and traffic.enabled:
+
         def step(host: Host, conn: Connection) -> dict[str, Any]:
             with traffic.around(host, conn):
                 return work(host, conn)
+
     try:
         for i, group in enumerate(groups):
-            if held is not None and held.lost is not None:  # the fleet lock (ops/lock.py) was broken
+            if (
+                held is not None and held.lost is not None
+            ):  # the fleet lock (ops/lock.py) was broken
                 warn(f"stopped before batch {i + 1}: the deploy lock was lost ({held.lost})")
                 out.not_touched = [h.name for g in groups[i:] for h in g]
                 break
@@ -184,7 +214,7 @@ def run_batches(
             res = run_parallel(cfg, group, step, parallel=parallel, on_done=on_done)
             out.results += res
             if not keep_going and not all(r.ok for r in res):
-                out.not_touched = [h.name for g in groups[i + 1:] for h in g]
+                out.not_touched = [h.name for g in groups[i + 1 :] for h in g]
                 break
     finally:
         if traffic is not None:

@@ -44,8 +44,18 @@ def hotfix(
     held: Any = None,
 ) -> Outcome:
     user = local_user()
-    base = ["activate", "--sha256", bundle.sha256, "--commit", bundle.commit, "--ref", bundle.ref,
-            "--user", user, "--restart"]
+    base = [
+        "activate",
+        "--sha256",
+        bundle.sha256,
+        "--commit",
+        bundle.commit,
+        "--ref",
+        bundle.ref,
+        "--user",
+        user,
+        "--restart",
+    ]
     if bundle.committed_at:
         base += ["--committed-at", str(bundle.committed_at)]
     if bundle.size:
@@ -67,7 +77,9 @@ def hotfix(
             try:
                 conn.sftp().put(str(local_file), remote)
             except BaseException:
-                run(cfg, host, conn, f"rm -f -- {q(remote)}", timeout=30)  # a partial copy: only on failure
+                run(
+                    cfg, host, conn, f"rm -f -- {q(remote)}", timeout=30
+                )  # a partial copy: only on failure
                 raise
             args += ["--file", remote]
         else:
@@ -89,8 +101,16 @@ def hotfix(
             url[0] = store.presign_bundle(bid)
 
     try:
-        return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                           keep_going=keep_going, before_batch=fresh_url, traffic=Drainer(cfg), held=held)
+        return run_batches(
+            cfg,
+            groups if groups is not None else [targets.hosts],
+            work,
+            parallel=parallel,
+            keep_going=keep_going,
+            before_batch=fresh_url,
+            traffic=Drainer(cfg),
+            held=held,
+        )
     finally:
         if local_file:
             os.unlink(local_file)
@@ -109,8 +129,10 @@ def _download_for_push(store: Any, bundle: Any) -> str:
             tmp.write(chunk)
     if h.hexdigest() != bundle.sha256:
         os.unlink(tmp.name)
-        raise BundleError(f"bundle {store.uri(bundle.key)} does not match its sha256 {bundle.sha256} "
-                          f"(got {h.hexdigest()}): something rewrote it; rebuild with `fab deploy.bundle --verify`")
+        raise BundleError(
+            f"bundle {store.uri(bundle.key)} does not match its sha256 {bundle.sha256} "
+            f"(got {h.hexdigest()}): something rewrote it; rebuild with `fab deploy.bundle --verify`"
+        )
     return tmp.name
 
 
@@ -130,11 +152,16 @@ def run_hotfix(
     the_plan = plan_for(cfg, targets.hosts, batch, canary)
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
-        say(f"dry run: would hotfix {short(commit)} ({ref or cfg.ref}) onto "
+        say(
+            f"dry run: would hotfix {short(commit)} ({ref or cfg.ref}) onto "
             + ", ".join(h.name for h in targets.hosts)
-            + (f" via {'SFTP push' if push else 'S3'}; " )
-            + ("then publish it (whole fleet), under the deploy lock" if targets.whole_fleet
-               else "without publishing (subset: these hosts would drift from the published bundle)"))
+            + (f" via {'SFTP push' if push else 'S3'}; ")
+            + (
+                "then publish it (whole fleet), under the deploy lock"
+                if targets.whole_fleet
+                else "without publishing (subset: these hosts would drift from the published bundle)"
+            )
+        )
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
@@ -143,19 +170,37 @@ def run_hotfix(
         if held is not None:
             reconcile(cfg, store)  # a killed roll's standby/LB changes (only under the lock)
         start = time.monotonic()
-        out = hotfix(cfg, store, b, targets, push=push, force=force, parallel=parallel,
-                     groups=the_plan.groups, keep_going=keep_going, held=held)
+        out = hotfix(
+            cfg,
+            store,
+            b,
+            targets,
+            push=push,
+            force=force,
+            parallel=parallel,
+            groups=the_plan.groups,
+            keep_going=keep_going,
+            held=held,
+        )
         ok = out.ok
         if targets.whole_fleet and ok:
             if held is not None and held.lost is not None:
-                print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
-                              out.not_touched)
+                print_results(
+                    f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
+                    out.results,
+                    out.not_touched,
+                )
                 held.check(f"publishing {short(b.commit)}")
             bundles.publish_bundle(store, b, log=say, cfg=cfg)
-    print_results(f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s", out.results,
-                  out.not_touched)
+    print_results(
+        f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
+        out.results,
+        out.not_touched,
+    )
     if targets.whole_fleet and not ok:
-        warn("some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again")
+        warn(
+            "some hosts failed, so the published bundle was NOT moved; fix them and run the hotfix again"
+        )
     elif ok:
         drift_note(cfg, targets, f"{short(b.commit)} ({b.ref})", b.commit)
     return ok

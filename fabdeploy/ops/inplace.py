@@ -15,7 +15,9 @@ from fabdeploy.basics.output import say, short, table, warn
 from fabdeploy.ops.targets import Targets
 
 
-def health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str, Any], user: str) -> dict[str, Any]:
+def health_or_revert(
+    cfg: Config, host: Host, conn: Connection, data: dict[str, Any], user: str
+) -> dict[str, Any]:
     """Health-check a host that just changed; on failure put its previous release back.
 
     With health.on: node the node program already did both, in the same command."""
@@ -30,15 +32,28 @@ def health_or_revert(cfg: Config, host: Host, conn: Connection, data: dict[str, 
     reverted = ""
     if prev:
         try:
-            nodectl.call(cfg, host, conn, "rollback", "--release", prev, "--user", user,
-                         "--restart", "--reason", "health check failed")
+            nodectl.call(
+                cfg,
+                host,
+                conn,
+                "rollback",
+                "--release",
+                prev,
+                "--user",
+                user,
+                "--restart",
+                "--reason",
+                "health check failed",
+            )
             reverted = f"; put back on {prev}"
         except HostError as e:
             reverted = f"; reverting to {prev} ALSO failed: {e.message}"
     raise HostError(host.name, f"{host.name}: {h.detail}{reverted}", data=data)
 
 
-def print_results(title: str, results: list[HostResult], not_touched: list[str] | None = None) -> None:
+def print_results(
+    title: str, results: list[HostResult], not_touched: list[str] | None = None
+) -> None:
     rows = []
     for r in results:
         d = r.data
@@ -47,19 +62,26 @@ def print_results(title: str, results: list[HostResult], not_touched: list[str] 
             outcome = "ok" if d.get("changed", True) else "unchanged (already there)"
         else:
             outcome = f"FAILED: {r.error}"
-        rows.append([
-            r.host,
-            f"{prev.get('release', '')} {short(prev.get('commit'))}".strip() or "-",
-            f"{d.get('release', '')} {short(d.get('commit'))}".strip() or "-",
-            f"{r.seconds:.1f}s",
-            outcome,
-        ])
+        rows.append(
+            [
+                r.host,
+                f"{prev.get('release', '')} {short(prev.get('commit'))}".strip() or "-",
+                f"{d.get('release', '')} {short(d.get('commit'))}".strip() or "-",
+                f"{r.seconds:.1f}s",
+                outcome,
+            ]
+        )
     rows += [[name, "", "", "", "not touched"] for name in not_touched or ()]
     table(title, ["host", "previous", "now", "time", "outcome"], rows)
     failed = [r for r in results if not r.ok]
-    say(f"{len(results) - len(failed)} ok, {len(failed)} failed"
-        + (f", {len(not_touched)} not touched (the run stopped after a failed batch; they keep their release)"
-           if not_touched else ""))
+    say(
+        f"{len(results) - len(failed)} ok, {len(failed)} failed"
+        + (
+            f", {len(not_touched)} not touched (the run stopped after a failed batch; they keep their release)"
+            if not_touched
+            else ""
+        )
+    )
 
 
 def drift_note(cfg: Config, targets: Targets, what: str, commit: str) -> None:

@@ -41,8 +41,10 @@ class HeldLock:
                 self.lock = self.store.renew_lock(self.lock, self.expiry)
             except ConflictError as e:
                 self.lost = str(e)
-                warn(f"LOST THE DEPLOY LOCK: {e}. Another deploy may be running: stopping before "
-                     "the next fleet-wide change; check `fab deploy.status`")
+                warn(
+                    f"LOST THE DEPLOY LOCK: {e}. Another deploy may be running: stopping before "
+                    "the next fleet-wide change; check `fab deploy.status`"
+                )
                 return
             except StoreError as e:
                 # Transient (S3 unreachable): the lock is still ours until it expires; retry.
@@ -77,4 +79,6 @@ def fleet_lock(cfg: Config, store: Any, action: str, enabled: bool = True):
             try:
                 store.release_lock(held.lock)
             except Exception as e:  # the deploy's outcome matters more than a tidy lock
-                warn(f"could not release the deploy lock ({e}); run `fab deploy.unlock` if it stays")
+                warn(
+                    f"could not release the deploy lock ({e}); run `fab deploy.unlock` if it stays"
+                )

@@ -8,7 +8,9 @@ from fabdeploy.basics.config import Config
 from fabdeploy.ops.lock import fleet_lock
 
 
-def bundle_for(cfg: Config, ref: str | None = None, *, verify: bool = False, log: Log = print) -> Bundle:
+def bundle_for(
+    cfg: Config, ref: str | None = None, *, verify: bool = False, log: Log = print
+) -> Bundle:
     """`fab deploy.bundle`: ensure_bundle with a Store made from the config."""
     return ensure_bundle(cfg, store_for(cfg), ref, log, verify=verify)
 

@@ -17,16 +17,24 @@ from fabdeploy.basics.output import say, short
 from fabdeploy.ops.lock import fleet_lock
 
 
-def run_instance_refresh(cfg: Config, ref: str | None, *, dry_run: bool = False,
-                         clients: Clients | None = None, poll: float = 15.0) -> bool:
+def run_instance_refresh(
+    cfg: Config,
+    ref: str | None,
+    *,
+    dry_run: bool = False,
+    clients: Clients | None = None,
+    poll: float = 15.0,
+) -> bool:
     """Publish, then replace every instance of each ASG (one group at a time) by an instance refresh."""
     aws = cfg.aws
     if aws is None or not aws.autoscaling_groups:
         raise AWSError(f"--engine=instance-refresh needs aws.autoscaling_groups in {cfg.path}")
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
-        say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and start an instance refresh of "
-            f"{', '.join(aws.autoscaling_groups)} with {refresh_preferences(cfg)}")
+        say(
+            f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and start an instance refresh of "
+            f"{', '.join(aws.autoscaling_groups)} with {refresh_preferences(cfg)}"
+        )
         return True
     c = clients or Clients(cfg)
     _group_instances(cfg, c, aws.autoscaling_groups)  # fail on a missing group before publishing
@@ -41,7 +49,9 @@ def run_instance_refresh(cfg: Config, ref: str | None, *, dry_run: bool = False,
             say(f"instance refresh {rid} of {group} started ({refresh_preferences(cfg)})")
             status = follow_refresh(cfg, c, group, rid, poll=poll)
             if status != "Successful":
-                say(f"instance refresh of {group} ended {status}; the published pointer stays at "
-                    f"{short(b.commit)}: instances that boot from now on run it")
+                say(
+                    f"instance refresh of {group} ended {status}; the published pointer stays at "
+                    f"{short(b.commit)}: instances that boot from now on run it"
+                )
                 return False
     return True

@@ -69,7 +69,9 @@ def _log(t0: float, host: str, msg: str) -> None:
     say(f"[{time.monotonic() - t0:6.1f}s] {host}: {msg}")
 
 
-def _boot_id(cfg: Config, host: Host, old_boot: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+def _boot_id(
+    cfg: Config, host: Host, old_boot: str | None = None
+) -> tuple[str | None, dict[str, Any] | None]:
     """One fresh connection: (boot id, node status) or (None, None) while the host is down.
 
     Given the boot id from before the reboot, a node on a new boot answers once its boot unit
@@ -125,7 +127,9 @@ def prepare(cfg: Config, host: Host) -> Prepared:
         return Prepared(conn, error=e)
 
 
-def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> tuple[str, dict[str, Any] | None]:
+def _wait_back(
+    cfg: Config, host: Host, old_boot: str | None, start: float
+) -> tuple[str, dict[str, Any] | None]:
     """Wait for a new boot id; returns it with the node status read at that moment."""
     probe = connect(cfg, host)
     # Through a gateway only SSH can tell; directly, a banner probe every 20 ms can.
@@ -136,9 +140,12 @@ def _wait_back(cfg: Config, host: Host, old_boot: str | None, start: float) -> t
     while True:
         now = time.monotonic()
         if now > deadline:
-            raise HostError(host.name, f"{host.name} did not come back within {cfg.roll.reboot_timeout:g}s "
-                            f"after the reboot ({'it went down' if went_down else 'it never went down'}); "
-                            "check its console, then `fab deploy.roll --resume`")
+            raise HostError(
+                host.name,
+                f"{host.name} did not come back within {cfg.roll.reboot_timeout:g}s "
+                f"after the reboot ({'it went down' if went_down else 'it never went down'}); "
+                "check its console, then `fab deploy.roll --resume`",
+            )
         if direct and not _sshd_answers(probe.host, probe.port):
             went_down = went_down or now
             time.sleep(0.02)
@@ -161,8 +168,15 @@ def _bundle_of(cur: dict[str, Any]) -> str | None:
     return cur.get("bundle_id") or cur.get("commit")
 
 
-def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
-               prepared: Prepared | None = None) -> HostRoll:
+def reboot_one(
+    cfg: Config,
+    host: Host,
+    commit: str,
+    t0: float,
+    resume: bool,
+    traffic: Any = None,
+    prepared: Prepared | None = None,
+) -> HostRoll:
     res = HostRoll(host.name)
     cfg = for_host(cfg, host)  # its role's reboot command and health check
     prepared = prepared or prepare(cfg, host)
@@ -181,8 +195,17 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
         reboot, stdin = as_root(cfg, cfg.reboot, sudo=cfg.ssh.sudo)
         if traffic is not None and cfg.ssh.sudo and stdin is None:
             # A missing sudo right must stop the roll before the host leaves its load balancer.
-            refused = sudo_refusal(host, cfg.ssh.user, cfg.reboot,
-                                   run(cfg, host, conn, f"sudo -n -l -- {cfg.reboot} >/dev/null 2>&1 || exit {SUDO_REFUSED}"))
+            refused = sudo_refusal(
+                host,
+                cfg.ssh.user,
+                cfg.reboot,
+                run(
+                    cfg,
+                    host,
+                    conn,
+                    f"sudo -n -l -- {cfg.reboot} >/dev/null 2>&1 || exit {SUDO_REFUSED}",
+                ),
+            )
             if refused:
                 raise refused
         if traffic is not None:
@@ -195,9 +218,14 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
             if refused:
                 raise refused
             if r.exit_code not in (0, -1):
-                raise HostError(host.name, f"{host.name}: reboot command failed (exit {r.exit_code}): "
-                                + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
-                                command=cfg.reboot, exit_code=r.exit_code, output=r.stderr)
+                raise HostError(
+                    host.name,
+                    f"{host.name}: reboot command failed (exit {r.exit_code}): "
+                    + ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1],
+                    command=cfg.reboot,
+                    exit_code=r.exit_code,
+                    output=r.stderr,
+                )
         except HostError as e:
             if not e.session_ended:
                 raise
@@ -213,22 +241,32 @@ def reboot_one(cfg: Config, host: Host, commit: str, t0: float, resume: bool, tr
     boot_deadline = time.monotonic() + cfg.roll.boot_timeout
     while not ((status or {}).get("last_boot") or {}).get("boot_id") == boot_id:
         if time.monotonic() > boot_deadline:
-            raise HostError(host.name, f"{host.name} came back but its boot unit ({cfg.boot_unit}) recorded "
-                            f"no outcome within {cfg.roll.boot_timeout:g}s; is it enabled? (fab deploy.setup)")
+            raise HostError(
+                host.name,
+                f"{host.name} came back but its boot unit ({cfg.boot_unit}) recorded "
+                f"no outcome within {cfg.roll.boot_timeout:g}s; is it enabled? (fab deploy.setup)",
+            )
         time.sleep(0.2)
         _, status = _boot_id(cfg, host, old_boot)
     cur = (status or {}).get("current") or {}
     res.new = {"release": cur.get("release"), "commit": cur.get("commit")}
     last_boot = (status or {}).get("last_boot") or {}
     if _bundle_of(cur) != commit:
-        raise HostError(host.name, f"{host.name} booted but kept {short(cur.get('commit'))} instead of "
-                        f"{short(commit)}: {last_boot.get('reason') or last_boot.get('outcome')}")
+        raise HostError(
+            host.name,
+            f"{host.name} booted but kept {short(cur.get('commit'))} instead of "
+            f"{short(commit)}: {last_boot.get('reason') or last_boot.get('outcome')}",
+        )
     _check_health(cfg, host, commit, status)
     if traffic is not None:
         traffic.after_healthy(host)
     res.healthy_s = time.monotonic() - start
     res.ok = True
-    _log(t0, host.name, f"on {short(commit)} release {cur.get('release')}, healthy ({res.healthy_s:.1f}s)")
+    _log(
+        t0,
+        host.name,
+        f"on {short(commit)} release {cur.get('release')}, healthy ({res.healthy_s:.1f}s)",
+    )
     return res
 
 
@@ -242,17 +280,29 @@ def _check_health(cfg: Config, host: Host, commit: str, status: dict[str, Any] |
     else:
         reported = (status or {}).get("health")
         if not isinstance(reported, dict):
-            raise HostError(host.name, f"{host.name} is on {short(commit)} but its node program reported no health "
-                            "check for this boot; run `fab deploy.setup` and roll it again")
+            raise HostError(
+                host.name,
+                f"{host.name} is on {short(commit)} but its node program reported no health "
+                "check for this boot; run `fab deploy.setup` and roll it again",
+            )
         ok, detail = bool(reported.get("ok")), str(reported.get("detail"))
     if not ok:
         raise HostError(host.name, f"{host.name} is on {short(commit)} but {detail}")
 
 
-def _attempt(cfg: Config, host: Host, commit: str, t0: float, resume: bool, traffic: Any = None,
-             prepared: Any = None) -> HostRoll:
+def _attempt(
+    cfg: Config,
+    host: Host,
+    commit: str,
+    t0: float,
+    resume: bool,
+    traffic: Any = None,
+    prepared: Any = None,
+) -> HostRoll:
     try:
-        return reboot_one(cfg, host, commit, t0, resume, traffic, prepared.result() if prepared else None)
+        return reboot_one(
+            cfg, host, commit, t0, resume, traffic, prepared.result() if prepared else None
+        )
     except (HostError, AWSError) as e:
         _log(t0, host.name, f"FAILED: {e}")
         r = HostRoll(host.name, error=str(e))
@@ -274,8 +324,13 @@ def run_roll(
     # another in role_order (--roles=worker,web, else roll.role_order), never mixed in a batch.
     order = role_order if role_order is not None else list(cfg.roll.role_order)
     live = len(resolve_hosts(cfg))
-    the_plan = Plan([g for part in (by_role_order(targets.hosts, order) if order else [targets.hosts])
-                     for g in batch_plan(cfg, part, batch or cfg.roll.batch, live=live).groups])
+    the_plan = Plan(
+        [
+            g
+            for part in (by_role_order(targets.hosts, order) if order else [targets.hosts])
+            for g in batch_plan(cfg, part, batch or cfg.roll.batch, live=live).groups
+        ]
+    )
     groups = the_plan.groups
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
@@ -296,7 +351,9 @@ def run_roll(
         b = bundles.ensure_bundle(cfg, store, ref)
         previous, _ = store.read_pointer(replacing=True)
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
-        ahead = ThreadPoolExecutor(max_workers=max(len(g) for g in groups), thread_name_prefix="ahead")
+        ahead = ThreadPoolExecutor(
+            max_workers=max(len(g) for g in groups), thread_name_prefix="ahead"
+        )
         nxt: dict[str, Any] = {}
         try:
             # The next batch's connections and status are fetched while this one reboots.
@@ -308,11 +365,23 @@ def run_roll(
                 if held.lost is not None:
                     warn(f"stopped before batch {i}: the deploy lock was lost ({held.lost})")
                     break
-                mine, nxt = nxt, ({h.name: ahead.submit(prepare, cfg, h) for h in groups[i]}
-                                  if i < len(groups) else {})
+                mine, nxt = (
+                    nxt,
+                    (
+                        {h.name: ahead.submit(prepare, cfg, h) for h in groups[i]}
+                        if i < len(groups)
+                        else {}
+                    ),
+                )
                 with ThreadPoolExecutor(max_workers=len(group)) as pool:
-                    batch_results = list(pool.map(
-                        lambda h, mine=mine: _attempt(cfg, h, b.bundle_id, t0, resume, traffic, mine.get(h.name)), group))
+                    batch_results = list(
+                        pool.map(
+                            lambda h, mine=mine: _attempt(
+                                cfg, h, b.bundle_id, t0, resume, traffic, mine.get(h.name)
+                            ),
+                            group,
+                        )
+                    )
                 results += batch_results
                 failed = [r for r in batch_results if not r.ok]
                 if failed:
@@ -330,17 +399,29 @@ def run_roll(
     return bool(results) and all(r.ok for r in results) and len(results) == len(targets.hosts)
 
 
-def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host], failed: list[HostRoll], t0: float,
-                      traffic: Any = None, held: Any = None) -> None:
+def _roll_back_failed(
+    cfg: Config,
+    store: Any,
+    previous: Any,
+    group: list[Host],
+    failed: list[HostRoll],
+    t0: float,
+    traffic: Any = None,
+    held: Any = None,
+) -> None:
     if previous is None:
         warn("--rollback-on-failure: there is no previous published bundle to go back to")
         return
     if held is not None and held.lost is not None:
-        warn(f"--rollback-on-failure: the published pointer was NOT moved back: the deploy lock was lost ({held.lost})")
+        warn(
+            f"--rollback-on-failure: the published pointer was NOT moved back: the deploy lock was lost ({held.lost})"
+        )
         return
     current, etag = store.read_pointer(replacing=True)
     # A new pointer (signed, with a newer sequence) to the old bundle: nodes refuse replays.
-    back = bundles.new_pointer(cfg, bundles.bundle_of_pointer(cfg, store, previous, log=say), current)
+    back = bundles.new_pointer(
+        cfg, bundles.bundle_of_pointer(cfg, store, previous, log=say), current
+    )
     store.write_pointer(back, etag)
     say(f"published pointer moved back to {short(previous.commit)} ({previous.ref})")
     names = {f.host for f in failed}
@@ -350,27 +431,39 @@ def _roll_back_failed(cfg: Config, store: Any, previous: Any, group: list[Host],
             for f in failed:
                 if f.host == host.name:
                     f.error = (f.error or "") + (
-                        f"; rolled back to {short(previous.commit)}" if r.ok else f"; rollback ALSO failed: {r.error}")
+                        f"; rolled back to {short(previous.commit)}"
+                        if r.ok
+                        else f"; rollback ALSO failed: {r.error}"
+                    )
 
 
 def _print(cfg: Config, targets: Targets, b: Any, results: list[HostRoll], t0: float) -> None:
     done = {r.host for r in results}
     rows = []
     for r in results:
-        outcome = "skipped (already on it)" if r.skipped else ("ok" if r.ok else f"FAILED: {r.error}")
-        rows.append([
-            r.host,
-            f"{r.old.get('release') or '-'} {short(r.old.get('commit'))}",
-            f"{r.new.get('release') or '-'} {short(r.new.get('commit'))}",
-            "" if r.down_s is None else f"{r.down_s:.1f}s",
-            "" if r.healthy_s is None else f"{r.healthy_s:.1f}s",
-            outcome,
-        ])
+        outcome = (
+            "skipped (already on it)" if r.skipped else ("ok" if r.ok else f"FAILED: {r.error}")
+        )
+        rows.append(
+            [
+                r.host,
+                f"{r.old.get('release') or '-'} {short(r.old.get('commit'))}",
+                f"{r.new.get('release') or '-'} {short(r.new.get('commit'))}",
+                "" if r.down_s is None else f"{r.down_s:.1f}s",
+                "" if r.healthy_s is None else f"{r.healthy_s:.1f}s",
+                outcome,
+            ]
+        )
     for h in targets.hosts:
         if h.name not in done:
             rows.append([h.name, "", "", "", "", "not touched"])
-    table(f"roll {short(b.commit)} ({b.ref}) in {time.monotonic() - t0:.1f}s",
-          ["host", "old", "new", "back after", "healthy after", "outcome"], rows)
+    table(
+        f"roll {short(b.commit)} ({b.ref}) in {time.monotonic() - t0:.1f}s",
+        ["host", "old", "new", "back after", "healthy after", "outcome"],
+        rows,
+    )
     if any(not r.ok for r in results) or len(done) < len(targets.hosts):
-        say("the roll stopped; the hosts it did not reach still run their old release. "
-            "Resume with `fab deploy.roll --resume`, or go back with `fab deploy.rollback`.")
+        say(
+            "the roll stopped; the hosts it did not reach still run their old release. "
+            "Resume with `fab deploy.roll --resume`, or go back with `fab deploy.rollback`."
+        )

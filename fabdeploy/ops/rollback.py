@@ -22,8 +22,16 @@ from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
 
 
-def rollback(cfg: Config, targets: Targets, *, release: str | None = None, parallel: int | None = None,
-             groups: list[list[Host]] | None = None, keep_going: bool = False, held: Any = None) -> Outcome:
+def rollback(
+    cfg: Config,
+    targets: Targets,
+    *,
+    release: str | None = None,
+    parallel: int | None = None,
+    groups: list[list[Host]] | None = None,
+    keep_going: bool = False,
+    held: Any = None,
+) -> Outcome:
     user = local_user()
     args = ["rollback", "--user", user, "--restart"]
     if release:
@@ -37,29 +45,56 @@ def rollback(cfg: Config, targets: Targets, *, release: str | None = None, paral
         h = wait_healthy(mine, conn.host)
         data["health"] = h.detail
         if not h.ok:
-            raise HostError(host.name, f"{host.name}: rolled back to {data.get('release')} but {h.detail}",
-                            data=data)
+            raise HostError(
+                host.name,
+                f"{host.name}: rolled back to {data.get('release')} but {h.detail}",
+                data=data,
+            )
         return data
 
-    return run_batches(cfg, groups if groups is not None else [targets.hosts], work, parallel=parallel,
-                       keep_going=keep_going, traffic=Drainer(cfg), held=held)
+    return run_batches(
+        cfg,
+        groups if groups is not None else [targets.hosts],
+        work,
+        parallel=parallel,
+        keep_going=keep_going,
+        traffic=Drainer(cfg),
+        held=held,
+    )
 
 
-def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, dry_run: bool = False,
-                 parallel: int | None = None, batch: str | None = None, canary: int | None = None,
-                 keep_going: bool = False) -> bool:
+def run_rollback(
+    cfg: Config,
+    targets: Targets,
+    *,
+    release: str | None = None,
+    dry_run: bool = False,
+    parallel: int | None = None,
+    batch: str | None = None,
+    canary: int | None = None,
+    keep_going: bool = False,
+) -> bool:
     the_plan = plan_for(cfg, targets.hosts, batch, canary)
     if dry_run:
-        say(f"dry run: would roll back {', '.join(h.name for h in targets.hosts)} to "
+        say(
+            f"dry run: would roll back {', '.join(h.name for h in targets.hosts)} to "
             + (release or "each host's previous release")
-            + (" and move the published pointer back" if targets.whole_fleet else ""))
+            + (" and move the published pointer back" if targets.whole_fleet else "")
+        )
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
     with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet) as held:
         start = time.monotonic()
-        out = rollback(cfg, targets, release=release, parallel=parallel, groups=the_plan.groups,
-                       keep_going=keep_going, held=held)
+        out = rollback(
+            cfg,
+            targets,
+            release=release,
+            parallel=parallel,
+            groups=the_plan.groups,
+            keep_going=keep_going,
+            held=held,
+        )
         results = out.results
         ok = out.ok
         # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
@@ -70,7 +105,9 @@ def run_rollback(cfg: Config, targets: Targets, *, release: str | None = None, d
             _pointer_back(cfg, store, {r.data.get("commit") for r in results})
     commits = {r.data.get("commit") for r in results}
     if ok and len(commits) == 1:
-        drift_note(cfg, targets, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits))))
+        drift_note(
+            cfg, targets, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits)))
+        )
     return ok
 
 
@@ -86,9 +123,13 @@ def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
         return
     for p in store.pointer_history(limit=100):
         if p.commit == commit:
-            new = bundles.new_pointer(cfg, bundles.bundle_of_pointer(cfg, store, p, log=say), current)
+            new = bundles.new_pointer(
+                cfg, bundles.bundle_of_pointer(cfg, store, p, log=say), current
+            )
             store.write_pointer(new, etag)
             say(f"published pointer moved back to {short(commit)} ({p.ref})")
             return
-    warn(f"{short(commit)} is not in the pointer history; the published pointer was left alone. "
-         f"Run `fab deploy.publish --ref={commit}` to make reboots keep it.")
+    warn(
+        f"{short(commit)} is not in the pointer history; the published pointer was left alone. "
+        f"Run `fab deploy.publish --ref={commit}` to make reboots keep it."
+    )

@@ -40,8 +40,11 @@ def run_setup(cfg: Config, targets: Targets, *, admin_user: str | None = None) -
                 aconn.close()
 
     results = run_parallel(cfg, targets.hosts, work, on_done=progress_line(time.monotonic()))
-    table(f"setup {cfg.app}", ["host", "outcome"],
-          [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results])
+    table(
+        f"setup {cfg.app}",
+        ["host", "outcome"],
+        [[r.host, r.data.get("outcome") if r.ok else f"FAILED: {r.error}"] for r in results],
+    )
     if all(r.ok and r.data.get("outcome") == "unchanged" for r in results):
         print("no changes: every host already has this node program, config and boot unit")
     return all(r.ok for r in results)

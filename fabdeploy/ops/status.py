@@ -30,10 +30,14 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
     for r in results:
         if r.host in roles:
             r.data["roles"] = roles[r.host]
-        if r.host in aws_ids:  # also for unreachable hosts: the id is what you look up in the console
+        if (
+            r.host in aws_ids
+        ):  # also for unreachable hosts: the id is what you look up in the console
             r.data["instance_id"], r.data["az"] = aws_ids[r.host]
         cur = (r.data or {}).get("current") or {}
-        r.data["drift"] = bool(pointer and r.ok and (cur.get("bundle_id") or cur.get("commit")) != pointer.id)
+        r.data["drift"] = bool(
+            pointer and r.ok and (cur.get("bundle_id") or cur.get("commit")) != pointer.id
+        )
     return (pointer, pointer_error), results
 
 
@@ -45,21 +49,27 @@ def _deployed(last: dict[str, Any], log_tail: list[str]) -> str:
     return f"{last.get('at', '')} {by}".strip() or "-"
 
 
-def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostResult], as_json: bool) -> None:
+def show(
+    cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostResult], as_json: bool
+) -> None:
     pointer, pointer_error = pointer_info
     if as_json:
-        dump_json({
-            "app": cfg.app,
-            "stage": cfg.stage,
-            "published": None if pointer is None else pointer.__dict__,
-            "published_error": pointer_error,
-            "hosts": [
-                {"host": r.host, "reachable": r.ok, "error": r.error, **r.data} for r in results
-            ],
-        })
+        dump_json(
+            {
+                "app": cfg.app,
+                "stage": cfg.stage,
+                "published": None if pointer is None else pointer.__dict__,
+                "published_error": pointer_error,
+                "hosts": [
+                    {"host": r.host, "reachable": r.ok, "error": r.error, **r.data} for r in results
+                ],
+            }
+        )
         return
     if pointer is not None:
-        print(f"published: {short(pointer.commit)} ({pointer.ref}) by {pointer.published_by} at {pointer.published_at}")
+        print(
+            f"published: {short(pointer.commit)} ({pointer.ref}) by {pointer.published_by} at {pointer.published_at}"
+        )
     elif pointer_error:
         print(f"published: unknown ({pointer_error})")
     else:
@@ -78,7 +88,9 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
         if last_boot.get("reason") and boot != "activated":
             boot = f"{boot}: {last_boot['reason']}"
         if not r.ok:
-            rows.append([r.host, *aws_cols, "-", "-", "-", "-", "-", f"UNREACHABLE/ERROR: {r.error}"])
+            rows.append(
+                [r.host, *aws_cols, "-", "-", "-", "-", "-", f"UNREACHABLE/ERROR: {r.error}"]
+            )
             continue
         state = "ok"
         if not cur:
@@ -94,14 +106,30 @@ def show(cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostRe
         if d.get("stray"):
             state += f"; stray in releases/: {', '.join(d['stray'])}"
         last = d.get("last") or {}
-        rows.append([
-            r.host,
-            *aws_cols,
-            cur.get("release", "-"),
-            short(cur.get("commit")) or "-",
-            _deployed(last, d.get("revision_log_tail") or []),
-            str(len(d.get("releases") or [])),
-            boot or "-",
-            state,
-        ])
-    table(f"{cfg.app}{f' ({cfg.stage})' if cfg.stage else ''}: {len(results)} host(s)", ["host", *(["instance", "az"] if ids else []), *(["roles"] if with_roles else []), "release", "commit", "deployed at / by", "releases", "last boot", "state"], rows)
+        rows.append(
+            [
+                r.host,
+                *aws_cols,
+                cur.get("release", "-"),
+                short(cur.get("commit")) or "-",
+                _deployed(last, d.get("revision_log_tail") or []),
+                str(len(d.get("releases") or [])),
+                boot or "-",
+                state,
+            ]
+        )
+    table(
+        f"{cfg.app}{f' ({cfg.stage})' if cfg.stage else ''}: {len(results)} host(s)",
+        [
+            "host",
+            *(["instance", "az"] if ids else []),
+            *(["roles"] if with_roles else []),
+            "release",
+            "commit",
+            "deployed at / by",
+            "releases",
+            "last boot",
+            "state",
+        ],
+        rows,
+    )

@@ -21,7 +21,9 @@ class Targets:
     whole_fleet: bool
 
 
-def targets_for(cfg: Config, hosts: str | Sequence[str] | None, roles: str | Sequence[str] | None = None) -> Targets:
+def targets_for(
+    cfg: Config, hosts: str | Sequence[str] | None, roles: str | Sequence[str] | None = None
+) -> Targets:
     selected = select_hosts(cfg, hosts)
     if roles:
         selected = with_roles(cfg, selected, parse_roles(roles))
@@ -40,12 +42,18 @@ def with_roles(cfg: Config, hosts: list[Host], roles: list[str]) -> list[Host]:
     if unknown:
         raise ConfigError(
             f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (no host in {cfg.path} has it); "
-            + (f"known roles: {', '.join(known)}" if known else "no host has roles (hosts.X.roles, aws.role_tag)")
+            + (
+                f"known roles: {', '.join(known)}"
+                if known
+                else "no host has roles (hosts.X.roles, aws.role_tag)"
+            )
         )
     chosen = [h for h in hosts if set(h.roles) & set(roles)]
     if not chosen:
-        raise ConfigError(f"no host{'s' if len(hosts) > 1 else ''} among {', '.join(h.name for h in hosts)} "
-                          f"{'has' if len(hosts) == 1 else 'have'} role {' or '.join(roles)}")
+        raise ConfigError(
+            f"no host{'s' if len(hosts) > 1 else ''} among {', '.join(h.name for h in hosts)} "
+            f"{'has' if len(hosts) == 1 else 'have'} role {' or '.join(roles)}"
+        )
     return chosen
 
 

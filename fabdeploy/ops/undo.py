@@ -36,7 +36,9 @@ class S3Journal:
             body = {"version": 1, "by": self.by, "at": self.at, "instances": state}
             self.etag = self.store.write_undo(body, self.etag)
         except StoreError as e:
-            raise AWSError(f"could not record what the roll must undo, so the instance was not changed: {e}") from None
+            raise AWSError(
+                f"could not record what the roll must undo, so the instance was not changed: {e}"
+            ) from None
 
 
 def _valid(state: Any) -> dict[str, dict[str, Any]] | None:
@@ -47,17 +49,26 @@ def _valid(state: Any) -> dict[str, dict[str, Any]] | None:
         return None
     out = {}
     for iid, e in state["instances"].items():
-        if not (isinstance(e, dict) and isinstance(e.get("host"), str) and aws.valid_address(e["host"])
-                and strs(e.get("target_groups")) and strs(e.get("classic_elbs"))
-                and (e.get("standby_group") is None or isinstance(e["standby_group"], str))
-                and (e.get("restore_min") is None
-                     or (type(e["restore_min"]) is int and 0 <= e["restore_min"] < 100_000))):
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("host"), str)
+            and aws.valid_address(e["host"])
+            and strs(e.get("target_groups"))
+            and strs(e.get("classic_elbs"))
+            and (e.get("standby_group") is None or isinstance(e["standby_group"], str))
+            and (
+                e.get("restore_min") is None
+                or (type(e["restore_min"]) is int and 0 <= e["restore_min"] < 100_000)
+            )
+        ):
             return None
         out[iid] = e
     return out
 
 
-def reconcile(cfg: Config, store: Any, traffic: Any = None, journal: S3Journal | None = None) -> None:
+def reconcile(
+    cfg: Config, store: Any, traffic: Any = None, journal: S3Journal | None = None
+) -> None:
     """Put back what an interrupted roll left (call it holding the fleet lock); one line about it."""
     try:
         raw, etag = store.read_undo()
@@ -69,12 +80,16 @@ def reconcile(cfg: Config, store: Any, traffic: Any = None, journal: S3Journal |
     where = store.uri(store.undo_key)
     state = _valid(raw)
     if state is None:
-        warn(f"{where} is not a valid undo state: check the instances' load balancer registration and ASG "
-             "standby/MinSize by hand, then delete it")
+        warn(
+            f"{where} is not a valid undo state: check the instances' load balancer registration and ASG "
+            "standby/MinSize by hand, then delete it"
+        )
         return
     if cfg.aws is None:
-        warn(f"{where} says an interrupted roll left instances out of their load balancers or in Standby, "
-             "but deploy.yml has no aws: section to put them back with; fix them by hand, then delete it")
+        warn(
+            f"{where} says an interrupted roll left instances out of their load balancers or in Standby, "
+            "but deploy.yml has no aws: section to put them back with; fix them by hand, then delete it"
+        )
         return
     if journal is None:
         journal = S3Journal(store)
@@ -85,6 +100,11 @@ def reconcile(cfg: Config, store: Any, traffic: Any = None, journal: S3Journal |
     traffic.restore_all()  # warns per instance it could not restore; what is left stays recorded
     left = journal.etag is not None
     names = ", ".join(f"{h.name} ({h.instance_id})" for h in hosts)
-    say(f"reconciled an interrupted roll ({raw.get('by', '?')}, {raw.get('at', '?')}): {names} "
-        + ("NOT fully put back (see the warnings; recorded for the next run)" if left else
-           "put back (out of Standby, MinSize restored, registered in the load balancers again)"))
+    say(
+        f"reconciled an interrupted roll ({raw.get('by', '?')}, {raw.get('at', '?')}): {names} "
+        + (
+            "NOT fully put back (see the warnings; recorded for the next run)"
+            if left
+            else "put back (out of Standby, MinSize restored, registered in the load balancers again)"
+        )
+    )

@@ -66,11 +66,17 @@ def add_deploy_user() -> None:
     text = passwd.read_text()
     if any(line.startswith(DEPLOY_USER + ":") for line in text.splitlines()):
         return
-    used = {int(line.split(":")[2]) for f in (text, group.read_text()) for line in f.splitlines()
-            if line.count(":") >= 3 and line.split(":")[2].isdigit()}
+    used = {
+        int(line.split(":")[2])
+        for f in (text, group.read_text())
+        for line in f.splitlines()
+        if line.count(":") >= 3 and line.split(":")[2].isdigit()
+    }
     uid = next(n for n in range(1500, 60000) if n not in used)
     with passwd.open("a") as f:
-        f.write(f"{DEPLOY_USER}:x:{uid}:{uid}:fabdeploy sandbox deploy user:/run/{DEPLOY_USER}:/bin/sh\n")
+        f.write(
+            f"{DEPLOY_USER}:x:{uid}:{uid}:fabdeploy sandbox deploy user:/run/{DEPLOY_USER}:/bin/sh\n"
+        )
     with group.open("a") as f:
         f.write(f"{DEPLOY_USER}:x:{uid}:\n")
     if shadow.exists():
@@ -115,9 +121,12 @@ class Host:
         # /root: the operator's shell rc (pyenv and friends) would otherwise run on every
         # ssh command, and a real host's root has its own home anyway.
         passwd = Path("/etc/passwd")
-        passwd.write_text("".join(
-            ("root:x:0:0:root:/run/root:/bin/sh\n" if line.startswith("root:") else line)
-            for line in passwd.read_text().splitlines(True)))
+        passwd.write_text(
+            "".join(
+                ("root:x:0:0:root:/run/root:/bin/sh\n" if line.startswith("root:") else line)
+                for line in passwd.read_text().splitlines(True)
+            )
+        )
         add_deploy_user()
         self.boot_id_file.touch()
         mount("--bind", str(self.boot_id_file), "/proc/sys/kernel/random/boot_id")
@@ -194,7 +203,9 @@ class Host:
             if not self.others():
                 return
 
-    def boot(self, down_at: float | None, remount_run: bool, requested_at: float | None = None) -> None:
+    def boot(
+        self, down_at: float | None, remount_run: bool, requested_at: float | None = None
+    ) -> None:
         boot_start = time.time()
         self.reboot_requested = False
         boot_id = str(uuid.uuid4())

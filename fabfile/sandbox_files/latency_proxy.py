@@ -41,8 +41,13 @@ BUFFER_LIMIT = 64 << 20
 class Pipe:
     """One direction of one connection: a delay line of (due, bytes) chunks."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
-                 not_before: float) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        delay: float,
+        not_before: float,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.delay = delay
@@ -111,8 +116,14 @@ class Proxy:
         self.servers: list[asyncio.base_events.Server] = []
         self.tasks: set[asyncio.Task] = set()
 
-    async def listen(self, listen_ip: str, listen_port: int, target_ip: str, target_port: int,
-                     handshake: bool | None = None) -> None:
+    async def listen(
+        self,
+        listen_ip: str,
+        listen_port: int,
+        target_ip: str,
+        target_port: int,
+        handshake: bool | None = None,
+    ) -> None:
         handshake = self.handshake if handshake is None else handshake and self.rtt > 0
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -126,12 +137,19 @@ class Proxy:
             finally:
                 self.tasks.discard(task)
 
-        server = await asyncio.start_server(on_client, listen_ip, listen_port, reuse_address=True,
-                                            backlog=512, limit=CHUNK)
+        server = await asyncio.start_server(
+            on_client, listen_ip, listen_port, reuse_address=True, backlog=512, limit=CHUNK
+        )
         self.servers.append(server)
 
-    async def serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
-                    target_ip: str, target_port: int, handshake: bool) -> None:
+    async def serve(
+        self,
+        c_reader: asyncio.StreamReader,
+        c_writer: asyncio.StreamWriter,
+        target_ip: str,
+        target_port: int,
+        handshake: bool,
+    ) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         half = self.rtt / 2
@@ -147,7 +165,9 @@ class Proxy:
         hs = self.rtt if handshake else 0.0
         up = Pipe(c_reader, s_writer, half, t0 + hs)
         down = Pipe(s_reader, c_writer, half, t0 + 1.5 * hs)
-        pumps = [asyncio.ensure_future(p) for p in (up.read(), up.write(), down.read(), down.write())]
+        pumps = [
+            asyncio.ensure_future(p) for p in (up.read(), up.write(), down.read(), down.write())
+        ]
         try:
             # Done when both directions have passed their EOF on, or when a write fails
             # (the peer is gone): then both sides are torn down.
@@ -181,13 +201,21 @@ async def main_async(config: dict) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     for route in config["routes"]:
-        await proxy.listen(route[0], int(route[1]), route[2], int(route[3]),
-                           bool(route[4]) if len(route) > 4 else None)
+        await proxy.listen(
+            route[0],
+            int(route[1]),
+            route[2],
+            int(route[3]),
+            bool(route[4]) if len(route) > 4 else None,
+        )
     if config.get("ready_file"):
         with open(config["ready_file"], "w") as f:
             f.write(f"{os.getpid()}\n")
-    print(f"ready: {len(config['routes'])} routes, rtt {proxy.rtt * 1000:g} ms"
-          f"{' (+1 rtt per connection for the TCP handshake)' if proxy.handshake else ''}", flush=True)
+    print(
+        f"ready: {len(config['routes'])} routes, rtt {proxy.rtt * 1000:g} ms"
+        f"{' (+1 rtt per connection for the TCP handshake)' if proxy.handshake else ''}",
+        flush=True,
+    )
     await stop.wait()
     await proxy.close()
 

@@ -34,7 +34,9 @@ def can_run_sandbox() -> str | None:
     return None
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_for(
+    predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -51,9 +53,14 @@ class Fleet:
     home: Path
 
     # --- driving ----------------------------------------------------------------
-    def env(self, config: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "SSH_", "DEPLOY_")) and k not in ("HOME",)}
+    def env(
+        self, config: Path | None = None, extra: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "SSH_", "DEPLOY_")) and k not in ("HOME",)
+        }
         env.update(self.sb.env)
         env["HOME"] = str(self.home)
         env["DEPLOY_CONFIG"] = str(config or self.sb.deploy_yml)
@@ -61,28 +68,56 @@ class Fleet:
         env.update(extra or {})
         return env
 
-    def fab(self, *args: str, config: Path | None = None, check: bool = True, timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([FAB, *args], cwd=REPO, env=self.env(config, env), capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    def fab(
+        self,
+        *args: str,
+        config: Path | None = None,
+        check: bool = True,
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [FAB, *args],
+            cwd=REPO,
+            env=self.env(config, env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"fab {' '.join(args)} exited {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}")
+            raise AssertionError(
+                f"fab {' '.join(args)} exited {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+            )
         return r
 
     def fab_bg(self, *args: str, config: Path | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([FAB, *args], cwd=REPO, env=self.env(config), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [FAB, *args],
+            cwd=REPO,
+            env=self.env(config),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
 
     def ssh(self, host: str, cmd: str, check: bool = True) -> str:
-        r = subprocess.run(["ssh", "-F", str(self.sb.ssh_config), "-o", "BatchMode=yes", host, cmd],
-                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["ssh", "-F", str(self.sb.ssh_config), "-o", "BatchMode=yes", host, cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"ssh {host} {cmd!r} exited {r.returncode}: {r.stderr}")
         return r.stdout
 
     def git(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", str(self.sb.app_repo), *args], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(self.sb.app_repo), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     def commit(self, message: str, files: dict[str, str] | None = None) -> str:
         for name, text in (files or {}).items():
@@ -115,8 +150,12 @@ class Fleet:
         lines = kh.read_text().splitlines(True)
         key = next(line for line in lines if line.startswith(donor + ",")).split()[2]
         forged = kh.with_name(name)
-        forged.write_text("".join(line.replace(line.split()[2], key) if line.startswith(victim + ",") else line
-                                  for line in lines))
+        forged.write_text(
+            "".join(
+                line.replace(line.split()[2], key) if line.startswith(victim + ",") else line
+                for line in lines
+            )
+        )
         return forged.name
 
     # --- observing --------------------------------------------------------------
@@ -131,7 +170,9 @@ class Fleet:
 
     def version(self, host: str) -> str | None:
         try:
-            with urllib.request.urlopen(f"http://{self.sb.hosts[host]}:8080/version", timeout=5) as r:
+            with urllib.request.urlopen(
+                f"http://{self.sb.hosts[host]}:8080/version", timeout=5
+            ) as r:
                 return r.read().decode().strip()
         except OSError:
             return None
@@ -152,8 +193,11 @@ class Fleet:
         before = self.boot_id(host)
         n = len(self.boots(host))
         self.ssh(host, "systemctl reboot", check=False)
-        wait_for(lambda: len(self.boots(host)) > n and self.boots(host)[-1].get("sshd_ready"),
-                 timeout=60, what=f"{host} to boot")
+        wait_for(
+            lambda: len(self.boots(host)) > n and self.boots(host)[-1].get("sshd_ready"),
+            timeout=60,
+            what=f"{host} to boot",
+        )
         after = wait_for(lambda: self._try_boot_id(host), timeout=30, what=f"{host} sshd")
         assert after != before
         return after
@@ -176,8 +220,13 @@ class Fleet:
     def pointer(self) -> dict[str, Any] | None:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=self.sb.s3_direct, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.sb.s3_direct,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         try:
             body = s3.get_object(Bucket=self.sb.bucket, Key="shop/published.json")["Body"].read()
         except s3.exceptions.NoSuchKey:
@@ -195,11 +244,24 @@ def isolated(subnet: str) -> str:
     return f"{a}.{int(net)}.{c}"
 
 
-def start_fleet(tmp_root: Path, subnet: str, hosts: int = 3, reboot_delay: float = 0.3, rtt: float = 0.0,
-                private_port: int | None = None) -> Fleet:
+def start_fleet(
+    tmp_root: Path,
+    subnet: str,
+    hosts: int = 3,
+    reboot_delay: float = 0.3,
+    rtt: float = 0.0,
+    private_port: int | None = None,
+) -> Fleet:
     subnet = isolated(subnet)
-    sb = sandbox.up(tmp_root / "sb", hosts=hosts, subnet=subnet, s3_port=0, reboot_delay=reboot_delay, rtt=rtt,
-                    private_port=private_port)
+    sb = sandbox.up(
+        tmp_root / "sb",
+        hosts=hosts,
+        subnet=subnet,
+        s3_port=0,
+        reboot_delay=reboot_delay,
+        rtt=rtt,
+        private_port=private_port,
+    )
     home = tmp_root / "home"
     home.mkdir(exist_ok=True)
     return Fleet(sb, home)

@@ -16,7 +16,10 @@ from fleet_helpers import REPO, Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 # The README's fabfile, verbatim, plus one task of the team's own.
 FABFILE = """\
@@ -45,13 +48,19 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with fabdeploy installed from a wheel built from this checkout."""
     root = tmp_path_factory.mktemp("venv")
     dist = root / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(dist), str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(dist.glob("fabdeploy-*.whl"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return venv
 
@@ -77,16 +86,29 @@ def fab(fleet: Fleet, venv: Path, cwd: Path, *args: str) -> subprocess.Completed
     env = {k: v for k, v in fleet.env().items() if k != "DEPLOY_CONFIG"}
     env["PATH"] = f"{venv / 'bin'}:{os.environ['PATH']}"
     env.pop("PYTHONPATH", None)
-    return subprocess.run([str(venv / "bin" / "fab"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(venv / "bin" / "fab"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_the_library_is_not_this_repo(venv: Path) -> None:
-    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import fabdeploy; print(fabdeploy.__file__)"],
-                       capture_output=True, text=True, cwd="/")
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import fabdeploy; print(fabdeploy.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert r.returncode == 0 and str(venv) in r.stdout, r.stdout + r.stderr
     # The sandbox (moto-dependent dev tooling) is not part of what an app installs.
-    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import moto"], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import moto"], capture_output=True, text=True
+    )
     assert r.returncode != 0
 
 

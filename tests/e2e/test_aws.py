@@ -25,7 +25,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3")
 GROUP = "shop-web"
@@ -35,39 +38,65 @@ class World:
     """The moto side: clients, the group, the instances (by host name), the target group."""
 
     def __init__(self, endpoint: str) -> None:
-        kw = {"endpoint_url": endpoint, "region_name": "us-east-1",
-              "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        kw = {
+            "endpoint_url": endpoint,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
         self.ec2 = boto3.client("ec2", **kw)
         self.asg = boto3.client("autoscaling", **kw)
         self.elbv2 = boto3.client("elbv2", **kw)
         ami = self.ec2.describe_images()["Images"][0]["ImageId"]
-        self.ec2.create_launch_template(LaunchTemplateName=GROUP,
-                                        LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"})
-        self.asg.create_auto_scaling_group(AutoScalingGroupName=GROUP, LaunchTemplate={"LaunchTemplateName": GROUP},
-                                           MinSize=3, MaxSize=4, DesiredCapacity=3, AvailabilityZones=["us-east-1a"])
+        self.ec2.create_launch_template(
+            LaunchTemplateName=GROUP,
+            LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"},
+        )
+        self.asg.create_auto_scaling_group(
+            AutoScalingGroupName=GROUP,
+            LaunchTemplate={"LaunchTemplateName": GROUP},
+            MinSize=3,
+            MaxSize=4,
+            DesiredCapacity=3,
+            AvailabilityZones=["us-east-1a"],
+        )
         ids = sorted(i["InstanceId"] for i in self.group()["Instances"])
         self.ids = dict(zip(HOSTS, ids, strict=True))
         for name, iid in self.ids.items():
             self.ec2.create_tags(Resources=[iid], Tags=[{"Key": "Name", "Value": name}])
         vpc = self.ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
-        self.tg = self.elbv2.create_target_group(Name="shop", Protocol="HTTP", Port=8080,
-                                                 VpcId=vpc)["TargetGroups"][0]["TargetGroupArn"]
-        self.elbv2.modify_target_group_attributes(TargetGroupArn=self.tg, Attributes=[
-            {"Key": "deregistration_delay.timeout_seconds", "Value": "5"}])
+        self.tg = self.elbv2.create_target_group(
+            Name="shop", Protocol="HTTP", Port=8080, VpcId=vpc
+        )["TargetGroups"][0]["TargetGroupArn"]
+        self.elbv2.modify_target_group_attributes(
+            TargetGroupArn=self.tg,
+            Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "5"}],
+        )
         self.elbv2.register_targets(TargetGroupArn=self.tg, Targets=[{"Id": i} for i in ids])
 
     def group(self) -> dict[str, Any]:
-        return self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])["AutoScalingGroups"][0]
+        return self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])[
+            "AutoScalingGroups"
+        ][0]
 
     def snapshot(self) -> tuple[float, dict[str, str], dict[str, str]]:
         """(wall time, target state by host, lifecycle state by host)."""
         t = time.time()
         health = self.elbv2.describe_target_health(
-            TargetGroupArn=self.tg, Targets=[{"Id": i} for i in self.ids.values()])["TargetHealthDescriptions"]
+            TargetGroupArn=self.tg, Targets=[{"Id": i} for i in self.ids.values()]
+        )["TargetHealthDescriptions"]
         by_id = {d["Target"]["Id"]: d["TargetHealth"]["State"] for d in health}
-        life = {i["InstanceId"]: i["LifecycleState"] for i in self.asg.describe_auto_scaling_instances(
-            InstanceIds=list(self.ids.values()))["AutoScalingInstances"]}
-        return t, {h: by_id[i] for h, i in self.ids.items()}, {h: life[i] for h, i in self.ids.items()}
+        life = {
+            i["InstanceId"]: i["LifecycleState"]
+            for i in self.asg.describe_auto_scaling_instances(InstanceIds=list(self.ids.values()))[
+                "AutoScalingInstances"
+            ]
+        }
+        return (
+            t,
+            {h: by_id[i] for h, i in self.ids.items()},
+            {h: life[i] for h, i in self.ids.items()},
+        )
 
 
 class Recorder(threading.Thread):
@@ -107,9 +136,16 @@ def aws_config(fleet: Fleet, world: World, name: str, **extra: Any) -> Path:
     """The sandbox's deploy.yml with `hosts` replaced by discovery from the ASG."""
     data = yaml.safe_load(fleet.sb.deploy_yml.read_text())
     del data["hosts"]
-    data["aws"] = {"region": "us-east-1", "endpoint_url": fleet.sb.s3_endpoint, "autoscaling_groups": [GROUP],
-                   "address": "tag:Name", "target_groups": [world.tg], "standby": True, "min_healthy": "66%",
-                   "healthy_timeout": 30}
+    data["aws"] = {
+        "region": "us-east-1",
+        "endpoint_url": fleet.sb.s3_endpoint,
+        "autoscaling_groups": [GROUP],
+        "address": "tag:Name",
+        "target_groups": [world.tg],
+        "standby": True,
+        "min_healthy": "66%",
+        "healthy_timeout": 30,
+    }
     for k, v in extra.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     p = fleet.sb.deploy_yml.with_name(f"deploy-{name}.yml")
@@ -127,7 +163,9 @@ def test_status_discovers_the_group(fleet: Fleet, world: World) -> None:
     assert "web2" in r.stdout and "web1" not in r.stdout and "web3" not in r.stdout
 
 
-def transitions(samples: list[tuple[float, dict[str, str], dict[str, str]]], host: str, which: int) -> list[tuple[float, str]]:
+def transitions(
+    samples: list[tuple[float, dict[str, str], dict[str, str]]], host: str, which: int
+) -> list[tuple[float, str]]:
     """(time first seen, state) for each change of one host's state; which=1 target health, 2 lifecycle."""
     out: list[tuple[float, str]] = []
     for s in samples:
@@ -137,7 +175,9 @@ def transitions(samples: list[tuple[float, dict[str, str], dict[str, str]]], hos
     return out
 
 
-def test_roll_deregisters_and_stands_by_each_host_around_its_reboot(fleet: Fleet, world: World) -> None:
+def test_roll_deregisters_and_stands_by_each_host_around_its_reboot(
+    fleet: Fleet, world: World
+) -> None:
     cfg = aws_config(fleet, world, "aws")
     fleet.commit("roll behind the load balancer")
     boots_before = {h: len(fleet.boots(h)) for h in HOSTS}
@@ -150,7 +190,7 @@ def test_roll_deregisters_and_stands_by_each_host_around_its_reboot(fleet: Fleet
     commit = fleet.git("rev-parse", "HEAD")
     assert all(fleet.revision(h) == commit for h in HOSTS)
     for h in HOSTS:
-        new = fleet.boots(h)[boots_before[h]:]
+        new = fleet.boots(h)[boots_before[h] :]
         assert len(new) == 1, (h, new)
         boot = new[0]
         health = transitions(samples, h, 1)
@@ -160,7 +200,11 @@ def test_roll_deregisters_and_stands_by_each_host_around_its_reboot(fleet: Fleet
         assert [s for _, s in life] == ["InService", "Standby", "InService"], (h, life)
         # ...and the host was out of it for the whole reboot: deregistered (and in Standby)
         # before it went down, back in only after sshd was up again.
-        assert health[1][0] < boot["down_at"] and health[2][0] > boot["sshd_ready"], (h, health, boot)
+        assert health[1][0] < boot["down_at"] and health[2][0] > boot["sshd_ready"], (
+            h,
+            health,
+            boot,
+        )
         assert life[1][0] < boot["down_at"] and life[2][0] > boot["sshd_ready"], (h, life, boot)
         # Batch 1 and min_healthy 66%: the other two served throughout.
         during = [s for s in samples if boot["down_at"] <= s[0] <= boot["sshd_ready"]]
@@ -181,7 +225,9 @@ def test_failed_host_is_put_back_in_service(fleet: Fleet, world: World) -> None:
         r = fleet.fab("deploy.roll", config=cfg, check=False)
         assert r.returncode != 0 and "did not come back within 3s" in r.stdout, r.stdout + r.stderr
         _, health, life = world.snapshot()
-        assert health == dict.fromkeys(HOSTS, "healthy") and life == dict.fromkeys(HOSTS, "InService")
+        assert health == dict.fromkeys(HOSTS, "healthy") and life == dict.fromkeys(
+            HOSTS, "InService"
+        )
         g = world.group()
         assert (g["MinSize"], g["DesiredCapacity"]) == (3, 3)
     finally:
@@ -193,5 +239,7 @@ def test_aws_errors_are_one_line(fleet: Fleet, world: World) -> None:
     cfg = aws_config(fleet, world, "aws-missing", aws={"autoscaling_groups": ["nope"]})
     r = fleet.fab("deploy.status", config=cfg, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"error: auto scaling group nope not found at {fleet.sb.s3_endpoint} (us-east-1): "
-                                f"check aws.autoscaling_groups and aws.region in {cfg}")
+    assert r.stderr.strip() == (
+        f"error: auto scaling group nope not found at {fleet.sb.s3_endpoint} (us-east-1): "
+        f"check aws.autoscaling_groups and aws.region in {cfg}"
+    )

@@ -7,7 +7,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3", "web4")
 MARKER = "/srv/shop/shared/break-the-canary"
@@ -22,7 +25,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 def test_dry_run_prints_the_batches(fleet: Fleet) -> None:
     r = fleet.fab("deploy.hotfix", "--canary=1", "--batch=2", "--dry-run")
-    assert "canary 1: web1" in r.stdout and "batch 2: web2, web3" in r.stdout and "batch 3: web4" in r.stdout
+    assert (
+        "canary 1: web1" in r.stdout
+        and "batch 2: web2, web3" in r.stdout
+        and "batch 3: web4" in r.stdout
+    )
     assert fleet.pointer() is None  # nothing was published
 
 
@@ -41,8 +48,11 @@ def test_failed_canary_leaves_the_rest_untouched(fleet: Fleet) -> None:
     before = {h: fleet.current(h) for h in HOSTS}
     new = fleet.commit("a hotfix the canary rejects")
     # The hook fails only where the marker exists: on web1, the canary.
-    cfg = fleet.variant("canary", hooks={"before_swap": [f"test ! -e {MARKER} || {{ echo canary says no; exit 4; }}"]},
-                        health={"timeout": 10})
+    cfg = fleet.variant(
+        "canary",
+        hooks={"before_swap": [f"test ! -e {MARKER} || {{ echo canary says no; exit 4; }}"]},
+        health={"timeout": 10},
+    )
     fleet.ssh("web1", f"mkdir -p /srv/shop/shared && touch {MARKER}")
     try:
         r = fleet.fab("deploy.hotfix", "--canary=1", config=cfg, check=False)
@@ -64,12 +74,17 @@ def test_failed_canary_leaves_the_rest_untouched(fleet: Fleet) -> None:
 def test_each_host_is_out_of_traffic_for_its_swap_and_back_after(fleet: Fleet) -> None:
     """traffic.drain/restore run on the node; the before_swap hook fails unless its host is drained."""
     flag = "/srv/shop/shared/drained"
-    cfg = fleet.variant("drain", traffic={"drain": f"touch {flag}", "restore": f"rm {flag}", "run_on": "node"},
-                        hooks={"before_swap": [f"test -e {flag} || {{ echo not drained; exit 5; }}"]})
+    cfg = fleet.variant(
+        "drain",
+        traffic={"drain": f"touch {flag}", "restore": f"rm {flag}", "run_on": "node"},
+        hooks={"before_swap": [f"test -e {flag} || {{ echo not drained; exit 5; }}"]},
+    )
     new = fleet.commit("a hotfix behind a drained balancer")
     r = fleet.fab("deploy.hotfix", "--batch=2", config=cfg)
     assert "batch 1/2: web1, web2" in r.stdout and "batch 2/2: web3, web4" in r.stdout
-    assert r.stdout.count("out of traffic") == 4 and r.stdout.count("back in traffic") == 4, r.stdout
+    assert r.stdout.count("out of traffic") == 4 and r.stdout.count("back in traffic") == 4, (
+        r.stdout
+    )
     for h in HOSTS:
         assert fleet.revision(h) == new and fleet.version(h) == new
         assert fleet.ssh(h, f"test -e {flag} && echo left || echo gone").strip() == "gone"

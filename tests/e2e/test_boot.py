@@ -9,7 +9,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 def test_setup_installs_and_second_run_reports_no_changes(fleet: Fleet) -> None:
     r = fleet.fab("deploy.setup")
     # A progress line per host as it finishes, then the table: both say installed.
-    assert sorted(re.findall(r"^\[ *[\d.]+s\] (web\d): installed$", r.stdout, re.M)) == ["web1", "web2"], r.stdout
+    assert sorted(re.findall(r"^\[ *[\d.]+s\] (web\d): installed$", r.stdout, re.M)) == [
+        "web1",
+        "web2",
+    ], r.stdout
     assert r.stdout.count("installed") == 4, r.stdout
     for host in ("web1", "web2"):
-        fleet.ssh(host, "test -f /usr/local/lib/fabdeploy/shop/node.py && test -d /srv/shop/releases "
-                        "&& test -L /etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service")
+        fleet.ssh(
+            host,
+            "test -f /usr/local/lib/fabdeploy/shop/node.py && test -d /srv/shop/releases "
+            "&& test -L /etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service",
+        )
     # Installed on the hosts' private /usr/local, not on this machine.
     assert not __import__("os").path.exists("/usr/local/lib/fabdeploy/shop/node.py")
     again = fleet.fab("deploy.setup")
@@ -42,14 +51,19 @@ def test_reboot_activates_published_bundle(fleet: Fleet) -> None:
     assert wait_for(lambda: fleet.version("web1"), what="app on web1") == commit
     rel = fleet.current("web1")
     assert rel.startswith("/srv/shop/releases/") and len(rel.rsplit("/", 1)[1]) == 14
-    assert fleet.ssh("web1", "readlink /srv/shop/current/config/database.yml").strip() == \
-        "/srv/shop/shared/config/database.yml"
+    assert (
+        fleet.ssh("web1", "readlink /srv/shop/current/config/database.yml").strip()
+        == "/srv/shop/shared/config/database.yml"
+    )
     assert fleet.ssh("web1", "readlink /srv/shop/current/log").strip() == "/srv/shop/shared/log"
     log = fleet.ssh("web1", "cat /srv/shop/revisions.log").strip().splitlines()
-    assert log[-1].startswith(f"Branch HEAD (at {commit}) deployed as release ") or \
-        log[-1].startswith(f"Branch {fleet.pointer()['ref']} (at {commit}) deployed as release ")
+    assert log[-1].startswith(f"Branch HEAD (at {commit}) deployed as release ") or log[
+        -1
+    ].startswith(f"Branch {fleet.pointer()['ref']} (at {commit}) deployed as release ")
     st = fleet.node_status("web1")
-    assert st["last_boot"]["outcome"] == "activated" and st["last_boot"]["boot_id"] == fleet.boot_id("web1")
+    assert st["last_boot"]["outcome"] == "activated" and st["last_boot"][
+        "boot_id"
+    ] == fleet.boot_id("web1")
     # web2 was not rebooted: still nothing deployed there.
     assert fleet.ssh("web2", "test -e /srv/shop/current && echo yes || echo no").strip() == "no"
 
@@ -66,8 +80,9 @@ def test_s3_down_at_boot_keeps_previous_release(fleet: Fleet) -> None:
     old = fleet.revision("web1")
     new = fleet.commit("a change published while S3 will be down")
     fleet.fab("deploy.publish")
-    cfg = fleet.variant("s3down", node={"boot_attempts": 2, "boot_backoff": 0.2,
-                                                  "download_timeout": 2})
+    cfg = fleet.variant(
+        "s3down", node={"boot_attempts": 2, "boot_backoff": 0.2, "download_timeout": 2}
+    )
     fleet.fab("deploy.setup", config=cfg)
     state = fleet.sb.dir / "sandbox.json"
     import json
@@ -99,9 +114,12 @@ def test_status_table_shows_hosts(fleet: Fleet) -> None:
 def test_exported_node_files_boot_a_fresh_instance(fleet: Fleet, tmp_path) -> None:
     """What an AMI build or user-data does: install.sh from `deploy.export-node`, then boot."""
     # A fresh instance: no node program, no releases; its shared config comes with the image.
-    fleet.ssh("web2", "rm -rf /usr/local/lib/fabdeploy /etc/systemd/system/fabdeploy-shop.service "
-                      "/etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service "
-                      "/srv/shop/releases /srv/shop/current /srv/shop/.fabdeploy /srv/shop/revisions.log")
+    fleet.ssh(
+        "web2",
+        "rm -rf /usr/local/lib/fabdeploy /etc/systemd/system/fabdeploy-shop.service "
+        "/etc/systemd/system/multi-user.target.wants/fabdeploy-shop.service "
+        "/srv/shop/releases /srv/shop/current /srv/shop/.fabdeploy /srv/shop/revisions.log",
+    )
     out = tmp_path / "node-bundle"  # /tmp is shared with the sandbox hosts
     fleet.fab("deploy.export-node", f"--out={out}")
     fleet.ssh("web2", f"sh {out}/install.sh")

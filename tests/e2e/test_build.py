@@ -18,7 +18,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 PKG = "fabdeploy-sample-dep"
 
@@ -38,19 +41,28 @@ def wheel(tmp: Path, version: str) -> Path:
     (src / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
         f'[project]\nname = "{PKG}"\nversion = "{version}"\n'
-        '[tool.setuptools]\npackages = ["fabdeploy_sample_dep"]\n')
+        '[tool.setuptools]\npackages = ["fabdeploy_sample_dep"]\n'
+    )
     out = tmp / f"wheels-{version}"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(out), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+    )
     assert [p.name for p in out.iterdir()] == [f"fabdeploy_sample_dep-{version}-py3-none-any.whl"]
     return out
 
 
 def build_cfg(fleet: Fleet, name: str, links: Path) -> Path:
-    return fleet.variant(name, build={
-        "commands": [f"{sys.executable} -m pip install -q --no-index --find-links {links} --target vendor {PKG}"],
-        "exclude": ["vendor/*.dist-info"],
-    })
+    return fleet.variant(
+        name,
+        build={
+            "commands": [
+                f"{sys.executable} -m pip install -q --no-index --find-links {links} --target vendor {PKG}"
+            ],
+            "exclude": ["vendor/*.dist-info"],
+        },
+    )
 
 
 def deps(fleet: Fleet) -> str | None:
@@ -63,12 +75,18 @@ def deps(fleet: Fleet) -> str | None:
         return None
 
 
-def test_hotfix_serves_the_vendored_dependency_and_a_new_recipe_redeploys(fleet: Fleet, tmp_path: Path) -> None:
+def test_hotfix_serves_the_vendored_dependency_and_a_new_recipe_redeploys(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     commit = fleet.git("rev-parse", "HEAD")
     (fleet.sb.app_repo / "untracked-notes.txt").write_text("local only\n")
     cfg1 = build_cfg(fleet, "build1", wheel(tmp_path, "1.0"))
-    r = fleet.fab("deploy.hotfix", "--hosts=web1", config=cfg1,
-                  env={"PIP_INDEX_URL": "http://127.0.0.1:9/nowhere", "PIP_NO_INPUT": "1"})
+    r = fleet.fab(
+        "deploy.hotfix",
+        "--hosts=web1",
+        config=cfg1,
+        env={"PIP_INDEX_URL": "http://127.0.0.1:9/nowhere", "PIP_NO_INPUT": "1"},
+    )
     out = r.stdout + r.stderr
     assert "build [1/1] $" in out and "build done in" in out
     assert "uncommitted changes are NOT in the bundle: untracked-notes.txt" in out
@@ -104,14 +122,17 @@ def test_hotfix_serves_the_vendored_dependency_and_a_new_recipe_redeploys(fleet:
 
 
 def test_a_failed_build_is_one_line_and_its_tail(fleet: Fleet) -> None:
-    cfg = fleet.variant("badbuild", build={"commands": ["echo compiling assets; echo 'error: no such file' >&2; exit 7"]})
+    cfg = fleet.variant(
+        "badbuild",
+        build={"commands": ["echo compiling assets; echo 'error: no such file' >&2; exit 7"]},
+    )
     r = fleet.fab("deploy.bundle", config=cfg, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "  | compiling assets" in r.stdout  # streamed as it ran
     err = r.stderr.strip().splitlines()
     first = next(i for i, line in enumerate(err) if "build command" in line)
     assert "failed with exit code 7" in err[first] and "nothing was uploaded" in err[first]
-    assert err[first + 1:] == ["  | compiling assets", "  | error: no such file"]
+    assert err[first + 1 :] == ["  | compiling assets", "  | error: no such file"]
 
 
 def test_a_bundle_every_node_would_refuse_fails_at_bundle_naming_the_member(fleet: Fleet) -> None:
@@ -123,11 +144,18 @@ def test_a_bundle_every_node_would_refuse_fails_at_bundle_naming_the_member(flee
         assert r.returncode == 1 and "Traceback" not in r.stderr
         line = [x for x in r.stderr.splitlines() if "vendorlog" in x]
         assert len(line) == 1 and "would be refused by every node" in line[0]
-        assert "/var/log/sample" in line[0] and "linked_dirs" in line[0] and "relative link" in line[0]
+        assert (
+            "/var/log/sample" in line[0] and "linked_dirs" in line[0] and "relative link" in line[0]
+        )
         # The fix it names works: excluded from the pack, linked to shared/ on the host.
-        cfg = fleet.variant("linked", build={"exclude": ["vendorlog"]}, linked_dirs=["log", "tmp/pids", "vendorlog"])
+        cfg = fleet.variant(
+            "linked", build={"exclude": ["vendorlog"]}, linked_dirs=["log", "tmp/pids", "vendorlog"]
+        )
         fleet.fab("deploy.hotfix", "--hosts=web1", config=cfg)
-        assert fleet.ssh("web1", "readlink /srv/shop/current/vendorlog").strip() == "/srv/shop/shared/vendorlog"
+        assert (
+            fleet.ssh("web1", "readlink /srv/shop/current/vendorlog").strip()
+            == "/srv/shop/shared/vendorlog"
+        )
     finally:
         fleet.git("rm", "-q", "vendorlog")
         fleet.commit("drop the link")
@@ -135,22 +163,39 @@ def test_a_bundle_every_node_would_refuse_fails_at_bundle_naming_the_member(flee
 
 def test_hooks_at_boot_get_their_environment_and_never_the_credentials(fleet: Fleet) -> None:
     """issue 14 §2: node_env's AWS keys used to leak into hook environments at boot."""
-    cfg = fleet.variant("hooks", hooks={
-        "before_swap": ["env > /srv/shop/shared/before_swap.env"],
-        "after_swap": [{"run": "echo migrated >> /srv/shop/shared/hotfix-only.log", "boot": False, "timeout": 30}],
-    })
+    cfg = fleet.variant(
+        "hooks",
+        hooks={
+            "before_swap": ["env > /srv/shop/shared/before_swap.env"],
+            "after_swap": [
+                {
+                    "run": "echo migrated >> /srv/shop/shared/hotfix-only.log",
+                    "boot": False,
+                    "timeout": 30,
+                }
+            ],
+        },
+    )
     fleet.fab("deploy.setup", config=cfg)  # node.json with the hooks
     before = fleet.current("web1")
     commit = fleet.commit("boot with hooks")
     fleet.fab("deploy.publish", config=cfg)
     fleet.reboot("web1")
     assert wait_for(lambda: fleet.revision("web1") == commit, what="web1 booted onto the commit")
-    env = dict(line.split("=", 1) for line in fleet.ssh("web1", "cat /srv/shop/shared/before_swap.env").splitlines()
-               if "=" in line)
+    env = dict(
+        line.split("=", 1)
+        for line in fleet.ssh("web1", "cat /srv/shop/shared/before_swap.env").splitlines()
+        if "=" in line
+    )
     assert not {k for k in env if k.startswith("AWS_")}, sorted(env)
     assert env["REVISION"] == commit and env["DEPLOY_TO"] == "/srv/shop"
-    assert env["RELEASE_PATH"].startswith("/srv/shop/releases/") and env["PREVIOUS_RELEASE"] == before
-    assert fleet.ssh("web1", "test -e /srv/shop/shared/hotfix-only.log && echo yes || echo no").strip() == "no"
+    assert (
+        env["RELEASE_PATH"].startswith("/srv/shop/releases/") and env["PREVIOUS_RELEASE"] == before
+    )
+    assert (
+        fleet.ssh("web1", "test -e /srv/shop/shared/hotfix-only.log && echo yes || echo no").strip()
+        == "no"
+    )
     # boot: false hooks do run on a hotfix.
     fleet.commit("hotfix with hooks")
     fleet.fab("deploy.hotfix", "--hosts=web1", config=cfg)

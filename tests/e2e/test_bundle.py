@@ -100,21 +100,33 @@ def head(store: Store, key: str) -> dict:
 def test_round_trip_is_git_archive_and_idempotent(cfg: Config, store: Store, repo: Path) -> None:
     log = Lines()
     b = ensure_bundle(cfg, store, log=log)
-    assert b.uploaded and b.ref == "main" and b.committed_at == 1704067200  # HEAD named as its branch
-    assert b.key == f"{cfg.s3.prefix}/bundles/{b.commit}.tar.gz" and b.uri == f"s3://{cfg.s3.bucket}/{b.key}"
+    assert (
+        b.uploaded and b.ref == "main" and b.committed_at == 1704067200
+    )  # HEAD named as its branch
+    assert (
+        b.key == f"{cfg.s3.prefix}/bundles/{b.commit}.tar.gz"
+        and b.uri == f"s3://{cfg.s3.bucket}/{b.key}"
+    )
     assert b.uri in log.text() and b.commit in log.text() and b.sha256 in log.text()
 
     data = store.open_bundle(b.commit).read()
     assert hashlib.sha256(data).hexdigest() == b.sha256 and len(data) == b.size
-    tar = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", b.commit],
-                         capture_output=True, check=True)
+    tar = subprocess.run(
+        ["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", b.commit],
+        capture_output=True,
+        check=True,
+    )
     assert gzip.decompress(data) == tar.stdout
 
     meta = store.head_bundle(b.commit)
     assert meta is not None
     assert {k: meta[k] for k in ("commit", "ref", "sha256", "size", "app", "committed-at")} == {
-        "commit": b.commit, "ref": "main", "sha256": b.sha256, "size": str(b.size),
-        "app": "shop", "committed-at": "1704067200",
+        "commit": b.commit,
+        "ref": "main",
+        "sha256": b.sha256,
+        "size": str(b.size),
+        "app": "shop",
+        "committed-at": "1704067200",
     }
     assert meta["built-by"] and meta["built-at"].endswith("Z")
 
@@ -152,7 +164,9 @@ def test_multipart_bundle(cfg: Config, store: Store, repo: Path) -> None:
     assert not uploads.get("Uploads")
 
 
-def test_two_builds_same_sha_and_two_builders_never_overwrite(cfg: Config, store: Store, repo: Path) -> None:
+def test_two_builds_same_sha_and_two_builders_never_overwrite(
+    cfg: Config, store: Store, repo: Path
+) -> None:
     b = ensure_bundle(cfg, store, log=Lines())
     other = make_cfg(repo, cfg.s3.endpoint_url or "", cfg.s3.bucket)  # fresh prefix
     b2 = ensure_bundle(other, Store(other.s3, other.app), log=Lines())
@@ -176,15 +190,22 @@ def test_existing_bundle_with_other_sha256(cfg: Config, store: Store, repo: Path
     # Trusted without --verify (the commit names the content) ...
     assert ensure_bundle(cfg, store, log=Lines()).sha256 == "0" * 64
     # ... and caught by a rebuild.
-    for build in (lambda: ensure_bundle(cfg, store, log=Lines(), verify=True), lambda: build_and_upload(cfg, store, log=Lines())):
+    for build in (
+        lambda: ensure_bundle(cfg, store, log=Lines(), verify=True),
+        lambda: build_and_upload(cfg, store, log=Lines()),
+    ):
         with pytest.raises(BundleError) as e:
             build()
         msg = str(e.value)
-        assert msg.startswith(f"s3://{cfg.s3.bucket}/{store.bundle_key(sha)} exists with sha256 {'0' * 64} but this build is ")
+        assert msg.startswith(
+            f"s3://{cfg.s3.bucket}/{store.bundle_key(sha)} exists with sha256 {'0' * 64} but this build is "
+        )
         assert "something else wrote it; investigate before deploying" in msg
 
 
-def test_existing_object_without_metadata_is_rebuilt_and_compared(cfg: Config, store: Store, repo: Path) -> None:
+def test_existing_object_without_metadata_is_rebuilt_and_compared(
+    cfg: Config, store: Store, repo: Path
+) -> None:
     sha = git(repo, "rev-parse", "HEAD").strip()
     store.client.put_object(Bucket=store.s3.bucket, Key=store.bundle_key(sha), Body=b"?")
     # No sha256 to compare against, and the conditional create refuses to overwrite.
@@ -245,7 +266,9 @@ def test_dirty_tree_warning(cfg: Config, store: Store, repo: Path) -> None:
     log = Lines()
     b = ensure_bundle(cfg, store, log=log)
     warning = next(line for line in log if "uncommitted" in line)
-    assert warning.startswith("warning: uncommitted changes are NOT in the bundle: app.py, new00.txt")
+    assert warning.startswith(
+        "warning: uncommitted changes are NOT in the bundle: app.py, new00.txt"
+    )
     assert warning.endswith("and 3 more")
     assert gzip.decompress(store.open_bundle(b.commit).read()).count(b"local edit") == 0
     # The working tree is irrelevant when bundling another commit than HEAD.
@@ -273,7 +296,9 @@ def test_publish_and_idempotence(cfg: Config, store: Store, repo: Path) -> None:
     assert store.read_pointer() == (None, None)
     log = Lines()
     b, p = publish(cfg, store, log=log)
-    assert isinstance(b, Bundle) and p.commit == b.commit and p.key == b.key and p.sha256 == b.sha256
+    assert (
+        isinstance(b, Bundle) and p.commit == b.commit and p.key == b.key and p.sha256 == b.sha256
+    )
     assert "first publish" in log.text()
     current, etag = store.read_pointer()
     assert current == p and etag
@@ -285,7 +310,9 @@ def test_publish_and_idempotence(cfg: Config, store: Store, repo: Path) -> None:
 
 def test_pointer_conflicts(cfg: Config, store: Store) -> None:
     def ptr(commit: str, who: str) -> Pointer:
-        return Pointer(store.bundle_key(commit), commit, "s" * 64, "main", 1, who, "2024-01-01T00:00:00Z")
+        return Pointer(
+            store.bundle_key(commit), commit, "s" * 64, "main", 1, who, "2024-01-01T00:00:00Z"
+        )
 
     first = store.write_pointer(ptr("a" * 40, "ann@a"), None)
     # first write with If-None-Match while one exists -> conflict
@@ -294,7 +321,9 @@ def test_pointer_conflicts(cfg: Config, store: Store) -> None:
     assert "ann@a published aaaaaaaaaaaa (main)" in str(e.value) and "lost a race" in str(e.value)
     # two writers read the same etag; the second loses and learns who won
     store.write_pointer(ptr("c" * 40, "cat@c"), first)
-    with pytest.raises(ConflictError, match="cat@c published cccccccccccc .main. at 2024-01-01T00:00:00Z meanwhile"):
+    with pytest.raises(
+        ConflictError, match="cat@c published cccccccccccc .main. at 2024-01-01T00:00:00Z meanwhile"
+    ):
         store.write_pointer(ptr("d" * 40, "dan@d"), first)
     assert store.read_pointer()[0].commit == "c" * 40  # type: ignore[union-attr]
 
@@ -302,7 +331,9 @@ def test_pointer_conflicts(cfg: Config, store: Store) -> None:
 def test_pointer_history_newest_first(cfg: Config, store: Store) -> None:
     etag = None
     for c in "abc":
-        p = Pointer(store.bundle_key(c * 40), c * 40, "s" * 64, "main", 1, "me@h", "2024-01-01T00:00:00Z")
+        p = Pointer(
+            store.bundle_key(c * 40), c * 40, "s" * 64, "main", 1, "me@h", "2024-01-01T00:00:00Z"
+        )
         etag = store.write_pointer(p, etag)
         time.sleep(0.005)  # distinct millisecond keys
     assert [p.commit[0] for p in store.pointer_history()] == ["c", "b", "a"]

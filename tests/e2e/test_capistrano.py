@@ -20,7 +20,9 @@ from fabfile import sandbox
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
-    pytest.mark.skipif(shutil.which("cap") is None, reason="capistrano not installed (apt-get install capistrano)"),
+    pytest.mark.skipif(
+        shutil.which("cap") is None, reason="capistrano not installed (apt-get install capistrano)"
+    ),
 ]
 
 HOSTS = ("web1", "web2")
@@ -36,19 +38,42 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 def cap(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     bare = fleet.sb.dir / "app.git"
-    subprocess.run(["git", "clone", "-q", "--bare", "--no-local", str(fleet.sb.app_repo), str(bare)],
-                   check=False, capture_output=True)
-    subprocess.run(["git", "-C", str(fleet.sb.app_repo), "push", "-q", "--force", str(bare), "main"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", "--no-local", str(fleet.sb.app_repo), str(bare)],
+        check=False,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["git", "-C", str(fleet.sb.app_repo), "push", "-q", "--force", str(bare), "main"],
+        check=True,
+        capture_output=True,
+    )
     workdir = fleet.sb.dir / "cap"
     if not workdir.exists():
         shutil.copytree(REPO / "bench" / "cap", workdir, ignore=shutil.ignore_patterns("log"))
-    env = {**os.environ, "HOME": str(fleet.home), "CAP_REPO_URL": f"file://{bare}", "CAP_BRANCH": "main",
-           "CAP_DEPLOY_TO": "/srv/shop", "CAP_APP": "shop", "CAP_SSH_CONFIG": str(fleet.sb.ssh_config),
-           "CAP_SSH_KEY": str(fleet.sb.key), "CAP_KNOWN_HOSTS": str(fleet.sb.known_hosts),
-           "CAP_HOSTS": ",".join(HOSTS), "CAP_RESTART": "systemctl restart shop", "CAP_FORMAT": "pretty"}
-    r = subprocess.run(["cap", "production", *args], cwd=workdir, env=env, capture_output=True, text=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "HOME": str(fleet.home),
+        "CAP_REPO_URL": f"file://{bare}",
+        "CAP_BRANCH": "main",
+        "CAP_DEPLOY_TO": "/srv/shop",
+        "CAP_APP": "shop",
+        "CAP_SSH_CONFIG": str(fleet.sb.ssh_config),
+        "CAP_SSH_KEY": str(fleet.sb.key),
+        "CAP_KNOWN_HOSTS": str(fleet.sb.known_hosts),
+        "CAP_HOSTS": ",".join(HOSTS),
+        "CAP_RESTART": "systemctl restart shop",
+        "CAP_FORMAT": "pretty",
+    }
+    r = subprocess.run(
+        ["cap", "production", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, f"cap {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -77,7 +102,11 @@ def test_fab_then_cap_then_fab_then_cap_rollback(fleet: Fleet) -> None:
     for h in HOSTS:
         assert fleet.revision(h) == c and fleet.version(h) == c
         log = fleet.ssh(h, "cat /srv/shop/revisions.log").strip().splitlines()
-        assert [line.split(" (at ")[1][:40] for line in log if line.startswith("Branch ")] == [a, b, c]
+        assert [line.split(" (at ")[1][:40] for line in log if line.startswith("Branch ")] == [
+            a,
+            b,
+            c,
+        ]
 
     # Capistrano's rollback reads our releases (and ignores our hidden staging/state).
     cap(fleet, "deploy:rollback")

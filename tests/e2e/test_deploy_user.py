@@ -18,7 +18,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3")
 RESTART = "/usr/local/bin/systemctl restart shop"
@@ -26,15 +29,21 @@ RESTART = "/usr/local/bin/systemctl restart shop"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    f = start_fleet(tmp_path_factory.mktemp("deployuser"), subnet="127.0.39", hosts=3, reboot_delay=0.3)
+    f = start_fleet(
+        tmp_path_factory.mktemp("deployuser"), subnet="127.0.39", hosts=3, reboot_delay=0.3
+    )
     yield f
     sandbox.down(f.sb.dir)
 
 
 @pytest.fixture(scope="module")
 def cfg(fleet: Fleet):
-    return fleet.variant("deployuser", ssh={"user": "deploy", "sudo": True, "admin_user": "root"},
-                         restart=RESTART, reboot="/usr/local/bin/systemctl reboot")
+    return fleet.variant(
+        "deployuser",
+        ssh={"user": "deploy", "sudo": True, "admin_user": "root"},
+        restart=RESTART,
+        reboot="/usr/local/bin/systemctl reboot",
+    )
 
 
 def flat(r) -> str:
@@ -55,7 +64,9 @@ def test_the_whole_flow_as_deploy(fleet: Fleet, cfg) -> None:
 
     r = fleet.fab("deploy.setup", config=cfg)
     # A progress line per host, then the table.
-    assert sorted(re.findall(r"^\[ *[\d.]+s\] (web\d): updated$", r.stdout, re.M)) == list(HOSTS), r.stdout
+    assert sorted(re.findall(r"^\[ *[\d.]+s\] (web\d): updated$", r.stdout, re.M)) == list(HOSTS), (
+        r.stdout
+    )
     for h in HOSTS:
         assert not_deploys(fleet, h) == [], h  # moved over
         assert "User=deploy" in fleet.ssh(h, "cat /etc/systemd/system/fabdeploy-shop.service")
@@ -67,7 +78,9 @@ def test_the_whole_flow_as_deploy(fleet: Fleet, cfg) -> None:
     r = fleet.fab("deploy.roll", config=cfg, timeout=400)
     for h in HOSTS:
         assert fleet.revision(h) == new and fleet.version(h) == new, (h, r.stdout)
-    st = fleet.ssh("web1", "stat -c %U /srv/shop/current/ /srv/shop/revisions.log /srv/shop/.fabdeploy")
+    st = fleet.ssh(
+        "web1", "stat -c %U /srv/shop/current/ /srv/shop/revisions.log /srv/shop/.fabdeploy"
+    )
     assert st.split() == ["deploy"] * 3
 
     # hotfix one host (restart through sudo), then roll it back.
@@ -86,13 +99,20 @@ def test_the_whole_flow_as_deploy(fleet: Fleet, cfg) -> None:
 
 
 def test_status_with_a_stale_deploy_yml_reinstalls_nothing(fleet: Fleet) -> None:
-    stale = fleet.variant("stale", ssh={"user": "deploy", "sudo": True, "admin_user": "root"}, keep_releases=4,
-                          restart=RESTART, reboot="/usr/local/bin/systemctl reboot")
+    stale = fleet.variant(
+        "stale",
+        ssh={"user": "deploy", "sudo": True, "admin_user": "root"},
+        keep_releases=4,
+        restart=RESTART,
+        reboot="/usr/local/bin/systemctl reboot",
+    )
     node_dir = "/usr/local/lib/fabdeploy/shop"
     before = fleet.ssh("web1", f"cat {node_dir}/node.sha {node_dir}/node.json")
     r = fleet.fab("deploy.status", "--json", config=stale)
     assert all(h["outdated"] for h in json.loads(r.stdout)["hosts"]), r.stdout
-    assert "outdated node program/config (fab deploy.setup)" in flat(fleet.fab("deploy.status", config=stale))
+    assert "outdated node program/config (fab deploy.setup)" in flat(
+        fleet.fab("deploy.status", config=stale)
+    )
     assert fleet.ssh("web1", f"cat {node_dir}/node.sha {node_dir}/node.json") == before
 
 
@@ -101,10 +121,16 @@ def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
     r = fleet.fab("deploy.check", config=cfg)
     assert flat(r).count(" ok ") >= 3 and "FAILED" not in r.stdout, r.stdout
     before = fleet.current("web3")
-    fleet.ssh("web3", "rm /etc/sudoers.d/fabdeploy-shop")  # the last test here: no need to put it back
-    r = fleet.fab("deploy.check", config=cfg, check=False)  # the preflight sees it, changing nothing
-    assert r.returncode == 1 and "web3 FAILED deploy may not run `sudo /usr/local/bin/systemctl restart shop`" \
-        in flat(r), r.stdout
+    fleet.ssh(
+        "web3", "rm /etc/sudoers.d/fabdeploy-shop"
+    )  # the last test here: no need to put it back
+    r = fleet.fab(
+        "deploy.check", config=cfg, check=False
+    )  # the preflight sees it, changing nothing
+    assert (
+        r.returncode == 1
+        and "web3 FAILED deploy may not run `sudo /usr/local/bin/systemctl restart shop`" in flat(r)
+    ), r.stdout
     assert fleet.current("web3") == before
     fleet.commit("no sudo on web3")
     t0 = time.monotonic()
@@ -117,4 +143,6 @@ def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
 
     r = fleet.fab("deploy.roll", "--hosts=web3", config=cfg, check=False, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "web3: deploy may not run `sudo /usr/local/bin/systemctl reboot`" in flat(r), r.stdout + r.stderr
+    assert "web3: deploy may not run `sudo /usr/local/bin/systemctl reboot`" in flat(r), (
+        r.stdout + r.stderr
+    )

@@ -34,7 +34,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3")
 SUBNET = "127.0.70"
@@ -44,7 +47,12 @@ FAST = {
     "health": {"timeout": 10},
     "roll": {"reboot_timeout": 30, "boot_timeout": 30},
     "ssh": {"connect_timeout": 3, "command_timeout": 60, "keepalive": 2},
-    "node": {"boot_attempts": 2, "first_boot_attempts": 2, "boot_backoff": 0.2, "download_timeout": 3},
+    "node": {
+        "boot_attempts": 2,
+        "first_boot_attempts": 2,
+        "boot_backoff": 0.2,
+        "download_timeout": 3,
+    },
 }
 
 
@@ -72,19 +80,33 @@ def layout(fleet: Fleet, host: str, deploy_to: str = "/srv/shop") -> dict[str, A
     if deploy_to != "/srv/shop":
         import shlex
 
-        d = json.loads(fleet.ssh(host, f"python3 -c {shlex.quote(REMOTE_LAYOUT)} {shlex.quote(deploy_to)}"))
+        d = json.loads(
+            fleet.ssh(host, f"python3 -c {shlex.quote(REMOTE_LAYOUT)} {shlex.quote(deploy_to)}")
+        )
         t = d["target"] or ""
-        name = t[len(deploy_to + "/releases/"):] if t.startswith(deploy_to + "/releases/") else None
-        return {"target": d["target"], "release": name, "revision": d["rev"] if name else None,
-                "pending": d["pending"], "staging": [n for n in d["names"] if n.startswith(".staging-")],
-                "releases": [n for n in d["names"] if RELEASE_RE.match(n)]}
+        name = (
+            t[len(deploy_to + "/releases/") :] if t.startswith(deploy_to + "/releases/") else None
+        )
+        return {
+            "target": d["target"],
+            "release": name,
+            "revision": d["rev"] if name else None,
+            "pending": d["pending"],
+            "staging": [n for n in d["names"] if n.startswith(".staging-")],
+            "releases": [n for n in d["names"] if RELEASE_RE.match(n)],
+        }
     root = srv(fleet, host)
     base = root / deploy_to.removeprefix("/srv/")
     rel = base / "releases"
     names = sorted(os.listdir(rel)) if rel.is_dir() else []
-    out: dict[str, Any] = {"target": None, "release": None, "revision": None, "pending": None,
-                           "staging": [n for n in names if n.startswith(".staging-")],
-                           "releases": [n for n in names if RELEASE_RE.match(n)]}
+    out: dict[str, Any] = {
+        "target": None,
+        "release": None,
+        "revision": None,
+        "pending": None,
+        "staging": [n for n in names if n.startswith(".staging-")],
+        "releases": [n for n in names if RELEASE_RE.match(n)],
+    }
     cur = base / "current"
     if not cur.is_symlink():
         return out
@@ -93,7 +115,7 @@ def layout(fleet: Fleet, host: str, deploy_to: str = "/srv/shop") -> dict[str, A
     prefix = deploy_to + "/releases/"
     if not target.startswith(prefix):
         return out
-    name = target[len(prefix):]
+    name = target[len(prefix) :]
     out["release"] = name
     local = rel / name
     if RELEASE_RE.match(name) and local.is_dir():
@@ -103,8 +125,14 @@ def layout(fleet: Fleet, host: str, deploy_to: str = "/srv/shop") -> dict[str, A
     return out
 
 
-def problems(fleet: Fleet, host: str, *, after_success: bool = False, app: bool | str = True,
-             deploy_to: str = "/srv/shop") -> list[str]:
+def problems(
+    fleet: Fleet,
+    host: str,
+    *,
+    after_success: bool = False,
+    app: bool | str = True,
+    deploy_to: str = "/srv/shop",
+) -> list[str]:
     """app=True: /version must equal current's REVISION; app="up": it must answer at all
     (right after the node program itself was killed between swap and restart)."""
     """Empty when the host is not broken (see the module docstring)."""
@@ -126,10 +154,15 @@ def problems(fleet: Fleet, host: str, *, after_success: bool = False, app: bool 
             found.append(f"{host}: app does not answer")
     elif app and lay["revision"] and not found:
         try:
-            wait_for(lambda: fleet.version(host) == lay["revision"], timeout=20,
-                     what=f"{host} to serve {lay['revision'][:12]}")
+            wait_for(
+                lambda: fleet.version(host) == lay["revision"],
+                timeout=20,
+                what=f"{host} to serve {lay['revision'][:12]}",
+            )
         except AssertionError:
-            found.append(f"{host}: app serves {fleet.version(host)!r}, current is {lay['revision']}")
+            found.append(
+                f"{host}: app serves {fleet.version(host)!r}, current is {lay['revision']}"
+            )
     return found
 
 
@@ -161,15 +194,24 @@ def host_pids(fleet: Fleet, host: str) -> dict[int, str]:
 
 
 def node_pids(fleet: Fleet, host: str, action: str = "") -> list[int]:
-    return [p for p, cmd in host_pids(fleet, host).items()
-            if cmd.startswith("/usr/bin/python3") and "/usr/local/lib/fabdeploy/shop" in cmd
-            and action in cmd and not cmd.rstrip().endswith(" status")]
+    return [
+        p
+        for p, cmd in host_pids(fleet, host).items()
+        if cmd.startswith("/usr/bin/python3")
+        and "/usr/local/lib/fabdeploy/shop" in cmd
+        and action in cmd
+        and not cmd.rstrip().endswith(" status")
+    ]
 
 
 def wait_node_idle(fleet: Fleet, host: str, timeout: float = 60) -> None:
     """An orphaned activation (its controller was killed) may still be finishing."""
-    wait_for(lambda: not node_pids(fleet, host), timeout=timeout, interval=0.05,
-             what=f"node program on {host} to finish")
+    wait_for(
+        lambda: not node_pids(fleet, host),
+        timeout=timeout,
+        interval=0.05,
+        what=f"node program on {host} to finish",
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -200,12 +242,20 @@ def watch(fleet: Fleet, host: str, point: str, timeout: float = 30.0, proc=None)
         names = set(os.listdir(base / "releases"))
         if point == "staging" and any(n.startswith(".staging-") for n in names):
             return True
-        if point == "pending" and any(RELEASE_RE.match(n) and (base / "releases" / n / ".fabdeploy-pending").exists()
-                                      for n in names - known):
+        if point == "pending" and any(
+            RELEASE_RE.match(n) and (base / "releases" / n / ".fabdeploy-pending").exists()
+            for n in names - known
+        ):
             return True
-        if point == "swapped" and (base / "current").is_symlink() and os.readlink(base / "current") != before:
+        if (
+            point == "swapped"
+            and (base / "current").is_symlink()
+            and os.readlink(base / "current") != before
+        ):
             return True
-        if point == "pushed" and any(n.startswith("push-") for n in os.listdir(base / ".fabdeploy")):
+        if point == "pushed" and any(
+            n.startswith("push-") for n in os.listdir(base / ".fabdeploy")
+        ):
             return True
         if proc is not None and proc.poll() is not None:
             return False
@@ -221,8 +271,9 @@ def kill9(proc: subprocess.Popen) -> None:
 # --- scenarios (reused by bench/reliability.py) ---------------------------------------------
 
 
-def scenario_hotfix_kill(fleet: Fleet, cfg: Path, point: str, delay: float = 0.0,
-                         push: bool = False) -> dict[str, Any]:
+def scenario_hotfix_kill(
+    fleet: Fleet, cfg: Path, point: str, delay: float = 0.0, push: bool = False
+) -> dict[str, Any]:
     """kill -9 `fab deploy.hotfix` (whole fleet) at a point; check; rerun; check strictly."""
     commit = fleet.commit(f"hotfix killed at {point}+{delay}")
     args = ["deploy.hotfix", *(["--push"] if push else [])]
@@ -239,7 +290,11 @@ def scenario_hotfix_kill(fleet: Fleet, cfg: Path, point: str, delay: float = 0.0
     if again.returncode != 0:
         found.append(f"rerun failed: {again.stdout[-800:]} {again.stderr[-800:]}")
     found += [x for h in HOSTS for x in problems(fleet, h, after_success=True)]
-    found += [f"{h}: not on {commit[:12]} after the rerun" for h in HOSTS if layout(fleet, h)["revision"] != commit]
+    found += [
+        f"{h}: not on {commit[:12]} after the rerun"
+        for h in HOSTS
+        if layout(fleet, h)["revision"] != commit
+    ]
     return {"hit": hit, "problems": found, "hosts": len(HOSTS)}
 
 
@@ -258,13 +313,22 @@ def scenario_roll_kill(fleet: Fleet, cfg: Path, after: str, delay: float) -> dic
     time.sleep(delay)
     kill9(p)
     for h in hosts:  # a host killed mid-reboot comes back on its own; wait for its boot unit
-        wait_for(lambda h=h: booted(fleet, h, boots[h]), timeout=60, interval=0.2, what=f"{h} up after the kill")
+        wait_for(
+            lambda h=h: booted(fleet, h, boots[h]),
+            timeout=60,
+            interval=0.2,
+            what=f"{h} up after the kill",
+        )
     found = [x for h in hosts for x in problems(fleet, h)]
     again = fleet.fab("deploy.roll", "--hosts=" + ",".join(hosts), config=cfg, check=False)
     if again.returncode != 0:
         found.append(f"rerun failed: {again.stdout[-800:]} {again.stderr[-800:]}")
     found += [x for h in hosts for x in problems(fleet, h, after_success=True)]
-    found += [f"{h}: not on {commit[:12]} after the rerun" for h in hosts if layout(fleet, h)["revision"] != commit]
+    found += [
+        f"{h}: not on {commit[:12]} after the rerun"
+        for h in hosts
+        if layout(fleet, h)["revision"] != commit
+    ]
     return {"hit": hit, "problems": found, "hosts": len(hosts)}
 
 
@@ -337,21 +401,29 @@ def s3_pid(fleet: Fleet) -> int:
 def s3_client(fleet: Fleet):
     import boto3
 
-    return boto3.client("s3", endpoint_url=fleet.sb.s3_endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=fleet.sb.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 # --- kill -9 of fab ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("point,delay", [
-    ("delay", 0.4),       # bundling / lock / connecting
-    ("pushed", 0.0),      # (with --push) right after the upload
-    ("staging", 0.0),     # during download + extraction
-    ("pending", 0.0),     # between link and swap (before_swap hook running)
-    ("swapped", 0.0),     # between swap and restart
-    ("delay", 2.5),       # restart / health check
-])
+@pytest.mark.parametrize(
+    "point,delay",
+    [
+        ("delay", 0.4),  # bundling / lock / connecting
+        ("pushed", 0.0),  # (with --push) right after the upload
+        ("staging", 0.0),  # during download + extraction
+        ("pending", 0.0),  # between link and swap (before_swap hook running)
+        ("swapped", 0.0),  # between swap and restart
+        ("delay", 2.5),  # restart / health check
+    ],
+)
 def test_kill_fab_during_hotfix(fleet: Fleet, fast: Path, point: str, delay: float) -> None:
     cfg = fast
     if point == "pending":
@@ -363,8 +435,15 @@ def test_kill_fab_during_hotfix(fleet: Fleet, fast: Path, point: str, delay: flo
     assert r["problems"] == []
 
 
-@pytest.mark.parametrize("after,delay", [("published", 0.0), ("web1: rebooting", 0.0),
-                                         ("web1: rebooting", 0.6), ("web2: rebooting", 0.2)])
+@pytest.mark.parametrize(
+    "after,delay",
+    [
+        ("published", 0.0),
+        ("web1: rebooting", 0.0),
+        ("web1: rebooting", 0.6),
+        ("web2: rebooting", 0.2),
+    ],
+)
 def test_kill_fab_during_roll(fleet: Fleet, fast: Path, after: str, delay: float) -> None:
     r = scenario_roll_kill(fleet, fast, after, delay)
     assert r["hit"], f"never saw {after!r}"
@@ -373,8 +452,12 @@ def test_kill_fab_during_roll(fleet: Fleet, fast: Path, after: str, delay: float
 
 @pytest.mark.parametrize("point", ["staging", "pending", "swapped"])
 def test_node_program_killed_during_activation(fleet: Fleet, point: str) -> None:
-    cfg = fleet.variant("slownode", **FAST, hooks={"before_swap": ["sleep 0.5"]},
-                        restart="sleep 0.5; systemctl restart shop")
+    cfg = fleet.variant(
+        "slownode",
+        **FAST,
+        hooks={"before_swap": ["sleep 0.5"]},
+        restart="sleep 0.5; systemctl restart shop",
+    )
     r = scenario_node_kill(fleet, cfg, point)
     assert r["hit"], f"kill point {point} was never reached"
     assert r["problems"] == []
@@ -412,8 +495,12 @@ def test_s3_stalls_during_hotfix_download(fleet: Fleet, fast: Path) -> None:
     before = {h: layout(fleet, h)["target"] for h in HOSTS}
     p = fleet.fab_bg("deploy.hotfix", "--hosts=web1,web2", config=fast)
     try:
-        wait_for(lambda: b"HEAD /fabdeploy-sandbox/shop/bundles/" in log.read_bytes()[start:],
-                 timeout=30, interval=0.005, what="fab to HEAD the bundle")
+        wait_for(
+            lambda: b"HEAD /fabdeploy-sandbox/shop/bundles/" in log.read_bytes()[start:],
+            timeout=30,
+            interval=0.005,
+            what="fab to HEAD the bundle",
+        )
         os.kill(pid, signal.SIGSTOP)
         out, err = p.communicate(timeout=90)
     finally:
@@ -425,7 +512,9 @@ def test_s3_stalls_during_hotfix_download(fleet: Fleet, fast: Path) -> None:
     assert_fleet_ok(fleet)
     # S3 back: the same command completes.
     fleet.fab("deploy.hotfix", "--hosts=web1,web2", config=fast)
-    assert_fleet_ok(fleet, ("web1", "web2"), commit=fleet.git("rev-parse", "HEAD"), after_success=True)
+    assert_fleet_ok(
+        fleet, ("web1", "web2"), commit=fleet.git("rev-parse", "HEAD"), after_success=True
+    )
 
 
 def test_s3_down_during_boot_keeps_last_good_release(fleet: Fleet, fast: Path) -> None:
@@ -450,8 +539,11 @@ def test_s3_down_during_boot_keeps_last_good_release(fleet: Fleet, fast: Path) -
 
 def test_disk_full_during_activation(fleet: Fleet, fast: Path) -> None:
     host, tiny = "web3", "/srv/tiny"
-    fleet.ssh(host, f"mkdir -p {tiny} && mount -t tmpfs -o size=40m tmpfs {tiny} && "
-                    f"mkdir -p {tiny}/shop/shared/config && touch {tiny}/shop/shared/config/database.yml")
+    fleet.ssh(
+        host,
+        f"mkdir -p {tiny} && mount -t tmpfs -o size=40m tmpfs {tiny} && "
+        f"mkdir -p {tiny}/shop/shared/config && touch {tiny}/shop/shared/config/database.yml",
+    )
     try:
         cfg = fleet.variant("tiny", **FAST, deploy_to=f"{tiny}/shop")
         fleet.fab("deploy.hotfix", f"--hosts={host}", config=cfg)
@@ -459,7 +551,9 @@ def test_disk_full_during_activation(fleet: Fleet, fast: Path) -> None:
         assert good["revision"]
         fleet.commit("does not fit")
         # Leave 6 MB: the bundle downloads, the pre-flight check (members + slack) refuses.
-        fleet.ssh(host, f"fallocate -l $(( $(stat -f -c '%a*%S' {tiny}) - 6*1048576 )) {tiny}/filler")
+        fleet.ssh(
+            host, f"fallocate -l $(( $(stat -f -c '%a*%S' {tiny}) - 6*1048576 )) {tiny}/filler"
+        )
         for _ in range(2):
             r = fleet.fab("deploy.hotfix", f"--hosts={host}", config=cfg, check=False)
             assert r.returncode == 1
@@ -467,10 +561,15 @@ def test_disk_full_during_activation(fleet: Fleet, fast: Path) -> None:
             after = layout(fleet, host, f"{tiny}/shop")
             assert after["target"] == good["target"] and after["staging"] == []
             assert after["releases"] == good["releases"]
-            assert not [n for n in fleet.ssh(host, f"ls -a {tiny}/shop/.fabdeploy").split()
-                        if n.startswith("dl-")]
+            assert not [
+                n
+                for n in fleet.ssh(host, f"ls -a {tiny}/shop/.fabdeploy").split()
+                if n.startswith("dl-")
+            ]
             # Second round: completely full, so the download itself hits ENOSPC.
-            fleet.ssh(host, f"fallocate -l $(( $(stat -f -c '%a*%S' {tiny}) )) {tiny}/filler2 || true")
+            fleet.ssh(
+                host, f"fallocate -l $(( $(stat -f -c '%a*%S' {tiny}) )) {tiny}/filler2 || true"
+            )
         assert "MB needed" in r.stdout or "MB free" in r.stdout
         fleet.ssh(host, f"rm -f {tiny}/filler {tiny}/filler2")
         fleet.fab("deploy.hotfix", f"--hosts={host}", config=cfg)
@@ -485,8 +584,11 @@ def test_disk_full_during_activation(fleet: Fleet, fast: Path) -> None:
 
 
 def test_hook_hanging_is_bounded_by_command_timeout(fleet: Fleet) -> None:
-    cfg = fleet.variant("hang", **{**FAST, "ssh": {**FAST["ssh"], "command_timeout": 4}},
-                        hooks={"before_swap": ["sleep 600"]})
+    cfg = fleet.variant(
+        "hang",
+        **{**FAST, "ssh": {**FAST["ssh"], "command_timeout": 4}},
+        hooks={"before_swap": ["sleep 600"]},
+    )
     fleet.commit("hook hangs")
     before = layout(fleet, "web1")["target"]
     t0 = time.monotonic()
@@ -508,8 +610,14 @@ def test_sshd_hanging_mid_command_is_bounded(fleet: Fleet) -> None:
     ssh.command_timeout, the other hosts finish, nothing hangs; after SIGCONT web2 is whole."""
     # The 2 s hook keeps every activation in flight long enough for the SIGSTOP to land
     # mid-command (without it a fast activation could finish first and the test would flake).
-    cfg = fleet.variant("hang2", **{**FAST, "ssh": {**FAST["ssh"], "command_timeout": 5},
-                                    "hooks": {"before_swap": ["sleep 2"]}})
+    cfg = fleet.variant(
+        "hang2",
+        **{
+            **FAST,
+            "ssh": {**FAST["ssh"], "command_timeout": 5},
+            "hooks": {"before_swap": ["sleep 2"]},
+        },
+    )
     commit = fleet.commit("sshd hangs on web2")
     p = fleet.fab_bg("deploy.hotfix", config=cfg)
     stopped: list[int] = []
@@ -532,7 +640,11 @@ def test_sshd_hanging_mid_command_is_bounded(fleet: Fleet) -> None:
 
 def test_unreachable_host_is_bounded(fleet: Fleet, fast: Path) -> None:
     """sshd listener stopped: TCP connects but no banner ever comes -> bounded by connect_timeout."""
-    listener = [pid for pid, cmd in host_pids(fleet, "web3").items() if "sshd" in cmd and ("[listener]" in cmd or cmd.startswith("/usr/sbin/sshd -D"))]
+    listener = [
+        pid
+        for pid, cmd in host_pids(fleet, "web3").items()
+        if "sshd" in cmd and ("[listener]" in cmd or cmd.startswith("/usr/sbin/sshd -D"))
+    ]
     assert len(listener) == 1
     commit = fleet.commit("web3 hangs at connect")
     os.kill(listener[0], signal.SIGSTOP)
@@ -587,7 +699,9 @@ def test_roll_and_whole_fleet_hotfix_one_refused(fleet: Fleet, fast: Path) -> No
     r = fleet.fab("deploy.hotfix", config=fast, check=False)
     out, err = roll.communicate(timeout=180)
     assert roll.returncode == 0, "".join(seen) + out + err
-    assert r.returncode == 1 and "deploy lock held by" in r.stderr and "(roll)" in r.stderr, r.stderr
+    assert r.returncode == 1 and "deploy lock held by" in r.stderr and "(roll)" in r.stderr, (
+        r.stderr
+    )
     assert_fleet_ok(fleet, ("web1", "web2"), commit=rolled)
     assert fleet.pointer()["commit"] == rolled
 
@@ -619,7 +733,11 @@ def test_damaged_layout_reported_and_repaired(fleet: Fleet, fast: Path) -> None:
     fleet.ssh(host, f"rm -rf /srv/shop/releases/{lay['release']}")
     st = status_of(fleet, fast, host)
     assert st["current"]["ok"] is False
-    table = re.sub(r"[\s│┃]+", " ", fleet.fab("deploy.status", f"--hosts={host}", config=fast, check=False).stdout)
+    table = re.sub(
+        r"[\s│┃]+",
+        " ",
+        fleet.fab("deploy.status", f"--hosts={host}", config=fast, check=False).stdout,
+    )
     assert "BROKEN" in table, table
     fleet.fab("deploy.rollback", f"--hosts={host}", config=fast)
     now = layout(fleet, host)
@@ -640,6 +758,7 @@ def test_damaged_layout_reported_and_repaired(fleet: Fleet, fast: Path) -> None:
 def tar_gz(kind: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+
         def add(name: str, data: bytes = b"x", **attrs: Any) -> None:
             ti = tarfile.TarInfo(name)
             ti.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
@@ -656,7 +775,9 @@ def tar_gz(kind: str) -> bytes:
             add("escape", type=tarfile.SYMTYPE, linkname="../../../../srv")
             add("escape/evil-symlink")
         elif kind == "hardlink":
-            add("hard", type=tarfile.LNKTYPE, linkname="etc/passwd")  # not in the bundle: the host's
+            add(
+                "hard", type=tarfile.LNKTYPE, linkname="etc/passwd"
+            )  # not in the bundle: the host's
         elif kind == "device":
             add("dev-null", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
         elif kind == "many":
@@ -673,10 +794,20 @@ def upload_bad_bundle(fleet: Fleet, kind: str) -> tuple[str, str]:
     body = tar_gz(kind)
     sha = hashlib.sha256(b"something else" if kind == "sha" else body).hexdigest()
     s3_client(fleet).put_object(
-        Bucket=fleet.sb.bucket, Key=f"shop/bundles/{commit}.tar.gz", Body=body,
-        Metadata={"commit": commit, "ref": "main", "sha256": sha, "size": str(len(body)),
-                  "built-at": "2026-01-01T00:00:00Z", "built-by": "mallory@evil", "app": "shop",
-                  "committed-at": str(int(time.time()))})
+        Bucket=fleet.sb.bucket,
+        Key=f"shop/bundles/{commit}.tar.gz",
+        Body=body,
+        Metadata={
+            "commit": commit,
+            "ref": "main",
+            "sha256": sha,
+            "size": str(len(body)),
+            "built-at": "2026-01-01T00:00:00Z",
+            "built-by": "mallory@evil",
+            "app": "shop",
+            "committed-at": str(int(time.time())),
+        },
+    )
     return commit, sha
 
 
@@ -723,9 +854,16 @@ def test_bad_pointer_and_bad_published_bundle_at_boot(fleet: Fleet, fast: Path) 
     bad, bad_sha = upload_bad_bundle(fleet, "dotdot")
     cases = [
         (b"{not json", "not valid JSON"),
-        (json.dumps({**good, "key": "shop/bundles/0000.tar.gz", "commit": "0" * 40}).encode(), "does not exist"),
-        (json.dumps({**good, "key": f"shop/bundles/{bad}.tar.gz", "commit": bad, "sha256": bad_sha}).encode(),
-         "contains a '..' component"),
+        (
+            json.dumps({**good, "key": "shop/bundles/0000.tar.gz", "commit": "0" * 40}).encode(),
+            "does not exist",
+        ),
+        (
+            json.dumps(
+                {**good, "key": f"shop/bundles/{bad}.tar.gz", "commit": bad, "sha256": bad_sha}
+            ).encode(),
+            "contains a '..' component",
+        ),
     ]
     try:
         for body, reason in cases:

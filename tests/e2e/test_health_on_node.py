@@ -16,7 +16,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 SUBNET = "127.0.44"
 PRIVATE = 8090
@@ -25,7 +28,13 @@ HOSTS = ("web1", "web2")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
-    f = start_fleet(tmp_path_factory.mktemp("nodehealth"), subnet=SUBNET, hosts=2, rtt=0.01, private_port=PRIVATE)
+    f = start_fleet(
+        tmp_path_factory.mktemp("nodehealth"),
+        subnet=SUBNET,
+        hosts=2,
+        rtt=0.01,
+        private_port=PRIVATE,
+    )
     try:
         f.fab("deploy.setup")
         yield f
@@ -34,7 +43,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 
 
 def private_health(fleet: Fleet, name: str, **health: object):
-    return fleet.variant(name, health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 5, **health})
+    return fleet.variant(
+        name, health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 5, **health}
+    )
 
 
 def node_status(fleet: Fleet, host: str) -> dict:
@@ -72,7 +83,10 @@ def test_checked_on_the_node_hotfix_and_rollback_pass(fleet: Fleet) -> None:
     for h in HOSTS:
         assert fleet.revision(h) == sha and fleet.version(h) == sha
         health = node_status(fleet, h)["last_health"]
-        assert health["ok"] and f"{fleet.sb.hosts[h]}:{PRIVATE}/health answered 200" in health["detail"]
+        assert (
+            health["ok"]
+            and f"{fleet.sb.hosts[h]}:{PRIVATE}/health answered 200" in health["detail"]
+        )
     r = fleet.fab("deploy.rollback", "--hosts=web1", config=cfg)
     assert "1 ok, 0 failed" in r.stdout and fleet.revision("web1") != sha
 
@@ -83,7 +97,11 @@ def test_a_broken_app_is_reverted_by_the_node(fleet: Fleet) -> None:
     cfg = private_health(fleet, "on-node-quick", timeout=2)
     before = fleet.current("web2")
     r = fleet.fab("deploy.hotfix", "--hosts=web2", config=cfg, check=False)
-    assert r.returncode != 0 and "health check failed" in r.stdout and f":{PRIVATE}/health answered 404" in r.stdout
+    assert (
+        r.returncode != 0
+        and "health check failed" in r.stdout
+        and f":{PRIVATE}/health answered 404" in r.stdout
+    )
     assert fleet.current("web2") == before and fleet.revision("web2") != bad
     assert "rolled back to release" in fleet.ssh("web2", "tail -1 /srv/shop/revisions.log")
     fleet.commit("fix /health", {"app.py": app})
@@ -107,31 +125,49 @@ def test_behind_a_bastion_hotfix_and_roll_pass(fleet: Fleet) -> None:
     """web2 by a private name only its gateway resolves (ProxyJump web1), as in a VPC: the
     deploying machine can neither resolve nor reach it, its node checks its own health."""
     sb = fleet.sb
-    fleet.ssh("web1", f"grep -q web2.internal /etc/hosts || echo '{sb.hosts['web2']} web2.internal' >> /etc/hosts")
+    fleet.ssh(
+        "web1",
+        f"grep -q web2.internal /etc/hosts || echo '{sb.hosts['web2']} web2.internal' >> /etc/hosts",
+    )
     ssh_config = sb.ssh_config.read_text().replace(
         f"Host web2\n    HostName {sandbox.latency_ip(sb.hosts['web2'])}\n",
-        "Host web2\n    HostName web2.internal\n    ProxyJump web1\n")
+        "Host web2\n    HostName web2.internal\n    ProxyJump web1\n",
+    )
     assert "ProxyJump web1" in ssh_config
     (sb.dir / "ssh_config_bastion").write_text(ssh_config)
-    (sb.dir / "known_hosts_bastion").write_text(sb.known_hosts.read_text().replace("web2,", "web2,web2.internal,"))
+    (sb.dir / "known_hosts_bastion").write_text(
+        sb.known_hosts.read_text().replace("web2,", "web2,web2.internal,")
+    )
     via = {"ssh": {"config": "ssh_config_bastion", "known_hosts": "known_hosts_bastion"}}
 
     sha = fleet.commit("through the bastion")
-    from_here = fleet.variant("bastion-controller", **via,
-                              health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 2, "on": "controller"})
+    from_here = fleet.variant(
+        "bastion-controller",
+        **via,
+        health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 2, "on": "controller"},
+    )
     r = fleet.fab("deploy.hotfix", "--hosts=web2", config=from_here, check=False)
     assert r.returncode != 0 and "health check failed" in r.stdout, r.stdout
     assert fleet.revision("web2") != sha
 
-    on_node = fleet.variant("bastion-node", **via, health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 5})
+    on_node = fleet.variant(
+        "bastion-node", **via, health={"url": f"http://{{host}}:{PRIVATE}/health", "timeout": 5}
+    )
     r = fleet.fab("deploy.hotfix", "--hosts=web2", config=on_node)
     assert "1 ok, 0 failed" in r.stdout and fleet.revision("web2") == sha
-    assert f"{sb.hosts['web2']}:{PRIVATE}/health answered 200" in node_status(fleet, "web2")["last_health"]["detail"]
+    assert (
+        f"{sb.hosts['web2']}:{PRIVATE}/health answered 200"
+        in node_status(fleet, "web2")["last_health"]["detail"]
+    )
 
     sha = fleet.commit("rolled through the bastion")
     boots = len(fleet.boots("web2"))
     r = fleet.fab("deploy.roll", "--hosts=web2", config=on_node)
     assert "healthy (" in r.stdout and "FAILED" not in r.stdout, r.stdout
-    assert len(fleet.boots("web2")) == boots + 1 and fleet.revision("web2") == sha and fleet.version("web2") == sha
+    assert (
+        len(fleet.boots("web2")) == boots + 1
+        and fleet.revision("web2") == sha
+        and fleet.version("web2") == sha
+    )
     st = node_status(fleet, "web2")
     assert st["last_health"]["ok"] and st["last_health"]["boot_id"] == st["boot_id"]

@@ -10,7 +10,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3")
 
@@ -85,11 +88,15 @@ def test_push_sends_bundle_over_sftp_for_nodes_without_s3(fleet: Fleet) -> None:
     assert list(tmpdir.iterdir()) == []  # the controller's copy is gone too
     assert fleet.revision("web1") == new and fleet.version("web1") == new, r.stdout
     # The pushed copy is removed once activated...
-    assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
+    assert not [
+        n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")
+    ]
     # ...and when the host already runs it ("unchanged": the node never opens it), issue 13 §2.17.
     r = fleet.fab("deploy.hotfix", "--hosts=web1", "--push", env={"TMPDIR": str(tmpdir)})
     assert "unchanged" in r.stdout
-    assert not [n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")]
+    assert not [
+        n for n in fleet.ssh("web1", "ls -a /srv/shop/.fabdeploy").split() if n.startswith("push-")
+    ]
 
 
 def test_unknown_host_lists_known_ones(fleet: Fleet) -> None:
@@ -125,7 +132,9 @@ def test_failing_health_check_puts_previous_release_back(fleet: Fleet) -> None:
     assert r.returncode != 0 and "health check failed" in r.stdout
     assert fleet.current("web1") == before and fleet.revision("web1") != bad
     assert "rolled back to release" in fleet.ssh("web1", "tail -1 /srv/shop/revisions.log")
-    assert wait_for(lambda: fleet.version("web1"), what="app back on web1") == fleet.revision("web1")
+    assert wait_for(lambda: fleet.version("web1"), what="app back on web1") == fleet.revision(
+        "web1"
+    )
     # Undo the breakage for the following tests.
     (fleet.sb.app_repo / "app.py").write_text(app)
     fleet.commit("fix /health", {"app.py": app})
@@ -167,7 +176,9 @@ def test_rollback_after_two_hotfixes_returns_fleet_and_survives_reboot(fleet: Fl
 def test_strict_host_keys_refuse_unknown_key(fleet: Fleet) -> None:
     kh = Path(fleet.sb.known_hosts)
     partial = kh.with_name("known_hosts.partial")
-    partial.write_text("".join(line for line in kh.read_text().splitlines(True) if not line.startswith("web2")))
+    partial.write_text(
+        "".join(line for line in kh.read_text().splitlines(True) if not line.startswith("web2"))
+    )
     cfg = fleet.variant("strict", ssh={"known_hosts": partial.name})
     r = fleet.fab("deploy.status", "--hosts=web2", config=cfg, check=False)
     assert r.returncode != 0
@@ -175,7 +186,10 @@ def test_strict_host_keys_refuse_unknown_key(fleet: Fleet) -> None:
 
 
 def test_changed_host_key_is_refused(fleet: Fleet) -> None:
-    cfg = fleet.variant("forged", ssh={"known_hosts": fleet.forged_known_hosts("web2", "web1", "known_hosts.forged")})
+    cfg = fleet.variant(
+        "forged",
+        ssh={"known_hosts": fleet.forged_known_hosts("web2", "web1", "known_hosts.forged")},
+    )
     r = fleet.fab("deploy.status", "--hosts=web2", config=cfg, check=False)
     assert r.returncode != 0 and "CHANGED" in r.stdout
 

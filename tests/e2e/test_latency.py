@@ -13,7 +13,10 @@ from fleet_helpers import Fleet, can_run_sandbox, isolated, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 SUBNET = "127.0.36"
 RTT = 0.05
@@ -30,8 +33,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 
 def _ssh_true(f: Fleet) -> float:
     t = time.perf_counter()
-    subprocess.run(["ssh", "-F", str(f.sb.ssh_config), "web1", "true"], check=True, timeout=60,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh", "-F", str(f.sb.ssh_config), "web1", "true"],
+        check=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t
 
 

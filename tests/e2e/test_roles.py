@@ -10,7 +10,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 LOG = "/srv/shop/shared/restarts.log"
 FAIL = "/srv/shop/shared/fail-worker-check"
@@ -28,12 +31,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 def cfg(fleet: Fleet) -> Path:
     return fleet.variant(
         "roles",
-        hosts={"web1": {"roles": ["web"]}, "web2": {"roles": ["worker"]}, "web3": {"roles": "worker"}},
+        hosts={
+            "web1": {"roles": ["web"]},
+            "web2": {"roles": ["worker"]},
+            "web3": {"roles": "worker"},
+        },
         restart=f"systemctl restart shop && echo web >> {LOG}",
-        roles={"worker": {
-            "restart": f"systemctl restart shop && echo worker >> {LOG}",
-            "health": {"command": f"test ! -e {FAIL}", "timeout": 2},
-        }},
+        roles={
+            "worker": {
+                "restart": f"systemctl restart shop && echo worker >> {LOG}",
+                "health": {"command": f"test ! -e {FAIL}", "timeout": 2},
+            }
+        },
     )
 
 
@@ -67,7 +76,10 @@ def test_a_failing_worker_check_reverts_only_that_host(fleet: Fleet, cfg: Path) 
     assert "2 ok, 1 failed" in r.stdout
     assert fleet.revision("web3") == old and fleet.version("web3") == old  # put back, restarted
     assert fleet.revision("web1") == new and fleet.revision("web2") == new
-    assert restarts(fleet, "web3")[-2:] == ["worker", "worker"]  # the new release, then the old one again
+    assert restarts(fleet, "web3")[-2:] == [
+        "worker",
+        "worker",
+    ]  # the new release, then the old one again
     assert fleet.pointer()["commit"] == old  # a failed host: nothing published
 
 
@@ -86,7 +98,9 @@ def test_roles_worker_touches_only_workers(fleet: Fleet, cfg: Path) -> None:
 def test_unknown_role_is_one_line_listing_known_ones(fleet: Fleet, cfg: Path) -> None:
     r = fleet.fab("deploy.hotfix", "--roles=db", config=cfg, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"error: unknown role db (no host in {cfg} has it); known roles: worker, web")
+    assert r.stderr.strip() == (
+        f"error: unknown role db (no host in {cfg} has it); known roles: worker, web"
+    )
 
 
 def test_a_roll_goes_in_the_role_order_given(fleet: Fleet, cfg: Path) -> None:

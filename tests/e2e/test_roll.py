@@ -11,7 +11,10 @@ from fabdeploy.adapters.store import Store
 from fabdeploy.basics import config
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 HOSTS = ("web1", "web2", "web3")
 
@@ -31,12 +34,14 @@ def store_of(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Store:
     return Store(cfg.s3, cfg.app)
 
 
-def test_roll_reboots_each_host_once_in_order(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_roll_reboots_each_host_once_in_order(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     commit = fleet.git("rev-parse", "HEAD")
     boots_before = {h: len(fleet.boots(h)) for h in HOSTS}
     r = fleet.fab("deploy.roll")
     assert fleet.pointer()["commit"] == commit
-    new_boots = {h: fleet.boots(h)[boots_before[h]:] for h in HOSTS}
+    new_boots = {h: fleet.boots(h)[boots_before[h] :] for h in HOSTS}
     assert all(len(b) == 1 for b in new_boots.values()), new_boots  # each rebooted exactly once
     for h in HOSTS:
         assert fleet.revision(h) == commit and fleet.version(h) == commit
@@ -91,7 +96,9 @@ def test_rollback_on_failure_moves_pointer_back_and_reboots_failed_host(fleet: F
     r = fleet.fab("deploy.roll", "--rollback-on-failure", config=cfg, check=False)
     assert r.returncode != 0 and "rolled back to" in r.stdout
     assert fleet.pointer()["commit"] == good
-    assert len(fleet.boots("web1")) == boots_before["web1"] + 2  # the failed boot, then the way back
+    assert (
+        len(fleet.boots("web1")) == boots_before["web1"] + 2
+    )  # the failed boot, then the way back
     assert fleet.revision("web1") == good and fleet.version("web1") == good
     assert all(len(fleet.boots(h)) == boots_before[h] for h in ("web2", "web3"))
     fleet.commit("fix /health", {"app.py": app})
@@ -113,7 +120,9 @@ def test_host_not_back_in_time_stops_the_roll(fleet: Fleet) -> None:
     wait_for(lambda: fleet._try_boot_id("web1"), timeout=60, what="web1 back")
 
 
-def test_second_roll_is_refused_while_lock_held(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_roll_is_refused_while_lock_held(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = store_of(fleet, monkeypatch)
     lock = store.acquire_lock("alice@laptop", "roll abc123", 3600)
     try:
@@ -126,7 +135,9 @@ def test_second_roll_is_refused_while_lock_held(fleet: Fleet, monkeypatch: pytes
         store.release_lock(lock)
 
 
-def test_ctrl_c_finishes_host_in_flight_and_releases_lock(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_finishes_host_in_flight_and_releases_lock(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fleet.commit("interrupted roll")
     boots_before = {h: len(fleet.boots(h)) for h in HOSTS}
     p = fleet.fab_bg("deploy.roll")

@@ -11,7 +11,10 @@ from fleet_helpers import Fleet, can_run_sandbox, start_fleet
 
 from fabfile import sandbox
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or "")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(bool(can_run_sandbox()), reason=can_run_sandbox() or ""),
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +25,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 
 def pointer(fleet: Fleet, prefix: str) -> str | None:
-    s3 = boto3.client("s3", endpoint_url=fleet.sb.s3_direct, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=fleet.sb.s3_direct,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     try:
         body = s3.get_object(Bucket=fleet.sb.bucket, Key=f"{prefix}/published.json")["Body"].read()
     except s3.exceptions.NoSuchKey:
@@ -33,8 +41,13 @@ def pointer(fleet: Fleet, prefix: str) -> str | None:
 
 def test_staging_never_moves_production(fleet: Fleet) -> None:
     # The sandbox's explicit prefix (shop) stays production's; staging gets its own.
-    cfg = fleet.variant("stages", stages={"production": {"hosts": ["web1"]},
-                                          "staging": {"hosts": ["web2"], "s3": {"prefix": "shop/staging"}}})
+    cfg = fleet.variant(
+        "stages",
+        stages={
+            "production": {"hosts": ["web1"]},
+            "staging": {"hosts": ["web2"], "s3": {"prefix": "shop/staging"}},
+        },
+    )
     old = fleet.git("rev-parse", "HEAD")
     fleet.fab("production", "deploy.publish", config=cfg)
     assert pointer(fleet, "shop") == old
@@ -66,11 +79,20 @@ def test_promotion_publishes_stagings_exact_bytes(fleet: Fleet) -> None:
     assert f"copied {staged[:12]} from stage staging" in r.stdout
     assert pointer(fleet, "shop") == staged and pointer(fleet, "shop/staging") == staged
 
-    s3 = boto3.client("s3", endpoint_url=fleet.sb.s3_direct, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    body = {p: s3.get_object(Bucket=fleet.sb.bucket, Key=f"{p}/bundles/{staged}.tar.gz")["Body"].read()
-            for p in ("shop", "shop/staging")}
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=fleet.sb.s3_direct,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    body = {
+        p: s3.get_object(Bucket=fleet.sb.bucket, Key=f"{p}/bundles/{staged}.tar.gz")["Body"].read()
+        for p in ("shop", "shop/staging")
+    }
     assert body["shop"] == body["shop/staging"]
 
-    r = fleet.fab("production", "deploy.publish", "--from=staging", config=cfg)  # again: nothing to do
+    r = fleet.fab(
+        "production", "deploy.publish", "--from=staging", config=cfg
+    )  # again: nothing to do
     assert "nothing copied" in r.stdout and "already published" in r.stdout

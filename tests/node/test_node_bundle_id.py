@@ -18,7 +18,9 @@ def cfg(tmp_path: Path) -> node.Config:
     return make_cfg(tmp_path)
 
 
-def test_same_commit_new_recipe_activates_and_same_id_is_unchanged(tmp_path: Path, cfg: node.Config) -> None:
+def test_same_commit_new_recipe_activates_and_same_id_is_unchanged(
+    tmp_path: Path, cfg: node.Config
+) -> None:
     layout = node.Layout(cfg.deploy_to)
     first = deploy(cfg, tmp_path, "c1", now=lambda: T0)  # no recipe: id is the commit
     assert first["changed"] and "bundle_id" not in first
@@ -39,14 +41,24 @@ def test_boot_compares_the_pointers_bundle_id(tmp_path: Path, cfg: node.Config) 
     deploy(cfg, tmp_path, "c1", now=lambda: T0)
     pointer, bundle = pointer_for(tmp_path, "c1")
     same: dict[str, Any] = dict(pointer)
-    assert node.boot(cfg, pointer_source=lambda: same,
-                     source_for=lambda p: pytest.fail("no fetch"))["outcome"] == "unchanged"
+    assert (
+        node.boot(cfg, pointer_source=lambda: same, source_for=lambda p: pytest.fail("no fetch"))[
+            "outcome"
+        ]
+        == "unchanged"
+    )
     rebuilt = {**pointer, "bundle_id": "c1-bbbbbbbbbbbb"}
-    result = node.boot(cfg, pointer_source=lambda: rebuilt, source_for=lambda p: node.Source("file", str(bundle)))
+    result = node.boot(
+        cfg, pointer_source=lambda: rebuilt, source_for=lambda p: node.Source("file", str(bundle))
+    )
     assert result["outcome"] == "activated" and result["bundle_id"] == "c1-bbbbbbbbbbbb"
     assert node.read_current(layout).bundle_id == "c1-bbbbbbbbbbbb"  # type: ignore[union-attr]
-    assert node.boot(cfg, pointer_source=lambda: rebuilt,
-                     source_for=lambda p: pytest.fail("no fetch"))["outcome"] == "unchanged"
+    assert (
+        node.boot(
+            cfg, pointer_source=lambda: rebuilt, source_for=lambda p: pytest.fail("no fetch")
+        )["outcome"]
+        == "unchanged"
+    )
 
 
 def test_a_bad_bundle_id_in_the_pointer_is_refused(tmp_path: Path, cfg: node.Config) -> None:
@@ -57,7 +69,20 @@ def test_a_bad_bundle_id_in_the_pointer_is_refused(tmp_path: Path, cfg: node.Con
 
 def test_activate_cli_takes_bundle_id(tmp_path: Path, cfg: node.Config, capsys: Any) -> None:
     bundle, sha = good_bundle(tmp_path, "c9")
-    rc = node.main(["--config", str(tmp_path / "node.json"), "activate", "--sha256", sha, "--commit", "c9",
-                    "--bundle-id", "c9-cccccccccccc", "--file", str(bundle)])
+    rc = node.main(
+        [
+            "--config",
+            str(tmp_path / "node.json"),
+            "activate",
+            "--sha256",
+            sha,
+            "--commit",
+            "c9",
+            "--bundle-id",
+            "c9-cccccccccccc",
+            "--file",
+            str(bundle),
+        ]
+    )
     assert rc == 0
     assert node.read_current(node.Layout(cfg.deploy_to)).bundle_id == "c9-cccccccccccc"  # type: ignore[union-attr]

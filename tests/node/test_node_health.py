@@ -49,8 +49,9 @@ def deploy(cfg: node.Config, tmp_path: Path, commit: str, **kw: Any) -> dict[str
     import hashlib
 
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return node.activate(cfg, sha256=sha, commit=commit, source=node.Source("file", str(path)),
-                         user="alice", **kw)
+    return node.activate(
+        cfg, sha256=sha, commit=commit, source=node.Source("file", str(path)), user="alice", **kw
+    )
 
 
 class App:
@@ -152,8 +153,10 @@ def test_check_polls_until_healthy_and_ignores_http_proxy(
 
 def test_expect_status_and_timeout(tmp_path: Path) -> None:
     with app_on() as app:
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "expect_status": 204,
-                                  "timeout": 0.2})
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "expect_status": 204, "timeout": 0.2},
+        )
         h = node.check_health(cfg, node.Layout(cfg.deploy_to), str(tmp_path))
         assert not h["ok"] and h["detail"].startswith("health check failed after 0s on ")
         assert h["detail"].endswith(f"http://127.0.0.1:{app.port}/health answered 200")
@@ -163,8 +166,9 @@ def test_expect_status_and_timeout(tmp_path: Path) -> None:
 def test_unhealthy_release_is_reverted_in_the_same_command(tmp_path: Path) -> None:
     with app_on() as app:
         app.running = tmp_path / "running"
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health"},
-                       restart=restart_cmd(tmp_path))
+        cfg = make_cfg(
+            tmp_path, {"url": f"http://{{host}}:{app.port}/health"}, restart=restart_cmd(tmp_path)
+        )
         layout = node.Layout(cfg.deploy_to)
         first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
         assert first["health"]["ok"]
@@ -173,12 +177,14 @@ def test_unhealthy_release_is_reverted_in_the_same_command(tmp_path: Path) -> No
             deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
         msg = err.value.message
         assert msg.startswith("health check failed after") and msg.endswith(
-            f"answered 503; put back on {first['release']}")
+            f"answered 503; put back on {first['release']}"
+        )
         # Back on the previous release, restarted, logged the way a rollback is.
         assert node.read_current(layout).release == first["release"]  # type: ignore[union-attr]
         assert (tmp_path / "restarts").read_text().split() == ["c1", "c2", "c1"]
         assert Path(layout.revisions_log).read_text().splitlines()[-1] == (
-            f"alice rolled back to release {first['release']}")
+            f"alice rolled back to release {first['release']}"
+        )
         assert err.value.extra["current"] == first["release"] and err.value.extra["commit"] == "c2"
         assert not os.path.exists(os.path.join(layout.state, node.RESTART_MARKER))
         saved = node.read_status(layout)
@@ -188,20 +194,29 @@ def test_unhealthy_release_is_reverted_in_the_same_command(tmp_path: Path) -> No
 def test_first_release_unhealthy_has_nothing_to_go_back_to(tmp_path: Path) -> None:
     with app_on() as app:
         app.running = tmp_path / "running"
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
-                       restart=restart_cmd(tmp_path))
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
+            restart=restart_cmd(tmp_path),
+        )
         with pytest.raises(node.NodeError, match="no previous release to go back to"):
             deploy(cfg, tmp_path, "c2", restart=True)
 
 
 def test_command_check_runs_in_the_release(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, {"command": 'echo "checking $REVISION in $PWD"; test "$REVISION" != c2'},
-                   restart="true")
+    cfg = make_cfg(
+        tmp_path,
+        {"command": 'echo "checking $REVISION in $PWD"; test "$REVISION" != c2'},
+        restart="true",
+    )
     layout = node.Layout(cfg.deploy_to)
     first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
     cfg.health.timeout = 0.3
-    assert first["health"] == {"ok": True, "detail": '`echo "checking $REVISION in $PWD"; test "$REVISION" != c2`'
-                               " exited 0", "seconds": first["health"]["seconds"]}
+    assert first["health"] == {
+        "ok": True,
+        "detail": '`echo "checking $REVISION in $PWD"; test "$REVISION" != c2` exited 0',
+        "seconds": first["health"]["seconds"],
+    }
     with pytest.raises(node.NodeError) as err:
         deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
     assert "exited 1: checking c2 in " in err.value.message
@@ -211,8 +226,11 @@ def test_command_check_runs_in_the_release(tmp_path: Path) -> None:
 def test_no_check_on_the_node_when_the_controller_does_it(tmp_path: Path) -> None:
     with app_on() as app:
         app.running = tmp_path / "running"
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "on": "controller"},
-                       restart=restart_cmd(tmp_path))
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "on": "controller"},
+            restart=restart_cmd(tmp_path),
+        )
         deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
         second = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
         assert "health" not in second and app.hits == 0
@@ -223,15 +241,23 @@ def test_rollback_checks_health_but_does_not_revert_again(tmp_path: Path) -> Non
     with app_on() as app:
         app.running = tmp_path / "running"
         app.bad = {"c1"}
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "on": "controller"},
-                       restart=restart_cmd(tmp_path))
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "on": "controller"},
+            restart=restart_cmd(tmp_path),
+        )
         first = deploy(cfg, tmp_path, "c1", now=lambda: T0, restart=True)
         deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1, restart=True)
-        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
-                       restart=restart_cmd(tmp_path))
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "timeout": 0.3},
+            restart=restart_cmd(tmp_path),
+        )
         with pytest.raises(node.NodeError) as err:
             node.rollback(cfg, restart=True, user="bob")
-        assert err.value.message.startswith(f"rolled back to {first['release']} but health check failed")
+        assert err.value.message.startswith(
+            f"rolled back to {first['release']} but health check failed"
+        )
         assert node.read_current(node.Layout(cfg.deploy_to)).commit == "c1"  # type: ignore[union-attr]
         app.bad = set()
         again = node.rollback(cfg, release=first["release"], restart=True, user="bob")
@@ -273,8 +299,17 @@ def test_status_cli_takes_after_boot(tmp_path: Path) -> None:
         node.record_status(node.Layout(cfg.deploy_to), "last_boot", {"outcome": "failed"})
         out = io.StringIO()
         with redirect_stdout(out):
-            code = node.main(["--config", str(tmp_path / "node.json"), "status", "--after-boot", "x",
-                              "--wait", "0"])
+            code = node.main(
+                [
+                    "--config",
+                    str(tmp_path / "node.json"),
+                    "status",
+                    "--after-boot",
+                    "x",
+                    "--wait",
+                    "0",
+                ]
+            )
         answer = json.loads(out.getvalue().strip().splitlines()[-1])
         assert code == 0 and answer["ok"] and answer["health"] is None
         assert answer["last_boot"]["outcome"] == "failed"

@@ -1065,11 +1065,14 @@ def big_header_tar(path: Path, kind: str) -> str:
     return sha256(path)
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("pax", r"a pax header at offset \d+ claims \d+ bytes \(limit 65536\)"),
-    ("longname", r"a GNU long-name header at offset \d+ claims \d+ bytes"),
-    ("global", "pax global headers exceed 4096 bytes"),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("pax", r"a pax header at offset \d+ claims \d+ bytes \(limit 65536\)"),
+        ("longname", r"a GNU long-name header at offset \d+ claims \d+ bytes"),
+        ("global", "pax global headers exceed 4096 bytes"),
+    ],
+)
 def test_oversized_tar_metadata_is_refused_unread(
     tmp_path: Path, cfg: node.Config, layout: node.Layout, kind: str, expected: str
 ) -> None:
@@ -1111,7 +1114,9 @@ def test_pax_header_memory_stays_small(tmp_path: Path) -> None:
     limit = 300 << 20 if soft == resource.RLIM_INFINITY else min(soft, 300 << 20)
     out = subprocess.run(
         [sys.executable, "-I", "-c", code, node.__file__, str(bundle), str(limit)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "claims" in out.stdout and "MemoryError" not in out.stderr, out.stdout + out.stderr
 
@@ -1121,8 +1126,9 @@ def test_git_archive_style_metadata_is_fine(
 ) -> None:
     bundle = tmp_path / "git.tar.gz"
     long_name = "src/" + "deep/" * 60 + "main.py"  # > 100 chars: a per-file pax header
-    with tarfile.open(bundle, "w:gz", format=tarfile.PAX_FORMAT,
-                      pax_headers={"comment": "c" * 40}) as tf:
+    with tarfile.open(
+        bundle, "w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "c" * 40}
+    ) as tf:
         ti = tarfile.TarInfo(long_name)
         ti.size = 2
         tf.addfile(ti, io.BytesIO(b"ok"))
@@ -1132,16 +1138,23 @@ def test_git_archive_style_metadata_is_fine(
 
 @pytest.mark.parametrize("data_filter", [True, False], ids=["filter", "nofilter"])
 def test_release_is_not_group_or_other_writable(
-    tmp_path: Path, cfg: node.Config, layout: node.Layout, monkeypatch: pytest.MonkeyPatch,
-    data_filter: bool
+    tmp_path: Path,
+    cfg: node.Config,
+    layout: node.Layout,
+    monkeypatch: pytest.MonkeyPatch,
+    data_filter: bool,
 ) -> None:
     """git archive's default tar.umask (002) gives 0664/0775 members; even without tarfile's
     data filter (Debian 12's 3.11.2) and under a loose umask, the release is 0644/0755."""
     monkeypatch.setattr(node, "USE_DATA_FILTER", data_filter)
     bundle = tmp_path / "loose.tar.gz"
     with tarfile.open(bundle, "w:gz", format=tarfile.PAX_FORMAT) as tf:
-        for name, mode, kind in (("app", 0o775, tarfile.DIRTYPE), ("app/x.py", 0o664, None),
-                                 ("bin/run", 0o777, None), ("implicit/y.txt", 0o666, None)):
+        for name, mode, kind in (
+            ("app", 0o775, tarfile.DIRTYPE),
+            ("app/x.py", 0o664, None),
+            ("bin/run", 0o777, None),
+            ("implicit/y.txt", 0o666, None),
+        ):
             ti = tarfile.TarInfo(name)
             ti.mode = mode
             if kind:
@@ -1156,8 +1169,11 @@ def test_release_is_not_group_or_other_writable(
     finally:
         os.umask(old)
     release = Path(layout.release_path(result["release"]))
-    modes = {p.relative_to(release).as_posix(): stat.S_IMODE(p.lstat().st_mode)
-             for p in release.rglob("*") if not p.is_symlink()}
+    modes = {
+        p.relative_to(release).as_posix(): stat.S_IMODE(p.lstat().st_mode)
+        for p in release.rglob("*")
+        if not p.is_symlink()
+    }
     loose = {name: oct(mode) for name, mode in modes.items() if mode & 0o022}
     assert loose == {}
     assert modes["app/x.py"] == 0o644 and modes["bin/run"] == 0o755 and modes["app"] == 0o755
@@ -1254,7 +1270,9 @@ def test_deploy_to_writable_by_others_is_refused(
     assert deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)["changed"]
 
 
-def test_state_dir_symlink_is_refused(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+def test_state_dir_symlink_is_refused(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.makedirs(layout.deploy_to)
@@ -1282,8 +1300,8 @@ class Store:
                 self.end_headers()
                 try:
                     for i in range(0, len(outer.body), 65536):
-                        self.wfile.write(outer.body[i:i + 65536])
-                        outer.sent += len(outer.body[i:i + 65536])
+                        self.wfile.write(outer.body[i : i + 65536])
+                        outer.sent += len(outer.body[i : i + 65536])
                 except OSError:
                     pass  # the node hung up: what we want
 
@@ -1319,16 +1337,30 @@ def test_download_stops_at_the_bundle_size(
 
 
 def test_download_of_the_right_size_works_and_url_comes_from_stdin(
-    tmp_path: Path, cfg: node.Config, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    cfg: node.Config,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bundle, sha = good_bundle(tmp_path)
     store = Store(bundle.read_bytes())
     monkeypatch.setattr(sys, "stdin", io.StringIO(store.url + "\n"))
     try:
-        code, out, err = run_main(capsys, [
-            "--config", str(tmp_path / "node.json"), "activate", "--sha256", sha,
-            "--commit", "c1", "--url-stdin", "--size", str(bundle.stat().st_size)])
+        code, out, err = run_main(
+            capsys,
+            [
+                "--config",
+                str(tmp_path / "node.json"),
+                "activate",
+                "--sha256",
+                sha,
+                "--commit",
+                "c1",
+                "--url-stdin",
+                "--size",
+                str(bundle.stat().st_size),
+            ],
+        )
     finally:
         store.close()
     assert code == 0 and out["changed"], out
@@ -1359,24 +1391,40 @@ def test_s3_download_stops_at_the_pointer_size(
         node.validate_pointer(bad, cfg)
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": Infinity}',
-    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": NaN}',
-    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": 1e999}',
-    b'{"key": "k", "commit": "c2", "sha256": "' + b"a" * 64 + b'", "size": 1, "committed_at": -5}',
-    b"[" * 100000 + b"]" * 100000,
-])
-def test_boot_malformed_pointer_is_a_recorded_outcome_not_a_crash(tmp_path: Path, cfg: node.Config,
-                                                                 layout: node.Layout, raw: bytes) -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"key": "k", "commit": "c2", "sha256": "'
+        + b"a" * 64
+        + b'", "size": 1, "committed_at": Infinity}',
+        b'{"key": "k", "commit": "c2", "sha256": "'
+        + b"a" * 64
+        + b'", "size": 1, "committed_at": NaN}',
+        b'{"key": "k", "commit": "c2", "sha256": "'
+        + b"a" * 64
+        + b'", "size": 1, "committed_at": 1e999}',
+        b'{"key": "k", "commit": "c2", "sha256": "'
+        + b"a" * 64
+        + b'", "size": 1, "committed_at": -5}',
+        b"[" * 100000 + b"]" * 100000,
+    ],
+)
+def test_boot_malformed_pointer_is_a_recorded_outcome_not_a_crash(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout, raw: bytes
+) -> None:
     """Audit 13.8: a pointer anyone with bucket write could craft must leave current alone."""
     deploy(cfg, tmp_path, "c1")
-    result = node.boot(cfg, pointer_source=lambda: node.parse_pointer(raw, "pointer"), sleep=Sleeper())
+    result = node.boot(
+        cfg, pointer_source=lambda: node.parse_pointer(raw, "pointer"), sleep=Sleeper()
+    )
     assert result["outcome"] == "kept" and result["commit"] == "c1"
     assert "re-publish" in result["reason"]
     assert node.read_status(layout)["last_boot"]["outcome"] == "kept"
 
 
-def test_boot_survives_an_unexpected_error(tmp_path: Path, cfg: node.Config, layout: node.Layout) -> None:
+def test_boot_survives_an_unexpected_error(
+    tmp_path: Path, cfg: node.Config, layout: node.Layout
+) -> None:
     deploy(cfg, tmp_path, "c1")
 
     def boom() -> Any:
@@ -1412,8 +1460,9 @@ def test_unchanged_files_are_hardlinked_from_the_previous_release(
 ) -> None:
     b1, b2 = tmp_path / "v1.tar.gz", tmp_path / "v2.tar.gz"
     r1 = release_dir(layout, activate(cfg, b1, make_tar(b1, big_app("v1")), "c1", now=lambda: T0))
-    r2 = release_dir(layout, activate(cfg, b2, make_tar(b2, big_app("v2")), "c2",
-                                      now=lambda: T0 + 10))
+    r2 = release_dir(
+        layout, activate(cfg, b2, make_tar(b2, big_app("v2")), "c2", now=lambda: T0 + 10)
+    )
     ino = lambda p: os.lstat(p).st_ino  # noqa: E731
     assert ino(r2 / "app/same.py") == ino(r1 / "app/same.py")
     assert ino(r2 / "app/big2.bin") == ino(r1 / "app/big2.bin")
@@ -1441,8 +1490,11 @@ def test_files_differing_in_mode_or_content_or_behind_links_are_not_linked(
     cfg = make_cfg(tmp_path, linked_dirs=["log"])
     os.makedirs(Path(cfg.deploy_to) / "shared/log")
     b1 = tmp_path / "v1.tar.gz"
-    entries: list[Entry] = [("a.txt", "file", "same"), ("b.txt", "file", "same"),
-                            ("log", "dir", None)]
+    entries: list[Entry] = [
+        ("a.txt", "file", "same"),
+        ("b.txt", "file", "same"),
+        ("log", "dir", None),
+    ]
     r1 = release_dir(layout, activate(cfg, b1, make_tar(b1, entries), "c1", now=lambda: T0))
     assert (r1 / "log").is_symlink()
     os.chmod(r1 / "a.txt", 0o600)  # mode differs now
@@ -1518,8 +1570,12 @@ def test_decompression_bomb_is_read_in_bounded_steps(tmp_path: Path) -> None:
     )
     import subprocess
 
-    out = subprocess.run([sys.executable, "-I", "-c", code, node.__file__, str(bundle)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code, node.__file__, str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) < 100 * 1024  # KiB: far below the member's 200 MiB
     assert os.path.getsize(str(bundle) + ".d/zeros") == size
@@ -1536,15 +1592,19 @@ def test_space_slack_is_kept_even_when_every_file_is_linked(
     assert os.listdir(layout.releases) == [first["release"]]
 
 
-def test_restart_goes_through_sudo_with_the_password_on_stdin(tmp_path: Path, monkeypatch: Any) -> None:
+def test_restart_goes_through_sudo_with_the_password_on_stdin(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
     """ssh.sudo: `sudo -n` without a password (never a prompt); with one, `sudo -S` reads it
     from stdin and it is in no argv."""
     bin_dir, seen, marker = tmp_path / "bin", tmp_path / "sudo-calls", tmp_path / "restarted"
     bin_dir.mkdir()
     fake = bin_dir / "sudo"
-    fake.write_text(f'#!/bin/sh\necho "ARGS $*" >> {seen}\n'
-                    f'case "$1" in -S) IFS= read -r pw; echo "STDIN $pw" >> {seen};; esac\n'
-                    'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')
+    fake.write_text(
+        f'#!/bin/sh\necho "ARGS $*" >> {seen}\n'
+        f'case "$1" in -S) IFS= read -r pw; echo "STDIN $pw" >> {seen};; esac\n'
+        'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n'
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cfg = make_cfg(tmp_path, restart=f"touch {marker}", sudo=True)

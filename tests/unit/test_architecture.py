@@ -38,7 +38,9 @@ def _graph() -> dict[str, set[str]]:
                     anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
                 # `from pkg import mod` is an arrow to pkg.mod; `from mod import name`, to mod.
-                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+                names = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
             for n in names:
                 if n in mods and n != mod:
                     graph[mod].add(n)
@@ -62,7 +64,7 @@ def test_import_graph_has_no_cycle() -> None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n)
         stack.pop()
@@ -90,4 +92,6 @@ def test_imports_point_down_the_layers() -> None:
 def test_every_module_sits_in_a_layer() -> None:
     for mod in _graph():
         if not mod.startswith("fabdeploy.node") and mod != "fabdeploy":
-            assert mod.split(".")[1] in LAYER, f"{mod} is in no layer: put it in basics/, adapters/, ops/"
+            assert mod.split(".")[1] in LAYER, (
+                f"{mod} is in no layer: put it in basics/, adapters/, ops/"
+            )

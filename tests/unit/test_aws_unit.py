@@ -55,7 +55,9 @@ def error_of(tmp_path: Path, text: str) -> str:
 
 
 def test_aws_section_parses_and_hosts_become_optional(tmp_path: Path) -> None:
-    cfg = load(tmp_path, """\
+    cfg = load(
+        tmp_path,
+        """\
 aws:
   region: eu-west-1
   autoscaling_groups: [shop-web]
@@ -65,15 +67,20 @@ aws:
   standby: true
   min_healthy: 66%
   instance_refresh: {min_healthy_percentage: 80, instance_warmup: 60, checkpoint_percentages: [50, 100], checkpoint_delay: 120}
-""")
+""",
+    )
     assert cfg.hosts == ()
     a = cfg.aws
     assert a is not None and a.discovers and a.standby and a.min_healthy == "66%"
     assert a.tag_filters == {"role": ("web",), "env": ("prod", "staging")}
     assert a.instance_refresh.checkpoint_percentages == (50, 100)
     assert aws.refresh_preferences(cfg) == {
-        "MinHealthyPercentage": 80, "SkipMatching": False, "InstanceWarmup": 60,
-        "CheckpointPercentages": [50, 100], "CheckpointDelay": 120}
+        "MinHealthyPercentage": 80,
+        "SkipMatching": False,
+        "InstanceWarmup": 60,
+        "CheckpointPercentages": [50, 100],
+        "CheckpointDelay": 120,
+    }
 
 
 def test_hosts_required_without_discovery(tmp_path: Path) -> None:
@@ -82,14 +89,19 @@ def test_hosts_required_without_discovery(tmp_path: Path) -> None:
     assert "missing required key 'hosts'" in error_of(tmp_path, "")
 
 
-@pytest.mark.parametrize(("text", "expect"), [
-    ("aws: {autoscaling_groups: [g], adress: private_ip}\n", "unknown key 'aws.adress'"),
-    ("aws: {autoscaling_groups: [g], address: ipv6}\n", "aws.address must be private_ip"),
-    ("aws: {autoscaling_groups: [g], min_healthy: 150%}\n", "aws.min_healthy must be"),
-    ("aws: {autoscaling_groups: g}\n", "aws.autoscaling_groups must be a list"),
-    ("aws: {autoscaling_groups: [g], instance_refresh: {checkpoint_percentages: [50, 20]}}\n",
-     "aws.instance_refresh.checkpoint_percentages must be"),
-])
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("aws: {autoscaling_groups: [g], adress: private_ip}\n", "unknown key 'aws.adress'"),
+        ("aws: {autoscaling_groups: [g], address: ipv6}\n", "aws.address must be private_ip"),
+        ("aws: {autoscaling_groups: [g], min_healthy: 150%}\n", "aws.min_healthy must be"),
+        ("aws: {autoscaling_groups: g}\n", "aws.autoscaling_groups must be a list"),
+        (
+            "aws: {autoscaling_groups: [g], instance_refresh: {checkpoint_percentages: [50, 20]}}\n",
+            "aws.instance_refresh.checkpoint_percentages must be",
+        ),
+    ],
+)
 def test_aws_config_errors_are_one_line(tmp_path: Path, text: str, expect: str) -> None:
     msg = error_of(tmp_path, text)
     assert expect in msg and "\n" not in msg
@@ -99,8 +111,11 @@ def test_aws_config_errors_are_one_line(tmp_path: Path, text: str, expect: str) 
 
 
 def hosts_in(azs: dict[str, int]) -> list[Host]:
-    return [Host(f"{az[-1]}{i}", f"{az[-1]}{i}", instance_id=f"i-{az[-1]}{i}", az=az)
-            for az, n in azs.items() for i in range(1, n + 1)]
+    return [
+        Host(f"{az[-1]}{i}", f"{az[-1]}{i}", instance_id=f"i-{az[-1]}{i}", az=az)
+        for az, n in azs.items()
+        for i in range(1, n + 1)
+    ]
 
 
 def test_roll_order_interleaves_azs() -> None:
@@ -113,16 +128,28 @@ def test_min_healthy_caps_the_batch_from_the_live_count(tmp_path: Path) -> None:
     hs = hosts_in({"us-east-1a": 3, "us-east-1b": 3})
     # 6 live, keep ceil(3.96)=4 -> at most 2 down at once, whatever --batch asks for.
     assert [len(b) for b in plan(cfg, hs, "50%", live=6).groups] == [2, 2, 2]
-    assert [[h.az for h in b] for b in plan(cfg, hs, "3", live=6).groups][0] == ["us-east-1a", "us-east-1b"]
+    assert [[h.az for h in b] for b in plan(cfg, hs, "3", live=6).groups][0] == [
+        "us-east-1a",
+        "us-east-1b",
+    ]
     cfg2 = load(tmp_path, "aws: {autoscaling_groups: [g], min_healthy: 2}\n")
-    with pytest.raises(ConfigError, match="aws.min_healthy 2 of 2 live host.* leaves none to take out"):
+    with pytest.raises(
+        ConfigError, match="aws.min_healthy 2 of 2 live host.* leaves none to take out"
+    ):
         plan(cfg2, hs[:2], "1", live=2)
 
 
 def test_a_batch_never_takes_every_host_of_an_az() -> None:
     hs = hosts_in({"us-east-1a": 2, "us-east-1b": 2})
-    cfg = config.Config(path=Path("x"), app="a", repo=Path("."), s3=config.S3Config("b", "a"),
-                        deploy_to="/srv/a", hosts=(), aws=config.AWSConfig(autoscaling_groups=("g",)))
+    cfg = config.Config(
+        path=Path("x"),
+        app="a",
+        repo=Path("."),
+        s3=config.S3Config("b", "a"),
+        deploy_to="/srv/a",
+        hosts=(),
+        aws=config.AWSConfig(autoscaling_groups=("g",)),
+    )
     for b in plan(cfg, hs, "100%", live=4).groups:
         assert len({h.az for h in b}) == len(b)  # one per AZ in each batch
 
@@ -136,25 +163,47 @@ def moto(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(aws, "POLL", 0.01)
     kw = {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}
-    return {"endpoint": s3_server.endpoint, "ec2": boto3.client("ec2", **kw),
-            "asg": boto3.client("autoscaling", **kw), "elbv2": boto3.client("elbv2", **kw)}
+    return {
+        "endpoint": s3_server.endpoint,
+        "ec2": boto3.client("ec2", **kw),
+        "asg": boto3.client("autoscaling", **kw),
+        "elbv2": boto3.client("elbv2", **kw),
+    }
 
 
-def make_group(moto: dict[str, Any], n: int = 3, min_size: int | None = None) -> tuple[str, list[str], str]:
+def make_group(
+    moto: dict[str, Any], n: int = 3, min_size: int | None = None
+) -> tuple[str, list[str], str]:
     """An ASG of n moto instances tagged Name=<group>-K and a target group holding them."""
     name = f"g-{uuid.uuid4().hex[:8]}"
     ec2, asg, elbv2 = moto["ec2"], moto["asg"], moto["elbv2"]
     ami = ec2.describe_images()["Images"][0]["ImageId"]
-    ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"})
-    asg.create_auto_scaling_group(AutoScalingGroupName=name, LaunchTemplate={"LaunchTemplateName": name},
-                                  MinSize=n if min_size is None else min_size, MaxSize=n + 1, DesiredCapacity=n,
-                                  AvailabilityZones=["us-east-1a"])
-    ids = sorted(i["InstanceId"] for i in asg.describe_auto_scaling_groups(
-        AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"])
+    ec2.create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData={"ImageId": ami, "InstanceType": "t3.micro"}
+    )
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        LaunchTemplate={"LaunchTemplateName": name},
+        MinSize=n if min_size is None else min_size,
+        MaxSize=n + 1,
+        DesiredCapacity=n,
+        AvailabilityZones=["us-east-1a"],
+    )
+    ids = sorted(
+        i["InstanceId"]
+        for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
+            "AutoScalingGroups"
+        ][0]["Instances"]
+    )
     for k, iid in enumerate(ids, 1):
-        ec2.create_tags(Resources=[iid], Tags=[{"Key": "Name", "Value": f"{name}-{k}"}, {"Key": "fleet", "Value": name}])
+        ec2.create_tags(
+            Resources=[iid],
+            Tags=[{"Key": "Name", "Value": f"{name}-{k}"}, {"Key": "fleet", "Value": name}],
+        )
     vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
-    tg = elbv2.create_target_group(Name=name, Protocol="HTTP", Port=8080, VpcId=vpc)["TargetGroups"][0]["TargetGroupArn"]
+    tg = elbv2.create_target_group(Name=name, Protocol="HTTP", Port=8080, VpcId=vpc)[
+        "TargetGroups"
+    ][0]["TargetGroupArn"]
     elbv2.register_targets(TargetGroupArn=tg, Targets=[{"Id": i} for i in ids])
     return name, ids, tg
 
@@ -163,14 +212,20 @@ def aws_cfg(tmp_path: Path, moto: dict[str, Any], body: str) -> config.Config:
     return load(tmp_path, f"aws:\n  endpoint_url: {moto['endpoint']}\n  region: us-east-1\n{body}")
 
 
-def test_discovery_from_asg_in_service_only_addressed_by_tag(tmp_path: Path, moto: dict[str, Any]) -> None:
+def test_discovery_from_asg_in_service_only_addressed_by_tag(
+    tmp_path: Path, moto: dict[str, Any]
+) -> None:
     """moto: DescribeAutoScalingGroups + DescribeInstances; a Standby instance is left out."""
     name, ids, _ = make_group(moto, 3, min_size=0)
-    moto["asg"].enter_standby(AutoScalingGroupName=name, InstanceIds=[ids[2]], ShouldDecrementDesiredCapacity=True)
+    moto["asg"].enter_standby(
+        AutoScalingGroupName=name, InstanceIds=[ids[2]], ShouldDecrementDesiredCapacity=True
+    )
     cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  address: tag:Name\n")
     hosts = aws.discover(cfg)
     assert [(h.name, h.host, h.instance_id, h.az) for h in hosts] == [
-        (f"{name}-1", f"{name}-1", ids[0], "us-east-1a"), (f"{name}-2", f"{name}-2", ids[1], "us-east-1a")]
+        (f"{name}-1", f"{name}-1", ids[0], "us-east-1a"),
+        (f"{name}-2", f"{name}-2", ids[1], "us-east-1a"),
+    ]
     # --hosts takes a name or an instance id.
     assert [h.name for h in select_hosts(cfg, f"{ids[1]},{name}-1")] == [f"{name}-2", f"{name}-1"]
 
@@ -184,9 +239,19 @@ def test_discovery_by_tags_and_private_ip(tmp_path: Path, moto: dict[str, Any]) 
     assert all(h.name == h.host and h.host.count(".") == 3 for h in hosts)
 
 
-@pytest.mark.parametrize("bad", ["ops@evil.example:2222", "evil.example:2222", "-oProxyCommand=touch /tmp/x",
-                                 "web 1", "web1\nHost *"])
-def test_discovered_address_that_is_not_a_host_name_is_refused(tmp_path: Path, moto: dict[str, Any], bad: str) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "ops@evil.example:2222",
+        "evil.example:2222",
+        "-oProxyCommand=touch /tmp/x",
+        "web 1",
+        "web1\nHost *",
+    ],
+)
+def test_discovered_address_that_is_not_a_host_name_is_refused(
+    tmp_path: Path, moto: dict[str, Any], bad: str
+) -> None:
     """moto: a Name tag is anyone-with-ec2:CreateTags' input; it must not become user@host:port or an option."""
     name, ids, _ = make_group(moto, 2)
     moto["ec2"].create_tags(Resources=[ids[1]], Tags=[{"Key": "Name", "Value": bad}])
@@ -194,7 +259,10 @@ def test_discovered_address_that_is_not_a_host_name_is_refused(tmp_path: Path, m
     with pytest.raises(AWSError) as e:
         aws.discover(cfg)
     msg = str(e.value)
-    assert msg.startswith(f"instance {ids[1]} has tag:Name ") and "not a host name or IP address" in msg
+    assert (
+        msg.startswith(f"instance {ids[1]} has tag:Name ")
+        and "not a host name or IP address" in msg
+    )
     assert "\n" not in msg
 
 
@@ -217,7 +285,9 @@ def test_no_in_service_instances_is_one_line(tmp_path: Path, moto: dict[str, Any
     name, _, _ = make_group(moto, 1)
     moto["asg"].update_auto_scaling_group(AutoScalingGroupName=name, MinSize=0, DesiredCapacity=0)
     cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n")
-    with pytest.raises(AWSError, match=f"no in-service instances in auto scaling group\\(s\\) {name} at "):
+    with pytest.raises(
+        AWSError, match=f"no in-service instances in auto scaling group\\(s\\) {name} at "
+    ):
         aws.discover(cfg)
     cfg2 = aws_cfg(tmp_path, moto, "  tag_filters: {fleet: [nothing-has-this]}\n")
     with pytest.raises(AWSError, match="no in-service instances in tags fleet=nothing-has-this"):
@@ -230,17 +300,27 @@ def tg_state(moto: dict[str, Any], tg: str, iid: str) -> str:
 
 
 def group(moto: dict[str, Any], name: str) -> dict[str, Any]:
-    return moto["asg"].describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    return moto["asg"].describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
+        "AutoScalingGroups"
+    ][0]
 
 
 def lifecycle(moto: dict[str, Any], iid: str) -> str:
-    return moto["asg"].describe_auto_scaling_instances(InstanceIds=[iid])["AutoScalingInstances"][0]["LifecycleState"]
+    return moto["asg"].describe_auto_scaling_instances(InstanceIds=[iid])["AutoScalingInstances"][
+        0
+    ]["LifecycleState"]
 
 
-def test_traffic_deregisters_enters_standby_then_puts_back(tmp_path: Path, moto: dict[str, Any]) -> None:
+def test_traffic_deregisters_enters_standby_then_puts_back(
+    tmp_path: Path, moto: dict[str, Any]
+) -> None:
     """moto: DeregisterTargets/RegisterTargets, EnterStandby/ExitStandby, MinSize lowered and restored."""
     name, ids, tg = make_group(moto, 3)  # MinSize == desired: standby must lower MinSize
-    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    cfg = aws_cfg(
+        tmp_path,
+        moto,
+        f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n",
+    )
     host = next(h for h in aws.discover(cfg) if h.instance_id == ids[0])
     t = Traffic(cfg, log=lambda h, m: None)
     t.before_reboot(host)
@@ -254,10 +334,16 @@ def test_traffic_deregisters_enters_standby_then_puts_back(tmp_path: Path, moto:
     assert (group(moto, name)["MinSize"], group(moto, name)["DesiredCapacity"]) == (3, 3)
 
 
-def test_restore_all_undoes_a_host_that_never_came_back(tmp_path: Path, moto: dict[str, Any]) -> None:
+def test_restore_all_undoes_a_host_that_never_came_back(
+    tmp_path: Path, moto: dict[str, Any]
+) -> None:
     """moto: what run_roll's finally does after a failure or Ctrl-C mid-reboot."""
     name, ids, tg = make_group(moto, 2)
-    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    cfg = aws_cfg(
+        tmp_path,
+        moto,
+        f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n",
+    )
     hosts = {h.instance_id: h for h in aws.discover(cfg)}
     t = Traffic(cfg, log=lambda h, m: None)
     t.before_reboot(hosts[ids[1]])
@@ -282,7 +368,9 @@ def test_target_not_registered_is_left_alone(tmp_path: Path, moto: dict[str, Any
 
 
 def stubbed(cfg: config.Config, service: str) -> tuple[Clients, Stubber]:
-    client = boto3.client(service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    client = boto3.client(
+        service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
     c = Clients(cfg)
     c._clients[service] = client
     return c, Stubber(client)
@@ -292,8 +380,12 @@ def test_access_denied_names_the_missing_permission(tmp_path: Path) -> None:
     """Stubber: moto's server does not enforce IAM; an AccessDenied answer to DescribeAutoScalingGroups."""
     cfg = load(tmp_path, "aws: {autoscaling_groups: [web]}\n")
     c, stub = stubbed(cfg, "autoscaling")
-    stub.add_client_error("describe_auto_scaling_groups", service_error_code="AccessDenied",
-                          service_message="User: arn:aws:iam::1:user/ci is not authorized", http_status_code=403)
+    stub.add_client_error(
+        "describe_auto_scaling_groups",
+        service_error_code="AccessDenied",
+        service_message="User: arn:aws:iam::1:user/ci is not authorized",
+        http_status_code=403,
+    )
     with stub, pytest.raises(AWSError) as e:
         aws.discover(cfg, c)
     msg = str(e.value)
@@ -302,23 +394,52 @@ def test_access_denied_names_the_missing_permission(tmp_path: Path) -> None:
 
 
 def refresh_row(status: str, pct: int, left: int = 0) -> dict[str, Any]:
-    return {"InstanceRefreshes": [{"InstanceRefreshId": "r-1", "AutoScalingGroupName": "web", "Status": status,
-                                   "PercentageComplete": pct, "InstancesToUpdate": left}]}
+    return {
+        "InstanceRefreshes": [
+            {
+                "InstanceRefreshId": "r-1",
+                "AutoScalingGroupName": "web",
+                "Status": status,
+                "PercentageComplete": pct,
+                "InstancesToUpdate": left,
+            }
+        ]
+    }
 
 
-def test_instance_refresh_request_sequence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_instance_refresh_request_sequence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Stubber (moto's server has no StartInstanceRefresh): the start request's parameters
     and the following of its progress until Successful."""
-    cfg = load(tmp_path, "aws:\n  autoscaling_groups: [web]\n  instance_refresh: {min_healthy_percentage: 75, "
-                         "instance_warmup: 30, checkpoint_percentages: [50, 100], checkpoint_delay: 60}\n")
+    cfg = load(
+        tmp_path,
+        "aws:\n  autoscaling_groups: [web]\n  instance_refresh: {min_healthy_percentage: 75, "
+        "instance_warmup: 30, checkpoint_percentages: [50, 100], checkpoint_delay: 60}\n",
+    )
     c, stub = stubbed(cfg, "autoscaling")
-    stub.add_response("start_instance_refresh", {"InstanceRefreshId": "r-1"}, expected_params={
-        "AutoScalingGroupName": "web", "Strategy": "Rolling",
-        "Preferences": {"MinHealthyPercentage": 75, "SkipMatching": False, "InstanceWarmup": 30,
-                        "CheckpointPercentages": [50, 100], "CheckpointDelay": 60}})
+    stub.add_response(
+        "start_instance_refresh",
+        {"InstanceRefreshId": "r-1"},
+        expected_params={
+            "AutoScalingGroupName": "web",
+            "Strategy": "Rolling",
+            "Preferences": {
+                "MinHealthyPercentage": 75,
+                "SkipMatching": False,
+                "InstanceWarmup": 30,
+                "CheckpointPercentages": [50, 100],
+                "CheckpointDelay": 60,
+            },
+        },
+    )
     q = {"AutoScalingGroupName": "web", "InstanceRefreshIds": ["r-1"]}
-    for row in (refresh_row("Pending", 0, 4), refresh_row("InProgress", 50, 2), refresh_row("InProgress", 50, 2),
-                refresh_row("Successful", 100)):
+    for row in (
+        refresh_row("Pending", 0, 4),
+        refresh_row("InProgress", 50, 2),
+        refresh_row("InProgress", 50, 2),
+        refresh_row("Successful", 100),
+    ):
         stub.add_response("describe_instance_refreshes", row, expected_params=q)
     with stub:
         rid = aws.start_refresh(cfg, c, "web")
@@ -335,8 +456,11 @@ def test_instance_refresh_ctrl_c_cancels_when_not_interactive(tmp_path: Path) ->
     cfg = load(tmp_path, "aws: {autoscaling_groups: [web]}\n")
     c, stub = stubbed(cfg, "autoscaling")
     stub.add_response("describe_instance_refreshes", refresh_row("InProgress", 20, 4))
-    stub.add_response("cancel_instance_refresh", {"InstanceRefreshId": "r-1"},
-                      expected_params={"AutoScalingGroupName": "web"})
+    stub.add_response(
+        "cancel_instance_refresh",
+        {"InstanceRefreshId": "r-1"},
+        expected_params={"AutoScalingGroupName": "web"},
+    )
     stub.add_response("describe_instance_refreshes", refresh_row("Cancelling", 20, 4))
     stub.add_response("describe_instance_refreshes", refresh_row("Cancelled", 20, 4))
     calls = {"n": 0}
@@ -347,7 +471,9 @@ def test_instance_refresh_ctrl_c_cancels_when_not_interactive(tmp_path: Path) ->
             raise KeyboardInterrupt
 
     with stub:
-        assert aws.follow_refresh(cfg, c, "web", "r-1", interactive=False, sleep=sleep) == "Cancelled"
+        assert (
+            aws.follow_refresh(cfg, c, "web", "r-1", interactive=False, sleep=sleep) == "Cancelled"
+        )
         stub.assert_no_pending_responses()
 
 
@@ -365,7 +491,9 @@ def test_instance_refresh_ctrl_c_declined_keeps_following(tmp_path: Path) -> Non
             raise KeyboardInterrupt
 
     with stub:
-        status = aws.follow_refresh(cfg, c, "web", "r-1", interactive=True, ask=lambda q: "n", sleep=sleep)
+        status = aws.follow_refresh(
+            cfg, c, "web", "r-1", interactive=True, ask=lambda q: "n", sleep=sleep
+        )
         stub.assert_no_pending_responses()
     assert status == "Failed"
 
@@ -374,9 +502,17 @@ def test_refresh_already_running_is_one_line(tmp_path: Path) -> None:
     """Stubber: StartInstanceRefresh answered InstanceRefreshInProgress."""
     cfg = load(tmp_path, "aws: {autoscaling_groups: [web]}\n")
     c, stub = stubbed(cfg, "autoscaling")
-    stub.add_client_error("start_instance_refresh", service_error_code="InstanceRefreshInProgress",
-                          service_message="An Instance Refresh is already in progress")
-    with stub, pytest.raises(AWSError, match="an instance refresh is already running on web: let it finish"):
+    stub.add_client_error(
+        "start_instance_refresh",
+        service_error_code="InstanceRefreshInProgress",
+        service_message="An Instance Refresh is already in progress",
+    )
+    with (
+        stub,
+        pytest.raises(
+            AWSError, match="an instance refresh is already running on web: let it finish"
+        ),
+    ):
         aws.start_refresh(cfg, c, "web")
 
 
@@ -385,7 +521,9 @@ def test_no_boto3_at_import() -> None:
     import sys
 
     code = "import sys, fabdeploy, fabdeploy.adapters.aws, fabdeploy.ops.roll, fabdeploy.ops.refresh; print('boto3' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
@@ -402,24 +540,41 @@ def undo_on_s3(store: Store) -> dict[str, Any] | None:
     return store.read_undo()[0]
 
 
-def test_undo_state_is_in_s3_before_each_change_and_cleared_after(tmp_path: Path, moto: dict[str, Any],
-                                                                   undo_store: Store) -> None:
+def test_undo_state_is_in_s3_before_each_change_and_cleared_after(
+    tmp_path: Path, moto: dict[str, Any], undo_store: Store
+) -> None:
     """moto: every save lands before the change it records; nothing is left once the host is back."""
     name, ids, tg = make_group(moto, 3)
-    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    cfg = aws_cfg(
+        tmp_path,
+        moto,
+        f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n",
+    )
     host = next(h for h in aws.discover(cfg) if h.instance_id == ids[0])
     seen: list[tuple[dict[str, Any], str, int, str]] = []
 
     class Watching(S3Journal):
         def save(self, state: dict[str, dict[str, Any]]) -> None:
-            seen.append((state, lifecycle(moto, ids[0]), group(moto, name)["MinSize"], tg_state(moto, tg, ids[0])))
+            seen.append(
+                (
+                    state,
+                    lifecycle(moto, ids[0]),
+                    group(moto, name)["MinSize"],
+                    tg_state(moto, tg, ids[0]),
+                )
+            )
             super().save(state)
 
     t = Traffic(cfg, log=lambda h, m: None, journal=Watching(undo_store))
     t.before_reboot(host)
     recorded = undo_on_s3(undo_store)
     assert recorded is not None and recorded["instances"][ids[0]] == {
-        "host": host.name, "target_groups": [tg], "classic_elbs": [], "standby_group": name, "restore_min": 3}
+        "host": host.name,
+        "target_groups": [tg],
+        "classic_elbs": [],
+        "standby_group": name,
+        "restore_min": 3,
+    }
     # recorded before the change: still registered / InService / MinSize 3 when each save landed
     assert seen[0][0][ids[0]]["target_groups"] == [tg] and seen[0][3] == "healthy"
     assert any(s[ids[0]].get("restore_min") == 3 and ms == 3 for s, _, ms, _ in seen)
@@ -429,11 +584,16 @@ def test_undo_state_is_in_s3_before_each_change_and_cleared_after(tmp_path: Path
     assert lifecycle(moto, ids[0]) == "InService" and group(moto, name)["MinSize"] == 3
 
 
-def test_a_roll_killed_in_standby_is_put_back_by_the_next_run(tmp_path: Path, moto: dict[str, Any], undo_store: Store,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_roll_killed_in_standby_is_put_back_by_the_next_run(
+    tmp_path: Path, moto: dict[str, Any], undo_store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
     """moto: the killed controller's in-memory undo is gone; the next run reads S3 and puts it all back."""
     name, ids, tg = make_group(moto, 3)
-    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n")
+    cfg = aws_cfg(
+        tmp_path,
+        moto,
+        f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n",
+    )
     host = next(h for h in aws.discover(cfg) if h.instance_id == ids[1])
     killed = Traffic(cfg, log=lambda h, m: None, journal=S3Journal(undo_store))
     killed.before_reboot(host)
@@ -445,16 +605,29 @@ def test_a_roll_killed_in_standby_is_put_back_by_the_next_run(tmp_path: Path, mo
     assert lifecycle(moto, ids[1]) == "InService" and tg_state(moto, tg, ids[1]) == "healthy"
     assert (group(moto, name)["MinSize"], group(moto, name)["DesiredCapacity"]) == (3, 3)
     assert undo_on_s3(undo_store) is None
-    assert len(out) == 1 and out[0].startswith("reconciled an interrupted roll (") and ids[1] in out[0]
+    assert (
+        len(out) == 1 and out[0].startswith("reconciled an interrupted roll (") and ids[1] in out[0]
+    )
     reconcile(cfg, undo_store)  # nothing left: silent
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("body", [b"{oops", b"[" * 100_000,
-                                  b'{"instances": {"i-1": {"host": "a@b:22", "target_groups": [], "classic_elbs": [],'
-                                  b' "standby_group": null, "restore_min": null}}}'])
-def test_damaged_undo_state_is_one_warning(tmp_path: Path, moto: dict[str, Any], undo_store: Store, body: bytes,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{oops",
+        b"[" * 100_000,
+        b'{"instances": {"i-1": {"host": "a@b:22", "target_groups": [], "classic_elbs": [],'
+        b' "standby_group": null, "restore_min": null}}}',
+    ],
+)
+def test_damaged_undo_state_is_one_warning(
+    tmp_path: Path,
+    moto: dict[str, Any],
+    undo_store: Store,
+    body: bytes,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     cfg = aws_cfg(tmp_path, moto, "  standby: true\n  tag_filters: {fleet: [x]}\n")
     undo_store.client.put_object(Bucket=undo_store.s3.bucket, Key=undo_store.undo_key, Body=body)
     reconcile(cfg, undo_store)

@@ -18,7 +18,9 @@ from fabdeploy.ops.inplace import print_results
 def load(tmp_path: Path, extra: str = "", n: int = 6) -> config.Config:
     p = tmp_path / "deploy.yml"
     hosts = ", ".join(f"web{i}" for i in range(1, n + 1))
-    p.write_text(f"app: shop\nrepo: .\ns3: {{bucket: b}}\ndeploy_to: /srv/shop\nhosts: [{hosts}]\n{extra}")
+    p.write_text(
+        f"app: shop\nrepo: .\ns3: {{bucket: b}}\ndeploy_to: /srv/shop\nhosts: [{hosts}]\n{extra}"
+    )
     return config.load(p)
 
 
@@ -38,7 +40,10 @@ def test_without_batch_canary_or_min_healthy_it_is_one_parallel_pass(tmp_path: P
 def test_batch_sizes_by_count_and_percent(tmp_path: Path) -> None:
     cfg = load(tmp_path)
     hs = list(cfg.hosts)
-    assert names(plan_for(cfg, hs, "4", None).groups) == [["web1", "web2", "web3", "web4"], ["web5", "web6"]]
+    assert names(plan_for(cfg, hs, "4", None).groups) == [
+        ["web1", "web2", "web3", "web4"],
+        ["web5", "web6"],
+    ]
     assert [len(g) for g in plan_for(cfg, hs, "50%", None).groups] == [3, 3]
     assert [len(g) for g in plan_for(cfg, hs, "1", None).groups] == [1] * 6
     assert [len(g) for g in plan_for(cfg, hs, "100", None).groups] == [6]
@@ -50,8 +55,12 @@ def test_canary_goes_alone_first_then_the_rest_in_batches(tmp_path: Path) -> Non
     p = plan_for(cfg, hs, None, 1)
     assert names(p.groups) == [["web1"], ["web2", "web3", "web4", "web5", "web6"]] and p.canary == 1
     p = plan_for(cfg, hs, "2", 2)
-    assert names(p.groups) == [["web1", "web2"], ["web3", "web4"], ["web5", "web6"]] and p.canary == 1
-    assert p.describe()[0] == "  canary 1: web1, web2" and p.describe()[1] == "  batch 2: web3, web4"
+    assert (
+        names(p.groups) == [["web1", "web2"], ["web3", "web4"], ["web5", "web6"]] and p.canary == 1
+    )
+    assert (
+        p.describe()[0] == "  canary 1: web1, web2" and p.describe()[1] == "  batch 2: web3, web4"
+    )
     # A canary bigger than the batch is still only the canary hosts, split to the batch size.
     p = plan_for(cfg, hs, "1", 2)
     assert names(p.groups)[:2] == [["web1"], ["web2"]] and p.canary == 2 and len(p.groups) == 6
@@ -108,11 +117,19 @@ def fake_ssh(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """run_parallel replaced: hosts named in `failing` fail; records which batches ran."""
     ran: list[list[str]] = []
 
-    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
-                     on_done: Any = None) -> list[HostResult]:
+    def run_parallel(
+        cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None, on_done: Any = None
+    ) -> list[HostResult]:
         ran.append([h.name for h in group])
-        return [HostResult(h.name, h.name not in fake_ssh_failing, {}, None if h.name not in fake_ssh_failing
-                           else f"{h.name}: health check failed") for h in group]
+        return [
+            HostResult(
+                h.name,
+                h.name not in fake_ssh_failing,
+                {},
+                None if h.name not in fake_ssh_failing else f"{h.name}: health check failed",
+            )
+            for h in group
+        ]
 
     monkeypatch.setattr(batches, "run_parallel", run_parallel)
     return ran
@@ -126,7 +143,9 @@ def _reset_failing() -> None:
     fake_ssh_failing.clear()
 
 
-def test_a_failed_batch_starts_no_new_one_and_the_rest_are_not_touched(tmp_path: Path, fake_ssh) -> None:
+def test_a_failed_batch_starts_no_new_one_and_the_rest_are_not_touched(
+    tmp_path: Path, fake_ssh
+) -> None:
     cfg = load(tmp_path)
     p = plan_for(cfg, list(cfg.hosts), "2", 1)
     fake_ssh_failing.add("web1")
@@ -141,14 +160,21 @@ def test_every_started_host_is_collected_even_in_a_failed_batch(tmp_path: Path, 
     fake_ssh_failing.add("web3")
     out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), "2", None).groups, lambda h, c: {})
     assert fake_ssh == [["web1", "web2"], ["web3", "web4"]]
-    assert {r.host: r.ok for r in out.results} == {"web1": True, "web2": True, "web3": False, "web4": True}
+    assert {r.host: r.ok for r in out.results} == {
+        "web1": True,
+        "web2": True,
+        "web3": False,
+        "web4": True,
+    }
     assert out.not_touched == ["web5", "web6"]
 
 
 def test_keep_going_runs_every_batch(tmp_path: Path, fake_ssh) -> None:
     cfg = load(tmp_path)
     fake_ssh_failing.add("web1")
-    out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), "3", None).groups, lambda h, c: {}, keep_going=True)
+    out = run_batches(
+        cfg, plan_for(cfg, list(cfg.hosts), "3", None).groups, lambda h, c: {}, keep_going=True
+    )
     assert len(fake_ssh) == 2 and len(out.results) == 6 and out.not_touched == [] and not out.ok
 
 
@@ -159,7 +185,9 @@ def test_all_batches_ok(tmp_path: Path, fake_ssh) -> None:
 
 
 def test_results_table_lists_hosts_not_touched(capsys: pytest.CaptureFixture[str]) -> None:
-    print_results("hotfix", [HostResult("web1", False, {}, "web1: health check failed")], ["web2", "web3"])
+    print_results(
+        "hotfix", [HostResult("web1", False, {}, "web1: health check failed")], ["web2", "web3"]
+    )
     out = capsys.readouterr()
     text = out.out + out.err
     assert text.count("not touched") >= 3  # two rows and the summary
@@ -169,9 +197,13 @@ def test_results_table_lists_hosts_not_touched(capsys: pytest.CaptureFixture[str
 # --- traffic.drain / traffic.restore around each host ------------------------------------------
 
 
-def traffic_cfg(tmp_path: Path, log: Path, extra: str = "", drain: str = "echo drain {host} {address} >> LOG") -> Any:
-    text = (f"traffic:\n  drain: {drain.replace('LOG', str(log))!r}\n"
-            f"  restore: {'echo restore {host} >> ' + str(log)!r}\n{extra}")
+def traffic_cfg(
+    tmp_path: Path, log: Path, extra: str = "", drain: str = "echo drain {host} {address} >> LOG"
+) -> Any:
+    text = (
+        f"traffic:\n  drain: {drain.replace('LOG', str(log))!r}\n"
+        f"  restore: {'echo restore {host} >> ' + str(log)!r}\n{extra}"
+    )
     return load(tmp_path, text, n=4)
 
 
@@ -184,13 +216,16 @@ def real_steps(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     ran: list[list[str]] = []
 
-    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
-                     on_done: Any = None) -> list[HostResult]:
+    def run_parallel(
+        cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None, on_done: Any = None
+    ) -> list[HostResult]:
         ran.append([h.name for h in group])
         out = []
         for h in group:
             try:
-                out.append(HostResult(h.name, True, work(h, SimpleNamespace(host=f"10.0.0.{h.name[-1]}"))))
+                out.append(
+                    HostResult(h.name, True, work(h, SimpleNamespace(host=f"10.0.0.{h.name[-1]}")))
+                )
             except HostError as e:
                 out.append(HostResult(h.name, False, {}, e.message))
         return out
@@ -209,7 +244,9 @@ def test_command_placeholders_are_shell_quoted() -> None:
 def test_traffic_settings_batch_the_fleet_and_keep_one_host_in(tmp_path: Path) -> None:
     cfg = traffic_cfg(tmp_path, tmp_path / "log")
     assert [len(g) for g in plan_for(cfg, list(cfg.hosts), None, None).groups] == [3, 1]
-    assert [len(g) for g in plan_for(cfg, list(cfg.hosts)[:1], None, None).groups] == [1]  # one host: no batching
+    assert [len(g) for g in plan_for(cfg, list(cfg.hosts)[:1], None, None).groups] == [
+        1
+    ]  # one host: no batching
 
 
 def test_each_host_is_drained_around_its_change_and_put_back(tmp_path: Path, real_steps) -> None:
@@ -223,7 +260,9 @@ def test_each_host_is_drained_around_its_change_and_put_back(tmp_path: Path, rea
         seen.append(log.read_text().splitlines()[-1])  # what the balancer had been told last
         return {}
 
-    out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), "1", None).groups, work, traffic=Drainer(cfg))
+    out = run_batches(
+        cfg, plan_for(cfg, list(cfg.hosts), "1", None).groups, work, traffic=Drainer(cfg)
+    )
     assert out.ok
     assert seen == [f"drain web{i} 10.0.0.{i}" for i in range(1, 5)]
     assert log.read_text().splitlines()[-2:] == ["drain web4 10.0.0.4", "restore web4"]
@@ -240,25 +279,33 @@ def test_a_failed_host_is_put_back_and_the_run_stops(tmp_path: Path, real_steps)
     def work(h: Host, conn: Any) -> dict:
         raise HostError(h.name, f"{h.name}: health check failed")
 
-    out = run_batches(cfg, plan_for(cfg, list(cfg.hosts), None, 1).groups, work, traffic=Drainer(cfg))
+    out = run_batches(
+        cfg, plan_for(cfg, list(cfg.hosts), None, 1).groups, work, traffic=Drainer(cfg)
+    )
     assert log.read_text().splitlines() == ["drain web1 10.0.0.1", "restore web1"]
     assert out.not_touched == ["web2", "web3", "web4"]
 
 
-def test_a_failing_drain_fails_the_host_in_one_line_and_changes_nothing(tmp_path: Path, real_steps) -> None:
+def test_a_failing_drain_fails_the_host_in_one_line_and_changes_nothing(
+    tmp_path: Path, real_steps
+) -> None:
     from fabdeploy.adapters.traffic import Drainer
 
     log = tmp_path / "log"
     cfg = traffic_cfg(tmp_path, log, drain="echo no such backend >&2; exit 3")
     changed: list[str] = []
-    out = run_batches(cfg, [list(cfg.hosts)[:1]], lambda h, c: changed.append(h.name) or {}, traffic=Drainer(cfg))
+    out = run_batches(
+        cfg, [list(cfg.hosts)[:1]], lambda h, c: changed.append(h.name) or {}, traffic=Drainer(cfg)
+    )
     assert changed == [] and not out.ok
     err = out.results[0].error or ""
     assert "traffic.drain failed (exit 3, local): no such backend" in err and "\n" not in err
     assert log.read_text().splitlines() == ["restore web1"]  # a drain cut short is put back too
 
 
-def test_interrupted_run_leaves_no_host_drained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_no_host_drained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from types import SimpleNamespace
 
     from fabdeploy.adapters import traffic as traffic_mod
@@ -267,14 +314,17 @@ def test_interrupted_run_leaves_no_host_drained(tmp_path: Path, monkeypatch: pyt
     log = tmp_path / "log"
     cfg = traffic_cfg(tmp_path, log)
 
-    def run_parallel(cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None,
-                     on_done: Any = None) -> list[HostResult]:
+    def run_parallel(
+        cfg: Any, group: list[Host], work: Any, *, parallel: int | None = None, on_done: Any = None
+    ) -> list[HostResult]:
         d.drain(group[0], SimpleNamespace(host="10.0.0.1"))  # drained, then Ctrl-C before the rest
         raise KeyboardInterrupt
 
     d = Drainer(cfg)
     monkeypatch.setattr(batches, "run_parallel", run_parallel)
-    monkeypatch.setattr(traffic_mod, "connect", lambda cfg, h: SimpleNamespace(host="10.0.0.1", close=lambda: None))
+    monkeypatch.setattr(
+        traffic_mod, "connect", lambda cfg, h: SimpleNamespace(host="10.0.0.1", close=lambda: None)
+    )
     with pytest.raises(KeyboardInterrupt):
         run_batches(cfg, [list(cfg.hosts)], lambda h, c: {}, traffic=d)
     assert log.read_text().splitlines() == ["drain web1 10.0.0.1", "restore web1"]

@@ -42,8 +42,13 @@ def repo(tmp_path: Path) -> Path:
 
 
 def cfg_for(repo: Path, build: dict[str, Any] | None = None) -> Any:
-    data: dict[str, Any] = {"app": "shop", "repo": str(repo), "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
-                            "hosts": ["web1"]}
+    data: dict[str, Any] = {
+        "app": "shop",
+        "repo": str(repo),
+        "s3": {"bucket": "b"},
+        "deploy_to": "/srv/shop",
+        "hosts": ["web1"],
+    }
     if build is not None:
         data["build"] = build
     return _build(data, repo / "deploy.yml")
@@ -61,9 +66,13 @@ def hostile_git_config(repo: Path) -> None:
     git(repo, "config", "core.eol", "crlf")
 
 
-BUILD = {"commands": ["mkdir -p vendor/pkg && printf 'v1\\n' > vendor/pkg/__init__.py",
-                      "touch -d 2001-01-01 vendor/pkg/__init__.py; chmod 666 vendor/pkg/__init__.py"],
-         "exclude": ["docs"]}
+BUILD = {
+    "commands": [
+        "mkdir -p vendor/pkg && printf 'v1\\n' > vendor/pkg/__init__.py",
+        "touch -d 2001-01-01 vendor/pkg/__init__.py; chmod 666 vendor/pkg/__init__.py",
+    ],
+    "exclude": ["docs"],
+}
 
 
 # --- recipe identity ----------------------------------------------------------------------
@@ -87,8 +96,10 @@ def test_recipe_identity_covers_commands_and_rules(repo: Path) -> None:
     assert recipe_json(a) == '{"commands":["make"],"exclude":[],"include":[]}'
 
 
-@pytest.mark.parametrize("bad", [{"commands": [""]}, {"exclude": ["/abs"]}, {"include": ["../up"]},
-                                 {"shell": "bash"}, "make"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"commands": [""]}, {"exclude": ["/abs"]}, {"include": ["../up"]}, {"shell": "bash"}, "make"],
+)
 def test_build_section_is_validated(repo: Path, bad: Any) -> None:
     with pytest.raises(ConfigError, match="build"):
         cfg_for(repo, bad)
@@ -103,7 +114,9 @@ def test_git_archive_bytes_ignore_the_builders_git_config(repo: Path) -> None:
     archive(repo, sha, clean)
     hostile_git_config(repo)
     (repo / ".git" / "info").mkdir(exist_ok=True)
-    raw = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha], capture_output=True, check=True).stdout
+    raw = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", sha], capture_output=True, check=True
+    ).stdout
     assert b"line two\r\n" in raw  # the unpinned archive really differs here...
     pinned = io.BytesIO()
     archive(repo, sha, pinned)
@@ -124,27 +137,50 @@ def test_build_pack_is_byte_identical_across_git_config_and_runs(repo: Path) -> 
         digest2, _ = build_pack(cfg, sha, ct, second, log=lambda _: None)
     finally:
         os.umask(old)
-    assert first.getvalue() == second.getvalue() and digest == digest2 and size == len(first.getvalue())
+    assert (
+        first.getvalue() == second.getvalue()
+        and digest == digest2
+        and size == len(first.getvalue())
+    )
     data = first.getvalue()
     assert data[3] == 0 and data[4:8] == b"\0\0\0\0"  # gzip header: no name, mtime 0
     m = members(data)
     names = list(m)
-    assert names == ["app.py", "lib", "lib/data.bin", "lib/notes.txt", "notes", "run.sh", "vendor",
-                     "vendor/pkg", "vendor/pkg/__init__.py"]  # sorted; docs/ excluded
+    assert names == [
+        "app.py",
+        "lib",
+        "lib/data.bin",
+        "lib/notes.txt",
+        "notes",
+        "run.sh",
+        "vendor",
+        "vendor/pkg",
+        "vendor/pkg/__init__.py",
+    ]  # sorted; docs/ excluded
     for info in m.values():
-        assert (info.uid, info.gid, info.uname, info.gname, info.mtime) == (0, 0, "root", "root", ct)
+        assert (info.uid, info.gid, info.uname, info.gname, info.mtime) == (
+            0,
+            0,
+            "root",
+            "root",
+            ct,
+        )
         assert not info.mode & 0o022
     assert m["vendor/pkg/__init__.py"].mode == 0o644 and m["run.sh"].mode == 0o755
     assert m["notes"].issym() and m["notes"].linkname == "lib/notes.txt"
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
-        assert tf.extractfile("app.py").read() == b"print('hello')\nline two\n"  # LF, whatever autocrlf
+        assert (
+            tf.extractfile("app.py").read() == b"print('hello')\nline two\n"
+        )  # LF, whatever autocrlf
 
 
 def test_build_runs_in_a_clean_export_never_the_working_tree(repo: Path) -> None:
     (repo / "app.py").write_text("uncommitted\n")
     (repo / "untracked.txt").write_text("x")
     sha, ct = resolve_commit(repo, "HEAD")
-    cfg = cfg_for(repo, {"commands": ["test ! -e untracked.txt && git status 2>/dev/null; pwd > where"]})
+    cfg = cfg_for(
+        repo, {"commands": ["test ! -e untracked.txt && git status 2>/dev/null; pwd > where"]}
+    )
     out = io.BytesIO()
     build_pack(cfg, sha, ct, out, log=lambda _: None)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:gz") as tf:
@@ -154,19 +190,29 @@ def test_build_runs_in_a_clean_export_never_the_working_tree(repo: Path) -> None
     assert not where.startswith(str(repo))
 
 
-def test_tmpdir_is_where_the_build_runs_and_not_part_of_the_recipe(repo: Path, tmp_path: Path) -> None:
+def test_tmpdir_is_where_the_build_runs_and_not_part_of_the_recipe(
+    repo: Path, tmp_path: Path
+) -> None:
     here = tmp_path / "fast"
     here.mkdir()
     sha, ct = resolve_commit(repo, "HEAD")
     cfg = cfg_for(repo, {"commands": ["pwd > where"], "tmpdir": str(here)})
-    assert bundle_id(sha, cfg.build) == bundle_id(sha, cfg_for(repo, {"commands": ["pwd > where"]}).build)
+    assert bundle_id(sha, cfg.build) == bundle_id(
+        sha, cfg_for(repo, {"commands": ["pwd > where"]}).build
+    )
     out = io.BytesIO()
     build_pack(cfg, sha, ct, out, log=lambda _: None)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:gz") as tf:
         assert tf.extractfile("where").read().decode().startswith(str(here) + "/fabdeploy-build-")
     assert list(here.iterdir()) == []  # cleaned up
     with pytest.raises(BundleError, match="build.tmpdir .*gone is not a directory"):
-        build_pack(cfg_for(repo, {"commands": ["true"], "tmpdir": str(tmp_path / "gone")}), sha, ct, out, log=print)
+        build_pack(
+            cfg_for(repo, {"commands": ["true"], "tmpdir": str(tmp_path / "gone")}),
+            sha,
+            ct,
+            out,
+            log=print,
+        )
 
 
 def test_include_and_exclude(repo: Path) -> None:
@@ -182,13 +228,25 @@ def test_include_and_exclude(repo: Path) -> None:
 
 def test_build_output_streams_and_a_failure_is_one_line_plus_the_tail(repo: Path) -> None:
     sha, ct = resolve_commit(repo, "HEAD")
-    cfg = cfg_for(repo, {"commands": ["echo first", "for i in $(seq 1 30); do echo line$i; done; echo oops >&2; exit 3"]})
+    cfg = cfg_for(
+        repo,
+        {
+            "commands": [
+                "echo first",
+                "for i in $(seq 1 30); do echo line$i; done; echo oops >&2; exit 3",
+            ]
+        },
+    )
     lines: list[str] = []
     with pytest.raises(BundleError) as e:
         build_pack(cfg, sha, ct, io.BytesIO(), log=lines.append)
     assert "  | first" in lines and "  | line30" in lines  # streamed as they came
     msg = str(e.value).splitlines()
-    assert msg[0].startswith("build command `for i in") and "exit code 3" in msg[0] and sha[:12] in msg[0]
+    assert (
+        msg[0].startswith("build command `for i in")
+        and "exit code 3" in msg[0]
+        and sha[:12] in msg[0]
+    )
     assert msg[1:] == [f"  | line{i}" for i in range(12, 31)] + ["  | oops"]
 
 
@@ -214,19 +272,27 @@ def test_absolute_symlink_in_the_commit_fails_at_bundle_naming_it(repo: Path) ->
         bundles.ensure_bundle(cfg, store, log=lambda _: None)  # type: ignore[arg-type]
     msg = str(e.value)
     assert "\n" not in msg
-    assert "would be refused by every node" in msg and "'vendorlog'" in msg and "/var/log/sample" in msg
+    assert (
+        "would be refused by every node" in msg
+        and "'vendorlog'" in msg
+        and "/var/log/sample" in msg
+    )
     assert "build.exclude" in msg and "linked_dirs" in msg and "relative link" in msg
     assert store.objects == {}  # nothing uploaded
     # The fix it offers works: excluded from the pack, linked to shared/ on the nodes.
     fixed = cfg_for(repo, {"exclude": ["vendorlog"]})
     b = bundles.ensure_bundle(fixed, store, log=lambda _: None)  # type: ignore[arg-type]
-    assert "vendorlog" not in members(store.objects[b.key][0]) and "app.py" in members(store.objects[b.key][0])
+    assert "vendorlog" not in members(store.objects[b.key][0]) and "app.py" in members(
+        store.objects[b.key][0]
+    )
 
 
 def test_a_build_that_leaves_an_escaping_link_fails_before_upload(repo: Path) -> None:
     cfg = cfg_for(repo, {"commands": ["ln -s ../../etc/passwd leak"]})
     store = FakeStore()
-    with pytest.raises(BundleError, match="build of .* would be refused by every node: symlink 'leak'"):
+    with pytest.raises(
+        BundleError, match="build of .* would be refused by every node: symlink 'leak'"
+    ):
         bundles.ensure_bundle(cfg, store, log=lambda _: None)  # type: ignore[arg-type]
     assert store.objects == {}
 
@@ -248,11 +314,15 @@ class FakeStore:
         o = self.objects.get(self.bundle_key(bid))
         return None if o is None else dict(o[1])
 
-    def upload_bundle(self, f: Any, bid: str, meta: dict[str, Any], size_hint: int | None, progress: Any = None) -> None:
+    def upload_bundle(
+        self, f: Any, bid: str, meta: dict[str, Any], size_hint: int | None, progress: Any = None
+    ) -> None:
         self.objects[self.bundle_key(bid)] = (f.read(), {k: str(v) for k, v in meta.items()})
 
 
-def test_rebundling_same_commit_and_recipe_uploads_nothing_and_a_new_recipe_is_a_new_bundle(repo: Path) -> None:
+def test_rebundling_same_commit_and_recipe_uploads_nothing_and_a_new_recipe_is_a_new_bundle(
+    repo: Path,
+) -> None:
     store = FakeStore()
     cfg = cfg_for(repo, BUILD)
     b1 = bundles.build_and_upload(cfg, store, log=lambda _: None)  # type: ignore[arg-type]
@@ -260,9 +330,17 @@ def test_rebundling_same_commit_and_recipe_uploads_nothing_and_a_new_recipe_is_a
     b2 = bundles.build_and_upload(cfg, store, log=lambda _: None)  # type: ignore[arg-type]
     assert not b2.uploaded and b2.sha256 == b1.sha256 and len(store.objects) == 1
     meta = store.objects[b1.key][1]
-    assert meta["recipe"] == recipe_json(cfg.build) and meta["bundle-id"] == b1.bundle_id and meta["pack"] == "2"
+    assert (
+        meta["recipe"] == recipe_json(cfg.build)
+        and meta["bundle-id"] == b1.bundle_id
+        and meta["pack"] == "2"
+    )
     plain = bundles.ensure_bundle(cfg_for(repo), store, log=lambda _: None)  # type: ignore[arg-type]
-    assert plain.uploaded and plain.bundle_id == plain.commit and plain.key == f"shop/bundles/{plain.commit}.tar.gz"
+    assert (
+        plain.uploaded
+        and plain.bundle_id == plain.commit
+        and plain.key == f"shop/bundles/{plain.commit}.tar.gz"
+    )
     assert "recipe" not in store.objects[plain.key][1]
     assert len(store.objects) == 2
 
@@ -271,10 +349,16 @@ def test_a_bundle_packed_by_an_older_fabdeploy_is_kept(repo: Path) -> None:
     store = FakeStore()
     cfg = cfg_for(repo)
     sha, ct = resolve_commit(repo, "HEAD")
-    old = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=0002", "archive", "--format=tar.gz", "-1", sha],
-                         capture_output=True, check=True).stdout
+    old = subprocess.run(
+        ["git", "-C", str(repo), "-c", "tar.umask=0002", "archive", "--format=tar.gz", "-1", sha],
+        capture_output=True,
+        check=True,
+    ).stdout
     old_sha = hashlib.sha256(old).hexdigest()
-    store.objects[store.bundle_key(sha)] = (old, {"sha256": old_sha, "size": str(len(old)), "commit": sha})
+    store.objects[store.bundle_key(sha)] = (
+        old,
+        {"sha256": old_sha, "size": str(len(old)), "commit": sha},
+    )
     lines: list[str] = []
     b = bundles.build_and_upload(cfg, store, log=lines.append)  # type: ignore[arg-type]
     assert b.sha256 == old_sha and not b.uploaded

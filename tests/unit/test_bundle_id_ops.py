@@ -21,25 +21,46 @@ class Conn:
 
 
 def cfg(tmp_path: Path) -> Config:
-    return Config(path=tmp_path / "deploy.yml", app="shop", repo=tmp_path, s3=S3Config("b", "shop"),
-                  deploy_to="/srv/shop", hosts=(Host("web1", "web1"),))
+    return Config(
+        path=tmp_path / "deploy.yml",
+        app="shop",
+        repo=tmp_path,
+        s3=S3Config("b", "shop"),
+        deploy_to="/srv/shop",
+        hosts=(Host("web1", "web1"),),
+    )
 
 
 def prepared(cur: dict[str, Any]) -> roll.Prepared:
-    return roll.Prepared(Conn(), {"current": {"ok": True, "release": "20260101000000", **cur}, "boot_id": "b1"})
+    return roll.Prepared(
+        Conn(), {"current": {"ok": True, "release": "20260101000000", **cur}, "boot_id": "b1"}
+    )
 
 
 def test_roll_resume_skips_a_host_on_the_same_bundle_id(tmp_path: Path) -> None:
-    res = roll.reboot_one(cfg(tmp_path), Host("web1", "web1"), "c1-aaaaaaaaaaaa", 0.0, resume=True,
-                          prepared=prepared({"commit": "c1", "bundle_id": "c1-aaaaaaaaaaaa"}))
+    res = roll.reboot_one(
+        cfg(tmp_path),
+        Host("web1", "web1"),
+        "c1-aaaaaaaaaaaa",
+        0.0,
+        resume=True,
+        prepared=prepared({"commit": "c1", "bundle_id": "c1-aaaaaaaaaaaa"}),
+    )
     assert res.ok and res.skipped
-    plain = roll.reboot_one(cfg(tmp_path), Host("web1", "web1"), "c1", 0.0, resume=True,
-                            prepared=prepared({"commit": "c1"}))  # older node program: no bundle_id
+    plain = roll.reboot_one(
+        cfg(tmp_path),
+        Host("web1", "web1"),
+        "c1",
+        0.0,
+        resume=True,
+        prepared=prepared({"commit": "c1"}),
+    )  # older node program: no bundle_id
     assert plain.skipped
 
 
 def test_roll_resume_reboots_a_host_on_the_same_commit_but_another_recipe(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rebooted: list[str] = []
 
     def fake_run(cfg: Any, host: Host, conn: Any, cmd: str, **kw: Any) -> Any:
@@ -48,8 +69,14 @@ def test_roll_resume_reboots_a_host_on_the_same_commit_but_another_recipe(
 
     monkeypatch.setattr(roll, "run", fake_run)
     with pytest.raises(HostError, match="stop here"):
-        roll.reboot_one(cfg(tmp_path), Host("web1", "web1"), "c1-bbbbbbbbbbbb", 0.0, resume=True,
-                        prepared=prepared({"commit": "c1", "bundle_id": "c1-aaaaaaaaaaaa"}))
+        roll.reboot_one(
+            cfg(tmp_path),
+            Host("web1", "web1"),
+            "c1-bbbbbbbbbbbb",
+            0.0,
+            resume=True,
+            prepared=prepared({"commit": "c1", "bundle_id": "c1-aaaaaaaaaaaa"}),
+        )
     assert rebooted == ["web1"]
 
 
@@ -71,12 +98,22 @@ class PointerStore:
 
 
 def pointer(commit: str, bid: str | None) -> Pointer:
-    return Pointer(key=f"shop/bundles/{bid or commit}.tar.gz", commit=commit, sha256="0" * 64, ref="main", size=1,
-                   published_by="me", published_at="2026-01-01T00:00:00Z", bundle_id=bid)
+    return Pointer(
+        key=f"shop/bundles/{bid or commit}.tar.gz",
+        commit=commit,
+        sha256="0" * 64,
+        ref="main",
+        size=1,
+        published_by="me",
+        published_at="2026-01-01T00:00:00Z",
+        bundle_id=bid,
+    )
 
 
 def bundle(commit: str, bid: str) -> Bundle:
-    return Bundle(commit, "main", "1" * 64, 1, f"shop/bundles/{bid}.tar.gz", "s3://x", False, 0, bundle_id=bid)
+    return Bundle(
+        commit, "main", "1" * 64, 1, f"shop/bundles/{bid}.tar.gz", "s3://x", False, 0, bundle_id=bid
+    )
 
 
 def test_publish_compares_bundle_ids_not_commits() -> None:
@@ -84,6 +121,10 @@ def test_publish_compares_bundle_ids_not_commits() -> None:
     assert bundles.publish_bundle(store, bundle("c1", "c1"), log=lambda _: None) is store.current  # type: ignore[arg-type]
     assert store.written == []
     new = bundles.publish_bundle(store, bundle("c1", "c1-aaaaaaaaaaaa"), log=lambda _: None)  # type: ignore[arg-type]
-    assert store.written == [new] and new.bundle_id == "c1-aaaaaaaaaaaa" and new.id == "c1-aaaaaaaaaaaa"
+    assert (
+        store.written == [new]
+        and new.bundle_id == "c1-aaaaaaaaaaaa"
+        and new.id == "c1-aaaaaaaaaaaa"
+    )
     assert Pointer.from_json(new.to_json(), "p").bundle_id == "c1-aaaaaaaaaaaa"
     assert Pointer.from_json(pointer("c1", None).to_json(), "p").id == "c1"

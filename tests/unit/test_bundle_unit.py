@@ -65,7 +65,9 @@ def creds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def store(prefix: str = "shop", endpoint: str | None = "http://127.0.0.1:9") -> Store:
-    return Store(S3Config("bkt", prefix, "us-east-1", endpoint), "shop", config_path=Path("/x/deploy.yml"))
+    return Store(
+        S3Config("bkt", prefix, "us-east-1", endpoint), "shop", config_path=Path("/x/deploy.yml")
+    )
 
 
 # --- naming -----------------------------------------------------------------------------
@@ -82,7 +84,10 @@ def test_keys_and_uris() -> None:
 
 
 def test_history_keys_sort_newest_first() -> None:
-    keys = [f"{HISTORY_SPAN - ms:013d}" for ms in (1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000)]
+    keys = [
+        f"{HISTORY_SPAN - ms:013d}"
+        for ms in (1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000)
+    ]
     assert sorted(keys) == list(reversed(keys))
     assert {len(k) for k in keys} == {13}
 
@@ -97,8 +102,14 @@ def test_local_user_has_host() -> None:
 
 def pointer(**kw: object) -> Pointer:
     base: dict[str, object] = dict(
-        key="shop/bundles/a.tar.gz", commit="a" * 40, sha256="b" * 64, ref="main", size=10,
-        published_by="me@host", published_at="2024-01-01T00:00:00Z", committed_at=1,
+        key="shop/bundles/a.tar.gz",
+        commit="a" * 40,
+        sha256="b" * 64,
+        ref="main",
+        size=10,
+        published_by="me@host",
+        published_at="2024-01-01T00:00:00Z",
+        committed_at=1,
     )
     base.update(kw)
     return Pointer(**base)  # type: ignore[arg-type]
@@ -208,7 +219,11 @@ def test_resolve_commit(repo: Path) -> None:
 
 @pytest.mark.parametrize(
     "ref, words",
-    [("nope", "unknown ref 'nope' in repo"), ("-x", "invalid ref '-x'"), ("HEAD~5", "unknown ref 'HEAD~5'")],
+    [
+        ("nope", "unknown ref 'nope' in repo"),
+        ("-x", "invalid ref '-x'"),
+        ("HEAD~5", "unknown ref 'HEAD~5'"),
+    ],
 )
 def test_resolve_commit_bad_ref(repo: Path, ref: str, words: str) -> None:
     with pytest.raises(BundleError) as e:
@@ -244,9 +259,14 @@ def test_archive_is_deterministic_gzip_of_git_archive(repo: Path, tmp_path: Path
         outs.append(data)
     assert outs[0] == outs[1]
     header = outs[0][:10]
-    assert header[:3] == b"\x1f\x8b\x08" and header[3] == 0 and header[4:8] == b"\0\0\0\0"  # no name, mtime 0
-    tar = subprocess.run(["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", sha],
-                         capture_output=True, check=True)
+    assert (
+        header[:3] == b"\x1f\x8b\x08" and header[3] == 0 and header[4:8] == b"\0\0\0\0"
+    )  # no name, mtime 0
+    tar = subprocess.run(
+        ["git", "-C", str(repo), "-c", "tar.umask=0022", "archive", "--format=tar", sha],
+        capture_output=True,
+        check=True,
+    )
     assert gzip.decompress(outs[0]) == tar.stdout
 
 
@@ -312,7 +332,9 @@ def test_no_such_bucket(creds: None) -> None:
     )
 
 
-@pytest.mark.parametrize("code, status", [("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)])
+@pytest.mark.parametrize(
+    "code, status", [("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)]
+)
 def test_conditional_failures_are_conflicts(creds: None, code: str, status: int) -> None:
     s = store()
     stubbed(s, "put_object", code, status)
@@ -330,7 +352,9 @@ def test_no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     with pytest.raises(StoreError) as e:
         store().head_bundle("abc")
-    assert str(e.value) == "no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
+    assert (
+        str(e.value) == "no AWS credentials found: set AWS_PROFILE/AWS_ACCESS_KEY_ID or s3.profile"
+    )
 
 
 def test_unknown_profile(creds: None) -> None:
@@ -341,4 +365,6 @@ def test_unknown_profile(creds: None) -> None:
 
 def test_fab_list_does_not_import_boto3() -> None:
     code = "import sys, fabdeploy.adapters.bundle, fabdeploy.adapters.store; sys.exit('boto3' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
+    )

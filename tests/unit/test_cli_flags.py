@@ -38,10 +38,19 @@ def app(tmp_path: Path) -> Path:
     return repo
 
 
-def fab(app: Path, *args: str, cwd: Path | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def fab(
+    app: Path, *args: str, cwd: Path | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(app.parent)}  # no DEPLOY_CONFIG, no ~/.fabric.yaml
-    return subprocess.run([str(FAB), *args], cwd=cwd or app, env=env, capture_output=True, text=True,
-                          input=stdin, timeout=60)
+    return subprocess.run(
+        [str(FAB), *args],
+        cwd=cwd or app,
+        env=env,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+    )
 
 
 def test_dash_h_after_a_task_is_help(app: Path) -> None:
@@ -58,7 +67,11 @@ def test_dash_H_is_one_run_over_those_hosts(app: Path) -> None:
 
 def test_dash_H_and_a_different_hosts_is_an_error(app: Path) -> None:
     r = fab(app, "-H", "web1", "deploy.rollback", "--hosts=web2", "--dry-run")
-    assert r.returncode == 1 and r.stderr.strip() == "error: -H web1 and --hosts=web2 name different hosts; give one of them"
+    assert (
+        r.returncode == 1
+        and r.stderr.strip()
+        == "error: -H web1 and --hosts=web2 name different hosts; give one of them"
+    )
 
 
 def test_dry_flag_is_a_dry_run_or_refused(app: Path) -> None:
@@ -68,7 +81,9 @@ def test_dry_flag_is_a_dry_run_or_refused(app: Path) -> None:
     assert r.returncode == 1 and "-R/--dry must change nothing" in r.stderr
 
 
-@pytest.mark.parametrize("flag,needle", [("-p", "-p/--pty"), ("-w", "-w/--warn-only"), ("--hide=both", "--hide")])
+@pytest.mark.parametrize(
+    "flag,needle", [("-p", "-p/--pty"), ("-w", "-w/--warn-only"), ("--hide=both", "--hide")]
+)
 def test_run_flags_we_cannot_honour_are_refused(app: Path, flag: str, needle: str) -> None:
     r = fab(app, flag, "deploy.rollback", "--dry-run")
     assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -80,8 +95,9 @@ def test_sudo_password_prompt_is_refused(app: Path) -> None:
 
 
 def test_sudo_password_prompt_is_honoured_with_ssh_sudo(app: Path) -> None:
-    (app / "deploy.yml").write_text(DEPLOY_YML + "ssh: {user: deploy, sudo: true}\n"
-                                    "restart: /usr/bin/systemctl restart shop\n")
+    (app / "deploy.yml").write_text(
+        DEPLOY_YML + "ssh: {user: deploy, sudo: true}\nrestart: /usr/bin/systemctl restart shop\n"
+    )
     r = fab(app, "--prompt-for-sudo-password", "deploy.rollback", "--dry-run", stdin="secret\n")
     assert r.returncode == 0 and "dry run" in r.stdout, r.stderr
 
@@ -119,9 +135,15 @@ def _cfg(tmp_path: Path, extra: str = "") -> config.Config:
 
 
 def test_identity_and_timeouts_from_the_command_line_win(tmp_path: Path) -> None:
-    fc = FabricConfig(overrides={"connect_kwargs": {"key_filename": ["/k/one", "/k/two"], "timeout": 7},
-                                 "timeouts": {"command": 9}})
-    cfg = cli.apply_flags(_cfg(tmp_path, "ssh: {identity_file: /k/yml, connect_timeout: 3, command_timeout: 4}\n"), fc)
+    fc = FabricConfig(
+        overrides={
+            "connect_kwargs": {"key_filename": ["/k/one", "/k/two"], "timeout": 7},
+            "timeouts": {"command": 9},
+        }
+    )
+    cfg = cli.apply_flags(
+        _cfg(tmp_path, "ssh: {identity_file: /k/yml, connect_timeout: 3, command_timeout: 4}\n"), fc
+    )
     assert cfg.ssh.identity_files == (Path("/k/one"), Path("/k/two"))
     assert (cfg.ssh.connect_timeout, cfg.ssh.command_timeout) == (7.0, 9.0)
     conn = ssh.connect(cfg, cfg.hosts[0])
@@ -142,7 +164,10 @@ def test_connect_kwargs_from_fabric_config_reach_the_connection(tmp_path: Path) 
     fc.connect_kwargs = {"passphrase": "from-fabric-yaml", "look_for_keys": False}
     cfg = cli.apply_flags(_cfg(tmp_path), fc)
     conn = ssh.connect(cfg, cfg.hosts[0])
-    assert conn.connect_kwargs["passphrase"] == "from-fabric-yaml" and conn.connect_kwargs["look_for_keys"] is False
+    assert (
+        conn.connect_kwargs["passphrase"] == "from-fabric-yaml"
+        and conn.connect_kwargs["look_for_keys"] is False
+    )
 
 
 def test_ssh_config_flag_beats_deploy_yml(tmp_path: Path) -> None:

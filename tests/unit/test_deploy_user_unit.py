@@ -14,8 +14,14 @@ from fabdeploy.adapters import nodectl, ssh
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError, Host
 
-BASE = {"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop", "hosts": ["web1"],
-        "restart": "sudo systemctl restart shop"}
+BASE = {
+    "app": "shop",
+    "repo": ".",
+    "s3": {"bucket": "b"},
+    "deploy_to": "/srv/shop",
+    "hosts": ["web1"],
+    "restart": "sudo systemctl restart shop",
+}
 DEPLOY = {"ssh": {"user": "deploy", "sudo": True}, "restart": "/usr/bin/systemctl restart shop"}
 
 
@@ -38,9 +44,13 @@ def test_sudo_needs_a_non_root_user(tmp_path: Path) -> None:
 
 
 def test_sudo_commands_are_exact_full_paths(tmp_path: Path) -> None:
-    msg = error(tmp_path, ssh={"user": "deploy", "sudo": True})  # restart: sudo systemctl restart shop
+    msg = error(
+        tmp_path, ssh={"user": "deploy", "sudo": True}
+    )  # restart: sudo systemctl restart shop
     assert "restart must be one command with its full path" in msg
-    assert "full path" in error(tmp_path, **{**DEPLOY, "restart": "/usr/bin/systemctl restart shop; rm -rf /"})
+    assert "full path" in error(
+        tmp_path, **{**DEPLOY, "restart": "/usr/bin/systemctl restart shop; rm -rf /"}
+    )
     cfg = load(tmp_path, **{**DEPLOY, "restart": "sudo /usr/bin/systemctl restart shop"})
     assert cfg.restart == "/usr/bin/systemctl restart shop"  # its own sudo is dropped
     assert cfg.reboot == "/usr/bin/systemctl reboot"  # the default, as a full path
@@ -64,16 +74,22 @@ def test_role_commands_are_exact_too_and_in_the_drop_in(tmp_path: Path) -> None:
     roles = {"worker": {"restart": "sudo /usr/bin/systemctl restart worker"}}
     cfg = load(tmp_path, **DEPLOY, roles=roles)
     assert cfg.roles["worker"].restart == "/usr/bin/systemctl restart worker"
-    assert "/usr/bin/systemctl restart shop, /usr/bin/systemctl reboot, /usr/bin/systemctl restart worker" \
+    assert (
+        "/usr/bin/systemctl restart shop, /usr/bin/systemctl reboot, /usr/bin/systemctl restart worker"
         in nodectl.sudoers(cfg)
+    )
     assert "roles.worker.restart must be one command" in error(
-        tmp_path, **DEPLOY, roles={"worker": {"restart": "systemctl restart worker"}})
+        tmp_path, **DEPLOY, roles={"worker": {"restart": "systemctl restart worker"}}
+    )
 
 
 def test_sudoers_drop_in_names_exactly_restart_and_reboot(tmp_path: Path) -> None:
     cfg = load(tmp_path, **DEPLOY)
     text = nodectl.sudoers(cfg)
-    assert "Cmnd_Alias FABDEPLOY_SHOP = /usr/bin/systemctl restart shop, /usr/bin/systemctl reboot\n" in text
+    assert (
+        "Cmnd_Alias FABDEPLOY_SHOP = /usr/bin/systemctl restart shop, /usr/bin/systemctl reboot\n"
+        in text
+    )
     assert "deploy ALL=(root) NOPASSWD: FABDEPLOY_SHOP\n" in text
     rules = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert len(rules) == 2 and "ALL" not in rules[0]
@@ -100,7 +116,10 @@ def with_password(cfg: config.Config, pw: str | None) -> config.Config:
 
 def test_sudo_n_without_a_password_and_stdin_with_one(tmp_path: Path) -> None:
     cfg = load(tmp_path, **DEPLOY)
-    assert ssh.as_root(cfg, "/usr/bin/systemctl reboot", sudo=True) == ("sudo -n -- /usr/bin/systemctl reboot", None)
+    assert ssh.as_root(cfg, "/usr/bin/systemctl reboot", sudo=True) == (
+        "sudo -n -- /usr/bin/systemctl reboot",
+        None,
+    )
     assert ssh.as_root(cfg, "x", sudo=False) == ("x", None)
     cmd, stdin = ssh.as_root(with_password(cfg, "s3cret"), "/usr/bin/systemctl reboot", sudo=True)
     assert "s3cret" not in cmd and cmd.startswith("sudo -S ") and stdin == "s3cret\n"
@@ -109,7 +128,10 @@ def test_sudo_n_without_a_password_and_stdin_with_one(tmp_path: Path) -> None:
 def test_restart_is_checked_with_sudo_n_l_before_anything_changes(tmp_path: Path) -> None:
     cfg = load(tmp_path, **DEPLOY)
     cmd = nodectl.guarded(cfg, "activate", "--restart")
-    assert f"sudo -n -l -- /usr/bin/systemctl restart shop >/dev/null 2>&1 || {{ exit {ssh.SUDO_REFUSED}; }}" in cmd
+    assert (
+        f"sudo -n -l -- /usr/bin/systemctl restart shop >/dev/null 2>&1 || {{ exit {ssh.SUDO_REFUSED}; }}"
+        in cmd
+    )
     assert cmd.index("sudo -n -l") < cmd.index("exec ")
     assert "sudo" not in nodectl.guarded(cfg, "status")
     assert "sudo -n -l" not in nodectl.guarded(with_password(cfg, "pw"), "activate", "--restart")
@@ -119,26 +141,37 @@ def test_a_refusal_is_one_line_naming_host_and_command() -> None:
     r = ssh.CommandResult("", "sudo: a password is required\n", 1)
     e = ssh.sudo_refusal(Host("web2", "web2"), "deploy", "/usr/bin/systemctl reboot", r)
     assert e is not None and "\n" not in e.message
-    assert e.message.startswith("web2: deploy may not run `sudo /usr/bin/systemctl reboot` (sudo: a password")
+    assert e.message.startswith(
+        "web2: deploy may not run `sudo /usr/bin/systemctl reboot` (sudo: a password"
+    )
     assert ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "boom", 1)) is None
     assert ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "", 0)) is None
-    missing = ssh.sudo_refusal(Host("w", "w"), "deploy", "x", ssh.CommandResult("", "sh: 1: sudo: not found", 127))
+    missing = ssh.sudo_refusal(
+        Host("w", "w"), "deploy", "x", ssh.CommandResult("", "sh: 1: sudo: not found", 127)
+    )
     assert missing is not None and "apt-get install sudo" in missing.message
 
 
 def test_root_script_moves_trees_over_and_installs_as_root(tmp_path: Path) -> None:
     cfg = load(tmp_path, **DEPLOY)
     s = nodectl.root_script(cfg, "/tmp/fabdeploy-setup.abc", "f" * 64)
-    assert ("find /srv/shop /usr/local/lib/fabdeploy/shop ! -path /usr/local/lib/fabdeploy/shop/allowed_signers "
-            "! -user \"$u\" -exec chown -h \"$u:$g\" {} +") in s  # the trusted signers stay root's
+    assert (
+        "find /srv/shop /usr/local/lib/fabdeploy/shop ! -path /usr/local/lib/fabdeploy/shop/allowed_signers "
+        '! -user "$u" -exec chown -h "$u:$g" {} +'
+    ) in s  # the trusted signers stay root's
     signed = nodectl.root_script(cfg, "/tmp/x", "f" * 64, signers=True)
-    assert "install -o root -g root -m 0644 /tmp/x/allowed_signers /usr/local/lib/fabdeploy/shop/allowed_signers" in signed
+    assert (
+        "install -o root -g root -m 0644 /tmp/x/allowed_signers /usr/local/lib/fabdeploy/shop/allowed_signers"
+        in signed
+    )
     assert "install -o root -g root -m 0644 /tmp/fabdeploy-setup.abc/unit" in s
     assert 'install -o "$u" -g "$g" -m 0600 /tmp/fabdeploy-setup.abc/node.json' in s
     assert s.index("chown -h") < s.index("systemctl daemon-reload") < s.index("systemctl enable")
 
 
-def test_the_password_travels_on_stdin_before_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_password_travels_on_stdin_before_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = with_password(load(tmp_path, **DEPLOY), "s3cret")
     sent: list[tuple[str, str | None]] = []
 
@@ -147,8 +180,10 @@ def test_the_password_travels_on_stdin_before_the_url(tmp_path: Path, monkeypatc
         return ssh.CommandResult('{"ok": true}\n', "", 0)
 
     monkeypatch.setattr(nodectl, "run", fake_run)
-    nodectl.call(cfg, Host("web1", "web1"), None, "activate", "--url-stdin", "--restart", stdin="https://u\n")
-    (command, stdin), = sent
+    nodectl.call(
+        cfg, Host("web1", "web1"), None, "activate", "--url-stdin", "--restart", stdin="https://u\n"
+    )
+    ((command, stdin),) = sent
     assert "s3cret" not in command and "--sudo-stdin" in command
     assert stdin == "s3cret\nhttps://u\n"
     sent.clear()
@@ -161,16 +196,39 @@ def test_check_reports_each_problem_and_nothing_when_all_is_well(tmp_path: Path)
     host = Host("web1", "web1")
     script = nodectl.check_script(cfg, host)
     assert script.index("sudo -n -l -- /usr/bin/systemctl restart shop") < script.index("python=ok")
-    assert "sudo -n -l -- /usr/bin/systemctl reboot" in script and "/srv/shop/shared/config/database.yml" in script
-    good = {"sudo0": "ok", "sudo1": "ok", "linked0": "ok", "python": "ok", "pyver": "3.11", "boto3": "ok",
-            "sha": nodectl.fingerprint(cfg, host), "enabled": "yes", "user": "ok", "owner": "ok",
-            "unit": hashlib.sha256(nodectl.unit_text(cfg).encode()).hexdigest()}
+    assert (
+        "sudo -n -l -- /usr/bin/systemctl reboot" in script
+        and "/srv/shop/shared/config/database.yml" in script
+    )
+    good = {
+        "sudo0": "ok",
+        "sudo1": "ok",
+        "linked0": "ok",
+        "python": "ok",
+        "pyver": "3.11",
+        "boto3": "ok",
+        "sha": nodectl.fingerprint(cfg, host),
+        "enabled": "yes",
+        "user": "ok",
+        "owner": "ok",
+        "unit": hashlib.sha256(nodectl.unit_text(cfg).encode()).hexdigest(),
+    }
     assert nodectl.check_problems(cfg, host, good) == []
-    bad = {**good, "sudo1": "refused", "linked0": "missing", "pyver": "3.6", "boto3": "missing", "sha": "x"}
+    bad = {
+        **good,
+        "sudo1": "refused",
+        "linked0": "missing",
+        "pyver": "3.6",
+        "boto3": "missing",
+        "sha": "x",
+    }
     assert nodectl.check_problems(cfg, host, bad) == [
-        "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -n -l)", "shared/config/database.yml is missing",
-        "Python 3.6 < 3.8", "boto3 is missing (the boot unit needs it)",
-        "node program/config not current (fab deploy.setup)"]
+        "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -n -l)",
+        "shared/config/database.yml is missing",
+        "Python 3.6 < 3.8",
+        "boto3 is missing (the boot unit needs it)",
+        "node program/config not current (fab deploy.setup)",
+    ]
 
 
 def test_a_read_never_reinstalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

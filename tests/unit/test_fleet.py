@@ -16,7 +16,9 @@ from fabdeploy.ops.targets import select_hosts
 
 
 def make_cfg(tmp_path: Path, extra: str = "", ssh_config: str = "") -> config.Config:
-    (tmp_path / "ssh_config").write_text(ssh_config or "Host web1\n  HostName 10.1.2.3\n  Port 2222\n")
+    (tmp_path / "ssh_config").write_text(
+        ssh_config or "Host web1\n  HostName 10.1.2.3\n  Port 2222\n"
+    )
     (tmp_path / "known_hosts").write_text("")
     p = tmp_path / "deploy.yml"
     p.write_text(
@@ -34,8 +36,12 @@ def test_connections_reject_unknown_host_keys_by_default(tmp_path: Path) -> None
 
 
 def test_gateways_are_strict_too(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, ssh_config=(
-        "Host web1\n  HostName 10.0.0.1\n  ProxyJump bastion\nHost bastion\n  HostName 192.0.2.1\n"))
+    cfg = make_cfg(
+        tmp_path,
+        ssh_config=(
+            "Host web1\n  HostName 10.0.0.1\n  ProxyJump bastion\nHost bastion\n  HostName 192.0.2.1\n"
+        ),
+    )
     conn = connect(cfg, cfg.hosts[0])
     assert conn.gateway is not None and conn.gateway.host == "192.0.2.1"
     assert isinstance(conn.gateway.client._policy, paramiko.RejectPolicy)
@@ -48,7 +54,9 @@ def test_opting_out_checks_no_unknown_host_key_and_writes_no_known_hosts(tmp_pat
     assert conn.client._host_keys_filename is None  # paramiko would save added keys there
 
 
-def test_unknown_key_message_does_not_promise_trust_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_key_message_does_not_promise_trust_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Nothing is remembered with strict_host_keys: false, so the hint must not call it TOFU."""
     from fabdeploy.adapters.ssh import HostError, open_connection
 
@@ -72,7 +80,11 @@ def test_batches_by_count_and_percent(tmp_path: Path) -> None:
     def batches(hs, b):
         return plan(cfg, hs, b, live=len(hs)).groups
 
-    assert [[h.name for h in b] for b in batches(hosts, "2")] == [["web1", "web2"], ["web3", "web4"], ["web5"]]
+    assert [[h.name for h in b] for b in batches(hosts, "2")] == [
+        ["web1", "web2"],
+        ["web3", "web4"],
+        ["web5"],
+    ]
     assert [len(b) for b in batches(hosts, "40%")] == [2, 2, 1]
     assert [len(b) for b in batches(hosts, "1%")] == [1] * 5
     assert [len(b) for b in batches(hosts, "100")] == [5]
@@ -86,7 +98,9 @@ def test_select_hosts_keeps_order_given(tmp_path: Path) -> None:
 
 def test_node_commands_are_quoted(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
-    cmd = nodectl.guarded(cfg, "activate", "--ref", "feature/x; rm -rf /", "--url", "http://h/k?a=1&b=2")
+    cmd = nodectl.guarded(
+        cfg, "activate", "--ref", "feature/x; rm -rf /", "--url", "http://h/k?a=1&b=2"
+    )
     # The shell sees the hostile ref as one argument, never as a command.
     words = shlex.split(cmd.split("exec ", 1)[1])
     assert words[words.index("--ref") + 1] == "feature/x; rm -rf /"
@@ -113,10 +127,13 @@ def test_boot_unit_orders_before_app(tmp_path: Path) -> None:
     assert "node.py --config /usr/local/lib/fabdeploy/shop/node.json boot" in text
 
 
-@pytest.mark.parametrize("stdout,expected", [
-    ('log line\n{"ok": true, "release": "1"}\n', {"ok": True, "release": "1"}),
-    ('{"ok": false, "error": "x"}', {"ok": False, "error": "x"}),
-])
+@pytest.mark.parametrize(
+    "stdout,expected",
+    [
+        ('log line\n{"ok": true, "release": "1"}\n', {"ok": True, "release": "1"}),
+        ('{"ok": false, "error": "x"}', {"ok": False, "error": "x"}),
+    ],
+)
 def test_parse_takes_last_json_line(tmp_path: Path, stdout: str, expected: dict) -> None:
     cfg = make_cfg(tmp_path)
     assert nodectl.parse(cfg.hosts[0], "cmd", stdout, "", 0) == expected
@@ -151,12 +168,21 @@ def test_proxyjump_chain_in_its_order_and_every_hop_hardened(tmp_path: Path) -> 
     """ProxyJump a,b: connect to a, reach b through a, the host through b (Fabric builds it backwards)."""
     import paramiko
 
-    cfg = make_cfg(tmp_path, extra=", identity_file: /k/deploy", ssh_config=(
-        "Host web1\n  HostName 10.0.0.1\n  ProxyJump hopa,hopb\n"
-        "Host hopa\n  HostName 192.0.2.1\nHost hopb\n  HostName 192.0.2.2\n"))
+    cfg = make_cfg(
+        tmp_path,
+        extra=", identity_file: /k/deploy",
+        ssh_config=(
+            "Host web1\n  HostName 10.0.0.1\n  ProxyJump hopa,hopb\n"
+            "Host hopa\n  HostName 192.0.2.1\nHost hopb\n  HostName 192.0.2.2\n"
+        ),
+    )
     conn = connect(cfg, cfg.hosts[0])
     hop_b = conn.gateway
-    assert hop_b.host == "192.0.2.2" and hop_b.gateway.host == "192.0.2.1" and hop_b.gateway.gateway is None
+    assert (
+        hop_b.host == "192.0.2.2"
+        and hop_b.gateway.host == "192.0.2.1"
+        and hop_b.gateway.gateway is None
+    )
     for hop in (conn, hop_b, hop_b.gateway):
         assert isinstance(hop.client._policy, paramiko.RejectPolicy)
         assert hop.connect_kwargs["banner_timeout"] == cfg.ssh.connect_timeout
@@ -165,7 +191,9 @@ def test_proxyjump_chain_in_its_order_and_every_hop_hardened(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("exit_code", [0, 3])
-def test_pushed_file_is_removed_whatever_the_node_program_answers(tmp_path: Path, exit_code: int) -> None:
+def test_pushed_file_is_removed_whatever_the_node_program_answers(
+    tmp_path: Path, exit_code: int
+) -> None:
     """issue 13 §2.17: --push copies were left in .fabdeploy after an "unchanged" or failed
     activation. The removal rides in the same command (no extra round trip), run here by a real sh."""
     import dataclasses
@@ -175,10 +203,13 @@ def test_pushed_file_is_removed_whatever_the_node_program_answers(tmp_path: Path
     cfg = make_cfg(tmp_path)
     node_dir = tmp_path / "node"
     node_dir.mkdir()
-    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, install_dir=str(node_dir), python=sys.executable))
+    cfg = dataclasses.replace(
+        cfg, node=dataclasses.replace(cfg.node, install_dir=str(node_dir), python=sys.executable)
+    )
     (node_dir / "node.py").write_text(
         f"import json\ndef main():\n    print(json.dumps({{'ok': {exit_code == 0}, 'changed': False}}))\n"
-        f"    return {exit_code}\n")
+        f"    return {exit_code}\n"
+    )
     pushed = tmp_path / "push-abc.tar.gz"
     pushed.write_bytes(b"bundle")
     cmd = nodectl.guarded(cfg, "activate", "--file", str(pushed), remove_after=str(pushed))

@@ -15,8 +15,13 @@ from fabdeploy.adapters.bundle import BundleError, resolve_commit
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError, leaf_keys
 
-BASE: dict[str, Any] = {"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
-                        "hosts": ["web1"]}
+BASE: dict[str, Any] = {
+    "app": "shop",
+    "repo": ".",
+    "s3": {"bucket": "b"},
+    "deploy_to": "/srv/shop",
+    "hosts": ["web1"],
+}
 
 
 # A value of the wrong type for every field: a mapping is never a valid scalar or list here.
@@ -58,7 +63,12 @@ def test_ref_with_shell_metacharacters_reaches_git_as_one_argument(tmp_path: Pat
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     marker = tmp_path / "pwned"
-    for ref in (f"main; touch {marker}", f"$(touch {marker})", f"`touch {marker}`", "--output=/tmp/x"):
+    for ref in (
+        f"main; touch {marker}",
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        "--output=/tmp/x",
+    ):
         with pytest.raises(BundleError):
             resolve_commit(repo, ref)
     assert not marker.exists()

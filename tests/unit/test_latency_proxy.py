@@ -54,15 +54,28 @@ def echo_port():
 def start_proxy(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
-    def start(rtt: float, target_port: int, handshake: bool = False, route_handshake: bool | None = None) -> int:
+    def start(
+        rtt: float, target_port: int, handshake: bool = False, route_handshake: bool | None = None
+    ) -> int:
         port = _free_port()
         ready = tmp_path / f"ready-{port}"
         cfg = tmp_path / f"proxy-{port}.json"
-        cfg.write_text(json.dumps({"rtt": rtt, "handshake": handshake, "ready_file": str(ready),
-                                   "routes": [["127.0.0.1", port, "127.0.0.1", target_port]
-                                              + ([] if route_handshake is None else [route_handshake])]}))
-        p = subprocess.Popen([sys.executable, str(PROXY), str(cfg)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+        cfg.write_text(
+            json.dumps(
+                {
+                    "rtt": rtt,
+                    "handshake": handshake,
+                    "ready_file": str(ready),
+                    "routes": [
+                        ["127.0.0.1", port, "127.0.0.1", target_port]
+                        + ([] if route_handshake is None else [route_handshake])
+                    ],
+                }
+            )
+        )
+        p = subprocess.Popen(
+            [sys.executable, str(PROXY), str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         procs.append(p)
         deadline = time.monotonic() + 20
         while not ready.exists():
@@ -119,9 +132,12 @@ def test_connections_are_not_serialised(echo_port: int, start_proxy) -> None:
 
 def test_order_and_bytes_survive_many_small_chunks(echo_port: int, start_proxy) -> None:
     port = start_proxy(0.05, echo_port)
-    payload = b"".join(i.to_bytes(4, "big") for i in range(100_000))  # 400 kB, every offset distinct
+    payload = b"".join(
+        i.to_bytes(4, "big") for i in range(100_000)
+    )  # 400 kB, every offset distinct
     got = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+
         def reader() -> None:
             while len(got) < len(payload):
                 chunk = s.recv(65536)
@@ -132,7 +148,7 @@ def test_order_and_bytes_survive_many_small_chunks(echo_port: int, start_proxy) 
         th = threading.Thread(target=reader)
         th.start()
         for i in range(0, len(payload), 997):
-            s.sendall(payload[i:i + 997])
+            s.sendall(payload[i : i + 997])
         th.join(30)
     assert bytes(got) == payload
 
@@ -186,8 +202,19 @@ def test_refused_target_is_a_reset_after_a_round_trip(start_proxy) -> None:
 # --- the sandbox's side ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text,seconds", [("100ms", 0.1), ("0.1s", 0.1), ("100", 0.1), ("0", 0.0),
-                                          (" 50MS ", 0.05), ("2s", 2.0), (None, 0.0), (200, 0.2)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("100ms", 0.1),
+        ("0.1s", 0.1),
+        ("100", 0.1),
+        ("0", 0.0),
+        (" 50MS ", 0.05),
+        ("2s", 2.0),
+        (None, 0.0),
+        (200, 0.2),
+    ],
+)
 def test_parse_rtt(text, seconds) -> None:
     assert sandbox.parse_rtt(text) == pytest.approx(seconds)
 

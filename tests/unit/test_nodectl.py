@@ -93,7 +93,9 @@ def fake_run(log: list[Any], probe: str) -> Any:
 PROBE_OK = "python=ok\npyver=3.11\nboto3=ok\nsha=\nenabled=no\nlayout=missing\n"
 
 
-def test_node_json_is_never_readable_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_node_json_is_never_readable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = make_cfg(tmp_path)
     log: list[Any] = []
     monkeypatch.setattr(nodectl, "run", fake_run(log, PROBE_OK))
@@ -110,12 +112,18 @@ def test_node_json_is_never_readable_by_others(tmp_path: Path, monkeypatch: pyte
     assert stat.S_IMODE(os.stat(cfg.deploy_to).st_mode) & 0o022 == 0
 
 
-@pytest.mark.parametrize("probe,expected", [
-    ("python=ok\npyver=3.7\nboto3=ok\n", "is Python 3.7; the node program needs Python >= 3.8"),
-    ("python=ok\npyver=\nboto3=missing\n", "is Python unknown; the node program needs Python >= 3.8"),
-    ("python=ok\npyver=3.8\nboto3=missing\n", "boto3 is missing for /usr/bin/python3 on web1"),
-    ("python=missing\n", "/usr/bin/python3 not found on web1: install python3 >= 3.8"),
-])
+@pytest.mark.parametrize(
+    "probe,expected",
+    [
+        ("python=ok\npyver=3.7\nboto3=ok\n", "is Python 3.7; the node program needs Python >= 3.8"),
+        (
+            "python=ok\npyver=\nboto3=missing\n",
+            "is Python unknown; the node program needs Python >= 3.8",
+        ),
+        ("python=ok\npyver=3.8\nboto3=missing\n", "boto3 is missing for /usr/bin/python3 on web1"),
+        ("python=missing\n", "/usr/bin/python3 not found on web1: install python3 >= 3.8"),
+    ],
+)
 def test_setup_checks_python_version_and_boto3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe: str, expected: str
 ) -> None:
@@ -168,16 +176,23 @@ def test_hotfix_sends_the_presigned_url_on_stdin_not_in_argv(
     url = "https://s3.example/b/shop/bundles/c.tar.gz?X-Amz-Signature=abc&X-Amz-Credential=k"
     calls: list[tuple[tuple[str, ...], Any]] = []
 
-    def call(cfg: Any, host: Any, conn: Any, *args: str, stdin: str | None = None, **kw: Any) -> dict:
+    def call(
+        cfg: Any, host: Any, conn: Any, *args: str, stdin: str | None = None, **kw: Any
+    ) -> dict:
         calls.append((args, stdin))
         return {"ok": True, "changed": False}
 
     monkeypatch.setattr(nodectl, "call", call)
-    monkeypatch.setattr(batches_mod, "run_parallel",
-                        lambda cfg, hosts, work, parallel=None, on_done=None: [HostResult(h.name, True, work(h, None))
-                                                                 for h in hosts])
-    bundle = SimpleNamespace(sha256="0" * 64, commit="c" * 40, ref="main", committed_at=None,
-                             size=12345)
+    monkeypatch.setattr(
+        batches_mod,
+        "run_parallel",
+        lambda cfg, hosts, work, parallel=None, on_done=None: [
+            HostResult(h.name, True, work(h, None)) for h in hosts
+        ],
+    )
+    bundle = SimpleNamespace(
+        sha256="0" * 64, commit="c" * 40, ref="main", committed_at=None, size=12345
+    )
     store = SimpleNamespace(presign_bundle=lambda commit: url)
     hotfix_mod.hotfix(cfg, store, bundle, SimpleNamespace(hosts=cfg.hosts))
     ((args, stdin),) = calls
@@ -208,6 +223,7 @@ def test_ssh_run_feeds_stdin_then_eof(tmp_path: Path, monkeypatch: pytest.Monkey
             stream = kw["in_stream"]
             seen["stdin"] = stream.read() if stream is not False else False
             from types import SimpleNamespace
+
             return SimpleNamespace(stdout="", stderr="", exited=0)
 
     monkeypatch.setattr(ssh, "open_connection", lambda *a: None)

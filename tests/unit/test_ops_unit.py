@@ -32,8 +32,14 @@ def cfg(s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Conf
     for k, v in sandbox.AWS_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = S3Config(s3_server.bucket, f"o-{uuid.uuid4().hex[:10]}", "us-east-1", s3_server.endpoint)
-    return Config(path=tmp_path / "deploy.yml", app="shop", repo=tmp_path, s3=s3, deploy_to="/srv/shop",
-                  hosts=(Host("web1", "web1"), Host("web2", "web2")))
+    return Config(
+        path=tmp_path / "deploy.yml",
+        app="shop",
+        repo=tmp_path,
+        s3=s3,
+        deploy_to="/srv/shop",
+        hosts=(Host("web1", "web1"), Host("web2", "web2")),
+    )
 
 
 @pytest.fixture
@@ -42,7 +48,9 @@ def store(cfg: Config) -> Store:
 
 
 def ptr(store: Store, c: str) -> Pointer:
-    return Pointer(store.bundle_key(c * 40), c * 40, "s" * 64, "main", 1, "ann@a", "2024-01-01T00:00:00Z")
+    return Pointer(
+        store.bundle_key(c * 40), c * 40, "s" * 64, "main", 1, "ann@a", "2024-01-01T00:00:00Z"
+    )
 
 
 def publish_history(store: Store, *commits: str) -> None:
@@ -54,7 +62,9 @@ def publish_history(store: Store, *commits: str) -> None:
 # --- rollback and history (issue 13 §2.7) ----------------------------------------------------
 
 
-def test_damaged_history_entry_is_skipped_with_a_warning(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_damaged_history_entry_is_skipped_with_a_warning(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
     publish_history(store, "a", "b")
     # sorts first (newest) under history/
     bad = f"{store.history_prefix}0000000000000-damaged.json"
@@ -68,8 +78,13 @@ def test_fleet_rollback_moves_the_pointer_past_damaged_history_and_prints_result
     cfg: Config, store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     publish_history(store, "a", "b")
-    store.client.put_object(Bucket=store.s3.bucket, Key=f"{store.history_prefix}0000000000000-x.json", Body=b"{oops")
-    results = [HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"}) for h in cfg.hosts]
+    store.client.put_object(
+        Bucket=store.s3.bucket, Key=f"{store.history_prefix}0000000000000-x.json", Body=b"{oops"
+    )
+    results = [
+        HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"})
+        for h in cfg.hosts
+    ]
     monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: Outcome(results))
     ok = rollback_op.run_rollback(cfg, Targets(list(cfg.hosts), whole_fleet=True))
     out = capsys.readouterr().out
@@ -82,7 +97,10 @@ def test_fleet_rollback_prints_results_before_a_pointer_failure(
     cfg: Config, store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     publish_history(store, "a", "b")
-    results = [HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"}) for h in cfg.hosts]
+    results = [
+        HostResult(h.name, True, {"commit": "a" * 40, "release": "20240101000000"})
+        for h in cfg.hosts
+    ]
     monkeypatch.setattr(rollback_op, "rollback", lambda *a, **k: Outcome(results))
 
     def broken(*a: Any, **k: Any) -> None:
@@ -98,13 +116,17 @@ def test_fleet_rollback_prints_results_before_a_pointer_failure(
 
 def a_bundle(store: Store, c: str = "b") -> Bundle:
     key = store.bundle_key(c * 40)
-    return Bundle(c * 40, "main", "f" * 64, 10, key, store.uri(key), uploaded=True, committed_at=1700000000)
+    return Bundle(
+        c * 40, "main", "f" * 64, 10, key, store.uri(key), uploaded=True, committed_at=1700000000
+    )
 
 
 # --- publish under the fleet lock (issue 13 §2.12) -------------------------------------------
 
 
-def test_publish_is_refused_while_a_roll_holds_the_lock(cfg: Config, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_is_refused_while_a_roll_holds_the_lock(
+    cfg: Config, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(publish_op, "ensure_bundle", lambda cfg, store, ref, log: a_bundle(store))
     roll = store.acquire_lock("ann@ci-runner", "roll", expiry=600)
     with pytest.raises(StoreError) as e:
@@ -138,19 +160,27 @@ def force_unlock(store: Store) -> None:
     raise AssertionError("could not break the lock")
 
 
-def test_held_lock_is_renewed_then_a_broken_one_is_reported(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_held_lock_is_renewed_then_a_broken_one_is_reported(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = store.acquire_lock("ann@a", "roll", expiry=5)
     held = HeldLock(store, first, expiry=5, every=0.05).start()
     try:
         wait_for(lambda: held.lock.etag != first.etag)
         on_s3 = store.read_lock()
-        assert on_s3 is not None and on_s3.etag == held.lock.etag and on_s3.expires_at > first.expires_at
+        assert (
+            on_s3 is not None
+            and on_s3.etag == held.lock.etag
+            and on_s3.expires_at > first.expires_at
+        )
         assert on_s3.created_at == first.created_at
         force_unlock(store)
         thief = store.acquire_lock("bob@b", "hotfix", expiry=600)
         wait_for(lambda: held.lost is not None)
         assert "was broken" in held.lost  # type: ignore[operator]
-        with pytest.raises(ConflictError, match="not moving the pointer: our deploy lock .* was broken"):
+        with pytest.raises(
+            ConflictError, match="not moving the pointer: our deploy lock .* was broken"
+        ):
             held.check("moving the pointer")
     finally:
         held.stop()
@@ -162,7 +192,9 @@ def test_fleet_lock_stops_renewing_and_releases(cfg: Config, store: Store) -> No
     fast = dataclasses.replace(cfg, roll=dataclasses.replace(cfg.roll, lock_expiry=0.3))
     with fleet_lock(fast, store, "roll") as held:
         first = held.lock
-        wait_for(lambda: held.lock.etag != first.etag)  # renewed every 0.1 s, kept past its 0.3 s expiry
+        wait_for(
+            lambda: held.lock.etag != first.etag
+        )  # renewed every 0.1 s, kept past its 0.3 s expiry
     assert store.read_lock() is None
     assert not held._thread.is_alive()
 
@@ -174,8 +206,11 @@ def test_roll_stops_before_the_next_batch_when_its_lock_is_broken(
     from fabdeploy.ops import lock as lock_op
     from fabdeploy.ops import roll as roll_op
 
-    cfg = dataclasses.replace(cfg, roll=dataclasses.replace(cfg.roll, lock_expiry=0.3),
-                              hosts=(Host("web1", "web1"), Host("web2", "web2"), Host("web3", "web3")))
+    cfg = dataclasses.replace(
+        cfg,
+        roll=dataclasses.replace(cfg.roll, lock_expiry=0.3),
+        hosts=(Host("web1", "web1"), Host("web2", "web2"), Host("web3", "web3")),
+    )
     monkeypatch.setattr(bundles, "ensure_bundle", lambda cfg, store, ref: a_bundle(store))
     monkeypatch.setattr(roll_op, "prepare", lambda cfg, h: roll_op.Prepared(conn=mock.Mock()))
     lost = threading.Event()

@@ -6,8 +6,11 @@ from fabdeploy.basics.output import table
 
 
 def test_markup_like_host_text_prints_verbatim(capsys) -> None:
-    table("hotfix [bold]x[/bold]", ["host", "outcome"],
-          [["web1", "FAILED: hook printed [/etc/app.conf] and [red]oops"], ["web2", None]])
+    table(
+        "hotfix [bold]x[/bold]",
+        ["host", "outcome"],
+        [["web1", "FAILED: hook printed [/etc/app.conf] and [red]oops"], ["web2", None]],
+    )
     out = capsys.readouterr().out
     assert "[/etc/app.conf]" in out and "[red]oops" in out and "[bold]x[/bold]" in out
 
@@ -22,5 +25,8 @@ def test_progress_line_per_host(capsys) -> None:
     done(types.SimpleNamespace(host="web2", ok=True, data={"changed": False}, error=None))
     done(types.SimpleNamespace(host="web3", ok=False, data={}, error="health check failed\nmore"))
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("] ", 1)[1] for line in lines] == ["web1: ok", "web2: unchanged",
-                                                           "web3: FAILED: health check failed"]
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "web1: ok",
+        "web2: unchanged",
+        "web3: FAILED: health check failed",
+    ]

@@ -30,8 +30,18 @@ def world(tmp_path: Path) -> dict:
 
     def cfg(key: Path) -> config.Config:
         p = tmp_path / f"deploy-{key.name}.yml"
-        p.write_text(yaml.safe_dump({"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": str(tmp_path / "srv"),
-                                     "hosts": ["web1"], "signing": {"key": str(key), "allowed_signers": str(signers)}}))
+        p.write_text(
+            yaml.safe_dump(
+                {
+                    "app": "shop",
+                    "repo": ".",
+                    "s3": {"bucket": "b"},
+                    "deploy_to": str(tmp_path / "srv"),
+                    "hosts": ["web1"],
+                    "signing": {"key": str(key), "allowed_signers": str(signers)},
+                }
+            )
+        )
         return config.load(p)
 
     return {"alice": cfg(alice), "mallory": cfg(mallory), "signers": signers, "tmp": tmp_path}
@@ -46,8 +56,15 @@ def test_round_trip_names_the_signer(world: dict) -> None:
 def test_tampered_untrusted_unsigned_and_wrong_namespace_are_refused(world: dict) -> None:
     env = signing.sign(world["alice"], {"commit": "abc"}, signing.NS_MANIFEST)
     with pytest.raises(SigningError, match="does not match its content"):
-        signing.verify(world["alice"], {**env, "payload": env["payload"].replace("abc", "abd")}, signing.NS_MANIFEST, "m")
-    with pytest.raises(SigningError, match="does not match"):  # a manifest signature can't pass as a pointer's
+        signing.verify(
+            world["alice"],
+            {**env, "payload": env["payload"].replace("abc", "abd")},
+            signing.NS_MANIFEST,
+            "m",
+        )
+    with pytest.raises(
+        SigningError, match="does not match"
+    ):  # a manifest signature can't pass as a pointer's
         signing.verify(world["alice"], env, signing.NS_POINTER, "m")
     evil = signing.sign(world["mallory"], {"commit": "abc"}, signing.NS_MANIFEST)
     with pytest.raises(SigningError, match="not in"):
@@ -58,8 +75,18 @@ def test_tampered_untrusted_unsigned_and_wrong_namespace_are_refused(world: dict
 
 def test_a_key_without_trusted_signers_is_a_config_error(tmp_path: Path) -> None:
     p = tmp_path / "deploy.yml"
-    p.write_text(yaml.safe_dump({"app": "shop", "repo": ".", "s3": {"bucket": "b"}, "deploy_to": "/srv/shop",
-                                 "hosts": ["web1"], "signing": {"key": "id_ed25519"}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "app": "shop",
+                "repo": ".",
+                "s3": {"bucket": "b"},
+                "deploy_to": "/srv/shop",
+                "hosts": ["web1"],
+                "signing": {"key": "id_ed25519"},
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="signing.allowed_signers"):
         config.load(p)
 
@@ -69,18 +96,40 @@ def test_a_key_without_trusted_signers_is_a_config_error(tmp_path: Path) -> None
 
 def node_cfg(world: dict, **signing_opts) -> node.Config:
     os.chmod(world["signers"], 0o644)
-    return node.Config({"app": "shop", "deploy_to": str(world["tmp"] / "srv"), "s3": {"bucket": "b"},
-                        "signing": {"signers": str(world["signers"]), **signing_opts}})
+    return node.Config(
+        {
+            "app": "shop",
+            "deploy_to": str(world["tmp"] / "srv"),
+            "s3": {"bucket": "b"},
+            "signing": {"signers": str(world["signers"]), **signing_opts},
+        }
+    )
 
 
-def signed_pointer(world: dict, who: str = "alice", sequence: int = 10, sha: str = "a" * 64) -> dict:
+def signed_pointer(
+    world: dict, who: str = "alice", sequence: int = 10, sha: str = "a" * 64
+) -> dict:
     c = world[who]
-    manifest = signing.sign(c, {"app": "shop", "commit": "c1", "sha256": sha, "size": 5, "key": "shop/bundles/c1"},
-                            signing.NS_MANIFEST)
-    payload = {"key": "shop/bundles/c1", "commit": "c1", "sha256": sha, "size": 5, "sequence": sequence,
-               "manifest": manifest}
-    return {"key": "x", "commit": "c1", "sha256": sha, "size": 5,
-            "signed": signing.sign(c, payload, signing.NS_POINTER)}
+    manifest = signing.sign(
+        c,
+        {"app": "shop", "commit": "c1", "sha256": sha, "size": 5, "key": "shop/bundles/c1"},
+        signing.NS_MANIFEST,
+    )
+    payload = {
+        "key": "shop/bundles/c1",
+        "commit": "c1",
+        "sha256": sha,
+        "size": 5,
+        "sequence": sequence,
+        "manifest": manifest,
+    }
+    return {
+        "key": "x",
+        "commit": "c1",
+        "sha256": sha,
+        "size": 5,
+        "signed": signing.sign(c, payload, signing.NS_POINTER),
+    }
 
 
 def test_node_trusts_a_signed_pointer_and_refuses_a_replay(world: dict) -> None:
@@ -93,7 +142,10 @@ def test_node_trusts_a_signed_pointer_and_refuses_a_replay(world: dict) -> None:
     node.record_trust(layout, *trust)
     with pytest.raises(node.TrustError, match="replayed"):
         node.trusted_pointer(cfg, layout, signed_pointer(world, sequence=9))
-    assert node.trusted_pointer(cfg, layout, signed_pointer(world, sequence=10))[1] == (10, "alice@example.com")
+    assert node.trusted_pointer(cfg, layout, signed_pointer(world, sequence=10))[1] == (
+        10,
+        "alice@example.com",
+    )
 
 
 def test_node_refuses_unsigned_except_on_the_upgrade_path(world: dict) -> None:
@@ -103,8 +155,13 @@ def test_node_refuses_unsigned_except_on_the_upgrade_path(world: dict) -> None:
     layout = node.Layout(str(world["tmp"] / "srv"))
     with pytest.raises(node.TrustError, match="not signed"):
         node.trusted_pointer(node_cfg(world), layout, unsigned)
-    assert node.trusted_pointer(node_cfg(world, allow_unsigned=True), layout, unsigned) == (unsigned, None)
-    node.record_trust(layout, 1, "alice@example.com")  # once a signed release ran, no more unsigned ones
+    assert node.trusted_pointer(node_cfg(world, allow_unsigned=True), layout, unsigned) == (
+        unsigned,
+        None,
+    )
+    node.record_trust(
+        layout, 1, "alice@example.com"
+    )  # once a signed release ran, no more unsigned ones
     with pytest.raises(node.TrustError, match="already runs signed releases"):
         node.trusted_pointer(node_cfg(world, allow_unsigned=True), layout, unsigned)
 

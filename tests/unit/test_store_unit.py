@@ -39,15 +39,24 @@ def put(store: Store, key: str, body: bytes) -> None:
 
 
 def pointer_body(**over: Any) -> bytes:
-    base = {"key": "k", "commit": "a" * 40, "sha256": "s" * 64, "ref": "main", "size": 1,
-            "published_by": "ann@a", "published_at": "2024-01-01T00:00:00Z"}
+    base = {
+        "key": "k",
+        "commit": "a" * 40,
+        "sha256": "s" * 64,
+        "ref": "main",
+        "size": 1,
+        "published_by": "ann@a",
+        "published_at": "2024-01-01T00:00:00Z",
+    }
     text = json.dumps(base)[:-1]
     return (text + "".join(f', "{k}": {v}' for k, v in over.items()) + "}").encode()
 
 
 def bundle(store: Store, commit: str = "b" * 40) -> Bundle:
     key = store.bundle_key(commit)
-    return Bundle(commit, "main", "f" * 64, 10, key, store.uri(key), uploaded=True, committed_at=1700000000)
+    return Bundle(
+        commit, "main", "f" * 64, 10, key, store.uri(key), uploaded=True, committed_at=1700000000
+    )
 
 
 def one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
@@ -70,7 +79,9 @@ HOSTILE_POINTERS = [
 
 
 @pytest.mark.parametrize("body", HOSTILE_POINTERS, ids=range(len(HOSTILE_POINTERS)))
-def test_malformed_pointer_is_one_line_and_replaceable(store: Store, body: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_pointer_is_one_line_and_replaceable(
+    store: Store, body: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
     put(store, store.pointer_key, body)
     with pytest.raises(StoreError) as e:
         store.read_pointer()
@@ -96,8 +107,10 @@ HOSTILE_LOCKS = [
     b'{"holder": "ann@a", "action": "roll", "created_at": 1, "expires_at": 1' + b"0" * 400 + b"}",
     b'{"holder": {"x": [1]}, "action": "roll", "created_at": 1, "expires_at": 2}',
     # the holder names this machine, so a pid out of range would reach os.kill
-    (f'{{"holder": "ann@{socket.gethostname()}", "action": "roll", "created_at": 1, "expires_at": 2, '
-     '"pid": 99999999999999999999}').encode(),
+    (
+        f'{{"holder": "ann@{socket.gethostname()}", "action": "roll", "created_at": 1, "expires_at": 2, '
+        '"pid": 99999999999999999999}'
+    ).encode(),
     b"[1, 2]",
 ]
 
@@ -122,7 +135,9 @@ def test_unparsable_lock_is_one_line_and_force_removes_it(store: Store, body: by
     assert store.read_lock() is None
 
 
-def test_force_does_not_remove_a_lock_replaced_meanwhile(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_force_does_not_remove_a_lock_replaced_meanwhile(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The forced delete is conditional on the ETag read, even for an unreadable lock."""
     put(store, store.lock_key, b"{oops")
     real_get = store._get
@@ -151,25 +166,40 @@ def dead_pid() -> int:
 
 def lock_from(store: Store, **fields: Any) -> None:
     now = time.time()
-    body = {"holder": f"ann@{socket.gethostname()}", "action": "roll", "created_at": now,
-            "expires_at": now + 600, "pid": dead_pid(), **fields}
+    body = {
+        "holder": f"ann@{socket.gethostname()}",
+        "action": "roll",
+        "created_at": now,
+        "expires_at": now + 600,
+        "pid": dead_pid(),
+        **fields,
+    }
     put(store, store.lock_key, json.dumps(body).encode())
 
 
 def test_lock_records_machine_boot_and_pid_namespace(store: Store) -> None:
     lock = store.acquire_lock("ann@a", "roll", expiry=60)
-    raw = json.loads(store.client.get_object(Bucket=store.s3.bucket, Key=store.lock_key)["Body"].read())
-    assert (raw["machine_id"], raw["boot_id"], raw["pidns"]) == local_identity() != (None, None, None)
+    raw = json.loads(
+        store.client.get_object(Bucket=store.s3.bucket, Key=store.lock_key)["Body"].read()
+    )
+    assert (
+        (raw["machine_id"], raw["boot_id"], raw["pidns"]) == local_identity() != (None, None, None)
+    )
     assert store.read_lock() == lock
 
 
-@pytest.mark.parametrize("other", [
-    {},  # an old lock: no identity recorded, only the hostname matches
-    {"machine_id": "another-machine"},  # a cloned VM / CI runner with the same hostname
-    {"boot_id": "an-earlier-boot"},
-    {"pidns": "pid:[1]"},  # a container on the same kernel: same boot id, its own pids
-])
-def test_same_hostname_elsewhere_is_not_a_dead_local_holder(store: Store, other: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "other",
+    [
+        {},  # an old lock: no identity recorded, only the hostname matches
+        {"machine_id": "another-machine"},  # a cloned VM / CI runner with the same hostname
+        {"boot_id": "an-earlier-boot"},
+        {"pidns": "pid:[1]"},  # a container on the same kernel: same boot id, its own pids
+    ],
+)
+def test_same_hostname_elsewhere_is_not_a_dead_local_holder(
+    store: Store, other: dict[str, str]
+) -> None:
     machine_id, boot_id, pidns = local_identity()
     fields = {"machine_id": machine_id, "boot_id": boot_id, "pidns": pidns} if other else {}
     lock_from(store, **{**fields, **other})
@@ -179,7 +209,9 @@ def test_same_hostname_elsewhere_is_not_a_dead_local_holder(store: Store, other:
     assert store.read_lock().holder.startswith("ann@")  # type: ignore[union-attr]
 
 
-def test_dead_holder_on_this_machine_and_boot_is_broken(store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dead_holder_on_this_machine_and_boot_is_broken(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
     machine_id, boot_id, pidns = local_identity()
     lock_from(store, machine_id=machine_id, boot_id=boot_id, pidns=pidns)
     mine = store.acquire_lock("bob@b", "roll", expiry=60)
