@@ -368,7 +368,7 @@ def _owner_probe(cfg: Config) -> str:
         f"; id -u {u} >/dev/null 2>&1 && echo user=ok || echo user=missing; "
         f"echo unit=$(sha256sum < {q(unit_path(cfg))} 2>/dev/null | cut -c1-64); "
         f"echo signers=$(sha256sum < {q(signers_path(cfg))} 2>/dev/null | cut -c1-64); "
-        f'test -z "$(find {trees} ! -path {q(signers_path(cfg))} ! -user {u} -print -quit 2>/dev/null)" '
+        f'test -z "$(find {trees} ! -user {u} -print -quit 2>/dev/null)" '
         "&& echo owner=ok || echo owner=wrong"
     )
 
@@ -594,7 +594,7 @@ def root_script(cfg: Config, staging: str, fp: str, signers: bool = False) -> st
                 f"u={u}; g=$(id -gn {u})",
                 "mkdir -p " + q(*_dirs(cfg)),
                 # Trees a root deploy left behind become the deploy user's (links themselves, not targets).
-                f'find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user "$u" -exec chown -h "$u:$g" {{}} +',
+                f'find {q(cfg.deploy_to, d)} ! -user "$u" -exec chown -h "$u:$g" {{}} +',
                 *(
                     f"install {owner} -m {mode} {q(src)} {q(dst + '.fabdeploy-new')}"
                     for src, dst, owner, mode in put
@@ -698,7 +698,7 @@ def export(
         u = q(cfg.run_as)
         owner = (
             f"g=$(id -gn {u})\n"
-            f"find {q(cfg.deploy_to, d)} ! -path {q(signers_path(cfg))} ! -user {u} "
+            f"find {q(cfg.deploy_to, d)} ! -user {u} "
             f'-exec chown -h {u}:"$g" {{}} +\n'
         )
     drop = ""

@@ -156,12 +156,11 @@ def test_root_script_moves_trees_over_and_installs_as_root(tmp_path: Path) -> No
     cfg = load(tmp_path, **DEPLOY)
     s = nodectl.root_script(cfg, "/tmp/fabdeploy-setup.abc", "f" * 64)
     assert (
-        "find /srv/shop /usr/local/lib/fabdeploy/shop ! -path /usr/local/lib/fabdeploy/shop/allowed_signers "
-        '! -user "$u" -exec chown -h "$u:$g" {} +'
-    ) in s  # the trusted signers stay root's
+        'find /srv/shop /usr/local/lib/fabdeploy/shop ! -user "$u" -exec chown -h "$u:$g" {} +'
+    ) in s
     signed = nodectl.root_script(cfg, "/tmp/x", "f" * 64, signers=True)
     assert (
-        "install -o root -g root -m 0644 /tmp/x/allowed_signers /usr/local/lib/fabdeploy/shop/allowed_signers"
+        "install -o root -g root -m 0644 /tmp/x/allowed_signers /etc/fabdeploy/shop/allowed_signers"
         in signed
     )
     assert "install -o root -g root -m 0644 /tmp/fabdeploy-setup.abc/unit" in s
