@@ -855,12 +855,25 @@ def test_bad_pointer_and_bad_published_bundle_at_boot(fleet: Fleet, fast: Path) 
     cases = [
         (b"{not json", "not valid JSON"),
         (
-            json.dumps({**good, "key": "shop/bundles/0000.tar.gz", "commit": "0" * 40}).encode(),
+            json.dumps(
+                {
+                    **good,
+                    "key": "shop/bundles/0000.tar.gz",
+                    "commit": "0" * 40,
+                    "bundle_id": "0" * 40,
+                }
+            ).encode(),
             "does not exist",
         ),
         (
             json.dumps(
-                {**good, "key": f"shop/bundles/{bad}.tar.gz", "commit": bad, "sha256": bad_sha}
+                {
+                    **good,
+                    "key": f"shop/bundles/{bad}.tar.gz",
+                    "commit": bad,
+                    "bundle_id": bad,
+                    "sha256": bad_sha,
+                }
             ).encode(),
             "contains a '..' component",
         ),
