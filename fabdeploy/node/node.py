@@ -1861,6 +1861,13 @@ def command_env(extra: dict[str, str]) -> dict[str, str]:
     return {**base, **extra}
 
 
+def restart_release(cfg: Config, layout: Layout, release: Current) -> None:
+    """Run the app's restart for a release already in place (after a revert or a died run)."""
+    if cfg.restart:
+        env = _hook_env(layout, release.path, release.commit or "")
+        run_shell(cfg.restart, release.path, env, "restart", cfg.sudo)
+
+
 def run_shell(
     command: str,
     cwd: str,
@@ -2073,13 +2080,7 @@ def _finish_interrupted_restart(cfg: Config, layout: Layout, current: Current) -
         return False
     log(f"the run that made {current.release} current died before restarting: restarting now")
     try:
-        run_shell(
-            cfg.restart,
-            current.path,
-            _hook_env(layout, current.path, current.commit or ""),
-            "restart",
-            cfg.sudo,
-        )
+        restart_release(cfg, layout, current)
     except CommandFailed as exc:
         raise NodeError(
             f"restart `{exc.command}` failed with exit code {exc.returncode} on "
@@ -2154,13 +2155,7 @@ def _restart_with_fallback(
     append_revision_log(layout, f"{user} rolled back to release {previous.release}")
     log(f"restart failed; current is back on {previous.release}, restarting it")
     try:
-        run_shell(
-            cfg.restart,
-            previous.path,
-            _hook_env(layout, previous.path, previous.commit or ""),
-            "restart",
-            cfg.sudo,
-        )
+        restart_release(cfg, layout, previous)
         again = "restarted OK"
     except CommandFailed as exc2:
         again = f"its restart failed too (exit code {exc2.returncode})"
@@ -2301,13 +2296,7 @@ def _revert_unhealthy(
     again = ""
     if cfg.restart:
         try:
-            run_shell(
-                cfg.restart,
-                previous.path,
-                _hook_env(layout, previous.path, previous.commit or ""),
-                "restart",
-                cfg.sudo,
-            )
+            restart_release(cfg, layout, previous)
         except CommandFailed as exc:
             again = (
                 f" but its restart failed too (exit code {exc.returncode}): check the app's logs"
