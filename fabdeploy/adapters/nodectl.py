@@ -25,6 +25,7 @@ from fabdeploy.adapters import signing
 from fabdeploy.adapters.ssh import SUDO_REFUSED, as_root, q, run, sudo_password, sudo_refusal
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import ConfigError, HostError
+from fabdeploy.basics.output import host_line
 
 NODE_SRC = Path(__file__).resolve().parent.parent / "node" / "node.py"
 NEEDS_INSTALL = 97  # exit code of the guard: node program missing or different
@@ -237,6 +238,21 @@ def call_timeout(
 
 NOT_INSTALLED = 98  # exit code of an unguarded read: no node program on the host at all
 
+# A hook's output line on the node program's stderr: `fabdeploy-node: <stage> | <line>`
+# (stdout stays the machine-readable answer). The restart's own output is not relayed.
+_HOOK_LINE = re.compile(r"fabdeploy-node: ([a-z_]+) \| (.*)\Z", re.S)
+
+
+def hook_relay(host: Host, show: Any = host_line) -> Any:
+    """A stderr-line callback that shows `host`'s hook output, prefixed by its name."""
+
+    def on_line(line: str) -> None:
+        m = _HOOK_LINE.match(line)
+        if m and m.group(1) != "restart":
+            show(host.name, m.group(2))
+
+    return on_line
+
 
 def call(
     cfg: Config,
@@ -257,19 +273,20 @@ def call(
         args, stdin = (*args, "--sudo-stdin"), password + "\n" + (stdin or "")
     cmd = guarded(cfg, *args, stdin=stdin is not None, host=host, remove_after=remove_after)
     timeout = call_timeout(cfg, host, args, timeout)
-    r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
+    relay = hook_relay(host)
+    r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin, on_stderr_line=relay)
     outdated = r.exit_code == NEEDS_INSTALL
     if outdated and not reinstall:
         # A read (status) never rewrites a host: ask the installed program, and say it is old.
         cmd = f"test -f {q(cfg.node_dir + '/node.py')} || exit {NOT_INSTALLED}; exec {node_command(cfg, *args)}"
-        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
+        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin, on_stderr_line=relay)
         if r.exit_code == NOT_INSTALLED:
             raise HostError(
                 host.name, f"{host.name}: not set up (no node program): run fab deploy.setup"
             )
     elif outdated:
         install(cfg, host, conn)
-        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin)
+        r = run(cfg, host, conn, cmd, timeout=timeout, stdin=stdin, on_stderr_line=relay)
     if r.exit_code == SUDO_REFUSED:
         raise (
             sudo_refusal(host, cfg.ssh.user, for_host(cfg, host).restart or "", r)

@@ -219,12 +219,14 @@ def run(
     *,
     timeout: float | None = None,
     stdin: str | None = None,
+    on_stderr_line: Callable[[str], None] | None = None,
 ) -> CommandResult:
     """Run one remote command; never raises on a non-zero exit (callers decide).
 
     `stdin` is sent to the command's stdin, then EOF: the way to hand it a secret (a
     presigned URL, a sudo password) that must not appear in its argv, where every local user
-    can read it."""
+    can read it. `on_stderr_line` gets each complete line of stderr as it arrives (stderr
+    is still collected in the result)."""
     import io
 
     from invoke.exceptions import CommandTimedOut
@@ -234,10 +236,18 @@ def run(
         print(f"{host.name}$ {command}", flush=True)
     in_stream: Any = io.StringIO(stdin) if stdin is not None else False
     kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": in_stream}
+    sink = None
+    if on_stderr_line is not None:
+        sink = LineSink(on_stderr_line)
+        kwargs.update(hide="stdout", err_stream=sink)  # stderr goes to the sink as it arrives
     limit = timeout or cfg.ssh.command_timeout
     started = time.monotonic()
     try:
-        r = conn.run(command, timeout=limit, **kwargs)
+        try:
+            r = conn.run(command, timeout=limit, **kwargs)
+        finally:
+            if sink is not None:
+                sink.close()
     except CommandTimedOut as e:
         raise HostError(
             host.name,
@@ -276,6 +286,36 @@ def run(
             output=(r.stdout or "") + (r.stderr or ""),
         )
     return CommandResult(r.stdout, r.stderr, r.exited if r.exited is not None else -1)
+
+
+class LineSink:
+    """A write-only stream that hands on whole lines: chunks split mid-line wait for their
+    end, so lines from many hosts never interleave. `close` flushes a last partial line."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self._on_line = on_line
+        self._buf = ""
+
+    def write(self, data: str) -> int:
+        self._buf += data
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self._deliver(line)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._buf:
+            line, self._buf = self._buf, ""
+            self._deliver(line)
+
+    def _deliver(self, line: str) -> None:
+        try:
+            self._on_line(line.rstrip("\r"))
+        except Exception:  # noqa: BLE001 - showing output must never break the command
+            pass
 
 
 def q(*args: str) -> str:

@@ -40,6 +40,15 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+_LINES = threading.Lock()
+
+
+def host_line(host: str, line: str) -> None:
+    """One line of a host's output (`web2 | migrating…`), whole even with many hosts at once."""
+    with _LINES:
+        print(f"{host} | {line}", flush=True)
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 

@@ -20,6 +20,7 @@ import re
 import stat
 import sys
 import time
+from collections import deque
 
 # Not `from typing import TYPE_CHECKING`: importing typing alone costs ~3 ms per run.
 TYPE_CHECKING = False
@@ -1929,7 +1930,10 @@ def run_shell(
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             tail.append(line)
-            _emit(f"{LOG_PREFIX}  | {line}")
+            # Framed with its label: the controller relays hook lines to the deploying terminal.
+            _emit(f"{LOG_PREFIX}{label} | {line}")
+            if label != "restart":
+                HOOK_OUTPUT.append([label, line])
         rc = proc.wait()
     finally:
         if timer is not None:
@@ -1938,6 +1942,10 @@ def run_shell(
         raise CommandFailed(
             command, rc, list(tail), timed_out=timeout if fired else None, label=label
         )
+
+
+# The hook output of this run (bounded): a boot records it, so a roll can show it afterwards.
+HOOK_OUTPUT: deque[list[str]] = deque(maxlen=200)
 
 
 def run_hooks(
@@ -2646,6 +2654,10 @@ def status(
     if after_boot is not None and me != after_boot:
         _wait_boot_record(layout, me, wait, sleep)
         last_boot = read_status(layout).get("last_boot") or {}
+        if last_boot.get("boot_id") == me:
+            # This boot's hook output, framed as a live hook's would be: the roll relays it.
+            for stage, line in last_boot.get("hook_output") or []:
+                _emit(f"{LOG_PREFIX}{stage} | {line}")
         if (
             cfg.health.here
             and last_boot.get("boot_id") == me
@@ -2729,6 +2741,7 @@ def boot(
 
     pointer_source/source_for are injectable so tests need no S3."""
     layout = Layout(cfg.deploy_to)
+    HOOK_OUTPUT.clear()
     read_pointer = pointer_source or (lambda: read_pointer_s3(cfg))
     bundle_source = source_for or (lambda p: Source("s3", p["key"], p["size"]))
     try:
@@ -2754,12 +2767,14 @@ def boot(
                 record_status(
                     layout,
                     "last_boot",
-                    {
-                        "outcome": "unchanged",
-                        "reason": None,
-                        "commit": current.commit,
-                        "release": current.release,
-                    },
+                    _with_hook_output(
+                        {
+                            "outcome": "unchanged",
+                            "reason": None,
+                            "commit": current.commit,
+                            "release": current.release,
+                        }
+                    ),
                 )
                 return {
                     "ok": True,
@@ -2785,12 +2800,14 @@ def boot(
             record_status(
                 layout,
                 "last_boot",
-                {
-                    "outcome": "activated",
-                    "reason": None,
-                    "commit": result["commit"],
-                    "release": result["release"],
-                },
+                _with_hook_output(
+                    {
+                        "outcome": "activated",
+                        "reason": None,
+                        "commit": result["commit"],
+                        "release": result["release"],
+                    }
+                ),
             )
             return {**result, "outcome": "activated"}
         except TrustError as exc:
@@ -2822,12 +2839,14 @@ def boot(
         record_status(
             layout,
             "last_boot",
-            {
-                "outcome": "kept",
-                "reason": reason,
-                "commit": current.commit,
-                "release": current.release,
-            },
+            _with_hook_output(
+                {
+                    "outcome": "kept",
+                    "reason": reason,
+                    "commit": current.commit,
+                    "release": current.release,
+                }
+            ),
         )
         return {
             "ok": True,
@@ -2839,12 +2858,17 @@ def boot(
     log(
         f"FIRST BOOT FAILED: no release is active in {cfg.deploy_to} and activation failed: {reason}"
     )
-    record_status(layout, "last_boot", {"outcome": "failed", "reason": reason})
+    record_status(layout, "last_boot", _with_hook_output({"outcome": "failed", "reason": reason}))
     raise NodeError(
         f"boot activation failed on {hostname()} and there is no current release in "
         f"{cfg.deploy_to}: {reason}",
         outcome="failed",
     )
+
+
+def _with_hook_output(entry: dict[str, Any]) -> dict[str, Any]:
+    """A boot outcome, with the hooks' output when they printed any (a roll shows it)."""
+    return {**entry, "hook_output": list(HOOK_OUTPUT)} if HOOK_OUTPUT else entry
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,38 @@ def test_failing_before_hook_keeps_current(fleet: Fleet) -> None:
     assert "migrating the db" in r.stdout + r.stderr and "exit" in (r.stdout + r.stderr).lower()
     assert fleet.current("web1") == before
     assert fleet.version("web1") == fleet.revision("web1")
+
+
+def test_hook_output_streams_to_the_terminal_prefixed_by_the_host(fleet: Fleet) -> None:
+    """Each line a hook prints on a host shows here as `web1 | …`, whole lines only (two
+    hosts at once), for hotfix and rollback; the results table stays; no output, no lines."""
+    cfg = fleet.variant(
+        "talkinghooks",
+        hooks={
+            "before_swap": ["echo migrating 1 of 2; echo migrating 2 of 2 >&2"],
+            "after_swap": ["true"],  # prints nothing: shows nothing
+            "after_restart": ["echo warmed up"],
+        },
+    )
+    fleet.commit("hooks that talk")
+    r = fleet.fab("deploy.hotfix", "--hosts=web1,web2", config=cfg)
+    lines = r.stdout.splitlines()
+    for h in ("web1", "web2"):
+        want = [f"{h} | migrating 1 of 2", f"{h} | migrating 2 of 2", f"{h} | warmed up"]
+        assert [ln for ln in lines if ln.startswith(f"{h} | ")] == want, r.stdout
+    assert not any(ln.startswith("web3 |") for ln in lines)
+    title = next(i for i, ln in enumerate(lines) if ln.startswith("hotfix "))
+    assert (
+        max(i for i, ln in enumerate(lines) if re.match(r"web\d \| ", ln)) < title
+    )  # then the table
+    assert "2 ok, 0 failed" in r.stdout
+    r = fleet.fab("deploy.rollback", "--hosts=web1", config=cfg)
+    assert [ln for ln in r.stdout.splitlines() if re.match(r"web\d \| ", ln)] == [
+        "web1 | warmed up"
+    ]
+    r = fleet.fab("deploy.hotfix", "--hosts=web1", config=cfg)  # back on HEAD
+    quiet = fleet.fab("deploy.hotfix", "--hosts=web3")  # no hooks here: no host lines at all
+    assert not re.search(r"^web\d \| ", quiet.stdout, re.M), quiet.stdout
 
 
 def test_failing_health_check_puts_previous_release_back(fleet: Fleet) -> None:

@@ -157,3 +157,20 @@ def test_ctrl_c_finishes_host_in_flight_and_releases_lock(
         assert len(fleet.boots(h)) == boots_before[h]
     assert out.count("not touched") == 2
     assert store_of(fleet, monkeypatch).read_lock() is None
+
+
+def test_boot_hook_output_is_shown_prefixed_by_the_host(fleet: Fleet) -> None:
+    """Hooks run at boot on a roll: the roll shows their output once the host is back,
+    `web2 | …`, one line per output line, and the table still comes at the end."""
+    cfg = fleet.variant(
+        "talkinghooks", hooks={"before_swap": ["echo checking assets; echo 2 files ok"]}
+    )
+    commit = fleet.commit("a roll with talking hooks")
+    r = fleet.fab("deploy.roll", "--hosts=web2", config=cfg)
+    lines = r.stdout.splitlines()
+    assert fleet.revision("web2") == commit
+    assert lines.count("web2 | checking assets") == 1, r.stdout
+    assert lines.index("web2 | checking assets") + 1 == lines.index("web2 | 2 files ok")
+    table_at = next(i for i, ln in enumerate(lines) if ln.startswith("roll "))
+    assert lines.index("web2 | 2 files ok") < table_at  # before the results table, which stays
+    assert not any(ln.startswith(("web1 |", "web3 |")) for ln in lines)

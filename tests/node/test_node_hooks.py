@@ -7,6 +7,7 @@ Same rules as test_node_program.py: Python 3.8+, pytest only, node.py loaded as 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,40 @@ def test_hook_options_load_from_node_json(tmp_path: Path) -> None:
     assert cfg.before_swap == ["a", "b"] and cfg.hooks["after_swap"] == []
     with pytest.raises(node.NodeError, match="not a command"):
         make_cfg(tmp_path, hooks={"after_swap": [{"boot": False}]})
+
+
+def test_hook_output_is_framed_on_stderr_and_a_boot_keeps_it_for_the_roll(
+    tmp_path: Path, out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = hooks_cfg(
+        tmp_path,
+        out,
+        before_swap=["echo checking config; echo 'all | good' >&2"],
+        after_swap=["true"],  # prints nothing: nothing relayed
+    )
+    deploy(cfg, tmp_path, "c1", restart=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout is the JSON answer's alone (main prints it)
+    framed = [ln for ln in captured.err.splitlines() if re.match(r"fabdeploy-node: \w+ \| ", ln)]
+    assert framed == [
+        "fabdeploy-node: before_swap | checking config",
+        "fabdeploy-node: before_swap | all | good",
+    ]  # the restart's own output (`echo restarted >> log`: none here) is never framed as a hook's
+    pointer, bundle = pointer_for(tmp_path, "c2")
+    node.boot(
+        cfg, pointer_source=lambda: pointer, source_for=lambda p: node.Source("file", str(bundle))
+    )
+    last_boot = node.read_status(node.Layout(cfg.deploy_to))["last_boot"]
+    assert last_boot["hook_output"] == [
+        ["before_swap", "checking config"],
+        ["before_swap", "all | good"],
+    ]
+    capsys.readouterr()
+    node.status(cfg, after_boot="the-boot-before")  # what a roll asks after the reboot
+    err = capsys.readouterr().err.splitlines()
+    assert [ln for ln in err if re.match(r"fabdeploy-node: \w+ \| ", ln)] == [
+        "fabdeploy-node: before_swap | checking config",
+        "fabdeploy-node: before_swap | all | good",
+    ]
+    node.status(cfg)  # a plain status repeats nothing
+    assert "before_swap | " not in capsys.readouterr().err

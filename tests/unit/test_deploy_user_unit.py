@@ -174,7 +174,7 @@ def test_the_password_travels_on_stdin_before_the_url(
     cfg = with_password(load(tmp_path, **DEPLOY), "s3cret")
     sent: list[tuple[str, str | None]] = []
 
-    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None):
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None, on_stderr_line=None):
         sent.append((command, stdin))
         return ssh.CommandResult('{"ok": true}\n', "", 0)
 
@@ -235,7 +235,7 @@ def test_a_read_never_reinstalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     codes = [nodectl.NEEDS_INSTALL, 0]
     sent: list[str] = []
 
-    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None):
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None, on_stderr_line=None):
         sent.append(command)
         return ssh.CommandResult('{"ok": true}\n', "", codes.pop(0))
 
