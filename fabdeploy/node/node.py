@@ -33,6 +33,15 @@ VERSION = "1.0.0"
 LOG_PREFIX = "fabdeploy-node: "
 RELEASE_RE = re.compile(r"^\d{14}$")
 STAGING_PREFIX = ".staging-"
+# A release downloaded, verified and extracted ahead of its switch (`activate --prepare`), so a
+# host leaves its load balancer only for the swap, restart and health check. Hidden like staging
+# dirs (Capistrano's `ls -x releases` skips it); its marker names the bundle id and sha256.
+PREPARED_PREFIX = ".prepared-"
+PREPARED_MARKER = ".fabdeploy-prepared"
+# Kept for its switch this long at most; older ones, a second one of the same bundle, and any
+# beyond the newest PREPARED_KEEP are leftovers (a run that was killed or failed elsewhere).
+PREPARED_MAX_AGE = 6 * 3600
+PREPARED_KEEP = 2
 CURRENT_TMP_PREFIX = ".current-tmp-"
 DOWNLOAD_PREFIX = "dl-"
 # Marks a release whose before_swap hooks have not finished: if we are killed then, the dir
@@ -634,7 +643,8 @@ class Source:
     the disk before its sha256 is checked."""
 
     def __init__(self, kind: str, value: str, size: int | None = None) -> None:
-        if kind not in ("url", "s3", "file"):
+        # 'prepared': no download at all, only the release `activate --prepare` made earlier.
+        if kind not in ("url", "s3", "file", "prepared"):
             raise ValueError(kind)
         self.kind = kind
         self.value = value
@@ -1987,9 +1997,63 @@ def append_revision_log(layout: Layout, line: str) -> None:
         fh.write(line + "\n")
 
 
+def _names(directory: str) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def _prepared_info(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, PREPARED_MARKER), encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("at"), (int, float)):
+        return None
+    if not isinstance(info.get("bundle_id"), str) or not isinstance(info.get("sha256"), str):
+        return None
+    return info
+
+
+def _prepared_to_keep(layout: Layout) -> list[str]:
+    """The prepared releases still wanted, newest first: complete, younger than
+    PREPARED_MAX_AGE (and not from the future), the newest of their bundle, PREPARED_KEEP at most."""
+    now = time.time()
+    found = []
+    for name in _names(layout.releases):
+        if name.startswith(PREPARED_PREFIX):
+            info = _prepared_info(layout.release_path(name))
+            if info is not None and -300 <= now - info["at"] <= PREPARED_MAX_AGE:
+                found.append((info["at"], name, info["bundle_id"]))
+    keep: list[str] = []
+    bundles: set[str] = set()
+    for _at, name, bid in sorted(found, reverse=True):
+        if bid not in bundles and len(keep) < PREPARED_KEEP:
+            bundles.add(bid)
+            keep.append(name)
+    return keep
+
+
+def find_prepared(layout: Layout, bundle_id: str, sha256: str) -> str | None:
+    """The prepared release of exactly this bundle (id and sha256), if one is still kept."""
+    for name in _prepared_to_keep(layout):
+        info = _prepared_info(layout.release_path(name)) or {}
+        if info.get("bundle_id") == bundle_id and info.get("sha256") == sha256.strip().lower():
+            return layout.release_path(name)
+    return None
+
+
 def remove_leftovers(layout: Layout) -> list[str]:
-    """Staging dirs, temp downloads and temp links of runs that died; call with the lock held."""
+    """Staging dirs, temp downloads and temp links of runs that died, and prepared releases no
+    longer wanted (see _prepared_to_keep); call with the lock held."""
     removed: list[str] = []
+    keep = set(_prepared_to_keep(layout))
+    for name in _names(layout.releases):
+        if name.startswith(PREPARED_PREFIX) and name not in keep:
+            remove_path(layout.release_path(name))
+            removed.append(layout.release_path(name))
     for directory, prefixes in (
         (layout.releases, (STAGING_PREFIX,)),
         (layout.state, (DOWNLOAD_PREFIX, "status.json.tmp-")),
@@ -2425,15 +2489,21 @@ def _activate(
             return {**result, "restarted": True} if restarted else result
         check_linked_files(cfg, layout)
 
-        staging = layout.release_path(f"{STAGING_PREFIX}{utc_stamp(now())}-{os.getpid()}")
-        base = previous.path if previous is not None and previous.ok else None
         t0 = time.monotonic()
-        counts = fetch_and_extract(cfg, layout, source, sha256, staging, base)
+        staging = find_prepared(layout, bundle_id, sha256)
+        if staging is not None:
+            # Downloaded, verified and extracted by `activate --prepare` before this host left
+            # traffic: only the switch is left.
+            os.unlink(os.path.join(staging, PREPARED_MARKER))
+            log(f"using {os.path.basename(staging)}, prepared earlier")
+        elif source.kind == "prepared":
+            raise NodeError(
+                f"no prepared release of {bundle_id} on {hostname()} (removed, or never made): "
+                "run the deploy again"
+            )
+        else:
+            staging = _extract(cfg, layout, source, sha256, previous, now)
         t_extract = time.monotonic() - t0
-        linked = (
-            f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
-        )
-        log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
 
         try:
             write_revision(staging, commit, committed_at, bundle_id)
@@ -2512,6 +2582,79 @@ def _activate(
             "extract": round(t_extract, 3),
             "total": round(time.monotonic() - started, 3),
         },
+    }
+
+
+def _extract(
+    cfg: Config,
+    layout: Layout,
+    source: Source,
+    sha256: str,
+    previous: Current | None,
+    now: Callable[[], float],
+) -> str:
+    """Download, verify and extract into a new staging dir; returns its path."""
+    staging = layout.release_path(f"{STAGING_PREFIX}{utc_stamp(now())}-{os.getpid()}")
+    base = previous.path if previous is not None and previous.ok else None
+    counts = fetch_and_extract(cfg, layout, source, sha256, staging, base)
+    linked = f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
+    log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
+    return staging
+
+
+def prepare(
+    cfg: Config,
+    *,
+    sha256: str,
+    commit: str,
+    source: Source,
+    force: bool = False,
+    now: Callable[[], float] = time.time,
+    bundle_id: str | None = None,
+) -> dict[str, Any]:
+    """Download, verify and extract a bundle now and keep it for a later `activate` of the same
+    bundle, which then only swaps, restarts and checks health (the host can stay in traffic
+    meanwhile). "needed": whether that activate has anything to do; when `current` already
+    runs the bundle, the answer is activate's own "unchanged"."""
+    layout = Layout(cfg.deploy_to)
+    bundle_id = bundle_id or commit
+    started = time.monotonic()
+    try:
+        layout.ensure()
+    except OSError as exc:
+        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    with HostLock(layout, "prepare", cfg.lock_timeout):
+        remove_leftovers(layout)
+        previous = read_current(layout)
+        if not force and previous is not None and previous.ok and previous.bundle_id == bundle_id:
+            if cfg.restart and _restart_pending(layout, previous):
+                # A run died between its swap and its restart: the switch (activate) restarts.
+                return {"ok": True, "needed": True, "commit": commit, "restart_pending": True}
+            log(f"current already is release {previous.release} of {bundle_id}: nothing to do")
+            return {"ok": True, "changed": False, "release": previous.release, "commit": commit}
+        found = find_prepared(layout, bundle_id, sha256)
+        if found is not None:
+            name = os.path.basename(found)
+            return {"ok": True, "needed": True, "prepared": name, "commit": commit}
+        check_linked_files(cfg, layout)  # what the switch would refuse, refused now
+        if source.kind == "prepared":
+            raise NodeError("--prepare needs a bundle source (--url-stdin, --file, --s3-key)")
+        staging = _extract(cfg, layout, source, sha256, previous, now)
+        name = f"{PREPARED_PREFIX}{utc_stamp(now())}-{os.getpid()}"
+        try:
+            info = {"bundle_id": bundle_id, "sha256": sha256.strip().lower(), "at": time.time()}
+            atomic_write(os.path.join(staging, PREPARED_MARKER), json.dumps(info) + "\n")
+            os.rename(staging, layout.release_path(name))
+        except BaseException:
+            remove_path(staging)
+            raise
+    log(f"prepared {name} for {bundle_id}")
+    return {
+        "ok": True,
+        "needed": True,
+        "prepared": name,
+        "commit": commit,
+        "seconds": {"total": round(time.monotonic() - started, 3)},
     }
 
 
@@ -2704,8 +2847,13 @@ def status(
             for n in names
             if RELEASE_RE.match(n)
         ],
-        "stray": [n for n in names if not RELEASE_RE.match(n) and not n.startswith(STAGING_PREFIX)],
+        "stray": [
+            n
+            for n in names
+            if not RELEASE_RE.match(n) and not n.startswith((STAGING_PREFIX, PREPARED_PREFIX))
+        ],
         "staging": [n for n in names if n.startswith(STAGING_PREFIX)],
+        "prepared": [n for n in names if n.startswith(PREPARED_PREFIX)],
         "pending": [n for n in names if RELEASE_RE.match(n) and is_pending(layout.release_path(n))],
         "last": saved.get("last"),
         "last_boot": saved.get("last_boot"),
@@ -2902,7 +3050,15 @@ def _parser() -> Any:
     src.add_argument("--url-stdin", action="store_true", help="read the URL from stdin")
     src.add_argument("--s3-key")
     src.add_argument("--file")
+    src.add_argument(
+        "--prepared", action="store_true", help="no source: the release --prepare made earlier"
+    )
     a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
+    a.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only download, verify and extract, for a later activate of the same bundle",
+    )
     a.add_argument("--restart", action="store_true")
     a.add_argument("--force", action="store_true")
     a.add_argument(
@@ -3021,8 +3177,19 @@ def _dispatch(args: Any) -> dict[str, Any]:
             source = Source("s3", args.s3_key, args.size)
         elif url:
             source = Source("url", url, args.size)
+        elif args.prepared:
+            source = Source("prepared", "", args.size)
         else:
             source = Source("file", args.file, args.size)
+        if args.prepare:
+            return prepare(
+                cfg,
+                sha256=args.sha256,
+                commit=args.commit,
+                source=source,
+                force=args.force,
+                bundle_id=args.bundle_id,
+            )
         return activate(
             cfg,
             sha256=args.sha256,

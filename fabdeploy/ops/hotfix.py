@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fabric import Connection
@@ -17,7 +18,7 @@ from fabric import Connection
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
-from fabdeploy.adapters.ssh import q, run
+from fabdeploy.adapters.ssh import q, run, run_parallel
 from fabdeploy.adapters.store import store_for
 from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host
@@ -68,10 +69,17 @@ def hotfix(
     url: list[str | None] = [None]
     local_file = _download_for_push(store, bundle) if push else None
 
-    def work(host: Host, conn: Connection) -> dict[str, Any]:
+    drainer = Drainer(cfg)
+    prepared: set[str] = set()  # hosts whose release is ready: only the switch is left
+
+    def work(host: Host, conn: Connection, prepare_only: bool = False) -> dict[str, Any]:
         args = list(base)
         remote = None
-        if push:
+        if host.name in prepared:
+            # Downloaded and extracted before the host left traffic; in push mode there is no
+            # copy to send again (--prepared), from S3 the URL is the fallback if it went away.
+            args += ["--prepared"] if push else ["--url-stdin"]
+        elif push:
             remote = f"{cfg.deploy_to}/.fabdeploy/push-{bid}.tar.gz"
             nodectl.call(cfg, host, conn, "version")  # installs the node program and its dirs
             try:
@@ -85,12 +93,16 @@ def hotfix(
         else:
             args.append("--url-stdin")  # the presigned URL is a credential: not in argv (ps)
         stdin = "" if push else f"{url[0]}\n"
+        if prepare_only:
+            args = [a for a in args if a != "--restart"] + ["--prepare"]
         if getattr(bundle, "manifest", None) is not None:
             # The node checks the signed manifest against its trusted signers before downloading.
             args.append("--manifest-stdin")
             stdin += json.dumps(bundle.manifest, sort_keys=True) + "\n"
         # The pushed copy goes on every outcome (activated, unchanged, failed) in the same command.
         data = nodectl.call(cfg, host, conn, *args, stdin=stdin or None, remove_after=remote)
+        if prepare_only:
+            return data
         if data.get("changed"):
             data = health_or_revert(cfg, host, conn, data, user)
         return data
@@ -100,20 +112,68 @@ def hotfix(
         if not push:
             url[0] = store.presign_bundle(bid)
 
+    groups = groups if groups is not None else [targets.hosts]
     try:
-        return run_batches(
+        done = Outcome()
+        if drainer.enabled:
+            groups, done = _prepare_all(
+                cfg, groups, work, fresh_url, prepared, parallel, keep_going
+            )
+            if done.not_touched:
+                return done
+        out = run_batches(
             cfg,
-            groups if groups is not None else [targets.hosts],
+            groups,
             work,
             parallel=parallel,
             keep_going=keep_going,
             before_batch=fresh_url,
-            traffic=Drainer(cfg),
+            traffic=drainer,
             held=held,
         )
+        order = {h.name: i for i, h in enumerate(targets.hosts)}
+        out.results = sorted(done.results + out.results, key=lambda r: order.get(r.host, 0))
+        return out
     finally:
         if local_file:
             os.unlink(local_file)
+
+
+def _prepare_all(
+    cfg: Config,
+    groups: list[list[Host]],
+    work: Callable[..., dict[str, Any]],
+    fresh_url: Callable[[int], None],
+    prepared: set[str],
+    parallel: int | None,
+    keep_going: bool,
+) -> tuple[list[list[Host]], Outcome]:
+    """Before any host leaves traffic: download, verify and extract on every host at once
+    (`--parallel` at a time), so each host is out only for its swap, restart and health check.
+    A host already on the bundle is done here, never drained. Returns the batches left (only
+    the prepared hosts) and the outcomes so far; a failed host stops the run before any drain
+    (all others "not touched") unless keep_going."""
+    start = time.monotonic()
+    fresh_url(0)
+    hosts = [h for g in groups for h in g]
+    res = run_parallel(cfg, hosts, lambda h, c: work(h, c, prepare_only=True), parallel=parallel)
+    done = Outcome([r for r in res if not r.ok or not r.data.get("needed")])
+    prepared.update(r.host for r in res if r.ok and r.data.get("needed"))
+    failed = [r for r in res if not r.ok]
+    say(
+        f"prepared {len(prepared)} host(s) in {time.monotonic() - start:.1f}s"
+        + (
+            f", {len(res) - len(prepared) - len(failed)} already on it"
+            if len(res) > len(prepared) + len(failed)
+            else ""
+        )
+        + (f", {len(failed)} failed" if failed else "")
+    )
+    if failed and not keep_going:
+        done.not_touched = [h.name for h in hosts if h.name in prepared]
+        return [], done
+    left = [[h for h in g if h.name in prepared] for g in groups]
+    return [g for g in left if g], done
 
 
 def _download_for_push(store: Any, bundle: Any) -> str:

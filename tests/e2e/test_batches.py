@@ -85,9 +85,15 @@ def test_each_host_is_out_of_traffic_for_its_swap_and_back_after(fleet: Fleet) -
     assert r.stdout.count("out of traffic") == 4 and r.stdout.count("back in traffic") == 4, (
         r.stdout
     )
+    # Every host downloaded and extracted before the first one left traffic.
+    assert r.stdout.index("prepared 4 host(s)") < r.stdout.index("out of traffic"), r.stdout
     for h in HOSTS:
         assert fleet.revision(h) == new and fleet.version(h) == new
         assert fleet.ssh(h, f"test -e {flag} && echo left || echo gone").strip() == "gone"
+        assert fleet.ssh(h, "ls -A /srv/shop/releases | grep -c '^\\.' || true").strip() == "0"
+    # Hosts already on the bundle have nothing to do: none leaves traffic.
+    r = fleet.fab("deploy.hotfix", "--batch=2", config=cfg)
+    assert "out of traffic" not in r.stdout and "4 already on it" in r.stdout, r.stdout
     r = fleet.fab("deploy.rollback", config=cfg)
     # No min_healthy: traffic settings keep one host in, so 4 hosts go as 3 + 1.
     assert "batch 1/2: web1, web2, web3" in r.stdout and "batch 2/2: web4" in r.stdout
