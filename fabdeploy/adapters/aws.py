@@ -406,8 +406,22 @@ class Traffic:
             )
         return host.instance_id
 
+    @property
+    def balances(self) -> bool:
+        """Target groups or classic ELBs to take a host out of (what a hotfix/rollback uses)."""
+        return self.c is not None and bool(self.aws.target_groups or self.aws.classic_elbs)
+
     def before_reboot(self, host: Host) -> None:
-        if not self.enabled or (iid := self._need_id(host)) is None:
+        if self.enabled:
+            self.take_out(host, standby=self.aws.standby)
+
+    def before_restart(self, host: Host) -> None:
+        """A hotfix/rollback: out of the load balancers and drained; no standby for a restart."""
+        if self.balances:
+            self.take_out(host, standby=False)
+
+    def take_out(self, host: Host, *, standby: bool) -> None:
+        if (iid := self._need_id(host)) is None:
             return
         assert self.c is not None
         with self._lock:
@@ -439,10 +453,11 @@ class Traffic:
             self.log(host, f"deregistered from classic ELB {name}")
         for arn in undo.target_groups:
             self._wait_drained(host, arn, iid)
-        if self.aws.standby:
+        if standby:
             self._enter_standby(host, iid, undo)
 
     def after_healthy(self, host: Host) -> None:
+        """Back in service (out of standby, registered) and healthy in every load balancer."""
         if not self.enabled or host.instance_id is None:
             return
         self._put_back(host, host.instance_id, wait=True)
@@ -532,7 +547,7 @@ class Traffic:
                 self.log(
                     host,
                     f"still {state} in {_tg_name(arn)} after {limit:.0f}s "
-                    "(deregistration delay + margin); rebooting anyway",
+                    "(deregistration delay + margin); going on anyway",
                 )
                 return
             time.sleep(POLL)

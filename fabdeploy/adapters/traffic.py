@@ -1,9 +1,12 @@
-"""Out of traffic and back around one host's swap + restart: deploy.yml's traffic.drain/restore.
+"""Out of traffic and back around one host's swap + restart: deploy.yml's traffic.drain/restore,
+and the `aws:` target groups / classic ELBs.
 
 The commands run on the deploying machine (`run_on: local`) or on the host (`node`), with
 {host} (the deploy.yml name) and {address} (what SSH connects to) shell-quoted in: HAProxy's
 runtime API, nginx, Consul, ... A drain command returns once the host is drained;
-`traffic.wait` adds a pause for balancers that cannot say. Whatever was drained is put
+`traffic.wait` adds a pause for balancers that cannot say. With `aws:` load balancers, the
+host's instance is deregistered and drained too (roll's code, aws.Traffic, without standby),
+and registered again and waited healthy on the way back. Whatever was drained is put
 back: once healthy, when its change failed, and at the end of the run for the rest.
 """
 
@@ -18,10 +21,18 @@ from contextlib import contextmanager
 
 from fabric import Connection
 
+from fabdeploy.adapters import aws
 from fabdeploy.adapters.ssh import connect, run
 from fabdeploy.basics.config import Config, Host
-from fabdeploy.basics.errors import DeployError, HostError
+from fabdeploy.basics.errors import AWSError, DeployError, HostError
 from fabdeploy.basics.output import say, warn
+
+
+def balanced(cfg: Config) -> bool:
+    """Load balancers to take hosts out of: traffic.drain/restore, or aws: target groups/classic ELBs."""
+    return cfg.traffic.enabled or (
+        cfg.aws is not None and bool(cfg.aws.target_groups or cfg.aws.classic_elbs)
+    )
 
 
 def command_for(template: str, host: Host, address: str) -> str:
@@ -32,16 +43,24 @@ def command_for(template: str, host: Host, address: str) -> str:
 
 
 class Drainer:
-    def __init__(self, cfg: Config, log: Callable[[str], None] = say) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        log: Callable[[str], None] = say,
+        lb: aws.Traffic | None = None,
+    ) -> None:
         self.cfg = cfg
         self.t = cfg.traffic
         self.log = log
         self._out: dict[str, Host] = {}
         self._lock = threading.Lock()
+        if lb is None and cfg.aws is not None:
+            lb = aws.Traffic(cfg, log=lambda h, m: self.log(f"{h.name}: {m}"))
+        self.lb = lb if lb is not None and lb.balances else None
 
     @property
     def enabled(self) -> bool:
-        return self.t.enabled
+        return self.t.enabled or self.lb is not None
 
     def _run(self, what: str, template: str, host: Host, conn: Connection) -> None:
         cmd = command_for(template, host, conn.host)
@@ -76,19 +95,34 @@ class Drainer:
     def drain(self, host: Host, conn: Connection) -> None:
         with self._lock:
             self._out[host.name] = host  # recorded first: a drain cut short is still put back
+        start = time.monotonic()
+        if self.lb is not None:
+            try:
+                self.lb.before_restart(host)  # deregistered, drained (no standby for a restart)
+            except AWSError as e:
+                raise HostError(host.name, f"{host.name}: {e}") from None
         if self.t.drain:
-            start = time.monotonic()
             self._run("drain", self.t.drain, host, conn)
             if self.t.wait:
                 time.sleep(self.t.wait)
+        if self.t.drain or self.lb is not None:
             self.log(f"{host.name}: out of traffic ({time.monotonic() - start:.1f}s)")
 
     def restore(self, host: Host, conn: Connection) -> None:
+        """Back in: the traffic.restore command, then the load balancers (waited healthy)."""
         with self._lock:
             if self._out.pop(host.name, None) is None:
                 return
-        if self.t.restore:
-            self._run("restore", self.t.restore, host, conn)
+        try:
+            if self.t.restore:
+                self._run("restore", self.t.restore, host, conn)
+        finally:
+            if self.lb is not None:
+                try:
+                    self.lb.after_healthy(host)
+                except AWSError as e:
+                    raise HostError(host.name, f"{host.name}: {e}") from None
+        if self.t.restore or self.lb is not None:
             self.log(f"{host.name}: back in traffic")
 
     @contextmanager
@@ -119,3 +153,5 @@ class Drainer:
                 )
             finally:
                 conn.close()
+        if self.lb is not None:
+            self.lb.restore_all()  # registers what a failed restore left out (warns, never raises)

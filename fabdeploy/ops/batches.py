@@ -15,7 +15,7 @@ from typing import Any
 from fabric import Connection
 
 from fabdeploy.adapters.ssh import HostResult, run_parallel
-from fabdeploy.adapters.traffic import Drainer
+from fabdeploy.adapters.traffic import Drainer, balanced
 from fabdeploy.basics.config import Config, Host, count_of
 from fabdeploy.basics.errors import ConfigError
 from fabdeploy.basics.output import progress_line, say, warn
@@ -84,6 +84,11 @@ class Plan:
             say(
                 f"each host out of traffic around its change (traffic.drain/restore, run {cfg.traffic.run_on})"
             )
+        if cfg.aws is not None and (cfg.aws.target_groups or cfg.aws.classic_elbs):
+            say(
+                "each host deregistered from the aws: target groups/classic ELBs and drained "
+                "around its change, then registered again and waited healthy"
+            )
         if len(self.groups) <= 1:
             return
         say(
@@ -140,11 +145,9 @@ def plan(
 
 
 def batching_asked(cfg: Config, batch: str | None, canary: int | None) -> bool:
-    """Without --batch, --canary, min_healthy and traffic settings a run is one parallel pass,
-    as it always was."""
-    return (
-        batch is not None or bool(canary) or min_healthy_of(cfg) is not None or cfg.traffic.enabled
-    )
+    """Without --batch, --canary, min_healthy and traffic settings (traffic: or aws: load
+    balancers) a run is one parallel pass, as it always was."""
+    return batch is not None or bool(canary) or min_healthy_of(cfg) is not None or balanced(cfg)
 
 
 def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | None) -> Plan:
@@ -159,7 +162,7 @@ def plan_for(cfg: Config, hosts: list[Host], batch: str | None, canary: int | No
         batch,
         live=len(resolve_hosts(cfg)),
         canary=canary or 0,
-        keep_one=cfg.traffic.enabled,
+        keep_one=balanced(cfg),
     )
 
 

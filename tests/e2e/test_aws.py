@@ -215,6 +215,62 @@ def test_roll_deregisters_and_stands_by_each_host_around_its_reboot(
     assert "deregistered from shop" in r.stdout and "in standby in shop-web" in r.stdout
 
 
+STAMPS = "/srv/shop/shared/stamps"
+
+
+def stamps(fleet: Fleet, host: str) -> list[tuple[str, float]]:
+    """(hook, wall time) of each hook run the node recorded, oldest first."""
+    out = fleet.ssh(host, f"cat {STAMPS} 2>/dev/null; rm -f {STAMPS}", check=False)
+    return [(w, float(t)) for w, t in (ln.split() for ln in out.splitlines() if ln.strip())]
+
+
+def test_hotfix_and_rollback_take_each_host_out_of_the_target_group_around_its_restart(
+    fleet: Fleet, world: World
+) -> None:
+    """No standby for a restart; one host at a time (min_healthy 66% of 3); each host's swap
+    and restart happen while it is deregistered, it is registered again after, all end healthy."""
+    hook = f"echo {{}} $(date +%s.%N) >> {STAMPS}"
+    cfg = aws_config(
+        fleet,
+        world,
+        "aws-hotfix",
+        hooks={
+            "before_swap": [hook.format("swap")],
+            "after_restart": [hook.format("restart")],
+        },
+    )
+    for h in HOSTS:
+        stamps(fleet, h)
+    new = fleet.commit("a hotfix behind the load balancer")
+    for task in ("deploy.hotfix", "deploy.rollback"):
+        rec = Recorder(world)
+        rec.start()
+        try:
+            r = fleet.fab(task, config=cfg)
+        finally:
+            samples = rec.stop()
+        assert all(f"batch {i}/3" in r.stdout for i in (1, 2, 3)), r.stdout
+        for h in HOSTS:
+            health = transitions(samples, h, 1)
+            assert [s for _, s in health] == ["healthy", "unused", "healthy"], (task, h, health)
+            assert {s for _, s in transitions(samples, h, 2)} == {"InService"}, (task, h)
+            hooks = stamps(fleet, h)
+            assert "restart" in [w for w, _ in hooks], (task, h, hooks)
+            # Out of the target group for every swap and restart of this host, back in after.
+            assert all(health[1][0] < t < health[2][0] for _, t in hooks), (task, h, health, hooks)
+            # One host at a time: the others served while this one was out.
+            during = [s for s in samples if health[1][0] < s[0] < health[2][0]]
+            assert all(s[1][o] == "healthy" for s in during for o in HOSTS if o != h), (task, h)
+        _, health_now, life = world.snapshot()
+        assert health_now == dict.fromkeys(HOSTS, "healthy"), task
+        assert life == dict.fromkeys(HOSTS, "InService"), task
+        assert r.stdout.count("deregistered from shop") == 3 and "standby" not in r.stdout
+        for h in HOSTS:
+            assert (fleet.revision(h) == new) is (task == "deploy.hotfix"), (task, h)
+    g = world.group()
+    assert (g["MinSize"], g["DesiredCapacity"]) == (3, 3)
+
+
 def test_failed_host_is_put_back_in_service(fleet: Fleet, world: World) -> None:
     """web1 does not come back in time: the roll stops, and web1 leaves Standby and rejoins the target group."""
     cfg = aws_config(fleet, world, "aws-short", roll={"reboot_timeout": 3})

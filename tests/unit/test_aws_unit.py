@@ -364,6 +364,51 @@ def test_target_not_registered_is_left_alone(tmp_path: Path, moto: dict[str, Any
     assert tg_state(moto, tg, ids[0]) == "unused"  # it was not in the LB, so it is not put in
 
 
+def test_hotfix_drainer_takes_each_host_out_of_the_target_group_without_standby(
+    tmp_path: Path, moto: dict[str, Any]
+) -> None:
+    """moto: a hotfix/rollback host is deregistered around its change (no standby), registered
+    and healthy after it, also when the change failed; restore_all puts back a cut-short one."""
+    from fabdeploy.adapters.traffic import Drainer, balanced
+
+    name, ids, tg = make_group(moto, 3)
+    cfg = aws_cfg(
+        tmp_path,
+        moto,
+        f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n  standby: true\n",
+    )
+    assert balanced(cfg)
+    hosts = {h.instance_id: h for h in aws.discover(cfg)}
+    lines: list[str] = []
+    d = Drainer(cfg, log=lines.append)
+    assert d.enabled and d.lb is not None
+    conn: Any = None  # no traffic.drain/restore commands: no connection is used
+    seen = []
+    with d.around(hosts[ids[0]], conn):
+        seen.append((tg_state(moto, tg, ids[0]), lifecycle(moto, ids[0])))
+        assert tg_state(moto, tg, ids[1]) == "healthy"
+    assert seen == [("unused", "InService")]  # out of the LB, not in standby
+    assert tg_state(moto, tg, ids[0]) == "healthy"
+    assert any("out of traffic" in ln for ln in lines) and any(
+        "back in traffic" in ln for ln in lines
+    )
+    with pytest.raises(RuntimeError), d.around(hosts[ids[1]], conn):
+        raise RuntimeError("the change failed")
+    assert tg_state(moto, tg, ids[1]) == "healthy"
+    d.drain(hosts[ids[2]], conn)  # a Ctrl-C before its restore
+    assert tg_state(moto, tg, ids[2]) == "unused"
+    d.restore_all()
+    assert tg_state(moto, tg, ids[2]) == "healthy"
+    assert (group(moto, name)["MinSize"], group(moto, name)["DesiredCapacity"]) == (3, 3)
+
+
+def test_no_load_balancers_no_drainer(tmp_path: Path, moto: dict[str, Any]) -> None:
+    from fabdeploy.adapters.traffic import Drainer, balanced
+
+    cfg = aws_cfg(tmp_path, moto, "  autoscaling_groups: [g]\n  standby: true\n")
+    assert not balanced(cfg) and not Drainer(cfg).enabled
+
+
 # --- Stubber: APIs moto lacks, answers moto cannot give ---------------------------------
 
 
