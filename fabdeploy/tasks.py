@@ -202,7 +202,8 @@ def setup_task(c, hosts=None, roles=None, admin_user=None):
     help={"hosts": "comma-separated deploy.yml host names (default: all)", "roles": _ROLES_HELP},
 )
 def check_task(c, hosts=None, roles=None):
-    """Preflight, changing nothing: SSH, sudo rights, shared files, Python/boto3, node program and unit."""
+    """Preflight, changing nothing: SSH, sudo rights, shared files, Python/boto3, node program and
+    unit, the node's own S3 read of the pointer, free disk for the bundle, the health check."""
     cfg = _cfg(c)
     from fabdeploy.ops.check import run_check
 

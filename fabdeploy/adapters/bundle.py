@@ -52,7 +52,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -102,6 +102,9 @@ class Bundle:
     committed_at: int
     manifest: dict[str, str] | None = None  # the signed manifest envelope, when signing is on
     bundle_id: str = ""  # the commit when there is no build recipe
+    # Bytes the extracted release takes on a node (unpacked_size()); None for bundles made
+    # before it was recorded.
+    unpacked_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.bundle_id:
@@ -325,15 +328,15 @@ def _git_text(repo: Path, *args: str) -> bytes:
 
 
 def tree_members(repo: Path, commit: str) -> list[tarfile.TarInfo]:
-    """What `git archive` of `commit` packs, as tar members (symlink targets included)."""
+    """What `git archive` of `commit` packs, as tar members (symlink targets and sizes included)."""
     members: list[tarfile.TarInfo] = []
     links: list[tuple[tarfile.TarInfo, str]] = []
-    for entry in _git_text(repo, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
+    for entry in _git_text(repo, "ls-tree", "-r", "-l", "-z", "--full-tree", commit).split(b"\0"):
         if not entry:
             continue
         meta, _, raw = entry.partition(b"\t")
         mode, _, rest = meta.decode().partition(" ")
-        oid = rest.split(" ")[-1]
+        _, oid, size = rest.split()  # type, object id, size ("-" for a submodule)
         m = tarfile.TarInfo(raw.decode("utf-8", "surrogateescape"))
         if mode == "120000":
             m.type = tarfile.SYMTYPE
@@ -342,12 +345,31 @@ def tree_members(repo: Path, commit: str) -> list[tarfile.TarInfo]:
             m.type = tarfile.DIRTYPE
         else:
             m.type = tarfile.REGTYPE
+            m.size = int(size)
         members.append(m)
     if links:
         out = _git_text_input(repo, "".join(f"{oid}\n" for _, oid in links))
         for m, target in zip((m for m, _ in links), out, strict=True):
             m.linkname = target
     return members
+
+
+BLOCK = 4096  # the node's unit of space accounting (node.py: _Space)
+
+
+def unpacked_size(members: Iterable[tarfile.TarInfo]) -> int:
+    """The bytes a node's extraction counts for these members: each file rounded up to whole
+    blocks (one at least), a block per directory (deploy.check compares it with free space)."""
+    total, dirs = 0, set[str]()
+    for m in members:
+        name = m.name[2:] if m.name.startswith("./") else m.name
+        parts = name.strip("/").split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if m.isdir():
+            dirs.add("/".join(parts))
+        elif m.isreg():
+            total += max(BLOCK, -(-m.size // BLOCK) * BLOCK)
+    return total + BLOCK * len(dirs)
 
 
 def _git_text_input(repo: Path, oids: str) -> list[str]:
@@ -518,8 +540,9 @@ def pack(members: list[tuple[tarfile.TarInfo, str | None]], out: IO[bytes]) -> t
 
 def build_pack(
     cfg: Config, commit: str, committed_at: int, out: IO[bytes], log: Log
-) -> tuple[str, int]:
-    """Export `commit`, run the build recipe in it, check and pack the result into `out`."""
+) -> tuple[str, int, int]:
+    """Export `commit`, run the build recipe in it, check and pack the result into `out`:
+    (sha256, size, unpacked size)."""
     where = cfg.build.tmpdir
     if where is not None and not where.is_dir():
         raise BundleError(
@@ -539,7 +562,7 @@ def build_pack(
             log(f"build done in {time.monotonic() - t0:.1f}s")
         members = collect(src, cfg.build, committed_at)
         check_members([m for m, _ in members], f"the build of {commit[:12]}")
-        return pack(members, out)
+        return (*pack(members, out), unpacked_size(m for m, _ in members))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -601,7 +624,19 @@ def _bundle_from_meta(
         uploaded=False,
         committed_at=int(meta.get("committed-at") or ct),
         bundle_id=bid,
+        unpacked_size=meta_int(meta.get("unpacked-size")),
     )
+
+
+def meta_int(value: object) -> int | None:
+    """A non-negative integer from S3 metadata or a manifest, else None (absent or damaged)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        return int(value)
+    return None
 
 
 def _mismatch(store: Store, bid: str, theirs: str, ours: str) -> BundleError:
@@ -644,13 +679,14 @@ def _report(b: Bundle, log: Log) -> None:
 
 
 def _metadata(
-    cfg: Config, bid: str, commit: str, ref: str, sha: str, size: int, ct: int
+    cfg: Config, bid: str, commit: str, ref: str, sha: str, size: int, ct: int, unpacked: int
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "commit": commit,
         "ref": ref,
         "sha256": sha,
         "size": size,
+        "unpacked-size": unpacked,
         "built-at": now_iso(),
         "built-by": local_user(),
         "app": cfg.app,
@@ -681,12 +717,23 @@ def _build(
     uri = store.uri(key)
     with tempfile.TemporaryFile(prefix="fabdeploy-bundle-") as spool:
         if cfg.build.recipe is None:
-            check_members(tree_members(cfg.repo, commit), f"the bundle of {commit[:12]}")
+            members = tree_members(cfg.repo, commit)
+            check_members(members, f"the bundle of {commit[:12]}")
+            unpacked = unpacked_size(members)
             sha, size = archive(cfg.repo, commit, spool)
         else:
-            sha, size = build_pack(cfg, commit, ct, spool, log)
+            sha, size, unpacked = build_pack(cfg, commit, ct, spool, log)
         bundle = Bundle(
-            commit, ref, sha, size, key, uri, uploaded=False, committed_at=ct, bundle_id=bid
+            commit,
+            ref,
+            sha,
+            size,
+            key,
+            uri,
+            uploaded=False,
+            committed_at=ct,
+            bundle_id=bid,
+            unpacked_size=unpacked,
         )
         if existing is not None and existing.get("sha256"):
             if existing["sha256"] != sha:
@@ -704,9 +751,12 @@ def _build(
                     return _bundle_from_meta(store, bid, commit, ref, ct, existing)
                 raise _mismatch(store, bid, existing["sha256"], sha)
             log(f"bundle {bid[:25]} already in {uri} (sha256 {sha}), nothing uploaded")
-            return bundle
+            # The object's metadata stays as it was: an old bundle's unpacked size is unknown.
+            return dataclasses.replace(
+                bundle, unpacked_size=meta_int(existing.get("unpacked-size"))
+            )
         spool.seek(0)
-        meta = _metadata(cfg, bid, commit, ref, sha, size, ct)
+        meta = _metadata(cfg, bid, commit, ref, sha, size, ct, unpacked)
         show = sys.stdout.isatty() if progress is None else progress
         bar = _Progress(size, f"uploading {bid[:25]}", show)
         try:
@@ -720,10 +770,10 @@ def _build(
             log(
                 f"bundle {bid[:25]} was uploaded meanwhile by {theirs.get('built-by', 'someone')}, same sha256"
             )
-            return bundle
+            return dataclasses.replace(bundle, unpacked_size=meta_int(theirs.get("unpacked-size")))
         finally:
             bar.close()
-    return Bundle(commit, ref, sha, size, key, uri, uploaded=True, committed_at=ct, bundle_id=bid)
+    return dataclasses.replace(bundle, uploaded=True)
 
 
 def build_and_upload(
@@ -791,6 +841,7 @@ def ensure_bundle(
             committed_at=int(m.get("committed_at") or ct),
             manifest=env,
             bundle_id=bid,
+            unpacked_size=meta_int(m.get("unpacked_size")),
         )
         log(f"bundle {bid[:25]} already in S3, manifest signed by {principal}, nothing uploaded")
     elif meta is not None and not signed and not verify and all(meta.get(k) for k in REQUIRED_META):
@@ -853,6 +904,8 @@ def sign_manifest(cfg: Config, store: Store, b: Bundle) -> dict[str, str]:
         "built_by": local_user(),
         "bundle_id": b.bundle_id,
     }
+    if b.unpacked_size is not None:  # unknown for bundles made before it was recorded
+        payload["unpacked_size"] = b.unpacked_size
     env = signing.sign(cfg, payload, signing.NS_MANIFEST)
     store.put_manifest(b.bundle_id, env)
     return env
@@ -1020,6 +1073,8 @@ def promote(
     )
     existing = store.head_bundle(p.id)
     if existing is not None:
+        b = dataclasses.replace(b, unpacked_size=meta_int(existing.get("unpacked-size")))
+    if existing is not None:
         if existing.get("sha256") != p.sha256:
             raise _mismatch(store, p.id, existing.get("sha256", "<none>"), p.sha256)
         log(f"bundle for {p.commit[:12]} already in {b.uri} (sha256 {p.sha256}), nothing copied")
@@ -1059,6 +1114,7 @@ def promote(
             uploaded=True,
             committed_at=b.committed_at,
             bundle_id=p.id,
+            unpacked_size=meta_int(meta.get("unpacked-size")),
         )
         log(f"copied {p.commit[:12]} from stage {from_stage} to {b.uri} (sha256 {p.sha256})")
     if signing_on(cfg):

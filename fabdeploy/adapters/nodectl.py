@@ -336,7 +336,30 @@ def check_script(cfg: Config, host: Host) -> str:
         parts.append(
             f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing"
         )
-    return "".join(p + "; " for p in parts) + _probe_script(cfg)
+    node = q(cfg.node_dir + "/node.py")
+    # Last, and only if there is a node program: its `check` answer, one JSON line.
+    own = (
+        f"; if test -f {node}; then printf 'node_check=%s\\n' "
+        f'"$({boot_env_command(cfg, "check")} 2>/dev/null | tail -n 1)"; fi'
+    )
+    return "".join(p + "; " for p in parts) + _probe_script(cfg) + own
+
+
+# What systemd gives a service (the boot unit): its user's HOME, USER and LOGNAME, a PATH, and
+# nothing from a login session (the sandbox's systemctl stand-in does the same).
+BOOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def boot_env_command(cfg: Config, *args: str) -> str:
+    """The node program as the boot unit runs it: the same user (the SSH user is the unit's
+    User=), a clean environment, so S3 credentials come only from node_env or the instance
+    role, never from the SSH session. SSH_CONNECTION stays: health.url's {host} is the address
+    sshd was reached on, as for every other call over SSH."""
+    env = (
+        f"env -i {q('PATH=' + BOOT_PATH)} LANG=C.UTF-8 "
+        'HOME="$HOME" USER="$(id -un)" LOGNAME="$(id -un)" SSH_CONNECTION="$SSH_CONNECTION"'
+    )
+    return f"{env} {node_command(cfg, *args)}"
 
 
 def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:

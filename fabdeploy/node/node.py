@@ -692,16 +692,19 @@ def _s3_error(exc: Exception, what: str, cfg: Config) -> NodeError:
     where = cfg.s3.endpoint_url or f"region {cfg.s3.region or 'default'}"
     if code in ("NoSuchKey", "404", "NotFound"):
         return NodeError(
-            f"{what} does not exist ({where}) as seen from {hostname()}: publish it first"
+            f"{what} does not exist ({where}) as seen from {hostname()}: publish it first",
+            s3_code=code,
         )
     if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return NodeError(
-            f"access denied reading {what} from {hostname()} ({code}): check the host's S3 credentials"
+            f"access denied reading {what} from {hostname()} ({code}): check the host's S3 credentials",
+            s3_code=code,
         )
     text = str(exc).replace("\n", " ")
     return NodeError(
         f"cannot read {what} from {hostname()} via {where}: {type(exc).__name__}: {text}: "
-        "check the host's network, S3 endpoint and credentials"
+        "check the host's network, S3 endpoint and credentials",
+        s3_code=code or type(exc).__name__,
     )
 
 
@@ -2300,9 +2303,11 @@ def check_health(
     release: str,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    once: bool = False,
 ) -> dict[str, Any]:
     """Poll health.url (over this host's own address) and health.command until both pass or
     health.timeout runs out: the same readiness loop the deploying machine used to run.
+    `once`: one probe of each, no waiting (deploy.check asks whether it answers now).
 
     Returns {"ok", "detail", "seconds"}; a failure's detail starts "health check failed"."""
     h = cfg.health
@@ -2331,7 +2336,7 @@ def check_health(
                 if x
             )
             return {"ok": True, "detail": what, "seconds": round(waited, 3)}
-        if time.monotonic() >= deadline:
+        if once or time.monotonic() >= deadline:
             return {
                 "ok": False,
                 "detail": f"health check failed after {waited:.0f}s on {hostname()}: {last}",
@@ -2865,6 +2870,45 @@ def status(
     }
 
 
+def preflight(cfg: Config) -> dict[str, Any]:
+    """`check` (deploy.check's node part), changing nothing: can this node read the published
+    pointer with its own credentials (node_env, else its instance role), as the boot unit does;
+    how much space is free on deploy_to's filesystem; does the health check answer now."""
+    layout = Layout(cfg.deploy_to)
+    uri = f"s3://{cfg.s3.bucket}/{cfg.s3.key('published.json')}"
+    pointer: dict[str, Any] = {"uri": uri}
+    try:
+        p = validate_pointer(read_pointer_s3(cfg), cfg)
+        pointer.update(ok=True, commit=p["commit"], bundle_id=p.get("bundle_id") or p["commit"])
+    except NodeError as exc:
+        pointer.update(ok=False, error=exc.message, code=exc.extra.get("s3_code"))
+    path = layout.deploy_to
+    for candidate in (layout.releases, layout.deploy_to):
+        if os.path.isdir(candidate):
+            path = candidate
+            break
+    else:  # not set up yet: the filesystem it will be created on
+        while path not in ("", "/") and not os.path.isdir(path):
+            path = os.path.dirname(path)
+    try:
+        free: int | None = disk_free(path or "/")
+    except OSError:
+        free = None
+    health: dict[str, Any] | None = None
+    if cfg.health.here:
+        try:
+            cur = read_current(layout)
+        except NodeError as exc:
+            cur, health = None, {"ok": False, "detail": exc.message}
+        if cur is not None and cur.ok:
+            health = check_health(cfg, layout, cur.path, once=True)
+        elif cur is not None:
+            health = {"ok": False, "detail": f"{layout.current} points at a missing release"}
+        elif health is None:
+            health = {"ok": None, "detail": "no current release yet"}
+    return {"ok": True, "pointer": pointer, "free": free, "path": path, "health": health}
+
+
 def cleanup(cfg: Config) -> dict[str, Any]:
     layout = Layout(cfg.deploy_to)
     if not os.path.isdir(layout.deploy_to):
@@ -3087,7 +3131,7 @@ def _parser() -> Any:
     )
     st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
 
-    for name in ("boot", "cleanup", "version"):
+    for name in ("boot", "check", "cleanup", "version"):
         sub.add_parser(name)
     return p
 
@@ -3210,6 +3254,8 @@ def _dispatch(args: Any) -> dict[str, Any]:
         return status(cfg, after_boot=args.after_boot, wait=args.wait)
     if args.command == "cleanup":
         return cleanup(cfg)
+    if args.command == "check":
+        return preflight(cfg)
     if args.command == "boot":
         return boot(cfg)
     raise NodeError(f"unknown command {args.command!r}")

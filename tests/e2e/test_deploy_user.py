@@ -129,7 +129,8 @@ def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
     )  # the preflight sees it, changing nothing
     assert (
         r.returncode == 1
-        and "web3 FAILED deploy may not run `sudo /usr/local/bin/systemctl restart shop`" in flat(r)
+        and re.search(r"web3 FAILED ok [\d.]+ MB needed", flat(r))
+        and "deploy may not run `sudo /usr/local/bin/systemctl restart shop`" in flat(r)
     ), r.stdout
     assert fleet.current("web3") == before
     fleet.commit("no sudo on web3")

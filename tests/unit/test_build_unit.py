@@ -129,12 +129,12 @@ def test_build_pack_is_byte_identical_across_git_config_and_runs(repo: Path) -> 
     sha, ct = resolve_commit(repo, "HEAD")
     cfg = cfg_for(repo, BUILD)
     first = io.BytesIO()
-    digest, size = build_pack(cfg, sha, ct, first, log=lambda _: None)
+    digest, size, _ = build_pack(cfg, sha, ct, first, log=lambda _: None)
     hostile_git_config(repo)
     old = os.umask(0o000)
     try:
         second = io.BytesIO()
-        digest2, _ = build_pack(cfg, sha, ct, second, log=lambda _: None)
+        digest2, _, _ = build_pack(cfg, sha, ct, second, log=lambda _: None)
     finally:
         os.umask(old)
     assert (
@@ -343,6 +343,10 @@ def test_rebundling_same_commit_and_recipe_uploads_nothing_and_a_new_recipe_is_a
     )
     assert "recipe" not in store.objects[plain.key][1]
     assert len(store.objects) == 2
+    # The unpacked size (deploy.check's disk check) is recorded with both, and read back.
+    for b in (b1, plain):
+        assert b.unpacked_size and store.objects[b.key][1]["unpacked-size"] == str(b.unpacked_size)
+    assert b2.unpacked_size == b1.unpacked_size
 
 
 def test_a_bundle_packed_by_an_older_fabdeploy_is_kept(repo: Path) -> None:
