@@ -23,7 +23,7 @@ from fabric import Connection
 
 from fabdeploy.adapters import signing
 from fabdeploy.adapters.ssh import SUDO_REFUSED, as_root, q, run, sudo_password, sudo_refusal
-from fabdeploy.basics.config import Config, Host, for_host
+from fabdeploy.basics.config import Config, Host, for_host, linked_sources
 from fabdeploy.basics.errors import ConfigError, HostError
 from fabdeploy.basics.output import host_line
 
@@ -89,6 +89,20 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
             "allow_unsigned": cfg.signing.allow_unsigned,
         },
         "link_unchanged": cfg.node.link_unchanged,
+        # Only with sourced linked files: other fleets keep their node.json and fingerprint.
+        **({"shared_config": shared_config_json(cfg)} if linked_sources(cfg) else {}),
+    }
+
+
+def shared_config_json(cfg: Config) -> dict[str, Any]:
+    """What a node needs to fetch linked files from their sources itself: the sources, and the
+    endpoints spelled out (Debian 12's boto3 1.26 ignores AWS_ENDPOINT_URL)."""
+    cs = cfg.config_sources
+    return {
+        "files": [{"path": path, **src.to_json()} for path, src in linked_sources(cfg).items()],
+        "region": cs.region or cfg.s3.region,
+        "ssm_endpoint_url": cs.ssm_endpoint_url,
+        "secretsmanager_endpoint_url": cs.secretsmanager_endpoint_url,
     }
 
 
@@ -332,7 +346,7 @@ def check_script(cfg: Config, host: Host) -> str:
             parts.append(
                 f"sudo -n -l -- {cmd} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused"
             )
-    for i, f in enumerate(cfg.linked_files):
+    for i, f in enumerate(_provisioned(cfg)):
         parts.append(
             f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing"
         )
@@ -362,6 +376,12 @@ def boot_env_command(cfg: Config, *args: str) -> str:
     return f"{env} {node_command(cfg, *args)}"
 
 
+def _provisioned(cfg: Config) -> list[str]:
+    """Linked files someone must put in shared/ (the others are fetched by the node itself)."""
+    sourced = linked_sources(cfg)
+    return [f for f in cfg.linked_files if f not in sourced]
+
+
 def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
     """What deploy.check reports for a host, one short phrase each (empty: all good)."""
     hcfg = for_host(cfg, host)
@@ -372,7 +392,7 @@ def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
                 out.append(f"{cfg.ssh.user} may not run `sudo {cmd}` (sudo -n -l)")
     out += [
         f"shared/{f} is missing"
-        for i, f in enumerate(cfg.linked_files)
+        for i, f in enumerate(_provisioned(cfg))
         if state.get(f"linked{i}") != "ok"
     ]
     need = ".".join(map(str, MIN_PYTHON))

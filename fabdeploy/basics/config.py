@@ -164,6 +164,131 @@ def _rel_paths(v: Any) -> tuple[str, ...]:
     return tuple(_rel_path(x) for x in v)
 
 
+# --- linked files that name their source (SSM, Secrets Manager, S3) -------------------
+
+SOURCE_KINDS = ("ssm", "secret", "s3")
+_LINKED_KEYS = ("path", *SOURCE_KINDS)
+_SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=-]+")
+
+
+@dataclass(frozen=True)
+class LinkedSource:
+    """Where a linked file's content lives: an SSM parameter (SecureString, decrypted), a
+    Secrets Manager secret, or an S3 object. Nodes fetch it into shared/<path> at boot and on
+    hotfix; `fab deploy.config` shows, pushes and diffs it."""
+
+    kind: str  # one of SOURCE_KINDS
+    name: (
+        str  # parameter name, secret id, or S3 key (a plain key is under s3.prefix until load ends)
+    )
+    bucket: str | None = None  # S3 only: None until load resolves it to s3.bucket
+
+    def describe(self) -> str:
+        if self.kind == "ssm":
+            return f"ssm:{self.name}"
+        if self.kind == "secret":
+            return f"secretsmanager:{self.name}"
+        return f"s3://{self.bucket}/{self.name}"
+
+    def to_json(self) -> dict[str, str]:
+        """How node.json names it (one key per kind, as deploy.yml does)."""
+        if self.kind == "s3":
+            return {"s3_bucket": self.bucket or "", "s3_key": self.name}
+        return {self.kind: self.name}
+
+
+class LinkedFiles(tuple[str, ...]):
+    """linked_files: the relative paths (what every caller iterates), plus `sources`: path ->
+    LinkedSource for the entries that name one."""
+
+    sources: dict[str, LinkedSource]
+
+    def __new__(
+        cls, paths: Sequence[str] = (), sources: dict[str, LinkedSource] | None = None
+    ) -> LinkedFiles:
+        self = super().__new__(cls, tuple(paths))
+        self.sources = dict(sources or {})
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return tuple.__eq__(self, other) and self.sources == getattr(other, "sources", {})
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __repr__(self) -> str:
+        return f"LinkedFiles({tuple(self)!r}, sources={self.sources!r})"
+
+    def resolved(self, bucket: str, prefix: str) -> LinkedFiles:
+        """S3 sources given as a plain key live under the deploy bucket and prefix."""
+        out = {}
+        for path, src in self.sources.items():
+            if src.kind == "s3" and src.bucket is None:
+                src = LinkedSource("s3", f"{prefix}/{src.name}" if prefix else src.name, bucket)
+            out[path] = src
+        return LinkedFiles(self, out)
+
+
+def _source_name(v: Any, kind: str) -> str:
+    what = {"ssm": "an SSM parameter name", "secret": "a secret name or ARN"}.get(
+        kind, "an S3 key under s3.prefix, or s3://bucket/key"
+    )
+    if not isinstance(v, str) or not v or not _SOURCE_NAME_RE.fullmatch(v):
+        raise TypeError(
+            f"entries whose {kind} is {what} (letters, digits and _ . : / @ + = - only)"
+        )
+    return v
+
+
+def _linked_file(v: Any) -> tuple[str, LinkedSource | None]:
+    if not isinstance(v, dict):
+        return _rel_path(v), None
+    unknown = sorted(str(k) for k in v if k not in _LINKED_KEYS)
+    if unknown:
+        raise TypeError(
+            f"paths or {{path, ssm | secret | s3}} mappings; valid keys: {', '.join(_LINKED_KEYS)} "
+            f"(unknown: {', '.join(unknown)})"
+        )
+    if "path" not in v:
+        raise TypeError("mappings with a `path:` (e.g. {path: config/database.yml, ssm: /app/db})")
+    kinds = [k for k in SOURCE_KINDS if k in v]
+    if len(kinds) != 1:
+        raise TypeError(
+            f"mappings naming exactly one source, ssm, secret or s3 ({v.get('path')!r} names "
+            f"{' and '.join(kinds) or 'none'})"
+        )
+    kind = kinds[0]
+    name = _source_name(v[kind], kind)
+    bucket = None
+    if kind == "s3":
+        if name.startswith("s3://"):
+            bucket, _, name = name[5:].partition("/")
+            if not bucket or not name:
+                raise TypeError("entries whose s3 is s3://bucket/key with both parts, or a key")
+        elif name.startswith("/") or ".." in name.split("/"):
+            raise TypeError("entries whose s3 is a key under s3.prefix (no leading '/', no '..')")
+    return _rel_path(v["path"]), LinkedSource(kind, name, bucket)
+
+
+def _linked_files(v: Any) -> LinkedFiles:
+    if v is None:
+        return LinkedFiles()
+    if not isinstance(v, list):
+        raise TypeError("a list of relative paths or {path, ssm | secret | s3} mappings")
+    paths: list[str] = []
+    sources: dict[str, LinkedSource] = {}
+    for item in v:
+        path, src = _linked_file(item)
+        if path in paths:
+            raise TypeError(f"a list naming each path once ({path} is there twice)")
+        paths.append(path)
+        if src is not None:
+            sources[path] = src
+    return LinkedFiles(paths, sources)
+
+
 def _commands(v: Any) -> tuple[str, ...]:
     if v is None:
         return ()
@@ -603,6 +728,23 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class ConfigSourcesConfig:
+    """Where linked files' ssm/secret sources live, for nodes (in node.json: old boto3 on a node
+    ignores AWS_ENDPOINT_URL) and for `fab deploy.config`. S3 sources use the s3: settings."""
+
+    region: str | None = key(
+        _opt_str, doc="region of the parameters and secrets (default: s3.region)"
+    )
+    ssm_endpoint_url: str | None = key(_opt_str, doc="an SSM endpoint instead of AWS's")
+    secretsmanager_endpoint_url: str | None = key(
+        _opt_str, doc="a Secrets Manager endpoint instead of AWS's"
+    )
+    profile: str | None = key(
+        _opt_str, doc="AWS profile of the deploying machine for deploy.config (default: s3.profile)"
+    )
+
+
+@dataclass(frozen=True)
 class RollConfig:
     batch: str = key(_batch, "1", doc="hosts rebooted at once: a count or a percentage")
     reboot_timeout: float = key(_pos_num, 300.0)
@@ -675,8 +817,16 @@ class Config:
     hosts: tuple[Host, ...] = key("hosts", factory=tuple)
     ref: str = key(_str, "HEAD")
     keep_releases: int = key(_keep_releases, 5)
-    linked_files: tuple[str, ...] = key(_rel_paths, factory=tuple)
+    linked_files: LinkedFiles = key(
+        _linked_files,
+        factory=LinkedFiles,
+        doc="files in shared/ linked into each release: a path, or {path, ssm | secret | s3} "
+        "to have nodes fetch it (at boot and on hotfix)",
+    )
     linked_dirs: tuple[str, ...] = key(_rel_paths, factory=tuple)
+    config_sources: ConfigSourcesConfig = key(
+        ConfigSourcesConfig, doc="region/endpoints of linked files' ssm and secret sources"
+    )
     build: BuildConfig = key(
         BuildConfig, doc="build once on the deploying machine, ship the result"
     )
@@ -742,6 +892,11 @@ class Config:
             f"unknown host {name!r} (not in hosts of {self.path}); known hosts: "
             + ", ".join(h.name for h in self.hosts)
         )
+
+
+def linked_sources(cfg: Config) -> dict[str, LinkedSource]:
+    """The linked files that name a source, by path (a plain tuple of paths names none)."""
+    return dict(getattr(cfg.linked_files, "sources", {}))
 
 
 def keys(cls: type) -> dict[str, dataclasses.Field[Any]]:
@@ -1152,6 +1307,8 @@ def _build(
     # With stages, each has its own pointer, lock and history: the default prefix is app/stage.
     default_prefix = f"{v['app']}/{stage}" if stage else v["app"]
     v["s3"] = dataclasses.replace(s3, prefix=(s3.prefix or default_prefix).strip("/"))
+    if "linked_files" in v:  # S3 sources given as a plain key: under the (stage's) prefix
+        v["linked_files"] = v["linked_files"].resolved(s3.bucket, v["s3"].prefix)
     sign = v.get("signing")
     if sign is not None and sign.key is not None and sign.allowed_signers is None:
         raise ConfigError(

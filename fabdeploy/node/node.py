@@ -388,10 +388,55 @@ class Config:
         # Hardlink files unchanged since the previous release instead of writing them again.
         link = raw.get("link_unchanged")
         self.link_unchanged: bool = True if link is None else bool(link)
+        # Linked files whose content this node fetches itself (SSM, Secrets Manager, S3).
+        self.shared = SharedConfig(raw.get("shared_config"))
 
     @property
     def before_swap(self) -> list[str]:
         return [h.run for h in self.hooks["before_swap"]]
+
+
+class SharedFile:
+    """A linked file whose content lives in an SSM parameter (SecureString, decrypted), a
+    Secrets Manager secret or an S3 object: node.json's shared_config.files entries."""
+
+    def __init__(self, raw: Any) -> None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("path"), str):
+            raise NodeError(
+                f"a shared_config file in node.json on {hostname()} has no path: re-run setup"
+            )
+        self.path: str = raw["path"]
+        self.bucket: str | None = None
+        if raw.get("ssm"):
+            self.kind, self.name = "ssm", str(raw["ssm"])
+        elif raw.get("secret"):
+            self.kind, self.name = "secret", str(raw["secret"])
+        elif raw.get("s3_key") and raw.get("s3_bucket"):
+            self.kind, self.name = "s3", str(raw["s3_key"])
+            self.bucket = str(raw["s3_bucket"])
+        else:
+            raise NodeError(
+                f"shared_config file {self.path!r} in node.json on {hostname()} names no "
+                "source (ssm, secret or s3): re-run setup"
+            )
+
+    def describe(self) -> str:
+        if self.kind == "ssm":
+            return f"SSM parameter {self.name}"
+        if self.kind == "secret":
+            return f"secret {self.name}"
+        return f"s3://{self.bucket}/{self.name}"
+
+
+class SharedConfig:
+    def __init__(self, raw: Any) -> None:
+        raw = raw if isinstance(raw, dict) else {}
+        self.files: list[SharedFile] = [SharedFile(f) for f in raw.get("files") or []]
+        self.region: str | None = raw.get("region") or None
+        self.endpoints: dict[str, str | None] = {
+            "ssm": raw.get("ssm_endpoint_url") or None,
+            "secretsmanager": raw.get("secretsmanager_endpoint_url") or None,
+        }
 
 
 class HealthConfig:
@@ -659,6 +704,12 @@ class Source:
 
 
 def s3_client(cfg: Config) -> Any:
+    return aws_client(cfg, "s3", cfg.s3.region, cfg.s3.endpoint_url)
+
+
+def aws_client(cfg: Config, service: str, region: str | None, endpoint_url: str | None) -> Any:
+    """A boto3 client with node_env's credentials (else the instance role) and an explicit
+    endpoint: old boto3 (Debian 12's 1.26) ignores AWS_ENDPOINT_URL."""
     _INJECTED.update(k for k, v in cfg.env.items() if os.environ.get(k) != v)
     os.environ.update(cfg.env)
     # New boto3 sends CRC32 checksums that some S3-compatible servers reject; old boto3
@@ -681,9 +732,7 @@ def s3_client(cfg: Config) -> Any:
         read_timeout=cfg.download_timeout,
         retries={"max_attempts": 1, "mode": "standard"},
     )
-    return boto3.client(
-        "s3", region_name=cfg.s3.region, endpoint_url=cfg.s3.endpoint_url, config=boto_cfg
-    )
+    return boto3.client(service, region_name=region, endpoint_url=endpoint_url, config=boto_cfg)
 
 
 def _s3_error(exc: Exception, what: str, cfg: Config) -> NodeError:
@@ -1798,8 +1847,13 @@ def check_linked_path(rel: str, kind: str) -> str:
     return "/".join(norm)
 
 
-def check_linked_files(cfg: Config, layout: Layout) -> None:
+def check_linked_files(cfg: Config, layout: Layout, skip_sourced: bool = False) -> None:
+    """Every linked file exists in shared/ (with `skip_sourced`, not those the node fetches
+    from their source: checked when they are fetched)."""
+    sourced = {f.path for f in cfg.shared.files} if skip_sourced else set()
     for rel in cfg.linked_files:
+        if rel in sourced:
+            continue
         rel = check_linked_path(rel, "file")
         full = os.path.join(layout.shared, rel)
         if not os.path.exists(full):
@@ -1863,6 +1917,249 @@ def link_shared(cfg: Config, layout: Layout, release: str) -> None:
         if os.path.lexists(target):
             remove_path(target)
         os.symlink(shared, target)
+
+
+# --------------------------------------------------------------------------------------------
+# shared config fetched from its source (SSM, Secrets Manager, S3)
+
+# A linked file is config, not data: a source bigger than this is a mistake (or an attack).
+MAX_SHARED_BYTES = 4 * 1024 * 1024
+_SOURCE_MISSING = {
+    "ParameterNotFound",
+    "ParameterVersionNotFound",
+    "ResourceNotFoundException",
+    "NoSuchKey",
+    "NoSuchBucket",
+    "404",
+    "NotFound",
+}
+_SOURCE_DENIED_HINT = {
+    "ssm": "ssm:GetParameter and kms:Decrypt",
+    "secret": "secretsmanager:GetSecretValue (and kms:Decrypt)",
+    "s3": "s3:GetObject",
+}
+
+
+def _source_failure(exc: Exception, f: SharedFile, where: str) -> str:
+    """Why a source could not be read, in a few words (the caller names the file and source)."""
+    response = getattr(exc, "response", None)
+    code = str(response.get("Error", {}).get("Code") or "") if isinstance(response, dict) else ""
+    if code in _SOURCE_MISSING:
+        return f"it does not exist ({code} at {where})"
+    if "AccessDenied" in code or code in ("403", "Forbidden") or code.startswith("KMS"):
+        return f"access denied ({code}): the instance role needs {_SOURCE_DENIED_HINT[f.kind]}"
+    if code:
+        message = str(response.get("Error", {}).get("Message") or "").replace("\n", " ")  # type: ignore[union-attr]
+        return f"{code} at {where}: {message}".rstrip(": ")
+    text = str(exc).replace("\n", " ")
+    return f"unreachable at {where}: {type(exc).__name__}: {text}"
+
+
+def fetch_shared_value(cfg: Config, f: SharedFile, clients: dict[str, Any]) -> bytes:
+    """The content of `f`'s source, as bytes. Raises NodeError with a short reason."""
+    sc = cfg.shared
+    if f.kind == "s3":
+        service, region, endpoint = "s3", cfg.s3.region, cfg.s3.endpoint_url
+    else:
+        service = "ssm" if f.kind == "ssm" else "secretsmanager"
+        region, endpoint = sc.region, sc.endpoints[service]
+    where = endpoint or f"region {region or 'default'}"
+    try:
+        if service not in clients:
+            clients[service] = aws_client(cfg, service, region, endpoint)
+        client = clients[service]
+        if f.kind == "ssm":
+            value = client.get_parameter(Name=f.name, WithDecryption=True)["Parameter"]["Value"]
+            data = str(value).encode("utf-8")
+        elif f.kind == "secret":
+            r = client.get_secret_value(SecretId=f.name)
+            data = r["SecretBinary"] if r.get("SecretBinary") is not None else r["SecretString"]
+            data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        else:
+            body = client.get_object(Bucket=f.bucket, Key=f.name)["Body"]
+            try:
+                data = body.read(MAX_SHARED_BYTES + 1)
+            finally:
+                body.close()
+    except NodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore's exceptions are only known after import
+        raise NodeError(_source_failure(exc, f, where)) from None
+    if len(data) > MAX_SHARED_BYTES:
+        raise NodeError(f"it is larger than {MAX_SHARED_BYTES // (1024 * 1024)} MiB")
+    return data
+
+
+def _read_nofollow(path: str) -> tuple[bytes, os.stat_result] | None:
+    """The bytes and stat of a regular file at `path`, without following a symlink there."""
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except (OSError, NodeError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SHARED_BYTES:
+            return None
+        chunks = []
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def write_shared_file(layout: Layout, rel: str, data: bytes) -> bool:
+    """shared/<rel> := data, atomically, mode 0600, owned by whoever runs the node program (the
+    deploy user). Unchanged content is not rewritten. Returns whether the file changed."""
+    rel = check_linked_path(rel, "file")
+    full = os.path.join(layout.shared, rel)
+    os.makedirs(layout.shared, 0o755, exist_ok=True)
+    _makedirs_inside(layout.shared, os.path.dirname(rel), rel)
+    have = _read_nofollow(full)
+    if have is not None and have[0] == data and have[1].st_uid == os.geteuid():
+        if stat.S_IMODE(have[1].st_mode) != 0o600:
+            fd = open_nofollow(full, os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+        return False
+    folder, base = os.path.split(full)
+    tmp = os.path.join(folder, f".{base}.fabdeploy-{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # a leftover of a dead run with our pid; never followed
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, full)
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return True
+
+
+def shared_file_info(layout: Layout, rel: str) -> dict[str, Any] | None:
+    """What this host has at shared/<rel>: hashes and counts, never the content."""
+    import hashlib
+
+    full = os.path.join(layout.shared, check_linked_path(rel, "file"))
+    have = _read_nofollow(full)
+    if have is None:
+        return None
+    data, st = have
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "lines": data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0),
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "mine": st.st_uid == os.geteuid(),
+        "mtime": utc_stamp(st.st_mtime),
+    }
+
+
+def refresh_shared(cfg: Config, layout: Layout) -> list[dict[str, Any]]:
+    """Fetch every sourced linked file into shared/. A source that cannot be read keeps the
+    last good copy (a warning); without a copy, that is an error naming the file and source
+    (raised once every file was tried)."""
+    import hashlib
+
+    results: list[dict[str, Any]] = []
+    clients: dict[str, Any] = {}
+    missing: list[str] = []
+    for f in cfg.shared.files:
+        entry: dict[str, Any] = {"path": f.path, "source": f.describe()}
+        try:
+            data = fetch_shared_value(cfg, f, clients)
+        except NodeError as exc:
+            full = os.path.join(layout.shared, check_linked_path(f.path, "file"))
+            if os.path.exists(full):
+                log(
+                    f"warning: kept the last good copy of shared/{f.path}: cannot read "
+                    f"{f.describe()}: {exc.message}"
+                )
+                results.append({**entry, "outcome": "kept", "reason": exc.message})
+                continue
+            missing.append(
+                f"cannot fetch linked file shared/{f.path} from {f.describe()} on "
+                f"{hostname()}: {exc.message}; there is no earlier copy, so the app cannot start"
+            )
+            results.append({**entry, "outcome": "failed", "reason": exc.message})
+            continue
+        changed = write_shared_file(layout, f.path, data)
+        if changed:
+            log(f"shared/{f.path} updated from {f.describe()}")
+        results.append(
+            {
+                **entry,
+                "outcome": "written" if changed else "unchanged",
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    record_status(layout, "shared_config", {"files": results})
+    if missing:
+        raise NodeError(
+            missing[0]
+            + (f" (and {len(missing) - 1} more linked file(s))" if len(missing) > 1 else "")
+            + ": check the source and the host's credentials, then retry",
+            shared_config=results,
+        )
+    return results
+
+
+def shared_pending(cfg: Config, layout: Layout) -> list[str]:
+    """The sourced linked files whose source differs from this host's copy, fetched but not
+    written (`activate --prepare`: the host is still in traffic; the switch writes them). A
+    source that cannot be read with no copy to keep fails now, before the host leaves traffic."""
+    clients: dict[str, Any] = {}
+    pending = []
+    for f in cfg.shared.files:
+        full = os.path.join(layout.shared, check_linked_path(f.path, "file"))
+        try:
+            data = fetch_shared_value(cfg, f, clients)
+        except NodeError as exc:
+            if os.path.exists(full):
+                log(f"warning: cannot read {f.describe()}: {exc.message}")
+                continue
+            raise NodeError(
+                f"cannot fetch linked file shared/{f.path} from {f.describe()} on {hostname()}: "
+                f"{exc.message}; there is no earlier copy, so the app cannot start: check the "
+                "source and the host's credentials, then retry"
+            ) from None
+        have = _read_nofollow(full)
+        if have is None or have[0] != data or have[1].st_uid != os.geteuid():
+            pending.append(f.path)
+    return pending
+
+
+def shared_report(cfg: Config, fetch: bool = False) -> dict[str, Any]:
+    """`node.py shared`: each sourced linked file's copy on this host (hashes, never content);
+    with `fetch`, fetch them from their sources first."""
+    layout = Layout(cfg.deploy_to)
+    fetched = None
+    if fetch:
+        with HostLock(layout, "shared", cfg.lock_timeout):
+            fetched = refresh_shared(cfg, layout)
+    files = [
+        {"path": f.path, "source": f.describe(), "copy": shared_file_info(layout, f.path)}
+        for f in cfg.shared.files
+    ]
+    last = read_status(layout).get("shared_config")
+    return {"ok": True, "files": files, "fetched": fetched, "last": last}
 
 
 # The sudo password (`--sudo-stdin`): read from stdin, handed to `sudo -S` on its stdin.
@@ -2392,6 +2689,32 @@ def _revert_unhealthy(
 # commands
 
 
+def _restart_for_config(cfg: Config, layout: Layout, current: Current, changed: list[str]) -> None:
+    """The release is unchanged but its shared config changed: restart the app on it, then
+    check its health (the old config is gone: a failure is reported, not reverted)."""
+    log(f"shared config changed ({', '.join(changed)}): restarting release {current.release}")
+    try:
+        restart_release(cfg, layout, current)
+    except CommandFailed as exc:
+        raise NodeError(
+            f"restart `{exc.command}` after a shared config change ({', '.join(changed)}) "
+            f"{exc.how()} on {hostname()}: check the app's logs and the new config. "
+            f"Output tail: {_tail_text(exc.tail)}",
+            output_tail=exc.tail,
+        ) from None
+    if cfg.health.here:
+        health = check_health(cfg, layout, current.path)
+        record_status(
+            layout, "last_health", {**health, "release": current.release, "commit": current.commit}
+        )
+        if not health["ok"]:
+            raise NodeError(
+                f"{health['detail']} after a shared config change ({', '.join(changed)}): "
+                "fix the config (fab deploy.config --push) and hotfix again",
+                health=health,
+            )
+
+
 def activate(
     cfg: Config,
     *,
@@ -2407,6 +2730,7 @@ def activate(
     now: Callable[[], float] = time.time,
     bundle_id: str | None = None,
     roles: list[str] | None = None,
+    fetch_shared: bool = True,
 ) -> dict[str, Any]:
     layout = Layout(cfg.deploy_to)
     roles = cfg.roles if roles is None else roles
@@ -2426,6 +2750,7 @@ def activate(
             now,
             bundle_id or commit,
             roles,
+            fetch_shared=fetch_shared,
         )
     except NodeError as exc:
         record_status(
@@ -2476,6 +2801,8 @@ def _activate(
     now: Callable[[], float],
     bundle_id: str,
     roles: list[str],
+    *,
+    fetch_shared: bool = True,
 ) -> dict[str, Any]:
     started = time.monotonic()
     user = user or default_user()
@@ -2485,12 +2812,20 @@ def _activate(
         raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
     with HostLock(layout, action, cfg.lock_timeout):
         remove_leftovers(layout)
+        # Shared config first: a new release links it, and a changed one alone restarts the app.
+        shared = refresh_shared(cfg, layout) if fetch_shared and cfg.shared.files else []
+        config_changed = [e["path"] for e in shared if e["outcome"] == "written"]
         previous = read_current(layout)
         if not force and previous is not None and previous.ok and previous.bundle_id == bundle_id:
             restarted = restart and _finish_interrupted_restart(cfg, layout, previous)
-            if not restarted:
+            if not restarted and restart and config_changed and cfg.restart:
+                _restart_for_config(cfg, layout, previous, config_changed)
+                restarted = True
+            elif not restarted:
                 log(f"current already is release {previous.release} of {bundle_id}: nothing to do")
             result = {"ok": True, "changed": False, "release": previous.release, "commit": commit}
+            if config_changed:
+                result["config_changed"] = config_changed
             return {**result, "restarted": True} if restarted else result
         check_linked_files(cfg, layout)
 
@@ -2577,6 +2912,7 @@ def _activate(
         "changed": True,
         "release": name,
         "commit": commit,
+        **({"config_changed": config_changed} if config_changed else {}),
         **({"bundle_id": bundle_id} if bundle_id != commit else {}),
         "previous": previous.brief() if previous is not None else None,
         "pruned": pruned,
@@ -2630,18 +2966,24 @@ def prepare(
         raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
     with HostLock(layout, "prepare", cfg.lock_timeout):
         remove_leftovers(layout)
+        # Sourced linked files are fetched (and the app restarted) by the switch; here only
+        # whether they changed, and a source the switch could not do without, refused now.
+        pending = shared_pending(cfg, layout) if cfg.shared.files else []
         previous = read_current(layout)
         if not force and previous is not None and previous.ok and previous.bundle_id == bundle_id:
             if cfg.restart and _restart_pending(layout, previous):
                 # A run died between its swap and its restart: the switch (activate) restarts.
                 return {"ok": True, "needed": True, "commit": commit, "restart_pending": True}
+            if cfg.restart and pending:
+                # Same release, new config: the switch fetches it and restarts the app.
+                return {"ok": True, "needed": True, "commit": commit, "config_changed": pending}
             log(f"current already is release {previous.release} of {bundle_id}: nothing to do")
             return {"ok": True, "changed": False, "release": previous.release, "commit": commit}
         found = find_prepared(layout, bundle_id, sha256)
         if found is not None:
             name = os.path.basename(found)
             return {"ok": True, "needed": True, "prepared": name, "commit": commit}
-        check_linked_files(cfg, layout)  # what the switch would refuse, refused now
+        check_linked_files(cfg, layout, skip_sourced=True)  # what the switch would refuse, now
         if source.kind == "prepared":
             raise NodeError("--prepare needs a bundle source (--url-stdin, --file, --s3-key)")
         staging = _extract(cfg, layout, source, sha256, previous, now)
@@ -2947,8 +3289,15 @@ def boot(
     slept = 0.0
     verification_failures = 0
     reason = "no attempt made"
+    shared_done = not cfg.shared.files
     for attempt in range(1, attempts + 1):
         try:
+            if not shared_done:
+                # Before the app starts, with or without a new release: config comes from its
+                # source on every boot (a kept copy is a warning; no copy at all is retried).
+                with HostLock(layout, "boot", cfg.lock_timeout):
+                    refresh_shared(cfg, layout)
+                shared_done = True
             pointer, trust = trusted_pointer(cfg, layout, validate_pointer(read_pointer(), cfg))
             current = read_current(layout)
             wanted = pointer.get("bundle_id") or pointer["commit"]
@@ -2986,6 +3335,7 @@ def boot(
                 restart=False,
                 action="boot",
                 bundle_id=wanted,
+                fetch_shared=False,  # done above, this boot
             )
             if trust:
                 record_trust(layout, *trust)
@@ -3131,6 +3481,11 @@ def _parser() -> Any:
     )
     st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
 
+    sh = sub.add_parser("shared")
+    sh.add_argument(
+        "--fetch", action="store_true", help="fetch the sourced linked files into shared/ first"
+    )
+
     for name in ("boot", "check", "cleanup", "version"):
         sub.add_parser(name)
     return p
@@ -3256,6 +3611,8 @@ def _dispatch(args: Any) -> dict[str, Any]:
         return cleanup(cfg)
     if args.command == "check":
         return preflight(cfg)
+    if args.command == "shared":
+        return shared_report(cfg, fetch=args.fetch)
     if args.command == "boot":
         return boot(cfg)
     raise NodeError(f"unknown command {args.command!r}")
