@@ -103,6 +103,7 @@ def _targets(cfg, hosts, roles=None):
 _ROLES_HELP = (
     "only hosts with one of these roles, comma-separated (Capistrano's ROLES=), e.g. worker"
 )
+_SKIP_ONCE_HELP = "do not run hooks.once (migrations) for this bundle"
 
 
 def _count(value, flag: str) -> int | None:
@@ -250,9 +251,10 @@ def export_node_task(c, out="node-bundle", role=None, sudoers=False):
         "ref": "branch, tag or sha (default: ref in deploy.yml)",
         "push": "send the bundle over SFTP instead of letting nodes fetch it from S3",
         "dry_run": "print what would happen and change nothing",
-        "force": "activate even if a host already runs that commit",
+        "force": "activate even if a host already runs that commit (and rerun the run-once hooks)",
         "parallel": "SSH sessions at once within a batch (default: parallel in deploy.yml)",
         "roles": _ROLES_HELP,
+        "skip_once": _SKIP_ONCE_HELP,
         **_BATCH_HELP,
     },
 )
@@ -268,6 +270,7 @@ def hotfix_task(
     canary=None,
     keep_going=False,
     roles=None,
+    skip_once=False,
 ):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg(c)
@@ -285,6 +288,7 @@ def hotfix_task(
             batch=_batch(batch),
             canary=_count(canary, "--canary"),
             keep_going=keep_going,
+            skip_once=skip_once,
         )
     )
 
@@ -361,6 +365,7 @@ def status_task(c, hosts=None, json=False, roles=None):
         "engine": "ssh (reboot each host over SSH, default) or instance-refresh (ASG replaces instances)",
         "roles": "only hosts with these roles, rolled in the order given (worker,web: workers first; "
         "default order: roll.role_order)",
+        "skip_once": _SKIP_ONCE_HELP,
     },
 )
 def roll_task(
@@ -373,6 +378,7 @@ def roll_task(
     rollback_on_failure=False,
     engine="ssh",
     roles=None,
+    skip_once=False,
 ):
     """Publish, then reboot hosts in turn; each must come back healthy on the new release."""
     cfg = _cfg(c)
@@ -385,7 +391,7 @@ def roll_task(
             )
         from fabdeploy.ops.refresh import run_instance_refresh
 
-        _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run))
+        _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run, skip_once=skip_once))
         return
     if engine != "ssh":
         raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
@@ -402,6 +408,7 @@ def roll_task(
             dry_run=dry_run,
             rollback_on_failure=rollback_on_failure,
             role_order=parse_roles(roles) if roles else None,
+            skip_once=skip_once,
         )
     )
 

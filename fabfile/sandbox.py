@@ -582,6 +582,22 @@ ExecStart=/usr/bin/python3 /srv/{app}/current/app.py --bind {ip} --port 8080{ext
 WantedBy=multi-user.target
 """
 
+# The worker role's process: installed on every host, enabled on none (a worker host enables
+# it, as its image would: `systemctl enable shop-worker`), restarted by the worker role.
+WORKER_UNIT = """\
+[Unit]
+Description={app} sample worker (sandbox)
+After=fabdeploy-{app}.service
+
+[Service]
+Type=simple
+WorkingDirectory=/srv/{app}/current
+ExecStart=/usr/bin/python3 /srv/{app}/current/worker.py
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 DATABASE_YML = """\
 # Shared config for {name}, linked into every release as config/database.yml.
 production:
@@ -647,6 +663,7 @@ def _prepare_host(
     os.setxattr(units, "trusted.overlay.opaque", b"y")
     extra = f" --private-port {private_port}" if private_port else ""
     (units / f"{app}.service").write_text(APP_UNIT.format(app=app, ip=ip, extra=extra))
+    (units / f"{app}-worker.service").write_text(WORKER_UNIT.format(app=app))
     if etc_hosts is not None:
         (hdir / "etc/upper/hosts").write_text(etc_hosts)
     (units / "multi-user.target.wants" / f"{app}.service").symlink_to(

@@ -478,6 +478,10 @@ class Store:
         return self._key("state/undo.json")
 
     @property
+    def once_key(self) -> str:
+        return self._key("state/once.json")
+
+    @property
     def history_prefix(self) -> str:
         return self._key("history/")
 
@@ -1018,6 +1022,38 @@ class Store:
             if self._is_missing(e):
                 return
             raise self._error(e, key, "clearing the roll's undo state") from None
+
+    # --- bundles whose run-once hooks (migrations) succeeded -------------------------------
+
+    def read_once(self) -> list[dict[str, Any]]:
+        """The record of run-once hooks that succeeded, newest first ([] when there is none).
+        StoreError if it is not a JSON object with a `bundles` list."""
+        key = self.once_key
+        got = self._get(key, "reading the run-once record")
+        if got is None:
+            return []
+        try:
+            data = load_json(got[0])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{self.uri(key)} is not valid JSON ({_short(e)})") from None
+        entries = data.get("bundles") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise StoreError(f"{self.uri(key)} has no `bundles` list")
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("bundle_id"), str)]
+
+    def write_once(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the record (callers hold the fleet lock, so no one else writes it)."""
+        key = self.once_key
+        body = json.dumps({"version": 1, "bundles": entries}, indent=2, sort_keys=True) + "\n"
+        try:
+            self.client.put_object(
+                Bucket=self.s3.bucket,
+                Key=key,
+                Body=body.encode(),
+                ContentType="application/json",
+            )
+        except Exception as e:
+            raise self._error(e, key, "recording the run-once hooks") from None
 
 
 def store_for(cfg: Config) -> Store:

@@ -19,7 +19,7 @@ import posixpath
 import re
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -631,6 +631,31 @@ def _hooks(v: Any) -> tuple[Hook, ...]:
     return tuple(_hook(x) for x in v)
 
 
+_ONCE_KEYS = ("run", "roles", "timeout")
+
+
+def _once_hook(v: Any) -> Hook:
+    if isinstance(v, dict) and "boot" in v:
+        raise TypeError("run-once hooks never run at boot: remove `boot:`")
+    if isinstance(v, dict):
+        unknown = sorted(str(k) for k in v if k not in _ONCE_KEYS)
+        if unknown:
+            raise TypeError(
+                f"run-once hooks with keys {', '.join(_ONCE_KEYS)} only (unknown: {', '.join(unknown)})"
+            )
+    return replace(_hook(v), boot=False)
+
+
+def _once_hooks(v: Any) -> tuple[Hook, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if not isinstance(v, list):
+        raise TypeError("a list of commands or of {run, roles, timeout} mappings")
+    return tuple(_once_hook(x) for x in v)
+
+
 @dataclass(frozen=True)
 class HooksConfig:
     """Commands run on the nodes, in the release, with RELEASE_PATH, PREVIOUS_RELEASE, REVISION,
@@ -653,6 +678,15 @@ class HooksConfig:
         doc=(
             "after the node restarted the app (hotfix, rollback; at boot the app starts after us); "
             "a failure puts the previous release back"
+        ),
+    )
+    once: tuple[Hook, ...] = key(
+        _once_hooks,
+        factory=tuple,
+        doc=(
+            "run-once (migrations): on ONE host (the first selected host with the hook's roles), "
+            "in the new release before any host swaps, under the fleet lock; never at boot nor "
+            "on rollback; once per bundle. A failure stops the deploy before any host changes"
         ),
     )
 

@@ -3005,6 +3005,73 @@ def prepare(
     }
 
 
+def run_once(
+    cfg: Config,
+    hooks: list[Hook],
+    *,
+    sha256: str,
+    commit: str,
+    source: Source,
+    committed_at: int | None = None,
+    bundle_id: str | None = None,
+    now: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    """Run-once hooks (migrations): the bundle is extracted exactly as activate does, into a
+    hidden staging dir that never becomes `current`; the before_swap hooks that apply here run
+    in it, then the `hooks` in order, then the dir is removed. Nothing else changes on the host.
+    The controller picks one host and runs this under the fleet lock, before any host swaps."""
+    layout = Layout(cfg.deploy_to)
+    bundle_id = bundle_id or commit
+    started = time.monotonic()
+    try:
+        layout.ensure()
+    except OSError as exc:
+        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    with HostLock(layout, "once", cfg.lock_timeout):
+        remove_leftovers(layout)
+        previous = read_current(layout)
+        check_linked_files(cfg, layout)
+        staging = layout.release_path(f"{STAGING_PREFIX}once-{utc_stamp(now())}-{os.getpid()}")
+        base = previous.path if previous is not None and previous.ok else None
+        try:
+            fetch_and_extract(cfg, layout, source, sha256, staging, base)
+            write_revision(staging, commit, committed_at, bundle_id)
+            link_shared(cfg, layout, staging)
+            env = _hook_env(layout, staging, commit, previous, cfg.roles, cfg.stage)
+            label = "before_swap"
+            try:
+                run_hooks(cfg, "before_swap", staging, env, "activate", cfg.roles)
+                label = "once"
+                for hook in hooks:
+                    run_shell(hook.run, staging, env, "once", timeout=hook.timeout)
+            except CommandFailed as exc:
+                record_status(
+                    layout,
+                    "last_once",
+                    {"outcome": "failed", "bundle_id": bundle_id, "command": exc.command},
+                )
+                raise NodeError(
+                    f"{label} hook `{exc.command}` {exc.how()} on {hostname()} (run-once, in a "
+                    f"release of {bundle_id[:12]} that never became current); no host was "
+                    "changed: fix it and deploy again",
+                    output_tail=exc.tail,
+                ) from None
+        finally:
+            remove_path(staging)
+    record_status(
+        layout,
+        "last_once",
+        {"outcome": "ok", "bundle_id": bundle_id, "commands": [h.run for h in hooks]},
+    )
+    return {
+        "ok": True,
+        "commit": commit,
+        **({"bundle_id": bundle_id} if bundle_id != commit else {}),
+        "ran": [h.run for h in hooks],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
 def rollback(
     cfg: Config,
     *,
@@ -3431,23 +3498,32 @@ def _parser() -> Any:
     p.add_argument("--config", default=None, help="node.json (default: next to this script)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def bundle_args(a: Any) -> Any:
+        a.add_argument("--sha256", required=True)
+        a.add_argument("--commit", required=True)
+        a.add_argument("--bundle-id", help="commit + build recipe (default: the commit)")
+        a.add_argument("--committed-at", type=int)
+        src = a.add_mutually_exclusive_group(required=True)
+        src.add_argument("--url")
+        # The presigned URL is a credential: from stdin it stays out of every `ps` listing.
+        src.add_argument("--url-stdin", action="store_true", help="read the URL from stdin")
+        src.add_argument("--s3-key")
+        src.add_argument("--file")
+        a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
+        a.add_argument(
+            "--manifest-stdin",
+            action="store_true",
+            help="read the bundle's signed manifest (one JSON line) from stdin",
+        )
+        return src
+
     a = sub.add_parser("activate")
-    a.add_argument("--sha256", required=True)
-    a.add_argument("--commit", required=True)
-    a.add_argument("--bundle-id", help="commit + build recipe (default: the commit)")
+    src = bundle_args(a)
     a.add_argument("--ref")
     a.add_argument("--user")
-    a.add_argument("--committed-at", type=int)
-    src = a.add_mutually_exclusive_group(required=True)
-    src.add_argument("--url")
-    # The presigned URL is a credential: from stdin it stays out of every `ps` listing.
-    src.add_argument("--url-stdin", action="store_true", help="read the URL from stdin")
-    src.add_argument("--s3-key")
-    src.add_argument("--file")
     src.add_argument(
         "--prepared", action="store_true", help="no source: the release --prepare made earlier"
     )
-    a.add_argument("--size", type=int, help="bundle size in bytes: a download stops there")
     a.add_argument(
         "--prepare",
         action="store_true",
@@ -3456,12 +3532,15 @@ def _parser() -> Any:
     a.add_argument("--restart", action="store_true")
     a.add_argument("--force", action="store_true")
     a.add_argument(
-        "--manifest-stdin",
-        action="store_true",
-        help="read the bundle's signed manifest (one JSON line) from stdin",
-    )
-    a.add_argument(
         "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
+    )
+
+    o = sub.add_parser("once", help="extract a bundle without swapping and run run-once hooks")
+    bundle_args(o)
+    o.add_argument(
+        "--hooks",
+        required=True,
+        help='JSON list of hooks: "command" or {"run": "command", "timeout": seconds}',
     )
 
     r = sub.add_parser("rollback")
@@ -3541,6 +3620,47 @@ def _stdin_manifest(line: str) -> Any:
         return None
 
 
+def _bundle_source(cfg: Config, args: Any, rest: str | None) -> Source:
+    """Where activate/once read the bundle, after checking its signed manifest (with signers).
+
+    stdin: the presigned URL (--url-stdin), then the signed manifest (--manifest-stdin),
+    one line each; neither belongs in argv, where every local user can read it. Read to
+    EOF, not just a line: the controller's sender thread must be done writing before we
+    can exit (or it writes into a closed channel)."""
+    lines: list[str] = []
+    if args.url_stdin or args.manifest_stdin:
+        lines = (sys.stdin.read() if rest is None else rest).splitlines()
+    url = args.url
+    if args.url_stdin:
+        url = lines.pop(0).strip() if lines else ""
+        if not url:
+            raise NodeError(f"--url-stdin: no URL on stdin on {hostname()}")
+    manifest = _stdin_manifest(lines[0] if lines else "") if args.manifest_stdin else None
+    signers = _signers_file(cfg)
+    if signers is not None:
+        principal = check_manifest(
+            cfg, signers, manifest, sha256=args.sha256, commit=args.commit, size=args.size
+        )
+        log(f"manifest of {args.commit[:12]} signed by {principal}")
+    if args.s3_key:
+        return Source("s3", args.s3_key, args.size)
+    if url:
+        return Source("url", url, args.size)
+    if getattr(args, "prepared", False):  # activate only
+        return Source("prepared", "", args.size)
+    return Source("file", args.file, args.size)
+
+
+def _once_hooks(text: str) -> list[Hook]:
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, list) or not raw:
+        raise NodeError(f"once --hooks on {hostname()}: expected a non-empty JSON list of hooks")
+    return [Hook.from_json(h) for h in raw]
+
+
 def _dispatch(args: Any) -> dict[str, Any]:
     if args.command == "version":
         return {"ok": True, "version": VERSION}
@@ -3552,34 +3672,19 @@ def _dispatch(args: Any) -> dict[str, Any]:
     ):  # stdin's first line, before any URL (read to EOF: below)
         global SUDO_PASSWORD
         SUDO_PASSWORD, _, rest = sys.stdin.read().partition("\n")
+    if args.command == "once":
+        hooks = _once_hooks(args.hooks)
+        return run_once(
+            cfg,
+            hooks,
+            sha256=args.sha256,
+            commit=args.commit,
+            source=_bundle_source(cfg, args, rest),
+            committed_at=args.committed_at,
+            bundle_id=args.bundle_id,
+        )
     if args.command == "activate":
-        # stdin: the presigned URL (--url-stdin), then the signed manifest (--manifest-stdin),
-        # one line each; neither belongs in argv, where every local user can read it. Read to
-        # EOF, not just a line: the controller's sender thread must be done writing before we
-        # can exit (or it writes into a closed channel).
-        lines: list[str] = []
-        if args.url_stdin or args.manifest_stdin:
-            lines = (sys.stdin.read() if rest is None else rest).splitlines()
-        url = args.url
-        if args.url_stdin:
-            url = lines.pop(0).strip() if lines else ""
-            if not url:
-                raise NodeError(f"--url-stdin: no URL on stdin on {hostname()}")
-        manifest = _stdin_manifest(lines[0] if lines else "") if args.manifest_stdin else None
-        signers = _signers_file(cfg)
-        if signers is not None:
-            principal = check_manifest(
-                cfg, signers, manifest, sha256=args.sha256, commit=args.commit, size=args.size
-            )
-            log(f"manifest of {args.commit[:12]} signed by {principal}")
-        if args.s3_key:
-            source = Source("s3", args.s3_key, args.size)
-        elif url:
-            source = Source("url", url, args.size)
-        elif args.prepared:
-            source = Source("prepared", "", args.size)
-        else:
-            source = Source("file", args.file, args.size)
+        source = _bundle_source(cfg, args, rest)
         if args.prepare:
             return prepare(
                 cfg,

@@ -27,6 +27,9 @@ from fabdeploy.basics.output import say, short, warn
 from fabdeploy.ops.batches import Outcome, plan_for, run_batches
 from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
 from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.once import describe as describe_once
+from fabdeploy.ops.once import plan as once_plan
+from fabdeploy.ops.once import run_once_hooks
 from fabdeploy.ops.targets import Targets
 from fabdeploy.ops.undo import reconcile
 
@@ -43,7 +46,9 @@ def hotfix(
     groups: list[list[Host]] | None = None,
     keep_going: bool = False,
     held: Any = None,
+    local_file: str | None = None,
 ) -> Outcome:
+    """`local_file`: the verified bundle already downloaded for --push (else fetched here)."""
     user = local_user()
     base = [
         "activate",
@@ -67,7 +72,9 @@ def hotfix(
     if force:
         base.append("--force")
     url: list[str | None] = [None]
-    local_file = _download_for_push(store, bundle) if push else None
+    own_file = push and local_file is None
+    if own_file:
+        local_file = _download_for_push(store, bundle)
 
     drainer = Drainer(cfg)
     prepared: set[str] = set()  # hosts whose release is ready: only the switch is left
@@ -135,7 +142,7 @@ def hotfix(
         out.results = sorted(done.results + out.results, key=lambda r: order.get(r.host, 0))
         return out
     finally:
-        if local_file:
+        if own_file and local_file:
             os.unlink(local_file)
 
 
@@ -208,8 +215,12 @@ def run_hotfix(
     batch: str | None = None,
     canary: int | None = None,
     keep_going: bool = False,
+    skip_once: bool = False,
 ) -> bool:
     the_plan = plan_for(cfg, targets.hosts, batch, canary)
+    once = bool(cfg.hooks.once) and not skip_once
+    if once:
+        once_plan(cfg, targets.hosts)  # a hook whose roles no selected host has: before anything
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
         say(
@@ -222,36 +233,53 @@ def run_hotfix(
                 else "without publishing (subset: these hosts would drift from the published bundle)"
             )
         )
+        if once:
+            say(
+                "then, before any host changes, the run-once hooks (unless they already ran for "
+                f"this bundle) {describe_once(cfg, targets.hosts)}"
+            )
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
-    with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=targets.whole_fleet) as held:
-        if held is not None:
-            reconcile(cfg, store)  # a killed roll's standby/LB changes (only under the lock)
-        start = time.monotonic()
-        out = hotfix(
-            cfg,
-            store,
-            b,
-            targets,
-            push=push,
-            force=force,
-            parallel=parallel,
-            groups=the_plan.groups,
-            keep_going=keep_going,
-            held=held,
-        )
-        ok = out.ok
-        if targets.whole_fleet and ok:
-            if held is not None and held.lost is not None:
-                print_results(
-                    f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
-                    out.results,
-                    out.not_touched,
+    # Run-once hooks run under the fleet lock, on a subset too.
+    locked = targets.whole_fleet or once
+    local_file = _download_for_push(store, b) if push else None
+    try:
+        with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=locked) as held:
+            if held is not None:
+                reconcile(cfg, store)  # a killed roll's standby/LB changes (only under the lock)
+            start = time.monotonic()
+            if once:
+                run_once_hooks(
+                    cfg, store, b, targets.hosts, force=force, held=held, local_file=local_file
                 )
-                held.check(f"publishing {short(b.commit)}")
-            bundles.publish_bundle(store, b, log=say, cfg=cfg)
+            out = hotfix(
+                cfg,
+                store,
+                b,
+                targets,
+                push=push,
+                force=force,
+                parallel=parallel,
+                groups=the_plan.groups,
+                keep_going=keep_going,
+                held=held,
+                local_file=local_file,
+            )
+            ok = out.ok
+            if targets.whole_fleet and ok:
+                if held is not None and held.lost is not None:
+                    print_results(
+                        f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
+                        out.results,
+                        out.not_touched,
+                    )
+                    held.check(f"publishing {short(b.commit)}")
+                bundles.publish_bundle(store, b, log=say, cfg=cfg)
+    finally:
+        if local_file:
+            os.unlink(local_file)
     print_results(
         f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
         out.results,

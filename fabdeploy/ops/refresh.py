@@ -15,6 +15,8 @@ from fabdeploy.basics.config import Config
 from fabdeploy.basics.errors import AWSError
 from fabdeploy.basics.output import say, short
 from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.once import reachable_hosts, run_once_hooks
+from fabdeploy.ops.targets import resolve_hosts
 
 
 def run_instance_refresh(
@@ -24,6 +26,7 @@ def run_instance_refresh(
     dry_run: bool = False,
     clients: Clients | None = None,
     poll: float = 15.0,
+    skip_once: bool = False,
 ) -> bool:
     """Publish, then replace every instance of each ASG (one group at a time) by an instance refresh."""
     aws = cfg.aws
@@ -35,12 +38,22 @@ def run_instance_refresh(
             f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and start an instance refresh of "
             f"{', '.join(aws.autoscaling_groups)} with {refresh_preferences(cfg)}"
         )
+        if cfg.hooks.once and not skip_once:
+            say(
+                "before that, the run-once hooks (unless they already ran for this bundle) over "
+                "SSH on the first reachable current instance with their roles"
+            )
         return True
     c = clients or Clients(cfg)
     _group_instances(cfg, c, aws.autoscaling_groups)  # fail on a missing group before publishing
     store = store_for(cfg)
     with fleet_lock(cfg, store, "roll (instance refresh)") as held:
         b = bundles.ensure_bundle(cfg, store, ref)
+        if cfg.hooks.once and not skip_once:
+            # No SSH in an instance refresh, except this: one current instance runs them.
+            run_once_hooks(
+                cfg, store, b, lambda: reachable_hosts(cfg, resolve_hosts(cfg)), held=held
+            )
         held.check(f"publishing {short(b.commit)}")
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
         for group in aws.autoscaling_groups:

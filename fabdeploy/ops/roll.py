@@ -26,6 +26,9 @@ from fabdeploy.basics.output import say, short, table, warn
 from fabdeploy.ops.batches import Plan
 from fabdeploy.ops.batches import plan as batch_plan
 from fabdeploy.ops.lock import fleet_lock
+from fabdeploy.ops.once import describe as describe_once
+from fabdeploy.ops.once import plan as once_plan
+from fabdeploy.ops.once import run_once_hooks
 from fabdeploy.ops.targets import Targets, by_role_order, resolve_hosts
 from fabdeploy.ops.undo import S3Journal, reconcile
 
@@ -319,6 +322,7 @@ def run_roll(
     dry_run: bool = False,
     rollback_on_failure: bool = False,
     role_order: list[str] | None = None,
+    skip_once: bool = False,
 ) -> bool:
     # AZs interleaved (aws:) and capped by min_healthy of the live fleet; roles one after
     # another in role_order (--roles=worker,web, else roll.role_order), never mixed in a batch.
@@ -332,8 +336,17 @@ def run_roll(
         ]
     )
     groups = the_plan.groups
+    in_order = [h for g in groups for h in g]
+    once = bool(cfg.hooks.once) and not skip_once
+    if once:
+        once_plan(cfg, in_order)  # a hook whose roles no host of the roll has: before anything
     if dry_run:
         commit, _ = bundles.resolve_commit(cfg.repo, ref or cfg.ref)
+        if once:
+            say(
+                "dry run: would run the run-once hooks first (unless they already ran for this "
+                f"bundle) {describe_once(cfg, in_order)}"
+            )
         say(f"dry run: would publish {short(commit)} ({ref or cfg.ref}) and reboot, in this order:")
         for line in the_plan.describe():
             say(line)
@@ -349,6 +362,9 @@ def run_roll(
     with fleet_lock(cfg, store, "roll") as held, _Interrupt() as stop:
         reconcile(cfg, store, traffic, journal)  # a killed earlier roll's standby/LB changes
         b = bundles.ensure_bundle(cfg, store, ref)
+        if once:
+            # Before the pointer moves: a host that boots from now on runs the new code.
+            run_once_hooks(cfg, store, b, in_order, held=held)
         previous, _ = store.read_pointer(replacing=True)
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
         ahead = ThreadPoolExecutor(
