@@ -274,12 +274,14 @@ def hotfix_task(
 ):
     """Activate a bundle on running hosts over SSH now (new release, swap, restart)."""
     cfg = _cfg(c)
+    from fabdeploy.ops.events import deploy_run
     from fabdeploy.ops.hotfix import run_hotfix
 
-    _fail_unless(
-        run_hotfix(
+    targets = _targets(cfg, hosts, roles)
+    with deploy_run(cfg, "hotfix", targets, dry_run=dry_run) as run:
+        run.ok = run_hotfix(
             cfg,
-            _targets(cfg, hosts, roles),
+            targets,
             ref,
             push=push,
             force=force,
@@ -289,8 +291,9 @@ def hotfix_task(
             canary=_count(canary, "--canary"),
             keep_going=keep_going,
             skip_once=skip_once,
+            run=run,
         )
-    )
+    _fail_unless(run.ok)
 
 
 @deploy_task(
@@ -317,20 +320,23 @@ def rollback_task(
 ):
     """Swap hosts back to their previous (or a named) release, restart, health-check."""
     cfg = _cfg(c)
+    from fabdeploy.ops.events import deploy_run
     from fabdeploy.ops.rollback import run_rollback
 
-    _fail_unless(
-        run_rollback(
+    targets = _targets(cfg, hosts, roles)
+    with deploy_run(cfg, "rollback", targets, dry_run=dry_run) as run:
+        run.ok = run_rollback(
             cfg,
-            _targets(cfg, hosts, roles),
+            targets,
             release=release,
             dry_run=dry_run,
             parallel=_count(parallel, "--parallel"),
             batch=_batch(batch),
             canary=_count(canary, "--canary"),
             keep_going=keep_going,
+            run=run,
         )
-    )
+    _fail_unless(run.ok)
 
 
 @deploy_task(
@@ -389,19 +395,24 @@ def roll_task(
                 "and --rollback-on-failure are for the ssh engine (batching: aws.instance_refresh)",
                 1,
             )
+        from fabdeploy.ops.events import deploy_run
         from fabdeploy.ops.refresh import run_instance_refresh
 
-        _fail_unless(run_instance_refresh(cfg, ref, dry_run=dry_run, skip_once=skip_once))
+        with deploy_run(cfg, "roll", dry_run=dry_run) as run:
+            run.ok = run_instance_refresh(cfg, ref, dry_run=dry_run, skip_once=skip_once, run=run)
+        _fail_unless(run.ok)
         return
     if engine != "ssh":
         raise Exit(f"error: --engine must be ssh or instance-refresh (got {engine!r})", 1)
+    from fabdeploy.ops.events import deploy_run
     from fabdeploy.ops.roll import run_roll
     from fabdeploy.ops.targets import parse_roles
 
-    _fail_unless(
-        run_roll(
+    targets = _targets(cfg, hosts, roles)
+    with deploy_run(cfg, "roll", targets, dry_run=dry_run) as run:
+        run.ok = run_roll(
             cfg,
-            _targets(cfg, hosts, roles),
+            targets,
             ref,
             batch=_batch(batch),
             resume=resume,
@@ -409,8 +420,9 @@ def roll_task(
             rollback_on_failure=rollback_on_failure,
             role_order=parse_roles(roles) if roles else None,
             skip_once=skip_once,
+            run=run,
         )
-    )
+    _fail_unless(run.ok)
 
 
 @deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fabdeploy.adapters import signing
+from fabdeploy.adapters.localhooks import LocalHookFailed, run_local_hooks
 from fabdeploy.adapters.store import Pointer, Store, now_iso
 from fabdeploy.basics.config import BuildConfig, Config
 from fabdeploy.basics.errors import BundleError, ConflictError, SigningError
@@ -538,8 +539,40 @@ def pack(members: list[tuple[tarfile.TarInfo, str | None]], out: IO[bytes]) -> t
     return w.h.hexdigest(), w.size
 
 
+def before_bundle(cfg: Config, commit: str, ref: str, committed_at: int, src: Path | None) -> None:
+    """hooks.before_bundle, in the clean export `src` of the commit (exported here when there is
+    no build to share one with): a check of exactly what ships. A failure stops the bundle."""
+    hooks = cfg.hooks.before_bundle
+    if not hooks:
+        return
+    if src is None:
+        tmp = Path(tempfile.mkdtemp(prefix="fabdeploy-check-", dir=cfg.build.tmpdir))
+        try:
+            export_commit(cfg.repo, commit, tmp)
+            before_bundle(cfg, commit, ref, committed_at, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    env = {
+        "REVISION": commit,
+        "REF": ref,
+        "BUNDLE_ID": bundle_id(commit, cfg.build),
+        "DEPLOY_USER": local_user(),
+        "REPO": str(Path(cfg.repo).resolve()),
+        "SOURCE_DATE_EPOCH": str(committed_at),
+        **({"STAGE": cfg.stage} if cfg.stage else {}),
+    }
+    try:
+        run_local_hooks("before_bundle", hooks, src, env)
+    except LocalHookFailed as e:
+        raise BundleError(
+            f"{e} in a clean export of {commit[:12]}; nothing was built or uploaded. "
+            f"Its last lines:\n{e.tail_text()}"
+        ) from None
+
+
 def build_pack(
-    cfg: Config, commit: str, committed_at: int, out: IO[bytes], log: Log
+    cfg: Config, commit: str, committed_at: int, out: IO[bytes], log: Log, ref: str = ""
 ) -> tuple[str, int, int]:
     """Export `commit`, run the build recipe in it, check and pack the result into `out`:
     (sha256, size, unpacked size)."""
@@ -553,6 +586,7 @@ def build_pack(
         src = tmp / "src"
         src.mkdir()
         export_commit(cfg.repo, commit, src)
+        before_bundle(cfg, commit, ref, committed_at, src)
         if cfg.build.commands:
             # SOURCE_DATE_EPOCH: tools that honour it (pip's .pyc, many asset builders) give
             # the same bytes for the same commit.
@@ -717,12 +751,13 @@ def _build(
     uri = store.uri(key)
     with tempfile.TemporaryFile(prefix="fabdeploy-bundle-") as spool:
         if cfg.build.recipe is None:
+            before_bundle(cfg, commit, ref, ct, None)
             members = tree_members(cfg.repo, commit)
             check_members(members, f"the bundle of {commit[:12]}")
             unpacked = unpacked_size(members)
             sha, size = archive(cfg.repo, commit, spool)
         else:
-            sha, size, unpacked = build_pack(cfg, commit, ct, spool, log)
+            sha, size, unpacked = build_pack(cfg, commit, ct, spool, log, ref)
         bundle = Bundle(
             commit,
             ref,

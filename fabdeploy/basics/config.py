@@ -656,11 +656,29 @@ def _once_hooks(v: Any) -> tuple[Hook, ...]:
     return tuple(_once_hook(x) for x in v)
 
 
+def _local_hook(v: Any) -> Hook:
+    if isinstance(v, dict) and any(k in v for k in ("boot", "roles")):
+        raise TypeError("local hooks with keys run, timeout only (they run here, not on hosts)")
+    return _hook(v)
+
+
+def _local_hooks(v: Any) -> tuple[Hook, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if not isinstance(v, list):
+        raise TypeError("a list of commands or of {run, timeout} mappings")
+    return tuple(_local_hook(x) for x in v)
+
+
 @dataclass(frozen=True)
 class HooksConfig:
-    """Commands run on the nodes, in the release, with RELEASE_PATH, PREVIOUS_RELEASE, REVISION,
-    ROLE and DEPLOY_TO set and no deploy credentials. Each one is a command or a mapping
-    {run, boot: false (not at boot), roles: [...], timeout: seconds}."""
+    """Node hooks (before_swap, after_swap, after_restart) run on the nodes, in the release, with
+    RELEASE_PATH, PREVIOUS_RELEASE, REVISION, ROLE and DEPLOY_TO set and no deploy credentials;
+    each one is a command or a mapping {run, boot: false (not at boot), roles: [...], timeout}.
+    Local hooks (before_bundle, after_deploy, after_failure) run on the deploying machine; each
+    one is a command or {run, timeout}."""
 
     before_swap: tuple[Hook, ...] = key(
         _hooks,
@@ -688,6 +706,25 @@ class HooksConfig:
             "in the new release before any host swaps, under the fleet lock; never at boot nor "
             "on rollback; once per bundle. A failure stops the deploy before any host changes"
         ),
+    )
+    # Local hooks: on the deploying machine, never on the hosts (not in node.json).
+    before_bundle: tuple[Hook, ...] = key(
+        _local_hooks,
+        factory=tuple,
+        doc=(
+            "here, in the clean export of the commit, before the build, whenever a bundle is built; "
+            "a failure stops the bundle (nothing is uploaded)"
+        ),
+    )
+    after_deploy: tuple[Hook, ...] = key(
+        _local_hooks,
+        factory=tuple,
+        doc="here, in the repo, after a successful roll, hotfix or rollback; a failure only warns",
+    )
+    after_failure: tuple[Hook, ...] = key(
+        _local_hooks,
+        factory=tuple,
+        doc="here, in the repo, after a failed roll, hotfix or rollback; a failure only warns",
     )
 
 

@@ -25,6 +25,7 @@ from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import BundleError
 from fabdeploy.basics.output import say, short, warn
 from fabdeploy.ops.batches import Outcome, plan_for, run_batches
+from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.once import describe as describe_once
@@ -216,6 +217,7 @@ def run_hotfix(
     canary: int | None = None,
     keep_going: bool = False,
     skip_once: bool = False,
+    run: DeployRun | None = None,
 ) -> bool:
     the_plan = plan_for(cfg, targets.hosts, batch, canary)
     once = bool(cfg.hooks.once) and not skip_once
@@ -242,6 +244,8 @@ def run_hotfix(
         return True
     store = store_for(cfg)
     b = bundles.ensure_bundle(cfg, store, ref)
+    if run is not None:
+        run.bundle(b)
     # Run-once hooks run under the fleet lock, on a subset too.
     locked = targets.whole_fleet or once
     local_file = _download_for_push(store, b) if push else None
@@ -268,6 +272,8 @@ def run_hotfix(
                 local_file=local_file,
             )
             ok = out.ok
+            if run is not None:
+                run.count(out.results, out.not_touched)
             if targets.whole_fleet and ok:
                 if held is not None and held.lost is not None:
                     print_results(

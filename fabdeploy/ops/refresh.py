@@ -14,6 +14,7 @@ from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config
 from fabdeploy.basics.errors import AWSError
 from fabdeploy.basics.output import say, short
+from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.once import reachable_hosts, run_once_hooks
 from fabdeploy.ops.targets import resolve_hosts
@@ -27,6 +28,7 @@ def run_instance_refresh(
     clients: Clients | None = None,
     poll: float = 15.0,
     skip_once: bool = False,
+    run: DeployRun | None = None,
 ) -> bool:
     """Publish, then replace every instance of each ASG (one group at a time) by an instance refresh."""
     aws = cfg.aws
@@ -49,6 +51,8 @@ def run_instance_refresh(
     store = store_for(cfg)
     with fleet_lock(cfg, store, "roll (instance refresh)") as held:
         b = bundles.ensure_bundle(cfg, store, ref)
+        if run is not None:
+            run.bundle(b)
         if cfg.hooks.once and not skip_once:
             # No SSH in an instance refresh, except this: one current instance runs them.
             run_once_hooks(

@@ -25,6 +25,7 @@ from fabdeploy.basics.errors import AWSError, HostError
 from fabdeploy.basics.output import say, short, table, warn
 from fabdeploy.ops.batches import Plan
 from fabdeploy.ops.batches import plan as batch_plan
+from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.once import describe as describe_once
 from fabdeploy.ops.once import plan as once_plan
@@ -323,6 +324,7 @@ def run_roll(
     rollback_on_failure: bool = False,
     role_order: list[str] | None = None,
     skip_once: bool = False,
+    run: DeployRun | None = None,
 ) -> bool:
     # AZs interleaved (aws:) and capped by min_healthy of the live fleet; roles one after
     # another in role_order (--roles=worker,web, else roll.role_order), never mixed in a batch.
@@ -362,6 +364,8 @@ def run_roll(
     with fleet_lock(cfg, store, "roll") as held, _Interrupt() as stop:
         reconcile(cfg, store, traffic, journal)  # a killed earlier roll's standby/LB changes
         b = bundles.ensure_bundle(cfg, store, ref)
+        if run is not None:
+            run.bundle(b)
         if once:
             # Before the pointer moves: a host that boots from now on runs the new code.
             run_once_hooks(cfg, store, b, in_order, held=held)
@@ -412,6 +416,9 @@ def run_roll(
                 # A failed host, or Ctrl-C, must not leave instances out of the LB or in Standby.
                 traffic.restore_all()
     _print(cfg, targets, b, results, t0)
+    if run is not None:
+        done = {r.host for r in results}
+        run.count(results, [h.name for h in targets.hosts if h.name not in done])
     return bool(results) and all(r.ok for r in results) and len(results) == len(targets.hosts)
 
 

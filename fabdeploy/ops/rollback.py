@@ -17,6 +17,7 @@ from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
 from fabdeploy.ops.batches import Outcome, plan_for, run_batches
+from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.inplace import drift_note, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
@@ -73,6 +74,7 @@ def run_rollback(
     batch: str | None = None,
     canary: int | None = None,
     keep_going: bool = False,
+    run: DeployRun | None = None,
 ) -> bool:
     the_plan = plan_for(cfg, targets.hosts, batch, canary)
     if dry_run:
@@ -97,6 +99,11 @@ def run_rollback(
         )
         results = out.results
         ok = out.ok
+        if run is not None:
+            run.count(results, out.not_touched)
+            commits = {r.data.get("commit") for r in results if r.ok}
+            if len(commits) == 1:
+                run.commit = next(iter(commits))
         # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
         print_results(f"rollback in {time.monotonic() - start:.1f}s", results, out.not_touched)
         if targets.whole_fleet and ok:

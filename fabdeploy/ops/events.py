@@ -1,0 +1,141 @@
+"""A deploy's start and end, for what follows it: local hooks (after_deploy, after_failure).
+
+Roll, hotfix and rollback each run inside `deploy_run`, and fill in what they learn (the
+commit and bundle id, each host's outcome) on the DeployRun it yields. Nothing here can change
+a deploy's outcome or exit code: a failing after_* hook is one warning line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabdeploy.adapters.bundle import local_user
+from fabdeploy.adapters.localhooks import LocalHookFailed, run_local_hooks
+from fabdeploy.basics.config import Config
+from fabdeploy.basics.errors import DeployError
+from fabdeploy.basics.output import warn
+from fabdeploy.ops.targets import Targets
+
+
+@dataclass
+class Counts:
+    """Hosts by outcome: changed and healthy, already there, failed, never reached."""
+
+    ok: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    not_touched: int = 0
+
+    def line(self) -> str:
+        parts = [f"{self.ok} ok", f"{self.failed} failed"]
+        if self.unchanged:
+            parts.append(f"{self.unchanged} unchanged")
+        if self.not_touched:
+            parts.append(f"{self.not_touched} not touched")
+        return ", ".join(parts)
+
+
+@dataclass
+class DeployRun:
+    """One roll, hotfix or rollback, as its after_* hooks (and notifications) see it."""
+
+    cfg: Config
+    task: str  # roll, hotfix, rollback
+    user: str = field(default_factory=local_user)
+    started: float = field(default_factory=time.monotonic)
+    hosts: list[str] = field(default_factory=list)
+    commit: str | None = None
+    ref: str | None = None
+    bundle_id: str | None = None
+    counts: Counts = field(default_factory=Counts)
+    ok: bool | None = None  # set by the caller: the run's own verdict
+    error: str | None = None  # why it failed, when it raised
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def bundle(self, b: Any) -> None:
+        """What is being deployed: a Bundle of adapters.bundle."""
+        self.commit, self.ref = b.commit, b.ref
+        self.bundle_id = getattr(b, "bundle_id", None) or b.commit
+
+    def count(self, results: list[Any], not_touched: list[str] | None = None) -> None:
+        """Hotfix/rollback results (ssh.HostResult) or a roll's (HostRoll: `skipped`)."""
+        c = Counts(not_touched=len(not_touched or ()))
+        for r in results:
+            data = getattr(r, "data", None) or {}
+            if not r.ok:
+                c.failed += 1
+            elif getattr(r, "skipped", False) or data.get("changed", True) is False:
+                c.unchanged += 1
+            else:
+                c.ok += 1
+        self.counts = c
+
+    def env(self, outcome: str) -> dict[str, str]:
+        """The after_* hooks' environment (Capistrano's fetch(:...) values, as variables)."""
+        c = self.counts
+        return {
+            "DEPLOY_TASK": self.task,
+            "DEPLOY_OUTCOME": outcome,
+            "DEPLOY_USER": self.user,
+            "DEPLOY_SECONDS": f"{self.seconds:.1f}",
+            "DEPLOY_HOSTS": ",".join(self.hosts),
+            "REVISION": self.commit or "",
+            "REF": self.ref or "",
+            "BUNDLE_ID": self.bundle_id or "",
+            "HOSTS_OK": str(c.ok),
+            "HOSTS_UNCHANGED": str(c.unchanged),
+            "HOSTS_FAILED": str(c.failed),
+            "HOSTS_NOT_TOUCHED": str(c.not_touched),
+            **({"DEPLOY_ERROR": self.error} if self.error else {}),
+            **({"STAGE": self.cfg.stage} if self.cfg.stage else {}),
+        }
+
+
+@contextmanager
+def deploy_run(
+    cfg: Config, task: str, targets: Targets | None = None, *, dry_run: bool = False
+) -> Iterator[DeployRun]:
+    """Around one deploy: after it, after_deploy or after_failure (never on a dry run).
+
+    The run failed if the body raised or left `run.ok` false; the exception still propagates."""
+    run = DeployRun(cfg, task, hosts=[h.name for h in targets.hosts] if targets else [])
+    if dry_run:
+        yield run
+        return
+    try:
+        yield run
+    except BaseException as e:
+        run.ok = False
+        run.error = (
+            str(e)
+            if isinstance(e, DeployError)
+            else "interrupted"
+            if isinstance(e, KeyboardInterrupt)
+            else f"{type(e).__name__}: {e}"
+        )
+        _after(run)
+        raise
+    _after(run)
+
+
+def _after(run: DeployRun) -> None:
+    outcome = "success" if run.ok else "failure"
+    hooks = run.cfg.hooks.after_deploy if run.ok else run.cfg.hooks.after_failure
+    stage = "after_deploy" if run.ok else "after_failure"
+    if not hooks:
+        return
+    try:
+        run_local_hooks(stage, hooks, run.cfg.repo, run.env(outcome))
+    except LocalHookFailed as e:
+        warn(
+            f"{e} (the {run.task} itself {'succeeded' if run.ok else 'failed'}; exit code unchanged)"
+        )
+    except Exception as e:  # noqa: BLE001 - a hook's problem never becomes the deploy's
+        warn(f"{stage} hook could not run: {e} (exit code unchanged)")
