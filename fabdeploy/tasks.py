@@ -440,6 +440,59 @@ def unlock_task(c, force=False):
         print(f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
 
 
+@deploy_task(
+    name="config",
+    help={
+        "path": "the linked file to work on (default: every linked file with a source)",
+        "push": "a local file to store as --path's source (SSM, Secrets Manager or S3)",
+        "diff": "a local file to compare with --path's source (exit 1 when they differ)",
+        "nodes": "compare each source with every node's copy in shared/ (exit 1 on any difference)",
+        "sync": "have the nodes fetch their sourced linked files now (no restart; a hotfix restarts)",
+        "show_secrets": "print values (show) and changed lines (push, diff); default: hashes only",
+        "json": "machine-readable output (show)",
+        "dry_run": "with --push: say what would change, store nothing",
+        "hosts": "with --nodes/--sync: comma-separated host names (default: all)",
+        "roles": _ROLES_HELP,
+    },
+)
+def config_task(
+    c,
+    path=None,
+    push=None,
+    diff=None,
+    nodes=False,
+    sync=False,
+    show_secrets=False,
+    json=False,
+    dry_run=False,
+    hosts=None,
+    roles=None,
+):
+    """Shared config: show, push and diff the linked files that live in SSM, Secrets Manager or S3."""
+    chosen = [name for name, on in (("--push", push), ("--diff", diff), ("--nodes", nodes),
+                                    ("--sync", sync)) if on]  # fmt: skip
+    if len(chosen) > 1:
+        raise Exit(f"error: {' and '.join(chosen)} do different things: give one", 1)
+    if dry_run and not push:
+        raise Exit("error: --dry-run goes with --push (the other modes change nothing)", 1)
+    if (hosts or roles) and not (nodes or sync):
+        raise Exit("error: --hosts/--roles go with --nodes or --sync", 1)
+    cfg = _cfg(c)
+    from fabdeploy.adapters.sources import Sources
+    from fabdeploy.ops import sharedconfig as sc
+
+    if push:
+        sc.push(cfg, Sources(cfg), path, push, dry_run=dry_run, show_secrets=show_secrets)
+    elif diff:
+        _fail_unless(sc.diff_local(cfg, Sources(cfg), path, diff, show_secrets=show_secrets))
+    elif nodes:
+        _fail_unless(sc.diff_nodes(cfg, Sources(cfg), _targets(cfg, hosts, roles).hosts, path))
+    elif sync:
+        _fail_unless(sc.sync(cfg, _targets(cfg, hosts, roles).hosts))
+    else:
+        _fail_unless(sc.show(cfg, Sources(cfg), path, show_secrets=show_secrets, as_json=json))
+
+
 deploy = Collection(
     "deploy",
     bundle_task,
@@ -452,6 +505,7 @@ deploy = Collection(
     status_task,
     unlock_task,
     export_node_task,
+    config_task,
 )
 
 cli.install(stage_tasks)

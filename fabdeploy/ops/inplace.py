@@ -60,6 +60,13 @@ def print_results(
         prev = d.get("previous") or {}
         if r.ok:
             outcome = "ok" if d.get("changed", True) else "unchanged (already there)"
+            if d.get("config_changed"):  # sourced linked files the node fetched anew
+                what = f"config changed: {', '.join(d['config_changed'])}"
+                outcome = (
+                    f"ok; {what}"
+                    if d.get("changed", True)
+                    else f"{what}; {'restarted' if d.get('restarted') else 'not restarted'}"
+                )
         else:
             outcome = f"FAILED: {r.error}"
         rows.append(

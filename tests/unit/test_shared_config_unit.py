@@ -3,14 +3,17 @@ what node.json tells the nodes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fabdeploy.adapters import nodectl
+from fabdeploy.adapters.sources import Sources
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError, LinkedSource
+from fabdeploy.ops import sharedconfig as sc
 
 BASE = {
     "app": "shop",
@@ -142,3 +145,128 @@ def test_no_sources_leaves_node_json_and_fingerprint_as_before(tmp_path: Path) -
     sourced = load(tmp_path, linked_files=[{"path": "config/database.yml", "ssm": "/shop/db"}])
     assert plain.linked_files != sourced.linked_files  # the source is part of the value
     assert nodectl.fingerprint(plain) != nodectl.fingerprint(sourced)
+
+
+# --- deploy.config on the deploying machine (moto's in-process mock of SSM/Secrets/S3) -------
+
+
+SECRET = "production:\n  password: hunter2\n"
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch):
+    from moto import mock_aws
+
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3", region_name="eu-west-1").create_bucket(
+            Bucket="acme", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+        yield
+
+
+def sourced(tmp_path: Path) -> config.Config:
+    return load(
+        tmp_path,
+        linked_files=[
+            {"path": "config/database.yml", "ssm": "/shop/db"},
+            {"path": "config/env", "secret": "shop/env"},
+            {"path": "config/s.json", "s3": "s.json"},
+        ],
+    )
+
+
+@pytest.mark.parametrize("path", ["config/database.yml", "config/env", "config/s.json"])
+def test_push_then_show_then_diff_without_printing_the_value(
+    tmp_path: Path, aws_env, capsys: pytest.CaptureFixture[str], path: str
+) -> None:
+    cfg = sourced(tmp_path)
+    local = tmp_path / "local.yml"
+    local.write_text(SECRET)
+    sc.push(cfg, Sources(cfg), path, str(local))
+    out = capsys.readouterr().out
+    assert "pushed" in out and "new (2 lines" in out and "hunter2" not in out
+    assert Sources(cfg).read(config.linked_sources(cfg)[path]).data == SECRET.encode()
+
+    sc.push(cfg, Sources(cfg), path, str(local))  # same bytes: no new version
+    assert "nothing pushed" in capsys.readouterr().out
+
+    assert sc.show(cfg, Sources(cfg), path, show_secrets=False, as_json=False)
+    out = capsys.readouterr().out
+    assert path in out and "hunter2" not in out and sc.HIDDEN in out
+    assert sc.Digest.of(SECRET.encode()).sha256[:12] in out
+    assert sc.show(cfg, Sources(cfg), path, show_secrets=True, as_json=False)
+    assert "hunter2" in capsys.readouterr().out
+
+    local.write_text(SECRET.replace("hunter2", "correct-horse") + "pool: 5\n")
+    assert not sc.diff_local(cfg, Sources(cfg), path, str(local))
+    out = capsys.readouterr().out
+    assert "+2 -1 lines" in out and "correct-horse" not in out and "hunter2" not in out
+    assert not sc.diff_local(cfg, Sources(cfg), path, str(local), show_secrets=True)
+    out = capsys.readouterr().out
+    assert "-  password: hunter2" in out and "+  password: correct-horse" in out
+
+
+def test_push_dry_run_stores_nothing(
+    tmp_path: Path, aws_env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = sourced(tmp_path)
+    local = tmp_path / "db.yml"
+    local.write_text(SECRET)
+    sc.push(cfg, Sources(cfg), "config/database.yml", str(local), dry_run=True)
+    assert "would push" in capsys.readouterr().out
+    assert Sources(cfg).read(config.linked_sources(cfg)["config/database.yml"]) is None
+
+
+def test_show_json_and_missing_sources(
+    tmp_path: Path, aws_env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = sourced(tmp_path)
+    local = tmp_path / "db.yml"
+    local.write_text(SECRET)
+    sc.push(cfg, Sources(cfg), "config/database.yml", str(local))
+    capsys.readouterr()
+    assert not sc.show(cfg, Sources(cfg), None, show_secrets=False, as_json=True)  # two missing
+    data = json.loads(capsys.readouterr().out)
+    by_path = {f["path"]: f for f in data["files"]}
+    assert by_path["config/database.yml"]["version"] == "1"
+    assert (
+        by_path["config/database.yml"]["lines"] == 2
+        and "value" not in by_path["config/database.yml"]
+    )
+    assert by_path["config/env"]["exists"] is False
+
+
+def test_push_needs_a_path_when_several_files_have_sources(tmp_path: Path) -> None:
+    cfg = sourced(tmp_path)
+    with pytest.raises(ConfigError, match="name the linked file with --path"):
+        sc.only_one(cfg, None)
+    with pytest.raises(ConfigError, match="those are: config/database.yml, config/env"):
+        sc.only_one(cfg, "config/nope.yml")
+
+
+def test_ssm_refuses_binary_in_one_line(tmp_path: Path, aws_env) -> None:
+    cfg = sourced(tmp_path)
+    local = tmp_path / "key.bin"
+    local.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(sc.DeployError, match="not UTF-8; use a secret: or s3: source"):
+        sc.push(cfg, Sources(cfg), "config/database.yml", str(local))
+
+
+def test_line_delta_and_node_state_say_nothing_of_the_content() -> None:
+    assert sc.line_delta(b"a\nb\nc\n", b"a\nB\nc\nd\n") == (2, 1)
+    assert sc.count_lines(b"a\nb") == 2 and sc.count_lines(b"") == 0
+    stored = sc.Digest.of(b"x\n")
+    assert sc.node_state(stored, None).startswith("MISSING")
+    assert sc.node_state(stored, {"sha256": stored.sha256, "mode": "0600"}) == "same"
+    assert "mode 0644" in sc.node_state(stored, {"sha256": stored.sha256, "mode": "0644"})
+    differs = sc.node_state(stored, {"sha256": "f" * 64, "lines": 3, "mode": "0600"})
+    assert differs.startswith("DIFFERS: node 3 lines, sha256 ffffffffffff")
