@@ -45,7 +45,7 @@ def plan(
     hooks = cfg.hooks.once if hooks is None else hooks
     out: list[tuple[Host, list[Hook]]] = []
     for hook in hooks:
-        host = next((h for h in hosts if not hook.roles or set(hook.roles) & set(h.roles)), None)
+        host = next((h for h in hosts if _carries(h, hook)), None)
         if host is None:
             names = ", ".join(h.name for h in hosts) or "none"
             raise ConfigError(
@@ -141,8 +141,19 @@ def run_once_hooks(
     return True
 
 
+def _covered(cfg: Config, hosts: list[Host]) -> bool:
+    """Every run-once hook has a host among `hosts`."""
+    return all(any(_carries(h, hook) for h in hosts) for hook in cfg.hooks.once)
+
+
+def _carries(host: Host, hook: Hook) -> bool:
+    return not hook.roles or bool(set(hook.roles) & set(host.roles))
+
+
 def reachable_hosts(cfg: Config, hosts: list[Host], what: str = "current instance") -> list[Host]:
-    """`hosts` that answer over SSH now (in their order), probed in parallel; one line if none."""
+    """The first of `hosts` (in their order) that answer over SSH now, probed `parallel` at a
+    time until every run-once hook has one (a fleet of hundreds is not probed whole); one line
+    if no host answers."""
     from concurrent.futures import ThreadPoolExecutor
 
     def answers(host: Host) -> bool:
@@ -157,9 +168,15 @@ def reachable_hosts(cfg: Config, hosts: list[Host], what: str = "current instanc
             except Exception:  # noqa: BLE001, S110 - a probe's close must not fail the run
                 pass
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(hosts), cfg.parallel))) as pool:
-        ok = list(pool.map(answers, hosts))
-    found = [h for h, up in zip(hosts, ok, strict=True) if up]
+    found: list[Host] = []
+    step = max(1, cfg.parallel)
+    with ThreadPoolExecutor(max_workers=step) as pool:
+        for i in range(0, len(hosts), step):
+            chunk = hosts[i : i + step]
+            ok = list(pool.map(answers, chunk))
+            found += [h for h, up in zip(chunk, ok, strict=True) if up]
+            if found and _covered(cfg, found):
+                break
     if not found:
         names = ", ".join(h.name for h in hosts) or "none found"
         raise OnceError(

@@ -67,6 +67,8 @@ def test_a_whole_fleet_hotfix_runs_the_migration_once_and_a_rerun_does_not(
     r = fleet.fab("deploy.hotfix", config=cfg)
     assert "3 ok, 0 failed" in r.stdout
     assert f"web1: run-once hooks for {commit[:8]}: `python3 migrate.py`" in r.stdout
+    assert f"web1 | migrating {commit[:12]} in /srv/shop/releases/.staging-once-" in r.stdout
+    assert "web1 | migrated: 1 deploys recorded" in r.stdout  # its output, live, host-prefixed
     assert runs(fleet) == {"web1": 1, "web2": 0, "web3": 0}
     for h in HOSTS:
         assert fleet.revision(h) == commit

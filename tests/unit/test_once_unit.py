@@ -343,3 +343,38 @@ def test_instance_refresh_runs_them_over_ssh_before_publishing(
     with pytest.raises(once.OnceError):
         refresh.run_instance_refresh(cfg, None, clients=SimpleNamespace())
     assert events == ["lock True", "probe", "once db1,w1", "unlock"]
+
+
+def test_probing_stops_once_every_hook_has_a_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = cfg_with(tmp_path, [{"run": "bin/migrate", "roles": ["db"]}], parallel=1)
+    probed: list[str] = []
+
+    def answers(cfg: Any, host: Any, conn: Any, cmd: str, **kw: Any) -> Any:
+        probed.append(host.name)
+        return SimpleNamespace(exit_code=0)
+
+    monkeypatch.setattr(once, "connect", lambda cfg, host: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(once, "run", answers)
+    found = once.reachable_hosts(cfg, list(cfg.hosts))
+    assert probed == ["web1", "db1"] and [h.name for h in found] == ["web1", "db1"]
+    assert [(h.name, [k.run for k in ks]) for h, ks in once.plan(cfg, found)] == [
+        ("db1", ["bin/migrate"])
+    ]
+
+
+def test_dry_run_says_where_they_would_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from fabdeploy.ops import hotfix as hf
+
+    cfg = cfg_with(tmp_path, [{"run": "bin/migrate", "roles": ["db"]}])
+    monkeypatch.setattr(hf.bundles, "resolve_commit", lambda repo, ref: ("c" * 40, None))
+    assert hf.run_hotfix(cfg, Targets(list(cfg.hosts), True), None, dry_run=True)
+    out = capsys.readouterr().out
+    assert (
+        "the run-once hooks (unless they already ran for this bundle) on db1: `bin/migrate`" in out
+    )
+    assert hf.run_hotfix(cfg, Targets(list(cfg.hosts), True), None, dry_run=True, skip_once=True)
+    assert "run-once" not in capsys.readouterr().out
