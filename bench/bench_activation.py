@@ -29,6 +29,7 @@ import http.server
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,6 +101,7 @@ def measured(script: str, work: Path) -> dict[str, float]:
     """Run `script` under sh; time it, its (and its children's) write_bytes, disk sectors."""
     os.sync()
     sectors = device_sectors(work)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(
         ["sh", "-c", f"{script}\nrc=$?\ngrep ^write_bytes /proc/$$/io\nexit $rc"],
@@ -107,13 +109,15 @@ def measured(script: str, work: Path) -> dict[str, float]:
         text=True,
     )
     seconds = time.perf_counter() - t0
+    after_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after_ru.ru_utime - before.ru_utime) + (after_ru.ru_stime - before.ru_stime)
     if r.returncode != 0:
         sys.exit(f"failed: {script}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     written = int(r.stdout.strip().splitlines()[-1].split()[1])
     os.sync()
     after = device_sectors(work)
     disk = (after - sectors) * 512 if sectors is not None and after is not None else float("nan")
-    return {"seconds": seconds, "written": written, "disk": disk}
+    return {"seconds": seconds, "written": written, "disk": disk, "cpu": cpu}
 
 
 def node_json(path: Path, deploy_to: Path, link: bool) -> Path:
@@ -176,7 +180,7 @@ def bench(files: int, runs: int, work: Path, python: str, baseline_node: Path | 
     finally:
         server.shutdown()
     summary = {
-        k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "written", "disk")}
+        k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "written", "disk", "cpu")}
         for k, v in results.items()
     }
     summary["bundle"] = {
@@ -225,7 +229,9 @@ def main() -> None:
         f"activation of a big app vs `curl | tar xz && sync -f` (median of {args.runs}; "
         f"load {load:.1f})"
     )
-    print(f"{'files':>6} {'case':<12} {'seconds':>8} {'MB written':>11} {'disk MB':>8}  ratio")
+    print(
+        f"{'files':>6} {'case':<12} {'seconds':>8} {'CPU s':>6} {'MB written':>11} {'disk MB':>8}  ratio"
+    )
     for files in (int(f) for f in args.files.split(",")):
         res = bench(files, args.runs, work, args.python, before)
         report["sizes"][files] = res
@@ -241,10 +247,12 @@ def main() -> None:
                 ref = s[case.replace("one/", "full/")]
                 ratio = (
                     f"time {row['seconds'] / ref['seconds']:.0%}, bytes "
-                    f"{row['written'] / max(1, ref['written']):.1%} of full"
+                    f"{row['written'] / max(1, ref['written']):.1%}, CPU "
+                    f"{row['cpu'] / max(1e-9, ref['cpu']):.0%} of full"
                 )
             print(
-                f"{files:>6} {case:<12} {row['seconds']:>8.2f} {row['written'] / 1e6:>11.1f} "
+                f"{files:>6} {case:<12} {row['seconds']:>8.2f} {row['cpu']:>6.2f} "
+                f"{row['written'] / 1e6:>11.1f} "
                 f"{row['disk'] / 1e6:>8.1f}  {ratio}"
             )
         b = s["bundle"]

@@ -60,6 +60,12 @@ OUTPUT_TAIL_LINES = 20
 BLOCK = 4096
 SPACE_SLACK = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
+# A release that wrote at most this many files (and bytes) is made durable by fsync of what
+# it wrote and of its directories; beyond that, one syncfs of the filesystem is cheaper.
+# syncfs also waits for everything else dirty on that filesystem (a database, logs, other
+# deploys): a one-file hotfix must not pay for them.
+FSYNC_MAX_FILES = 256
+FSYNC_MAX_BYTES = 64 * 1024 * 1024
 # Symlink validation may take this many path steps per member in total (memoized, a sane
 # bundle needs a few per link); beyond that the bundle is refused, not validated for hours.
 MAX_RESOLVE_STEPS_PER_MEMBER = 64
@@ -136,6 +142,24 @@ def sync_filesystem(path: str) -> None:
     except (OSError, AttributeError):
         pass
     os.sync()
+
+
+def sync_release(release: str, files: list[str], dirs: list[str]) -> None:
+    """Make a release durable by fsync alone: each written file in `files`, then each dir in
+    `dirs` (paths relative to `release`, "" is the release itself: their entries, so linked
+    and newly created files too), then the dir holding the release (its rename)."""
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    paths = [(f"{release}/{rel}", os.O_RDONLY | os.O_NOFOLLOW) for rel in files]
+    paths += [
+        (f"{release}/{rel}" if rel else release, os.O_RDONLY | os.O_DIRECTORY) for rel in dirs
+    ]
+    paths.append((os.path.dirname(os.path.abspath(release)), os.O_RDONLY | os.O_DIRECTORY))
+    for path, flags in paths:
+        fd = os.open(path, flags | cloexec)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def log(message: str) -> None:
@@ -898,7 +922,7 @@ def fetch_and_extract(
     expected: str,
     dest: str,
     previous: str | None = None,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Stream the bundle into `dest` (a new staging dir) in one pass: download, sha256,
     decompress, validate and write as the bytes arrive. Returns extract_stream's counts.
 
@@ -1336,6 +1360,18 @@ def _safe_tarfile_class() -> type[tarfile.TarFile]:
                 tf._fabdeploy_chain = 0  # type: ignore[attr-defined]
             return super()._proc_member(tf)  # type: ignore[misc]
 
+        @classmethod
+        def fromtarfile(cls, tf: tarfile.TarFile) -> SafeTarInfo:
+            """tarfile's own fromtarfile, with a fast frombuf for the plain headers that make
+            up almost every bundle; anything else goes through tarfile's frombuf."""
+            fileobj = tf.fileobj
+            buf = fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            obj = _plain_header(cls, buf, tf.encoding, tf.errors)
+            if obj is None:
+                obj = cls.frombuf(buf, tf.encoding, tf.errors)
+            obj.offset = fileobj.tell() - tarfile.BLOCKSIZE  # type: ignore[union-attr]
+            return obj._proc_member(tf)  # type: ignore[attr-defined,no-any-return]
+
         def _proc_gnusparse_00(self, *args: Any) -> None:
             raise UnsafeBundle("it has a pax sparse file")
 
@@ -1349,6 +1385,51 @@ def _safe_tarfile_class() -> type[tarfile.TarFile]:
             return None
 
     return SafeTarFile
+
+
+# ustar (POSIX) and GNU magic; the plain member types: file, V7 file, dir, symlink, hard link.
+_PLAIN_MAGIC = (b"ustar\x00", b"ustar ")
+_PLAIN_TYPES = (b"0", b"\x00", b"5", b"2", b"1")
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337))
+
+
+def _plain_header(cls: Any, buf: bytes, encoding: str, errors: str) -> Any:
+    """TarInfo.frombuf(buf) for a plain header (ustar or GNU magic, a plain member type, octal
+    numbers, no ustar prefix, the unsigned checksum), or None for tarfile's own frombuf: the
+    same object, at a fraction of the cost (frombuf was most of the time of a hotfix that
+    links everything). Anything unusual, malformed or at the end goes the slow way."""
+    if (
+        len(buf) != 512
+        or buf[156:157] not in _PLAIN_TYPES
+        or buf[257:263] not in _PLAIN_MAGIC
+        or buf[345]  # a ustar name prefix
+    ):
+        return None
+    try:
+        mode, uid, gid, size, mtime, chksum, devmajor = [
+            int(buf[a:b].split(b"\0", 1)[0].strip() or b"0", 8) for a, b in _NUMBERS
+        ]
+        devminor = int(buf[337:345].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:  # base-256, junk: frombuf decides
+        return None
+    if chksum != 256 + sum(buf) - sum(buf[148:156]):
+        return None  # maybe a signed checksum: frombuf decides
+
+    name, linkname, uname, gname = [
+        buf[a:b].split(b"\0", 1)[0].decode(encoding, errors)
+        for a, b in ((0, 100), (157, 257), (265, 297), (297, 329))
+    ]
+    obj = cls()
+    obj.name, obj.linkname, obj.uname, obj.gname = name, linkname, uname, gname
+    obj.mode, obj.uid, obj.gid, obj.size = mode, uid, gid, size
+    obj.mtime, obj.chksum = mtime, chksum
+    obj.type = buf[156:157]
+    obj.devmajor, obj.devminor = devmajor, devminor
+    if obj.type == b"\x00" and obj.name.endswith("/"):
+        obj.type = b"5"  # V7: a dir is a file with a trailing slash
+    if obj.type == b"5":
+        obj.name = obj.name.rstrip("/")
+    return obj
 
 
 class _Members:
@@ -1371,7 +1452,11 @@ class _Members:
                 return False  # the "./" entry of `tar -C dir .`
             raise UnsafeBundle(f"member {m.name!r} has an empty path")
         parts = name.split("/")
-        for i in range(1, len(parts)):
+        # Every name in `kinds` has all its prefixes there as dirs: when the parent is a known
+        # dir, so are all the others (the common case: one dict lookup, not one per level).
+        parent = name.rpartition("/")[0]
+        walk = bool(parent) and kinds.get(parent) != "dir"
+        for i in range(1, len(parts) if walk else 0):
             prefix = "/".join(parts[:i])
             kind = kinds.get(prefix)
             if kind is not None and kind != "dir":
@@ -1412,7 +1497,7 @@ class _Members:
         m.uid = m.gid = 0
         m.uname = m.gname = ""
         kinds[name] = kind
-        for i in range(1, len(parts)):  # implicit parents must not become symlinks later
+        for i in range(1, len(parts) if walk else 0):  # implicit parents stay dirs
             kinds.setdefault("/".join(parts[:i]), "dir")
         self.count += 1
         return True
@@ -1577,6 +1662,12 @@ def tarfile_error(message: str) -> Exception:
     return tarfile.ReadError(message)
 
 
+_READ_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_CREATE_NOFOLLOW = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+)
+
+
 class _Writer:
     """Writes members into the staging dir `dest`; with `previous`, a regular file whose size,
     mode, owner and bytes equal the previous release's file at the same path becomes a
@@ -1593,6 +1684,7 @@ class _Writer:
         self.uid = os.geteuid()
         self.linked = 0
         self.written = 0
+        self.files: list[str] = []  # written (not linked), relative to dest: what to fsync
 
     def parents(self, name: str) -> None:
         parent = name.rpartition("/")[0]
@@ -1631,10 +1723,7 @@ class _Writer:
         if self.previous is None or not self._prev_dir_is_real(m.name.rpartition("/")[0]):
             return None
         try:
-            fd = os.open(
-                os.path.join(self.previous, m.name),
-                os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-            )
+            fd = os.open(f"{self.previous}/{m.name}", _READ_NOFOLLOW)
         except OSError:
             return None
         st = os.fstat(fd)
@@ -1650,7 +1739,7 @@ class _Writer:
 
     def file(self, m: tarfile.TarInfo, src: Any) -> None:
         self.parents(m.name)
-        path = os.path.join(self.dest, m.name)
+        path = f"{self.dest}/{m.name}"
         size = m.size
         first = src.read(min(CHUNK, size)) if size else b""
         prev_fd = self._previous_fd(m)
@@ -1660,19 +1749,14 @@ class _Writer:
                 same, offset, first = _same_content(src, prev_fd, size, first)
                 if same:
                     try:
-                        os.link(
-                            os.path.join(self.previous or "", m.name), path, follow_symlinks=False
-                        )
+                        os.link(f"{self.previous}/{m.name}", path, follow_symlinks=False)
                         self.linked += 1
                         return
                     except OSError:
                         pass  # EMLINK and the like: copy it instead (the same bytes)
             self.space.take(size)
-            fd = os.open(
-                path,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                0o600,
-            )
+            fd = os.open(path, _CREATE_NOFOLLOW, 0o600)
+            self.files.append(m.name)
             try:
                 done = 0
                 while done < offset:  # the previous file's bytes, equal to the member's
@@ -1725,10 +1809,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def extract_stream(
     raw: _Fetch, dest: str, max_files: int, desc: str, previous: str | None = None
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Extract the bundle arriving on `raw` into `dest` (must not exist) in one pass; on
     any failure `dest` is removed. Returns counts: members, linked (hardlinked from
-    `previous`), written (bytes of file data written)."""
+    `previous`), written (bytes of file data written); and the files written and the dirs
+    made (relative to `dest`, "" for itself), for sync_release."""
     import gzip
     import tarfile
     import zlib
@@ -1785,7 +1870,13 @@ def extract_stream(
                 pass
         check.finish()
         writer.finish(symlinks)
-        return {"members": check.count, "linked": writer.linked, "written": writer.written}
+        return {
+            "members": check.count,
+            "linked": writer.linked,
+            "written": writer.written,
+            "files": writer.files,
+            "dirs": sorted(writer.made),
+        }
     except UnsafeBundle as exc:
         _discard(dest, created)
         raise NodeError(
@@ -2831,9 +2922,14 @@ def _activate(
 
         t0 = time.monotonic()
         staging = find_prepared(layout, bundle_id, sha256)
+        # What this run wrote, for _make_durable: a prepared release's files were made durable
+        # when it was prepared (unless an older node program prepared it: then syncfs).
+        counts: dict[str, Any] = {"files": [], "dirs": [""], "written": 0}
         if staging is not None:
             # Downloaded, verified and extracted by `activate --prepare` before this host left
             # traffic: only the switch is left.
+            if not (_prepared_info(staging) or {}).get("durable"):
+                counts["files"] = None
             os.unlink(os.path.join(staging, PREPARED_MARKER))
             log(f"using {os.path.basename(staging)}, prepared earlier")
         elif source.kind == "prepared":
@@ -2842,7 +2938,7 @@ def _activate(
                 "run the deploy again"
             )
         else:
-            staging = _extract(cfg, layout, source, sha256, previous, now)
+            staging, counts = _extract(cfg, layout, source, sha256, previous, now)
         t_extract = time.monotonic() - t0
 
         try:
@@ -2871,7 +2967,7 @@ def _activate(
 
         # Flush file data before publishing: after a power cut `current` must not point at
         # a release whose files were never written.
-        sync_filesystem(layout.releases)
+        _make_durable(cfg, release, counts, action, roles)
         if restart and cfg.restart:
             atomic_write(
                 os.path.join(layout.state, RESTART_MARKER),
@@ -2933,14 +3029,15 @@ def _extract(
     sha256: str,
     previous: Current | None,
     now: Callable[[], float],
-) -> str:
-    """Download, verify and extract into a new staging dir; returns its path."""
+) -> tuple[str, dict[str, Any]]:
+    """Download, verify and extract into a new staging dir; returns its path and the counts
+    (with what was written: see _make_durable)."""
     staging = layout.release_path(f"{STAGING_PREFIX}{utc_stamp(now())}-{os.getpid()}")
     base = previous.path if previous is not None and previous.ok else None
     counts = fetch_and_extract(cfg, layout, source, sha256, staging, base)
     linked = f", {counts['linked']} unchanged ones linked from {base}" if counts["linked"] else ""
     log(f"extracted {counts['members']} members from {source.describe(cfg)}{linked}")
-    return staging
+    return staging, counts
 
 
 def prepare(
@@ -2986,10 +3083,18 @@ def prepare(
         check_linked_files(cfg, layout, skip_sourced=True)  # what the switch would refuse, now
         if source.kind == "prepared":
             raise NodeError("--prepare needs a bundle source (--url-stdin, --file, --s3-key)")
-        staging = _extract(cfg, layout, source, sha256, previous, now)
+        staging, counts = _extract(cfg, layout, source, sha256, previous, now)
         name = f"{PREPARED_PREFIX}{utc_stamp(now())}-{os.getpid()}"
         try:
-            info = {"bundle_id": bundle_id, "sha256": sha256.strip().lower(), "at": time.time()}
+            # Made durable now, while the host still serves: the switch then syncs only
+            # what it adds (REVISION, the linked paths, the rename).
+            _make_durable(cfg, staging, counts, "prepare", [], linked_yet=False)
+            info = {
+                "bundle_id": bundle_id,
+                "sha256": sha256.strip().lower(),
+                "at": time.time(),
+                "durable": True,
+            }
             atomic_write(os.path.join(staging, PREPARED_MARKER), json.dumps(info) + "\n")
             os.rename(staging, layout.release_path(name))
         except BaseException:
@@ -3070,6 +3175,46 @@ def run_once(
         "ran": [h.run for h in hooks],
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _make_durable(
+    cfg: Config,
+    release: str,
+    counts: dict[str, Any],
+    action: str,
+    roles: list[str],
+    linked_yet: bool = True,
+) -> None:
+    """Only what this activation wrote, when that is little (a hotfix of a few files next to
+    thousands linked): the written files, the release's dirs (hence every entry, linked ones
+    too), REVISION and the linked paths' dirs. Else (files None: unknown), or when before_swap
+    hooks may have written anything anywhere, the whole filesystem (syncfs). `linked_yet`:
+    link_shared has run on `release` (not yet when a release is prepared)."""
+    files = counts["files"]
+    hooks = any(h.applies(action, roles) for h in cfg.hooks.get("before_swap", []))
+    if (
+        hooks
+        or files is None
+        or len(files) > FSYNC_MAX_FILES
+        or counts["written"] > FSYNC_MAX_BYTES
+    ):
+        sync_filesystem(os.path.dirname(release))
+        return
+    linked = [check_linked_path(rel, "path") for rel in [*cfg.linked_dirs, *cfg.linked_files]]
+    if not linked_yet:  # prepared: link_shared runs at the switch, which syncs what it adds
+        linked = []
+    under = tuple(f"{rel}/" for rel in linked)
+    # link_shared replaced what the bundle had at a linked path (and below it) by a symlink.
+    dirs = {d for d in counts["dirs"] if d not in linked and not d.startswith(under)}
+    files = [f for f in files if f not in linked and not f.startswith(under)]
+    for rel in linked:
+        parent = rel.rpartition("/")[0]
+        while parent:
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+    ours = ("REVISION", "REVISION_TIME", BUNDLE_ID_FILE, PENDING_MARKER)
+    written = [n for n in ours if os.path.isfile(os.path.join(release, n))]
+    sync_release(release, [*files, *written], sorted(dirs))
 
 
 def rollback(
