@@ -95,9 +95,11 @@ def test_a_subset_runs_it_on_its_first_host_with_the_role(fleet: Fleet, cfg: Pat
         "the hosts of this run (web3) has one: include one (--hosts/--roles), or pass --skip-once"
     )
     assert currents(fleet) == before
-    r = fleet.fab("deploy.hotfix", "--hosts=web3,web2", config=cfg)
+    # --push: the bundle reaches the hook's host over SFTP too, and the copy is gone after.
+    r = fleet.fab("deploy.hotfix", "--hosts=web3,web2", "--push", config=cfg)
     assert "web2: run-once hooks for" in r.stdout and "2 ok, 0 failed" in r.stdout
     assert runs(fleet) == {"web1": 1, "web2": 1, "web3": 0}
+    assert fleet.ssh("web2", "ls -A /srv/shop/.fabdeploy | grep -c push || true").strip() == "0"
     # The rest of the fleet later: the migration already ran for this bundle.
     r = fleet.fab("deploy.hotfix", config=cfg)
     assert "run-once hooks already ran" in r.stdout

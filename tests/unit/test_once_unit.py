@@ -378,3 +378,46 @@ def test_dry_run_says_where_they_would_run(
     )
     assert hf.run_hotfix(cfg, Targets(list(cfg.hosts), True), None, dry_run=True, skip_once=True)
     assert "run-once" not in capsys.readouterr().out
+
+
+def test_instance_refresh_refuses_to_start_when_no_instance_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabdeploy.ops import refresh
+
+    cfg = cfg_with(
+        tmp_path, ["bin/migrate"], aws={"region": "eu-west-1", "autoscaling_groups": ["shop"]}
+    )
+    events: list[str] = []
+    monkeypatch.setattr(refresh, "_group_instances", lambda *a: None)
+    monkeypatch.setattr(refresh, "store_for", lambda cfg: FakeStore())
+    monkeypatch.setattr(refresh.bundles, "ensure_bundle", lambda cfg, store, ref: bundle())
+    monkeypatch.setattr(
+        refresh.bundles, "publish_bundle", lambda *a, **kw: events.append("publish")
+    )
+    monkeypatch.setattr(refresh, "start_refresh", lambda *a: events.append("refresh") or "r-1")
+    monkeypatch.setattr(refresh, "follow_refresh", lambda *a, **kw: "Successful")
+    monkeypatch.setattr(refresh, "fleet_lock", fake_lock(events))
+    monkeypatch.setattr(refresh, "resolve_hosts", lambda cfg: list(cfg.hosts))
+    monkeypatch.setattr(once, "connect", lambda cfg, host: SimpleNamespace(close=lambda: None))
+
+    def down(cfg: Any, host: Any, conn: Any, cmd: str, **kw: Any) -> Any:
+        raise HostError(host.name, f"cannot connect to {host.name}")
+
+    monkeypatch.setattr(once, "run", down)
+    with pytest.raises(once.OnceError, match="none answers over SSH"):
+        refresh.run_instance_refresh(cfg, None, clients=SimpleNamespace())
+    assert events == ["lock True", "unlock"]  # nothing published, no refresh started
+    # Once an instance answers: the hooks there, then publish, then the refresh.
+    monkeypatch.setattr(once, "run", lambda *a, **kw: SimpleNamespace(exit_code=0))
+    monkeypatch.setattr(
+        nodectl, "call", lambda cfg, host, conn, *args, **kw: events.append(args[0]) or {}
+    )
+    events.clear()
+    assert refresh.run_instance_refresh(cfg, None, clients=SimpleNamespace())
+    assert events == ["lock True", "once", "publish", "refresh", "unlock"]
+    # --skip-once: no SSH at all.
+    monkeypatch.setattr(once, "run", down)
+    events.clear()
+    assert refresh.run_instance_refresh(cfg, None, clients=SimpleNamespace(), skip_once=True)
+    assert events == ["lock True", "publish", "refresh", "unlock"]
