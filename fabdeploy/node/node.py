@@ -3261,6 +3261,54 @@ def rollback(
     return result
 
 
+def _rollback_target(layout: Layout, wanted: str | None, current: Current | None) -> str:
+    """The release a rollback goes to: `wanted` (checked), else the newest complete one older
+    than current."""
+    complete = complete_releases(layout)
+    if wanted is not None:
+        if not RELEASE_RE.match(wanted) or wanted not in complete:
+            raise NodeError(
+                f"release {wanted} does not exist or is incomplete (no REVISION) on "
+                f"{hostname()} in {layout.releases} (complete releases: "
+                f"{', '.join(complete) or 'none'}): pick one of those"
+            )
+        return wanted
+    older = [
+        n
+        for n in complete
+        if current is None or not RELEASE_RE.match(current.release) or n < current.release
+    ]
+    if current is not None:
+        older = [n for n in older if layout.release_path(n) != current.path]
+    if not older:
+        raise NodeError(
+            f"no previous release to roll back to on {hostname()} (releases: "
+            f"{', '.join(list_releases(layout)) or 'none'}; current: "
+            f"{current.release if current else 'none'})"
+        )
+    return older[-1]
+
+
+def rollback_check(cfg: Config, *, release: str | None = None) -> dict[str, Any]:
+    """What `rollback` would do, changing nothing (no lock: a read): "needed" and the target
+    release, or rollback's own "unchanged" answer when current already is that release. A host
+    about to leave its load balancer for a rollback is checked first, so one with nothing to
+    do stays in, and one with nowhere to go fails before anything moves."""
+    layout = Layout(cfg.deploy_to)
+    if not os.path.isdir(layout.releases):
+        raise NodeError(
+            f"no releases directory {layout.releases} on {hostname()}: nothing to roll back to"
+        )
+    current = read_current(layout)
+    target = _rollback_target(layout, release, current)
+    path = layout.release_path(target)
+    answer = {"ok": True, "release": target, "commit": read_revision(path)}
+    if current is not None and current.path == path:
+        if not (cfg.restart and _restart_pending(layout, current)):
+            return {**answer, "changed": False, "previous": current.brief()}
+    return {**answer, "needed": True}
+
+
 def _rollback(
     cfg: Config, layout: Layout, wanted: str | None, user: str, restart: bool
 ) -> dict[str, Any]:
@@ -3271,30 +3319,7 @@ def _rollback(
     with HostLock(layout, "rollback", cfg.lock_timeout):
         remove_leftovers(layout)  # drops never-live releases so they cannot be chosen
         current = read_current(layout)
-        complete = complete_releases(layout)
-        if wanted is not None:
-            if not RELEASE_RE.match(wanted) or wanted not in complete:
-                raise NodeError(
-                    f"release {wanted} does not exist or is incomplete (no REVISION) on "
-                    f"{hostname()} in {layout.releases} (complete releases: "
-                    f"{', '.join(complete) or 'none'}): pick one of those"
-                )
-            target = wanted
-        else:
-            older = [
-                n
-                for n in complete
-                if current is None or not RELEASE_RE.match(current.release) or n < current.release
-            ]
-            if current is not None:
-                older = [n for n in older if layout.release_path(n) != current.path]
-            if not older:
-                raise NodeError(
-                    f"no previous release to roll back to on {hostname()} (releases: "
-                    f"{', '.join(list_releases(layout)) or 'none'}; current: "
-                    f"{current.release if current else 'none'})"
-                )
-            target = older[-1]
+        target = _rollback_target(layout, wanted, current)
         path = layout.release_path(target)
         commit = read_revision(path)
         if current is not None and current.path == path:
@@ -3693,6 +3718,7 @@ def _parser() -> Any:
     r.add_argument("--user")
     r.add_argument("--restart", action="store_true")
     r.add_argument("--reason")
+    r.add_argument("--check", action="store_true", help="change nothing: say what it would do")
     r.add_argument(
         "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
     )
@@ -3851,6 +3877,8 @@ def _dispatch(args: Any) -> dict[str, Any]:
             force=args.force,
             bundle_id=args.bundle_id,
         )
+    if args.command == "rollback" and args.check:
+        return rollback_check(cfg, release=args.release)
     if args.command == "rollback":
         return rollback(
             cfg, release=args.release, user=args.user, restart=args.restart, reason=args.reason

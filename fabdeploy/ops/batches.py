@@ -176,6 +176,41 @@ class Outcome:
         return all(r.ok for r in self.results) and not self.not_touched
 
 
+def prepare_first(
+    cfg: Config,
+    groups: list[list[Host]],
+    prepare: Callable[[Host, Connection], dict[str, Any]],
+    *,
+    parallel: int | None = None,
+    keep_going: bool = False,
+    what: str = "prepared",
+) -> tuple[list[list[Host]], Outcome, dict[str, dict[str, Any]]]:
+    """Before any host leaves traffic: `prepare` on every host at once (`--parallel` at a time),
+    e.g. a hotfix's download and extraction, so each host is out only for its switch.
+
+    A host whose answer has no "needed" has nothing to do: its answer is its outcome and it is
+    never drained. A failed host stops the run before any drain (the others "not touched")
+    unless keep_going. Returns the batches left (needed hosts only), the outcomes so far, and
+    the needed hosts' answers."""
+    start = time.monotonic()
+    hosts = [h for g in groups for h in g]
+    res = run_parallel(cfg, hosts, prepare, parallel=parallel)
+    needed = {r.host: r.data for r in res if r.ok and r.data.get("needed")}
+    done = Outcome([r for r in res if r.host not in needed])
+    failed = sum(1 for r in res if not r.ok)
+    nothing = len(res) - len(needed) - failed
+    say(
+        f"{what} {len(needed)} host(s) in {time.monotonic() - start:.1f}s"
+        + (f", {nothing} already on it" if nothing else "")
+        + (f", {failed} failed" if failed else "")
+    )
+    if failed and not keep_going:
+        done.not_touched = [h.name for h in hosts if h.name in needed]
+        return [], done, needed
+    left = [[h for h in g if h.name in needed] for g in groups]
+    return [g for g in left if g], done, needed
+
+
 def run_batches(
     cfg: Config,
     groups: list[list[Host]],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fabric import Connection
@@ -18,13 +17,13 @@ from fabric import Connection
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
-from fabdeploy.adapters.ssh import q, run, run_parallel
+from fabdeploy.adapters.ssh import q, run
 from fabdeploy.adapters.store import store_for
 from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import BundleError
 from fabdeploy.basics.output import say, short, warn
-from fabdeploy.ops.batches import Outcome, plan_for, run_batches
+from fabdeploy.ops.batches import Outcome, plan_for, prepare_first, run_batches
 from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.inplace import drift_note, health_or_revert, print_results
 from fabdeploy.ops.lock import fleet_lock
@@ -124,9 +123,15 @@ def hotfix(
     try:
         done = Outcome()
         if drainer.enabled:
-            groups, done = _prepare_all(
-                cfg, groups, work, fresh_url, prepared, parallel, keep_going
+            fresh_url(0)
+            groups, done, ready = prepare_first(
+                cfg,
+                groups,
+                lambda h, c: work(h, c, prepare_only=True),
+                parallel=parallel,
+                keep_going=keep_going,
             )
+            prepared.update(ready)
             if done.not_touched:
                 return done
         out = run_batches(
@@ -145,43 +150,6 @@ def hotfix(
     finally:
         if own_file and local_file:
             os.unlink(local_file)
-
-
-def _prepare_all(
-    cfg: Config,
-    groups: list[list[Host]],
-    work: Callable[..., dict[str, Any]],
-    fresh_url: Callable[[int], None],
-    prepared: set[str],
-    parallel: int | None,
-    keep_going: bool,
-) -> tuple[list[list[Host]], Outcome]:
-    """Before any host leaves traffic: download, verify and extract on every host at once
-    (`--parallel` at a time), so each host is out only for its swap, restart and health check.
-    A host already on the bundle is done here, never drained. Returns the batches left (only
-    the prepared hosts) and the outcomes so far; a failed host stops the run before any drain
-    (all others "not touched") unless keep_going."""
-    start = time.monotonic()
-    fresh_url(0)
-    hosts = [h for g in groups for h in g]
-    res = run_parallel(cfg, hosts, lambda h, c: work(h, c, prepare_only=True), parallel=parallel)
-    done = Outcome([r for r in res if not r.ok or not r.data.get("needed")])
-    prepared.update(r.host for r in res if r.ok and r.data.get("needed"))
-    failed = [r for r in res if not r.ok]
-    say(
-        f"prepared {len(prepared)} host(s) in {time.monotonic() - start:.1f}s"
-        + (
-            f", {len(res) - len(prepared) - len(failed)} already on it"
-            if len(res) > len(prepared) + len(failed)
-            else ""
-        )
-        + (f", {len(failed)} failed" if failed else "")
-    )
-    if failed and not keep_going:
-        done.not_touched = [h.name for h in hosts if h.name in prepared]
-        return [], done
-    left = [[h for h in g if h.name in prepared] for g in groups]
-    return [g for g in left if g], done
 
 
 def _download_for_push(store: Any, bundle: Any) -> str:

@@ -16,7 +16,7 @@ from fabdeploy.adapters.traffic import Drainer
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
-from fabdeploy.ops.batches import Outcome, plan_for, run_batches
+from fabdeploy.ops.batches import Outcome, plan_for, prepare_first, run_batches
 from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.inplace import drift_note, print_results
 from fabdeploy.ops.lock import fleet_lock
@@ -38,8 +38,13 @@ def rollback(
     if release:
         args += ["--release", release]
 
+    checked: dict[str, dict[str, Any]] = {}  # the release each checked host goes to
+
     def work(host: Host, conn: Connection) -> dict[str, Any]:
-        data = nodectl.call(cfg, host, conn, *args)
+        mine_args = list(args)
+        if host.name in checked and not release:
+            mine_args += ["--release", str(checked[host.name]["release"])]  # what was checked
+        data = nodectl.call(cfg, host, conn, *mine_args)
         mine = for_host(cfg, host)  # its role's health check
         if mine.health.on == "node":
             return data  # the node checked health itself after its restart
@@ -53,15 +58,30 @@ def rollback(
             )
         return data
 
-    return run_batches(
-        cfg,
-        groups if groups is not None else [targets.hosts],
-        work,
-        parallel=parallel,
-        keep_going=keep_going,
-        traffic=Drainer(cfg),
-        held=held,
+    groups = groups if groups is not None else [targets.hosts]
+    drainer = Drainer(cfg)
+    done = Outcome()
+    if drainer.enabled:
+        # Before any host leaves traffic: where each goes. One already there stays in; one
+        # with nowhere to go fails before anything moves.
+        check = ["rollback", "--check", *(["--release", release] if release else [])]
+        groups, done, answers = prepare_first(
+            cfg,
+            groups,
+            lambda h, c: nodectl.call(cfg, h, c, *check),
+            parallel=parallel,
+            keep_going=keep_going,
+            what="checked",
+        )
+        checked.update(answers)
+        if done.not_touched:
+            return done
+    out = run_batches(
+        cfg, groups, work, parallel=parallel, keep_going=keep_going, traffic=drainer, held=held
     )
+    order = {h.name: i for i, h in enumerate(targets.hosts)}
+    out.results = sorted(done.results + out.results, key=lambda r: order.get(r.host, 0))
+    return out
 
 
 def run_rollback(

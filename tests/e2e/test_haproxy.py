@@ -74,6 +74,7 @@ def test_whole_fleet_hotfix_and_rollback_fail_no_request(fleet: Fleet, lb: Balan
     assert load.failed == 0, f"{load.failed} of {load.ok + load.failed} failed: {load.errors}"
     assert load.versions.get(old) and load.versions.get(new), load.versions
     assert out.count("out of traffic") == 4 and out.count("back in traffic") == 4, out
+    assert out.index("checked 4 host(s)") < out.index("out of traffic"), out
     for h in HOSTS:
         assert fleet.revision(h) == old and fleet.version(h) == old
     assert fleet.pointer()["commit"] == old

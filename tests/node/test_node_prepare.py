@@ -179,3 +179,27 @@ def test_cli_prepare_then_prepared(tmp_path: Path, cfg: node.Config, capsys: Any
     assert node.main([*base, "--prepared"]) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["changed"] and second["commit"] == "c2"
+
+
+def test_rollback_check_says_where_without_changing_anything(
+    tmp_path: Path, cfg: node.Config
+) -> None:
+    layout = node.Layout(cfg.deploy_to)
+    with pytest.raises(node.NodeError, match="nothing to roll back to"):
+        node.rollback_check(cfg)
+    first = deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    with pytest.raises(node.NodeError, match="no previous release"):
+        node.rollback_check(cfg)
+    second = deploy(cfg, tmp_path, "c2", now=lambda: T0 + 1)
+    before = os.readlink(layout.current)
+    out = node.rollback_check(cfg)
+    assert out == {"ok": True, "needed": True, "release": first["release"], "commit": "c1"}
+    assert os.readlink(layout.current) == before  # nothing moved
+    same = node.rollback_check(cfg, release=second["release"])
+    assert same["changed"] is False and same["release"] == second["release"]
+    assert "needed" not in same
+    with pytest.raises(node.NodeError, match="does not exist"):
+        node.rollback_check(cfg, release="20991231000000")
+    # What the check named is what the rollback does.
+    done = node.rollback(cfg, release=out["release"])
+    assert done["changed"] and done["release"] == first["release"]

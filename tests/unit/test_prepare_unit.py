@@ -74,7 +74,6 @@ def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
 
     monkeypatch.setattr(hotfix_mod.nodectl, "call", call)
     monkeypatch.setattr(hotfix_mod, "health_or_revert", lambda cfg, h, c, data, user: data)
-    monkeypatch.setattr(hotfix_mod, "run_parallel", run_parallel)
     monkeypatch.setattr(batches, "run_parallel", run_parallel)
     state["log"] = log
     return state
@@ -154,7 +153,6 @@ def test_push_mode_switches_with_the_prepared_release_and_sends_nothing_again(
     ) -> list[HostResult]:
         return [HostResult(h.name, True, work(h, conn_for(h))) for h in group]
 
-    monkeypatch.setattr(hotfix_mod, "run_parallel", run_parallel)
     monkeypatch.setattr(batches, "run_parallel", run_parallel)
     out = run(cfg, push=True)
     assert out.ok and len(sent) == 4  # one copy per host, for its prepare
@@ -166,3 +164,78 @@ def test_without_traffic_settings_there_is_no_prepare_call(tmp_path: Path, fleet
     out = run(load(tmp_path, traffic=False), batch=None)
     assert out.ok
     assert len(fleet["calls"]) == 4 and not any("--prepare" in c[1] for c in fleet["calls"])
+
+
+def test_rollback_checks_every_host_first_and_drains_only_those_that_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabdeploy.ops import rollback as rollback_mod
+
+    cfg = load(tmp_path)
+    log = tmp_path / "log"
+    calls: list[tuple[str, tuple[str, ...], str | None]] = []
+
+    def call(cfg: Any, host: Host, conn: Any, *args: str, **kw: Any) -> dict[str, Any]:
+        told = log.read_text().splitlines() if log.exists() else []
+        calls.append((host.name, args, told[-1] if told else None))
+        if "--check" in args:
+            if host.name == "web2":  # already on the release it would go to
+                return {"ok": True, "changed": False, "release": "r1", "commit": "c1"}
+            return {"ok": True, "needed": True, "release": f"r-{host.name}", "commit": "c1"}
+        return {"ok": True, "changed": True, "release": args[-1], "commit": "c1"}
+
+    def run_parallel(
+        cfg: Any, group: list[Host], work: Any, *, parallel: Any = None, on_done: Any = None
+    ) -> list[HostResult]:
+        return [HostResult(h.name, True, work(h, SimpleNamespace(host=h.name))) for h in group]
+
+    monkeypatch.setattr(rollback_mod.nodectl, "call", call)
+    monkeypatch.setattr(
+        rollback_mod, "wait_healthy", lambda cfg, a: SimpleNamespace(ok=True, detail="ok")
+    )
+    monkeypatch.setattr(batches, "run_parallel", run_parallel)
+    hosts = list(cfg.hosts)
+    out = rollback_mod.rollback(
+        cfg, Targets(hosts, True), groups=plan_for(cfg, hosts, "1", None).groups
+    )
+    assert out.ok and [r.host for r in out.results] == ["web1", "web2", "web3", "web4"]
+    checks = [c for c in calls if "--check" in c[1]]
+    assert calls[:4] == checks and all(c[2] is None for c in checks)  # nobody drained yet
+    moves = calls[4:]
+    # Each host goes exactly where its check said, drained; web2 has nothing to do: not drained.
+    assert [(c[0], c[1][-2:], c[2]) for c in moves] == [
+        (h, ("--release", f"r-{h}"), f"drain {h}") for h in ("web1", "web3", "web4")
+    ]
+    assert "drain web2" not in log.read_text().splitlines()
+
+
+def test_rollback_with_a_host_that_has_nowhere_to_go_drains_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabdeploy.ops import rollback as rollback_mod
+
+    cfg = load(tmp_path)
+
+    def call(cfg: Any, host: Host, conn: Any, *args: str, **kw: Any) -> dict[str, Any]:
+        assert "--check" in args, "no host may change before every check passed"
+        if host.name == "web3":
+            raise HostError(host.name, "web3: no previous release to roll back to")
+        return {"ok": True, "needed": True, "release": "r0", "commit": "c0"}
+
+    def run_parallel(
+        cfg: Any, group: list[Host], work: Any, *, parallel: Any = None, on_done: Any = None
+    ) -> list[HostResult]:
+        out = []
+        for h in group:
+            try:
+                out.append(HostResult(h.name, True, work(h, SimpleNamespace(host=h.name))))
+            except HostError as e:
+                out.append(HostResult(h.name, False, {}, e.message))
+        return out
+
+    monkeypatch.setattr(rollback_mod.nodectl, "call", call)
+    monkeypatch.setattr(batches, "run_parallel", run_parallel)
+    hosts = list(cfg.hosts)
+    out = rollback_mod.rollback(cfg, Targets(hosts, True), groups=[hosts])
+    assert not out.ok and out.not_touched == ["web1", "web2", "web4"]
+    assert not (tmp_path / "log").exists()
