@@ -349,6 +349,17 @@ def as_root(cfg: Config, command: str, *, sudo: bool) -> tuple[str, str | None]:
     return f"sudo -S -p '' -- {command}", pw + "\n"
 
 
+def sudo_right_check(cfg: Config, command: str) -> tuple[str, str | None]:
+    """A command (and its stdin) that exits SUDO_REFUSED unless the SSH user may run `command`
+    through sudo: `sudo -n -l` (never a prompt), or with a password `sudo -S -l`, the password
+    on stdin (never argv), so a wrong one is found too. Nothing is run but the lookup."""
+    pw = sudo_password(cfg)
+    if pw is None:
+        return f"sudo -n -l -- {command} >/dev/null 2>&1 || exit {SUDO_REFUSED}", None
+    # stderr kept: sudo's own words ("incorrect password attempt") go into the one line.
+    return f"sudo -S -p '' -l -- {command} >/dev/null || exit {SUDO_REFUSED}", pw + "\n"
+
+
 _SUDO_SAYS = (
     "a password is required",
     "is not allowed to execute",
@@ -376,8 +387,13 @@ def sudo_refusal(
             + ": "
             + (
                 hint
-                or "add it to the sudoers drop-in (fab deploy.export-node --sudoers), or give "
-                "fab --prompt-for-sudo-password"
+                or (
+                    "the sudo password is wrong: give the right one to fab "
+                    "--prompt-for-sudo-password"
+                    if "incorrect password" in text
+                    else "add it to the sudoers drop-in (fab deploy.export-node --sudoers), or "
+                    "give fab --prompt-for-sudo-password"
+                )
             ),
             command=what,
             exit_code=r.exit_code,

@@ -18,7 +18,15 @@ from typing import Any
 from fabdeploy.adapters import aws, nodectl
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters.health import wait_healthy
-from fabdeploy.adapters.ssh import SUDO_REFUSED, as_root, connect, run, sudo_refusal
+from fabdeploy.adapters.ssh import (
+    SUDO_REFUSED,
+    as_root,
+    connect,
+    run,
+    run_parallel,
+    sudo_refusal,
+    sudo_right_check,
+)
 from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import AWSError, HostError
@@ -129,6 +137,32 @@ def prepare(cfg: Config, host: Host) -> Prepared:
         return Prepared(conn, nodectl.call(cfg, host, conn, "status", timeout=30))
     except HostError as e:
         return Prepared(conn, error=e)
+
+
+def missing_reboot_rights(cfg: Config, hosts: list[Host]) -> list[HostError]:
+    """Each host's reboot command through sudo, asked of sudo (`sudo -n -l`, or `-S -l` with
+    the password) on every host at once: a roll that cannot reboot a host must stop before it
+    publishes. A host that cannot be reached here is left to its batch to report."""
+    if not cfg.ssh.sudo:
+        return []
+
+    def work(host: Host, conn: Any) -> dict[str, Any]:
+        reboot = for_host(cfg, host).reboot
+        cmd, stdin = sudo_right_check(cfg, reboot)
+        refused = sudo_refusal(host, cfg.ssh.user, reboot, run(cfg, host, conn, cmd, stdin=stdin))
+        return {"refused": refused}
+
+    return [r.data["refused"] for r in run_parallel(cfg, hosts, work) if r.data.get("refused")]
+
+
+def _refuse(refusals: list[HostError]) -> None:
+    if refusals:
+        first, more = refusals[0], [e.host for e in refusals[1:]]
+        raise HostError(
+            first.host,
+            f"{first.message}; nothing was published or rebooted"
+            + (f" (also refused: {', '.join(more)})" if more else ""),
+        )
 
 
 def _wait_back(
@@ -362,6 +396,10 @@ def run_roll(
     if cfg.aws is not None:
         traffic = aws.Traffic(cfg, log=lambda h, msg: _log(t0, h.name, msg), journal=journal)
     with fleet_lock(cfg, store, "roll") as held, _Interrupt() as stop:
+        # Every host's reboot right, asked while the bundle is made: checked before publishing.
+        rights = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rights")
+        refusals = rights.submit(missing_reboot_rights, cfg, targets.hosts)
+        rights.shutdown(wait=False)
         reconcile(cfg, store, traffic, journal)  # a killed earlier roll's standby/LB changes
         b = bundles.ensure_bundle(cfg, store, ref)
         if run is not None:
@@ -370,6 +408,7 @@ def run_roll(
             # Before the pointer moves: a host that boots from now on runs the new code.
             run_once_hooks(cfg, store, b, in_order, held=held)
         previous, _ = store.read_pointer(replacing=True)
+        _refuse(refusals.result())
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
         ahead = ThreadPoolExecutor(
             max_workers=max(len(g) for g in groups), thread_name_prefix="ahead"

@@ -142,8 +142,12 @@ def test_a_missing_sudo_right_is_one_line(fleet: Fleet, cfg) -> None:
     assert "Traceback" not in r.stderr
     assert fleet.current("web3") == before  # nothing changed
 
-    r = fleet.fab("deploy.roll", "--hosts=web3", config=cfg, check=False, timeout=120)
+    # A whole-fleet roll: web3's missing reboot right stops it before it publishes the new
+    # commit or reboots web1 and web2.
+    pointer, boots = fleet.pointer(), {h: fleet.boot_id(h) for h in HOSTS}
+    r = fleet.fab("deploy.roll", config=cfg, check=False, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "web3: deploy may not run `sudo /usr/local/bin/systemctl reboot`" in flat(r), (
-        r.stdout + r.stderr
-    )
+    assert "web3: deploy may not run `sudo /usr/local/bin/systemctl reboot`" in flat(
+        r
+    ) and "nothing was published or rebooted" in flat(r), r.stdout + r.stderr
+    assert fleet.pointer() == pointer and {h: fleet.boot_id(h) for h in HOSTS} == boots

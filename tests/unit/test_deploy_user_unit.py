@@ -243,3 +243,38 @@ def test_a_read_never_reinstalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(nodectl, "install", lambda *a, **k: pytest.fail("status must not install"))
     data = nodectl.call(cfg, Host("web1", "web1"), None, "status", reinstall=False)
     assert data["outdated"] is True and "node.sha" not in sent[1] and "exit 98" in sent[1]
+
+
+def test_the_reboot_right_is_asked_of_sudo_on_every_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabdeploy.ops import roll
+
+    cfg = load(tmp_path, **DEPLOY, hosts=["web1", "web2"])
+    sent: list[tuple[str, str, str | None]] = []
+
+    def fake_parallel(cfg_, hosts, work):
+        return [ssh.HostResult(h.name, True, work(h, None)) for h in hosts]
+
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None):
+        sent.append((host.name, command, stdin))
+        return ssh.CommandResult("", "", ssh.SUDO_REFUSED if host.name == "web2" else 0)
+
+    monkeypatch.setattr(roll, "run_parallel", fake_parallel)
+    monkeypatch.setattr(roll, "run", fake_run)
+    (refused,) = roll.missing_reboot_rights(cfg, list(cfg.hosts))
+    assert refused.host == "web2" and "\n" not in refused.message
+    assert "web2: deploy may not run `sudo /usr/bin/systemctl reboot`" in refused.message
+    assert sent[0] == (
+        "web1",
+        f"sudo -n -l -- /usr/bin/systemctl reboot >/dev/null 2>&1 || exit {ssh.SUDO_REFUSED}",
+        None,
+    )
+    # With a password: sudo -S, the password on stdin only.
+    sent.clear()
+    cfg = with_password(cfg, "s3cret")
+    roll.missing_reboot_rights(cfg, list(cfg.hosts))
+    assert all("s3cret" not in c and "sudo -S" in c and s == "s3cret\n" for _, c, s in sent)
+    # Root fleets (no ssh.sudo) ask nothing.
+    sent.clear()
+    assert roll.missing_reboot_rights(load(tmp_path), list(cfg.hosts)) == [] and sent == []

@@ -258,3 +258,36 @@ def test_batched_hotfix_or_rollback_stops_before_the_next_batch_when_the_lock_is
     out = batches.run_batches(cfg, [[h] for h in hosts], lambda h, c: {}, held=held)
     assert ran == ["web1"] and out.not_touched == ["web2", "web3"] and not out.ok
     assert "stopped before batch 2: the deploy lock was lost" in capsys.readouterr().err
+
+
+def test_roll_without_a_reboot_right_stops_before_it_publishes(
+    cfg: Config, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fabdeploy.adapters import bundle as bundles
+    from fabdeploy.basics.errors import HostError
+    from fabdeploy.ops import roll as roll_op
+
+    cfg = dataclasses.replace(
+        cfg, hosts=(Host("web1", "web1"), Host("web2", "web2"), Host("web3", "web3"))
+    )
+    monkeypatch.setattr(bundles, "ensure_bundle", lambda cfg, store, ref: a_bundle(store))
+    asked: list[list[str]] = []
+
+    def rights(cfg: Config, hosts: list[Host]) -> list[HostError]:
+        asked.append([h.name for h in hosts])
+        return [
+            HostError(h.name, f"{h.name}: deploy may not run `sudo /sbin/reboot`: add it")
+            for h in hosts
+            if h.name != "web1"
+        ]
+
+    monkeypatch.setattr(roll_op, "missing_reboot_rights", rights)
+    monkeypatch.setattr(roll_op, "_attempt", mock.Mock(side_effect=AssertionError("rebooted")))
+    with pytest.raises(HostError) as e:
+        roll_op.run_roll(cfg, Targets(list(cfg.hosts), whole_fleet=True), "main")
+    assert asked == [["web1", "web2", "web3"]]  # every host, not just the first batch
+    assert str(e.value) == (
+        "web2: deploy may not run `sudo /sbin/reboot`: add it; nothing was published or "
+        "rebooted (also refused: web3)"
+    )
+    assert store.read_pointer()[0] is None and store.read_lock() is None
