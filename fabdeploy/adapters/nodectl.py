@@ -190,8 +190,11 @@ def guarded(
 
     With `stdin`, the guard reads stdin to its end before it gives up, as the node program
     does: the sender must never write into a channel that is already closed.
-    With ssh.sudo and no password, a call that will restart first asks `sudo -n -l` whether
-    the restart is allowed, so a missing sudo right fails before anything changes.
+    With ssh.sudo, a call that will restart first asks sudo whether the restart is allowed,
+    so a missing right (or a wrong password) fails before anything changes: `sudo -n -l`, or
+    with a password (stdin's first line, `--sudo-stdin`) `sudo -S -l` fed by printf, a shell
+    builtin, from a shell variable: the node program then gets the same stdin back, and the
+    password is in no process's argv.
     With `remove_after`, that file is removed once the node program ends (or sudo refuses),
     whatever the outcome, in the same command (not when the guard bails: the call is retried
     after the install)."""
@@ -200,14 +203,21 @@ def guarded(
     rm = f"rm -f -- {q(remove_after)}; " if remove_after is not None else ""
     check = ""
     restart = (for_host(cfg, host) if host is not None else cfg).restart  # its role's, if any
-    if cfg.ssh.sudo and restart and "--restart" in args and sudo_password(cfg) is None:
+    feed = ""
+    if cfg.ssh.sudo and restart and "--restart" in args and "--sudo-stdin" in args:
+        check = (
+            f"""IFS= read -r pw; printf '%s\\n' "$pw" | sudo -S -p '' -l -- {restart} >/dev/null """
+            f"|| {{ {drain}{rm}exit {SUDO_REFUSED}; }}; "
+        )
+        feed = """{ printf '%s\\n' "$pw"; cat; } | """
+    elif cfg.ssh.sudo and restart and "--restart" in args and sudo_password(cfg) is None:
         check = (
             f"sudo -n -l -- {restart} >/dev/null 2>&1 || {{ {drain}{rm}exit {SUDO_REFUSED}; }}; "
         )
     run_node = (
         f"exec {node_command(cfg, *args)}"
-        if remove_after is None
-        else f"{node_command(cfg, *args)}; rc=$?; {rm}exit $rc"
+        if remove_after is None and not feed
+        else f"{feed}{node_command(cfg, *args)}; rc=$?; {rm}exit $rc"
     )
     return (
         f'test "$(cat {q(sha)} 2>/dev/null)" = {q(fingerprint(cfg, host))} || {{ {drain}exit {NEEDS_INSTALL}; }}; '
@@ -342,10 +352,20 @@ def check_script(cfg: Config, host: Host) -> str:
     hcfg = for_host(cfg, host)
     parts = []
     if cfg.ssh.sudo:
+        # With a sudo password: stdin's first line (check_stdin), kept in a shell variable and
+        # handed to each `sudo -S` by printf, a shell builtin: never in any process's argv.
+        pw = sudo_password(cfg) is not None
+        if pw:
+            parts.append("IFS= read -r pw")
         for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
-            parts.append(
-                f"sudo -n -l -- {cmd} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused"
+            ask = (
+                f"""printf '%s\\n' "$pw" | sudo -S -p '' -l -- {cmd}"""
+                if pw
+                else f"sudo -n -l -- {cmd}"
             )
+            parts.append(f"{ask} >/dev/null 2>&1 && echo sudo{i}=ok || echo sudo{i}=refused")
+        if pw:
+            parts.append("unset pw")
     for i, f in enumerate(_provisioned(cfg)):
         parts.append(
             f"test -e {q(cfg.deploy_to + '/shared/' + f)} && echo linked{i}=ok || echo linked{i}=missing"
@@ -382,6 +402,12 @@ def _provisioned(cfg: Config) -> list[str]:
     return [f for f in cfg.linked_files if f not in sourced]
 
 
+def check_stdin(cfg: Config) -> str | None:
+    """check_script's stdin: the sudo password, if there is one and sudo is used."""
+    pw = sudo_password(cfg) if cfg.ssh.sudo else None
+    return None if pw is None else pw + "\n"
+
+
 def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
     """What deploy.check reports for a host, one short phrase each (empty: all good)."""
     hcfg = for_host(cfg, host)
@@ -389,7 +415,10 @@ def check_problems(cfg: Config, host: Host, state: dict[str, str]) -> list[str]:
     if cfg.ssh.sudo:
         for i, cmd in enumerate(c for c in (hcfg.restart, hcfg.reboot) if c):
             if state.get(f"sudo{i}") != "ok":
-                out.append(f"{cfg.ssh.user} may not run `sudo {cmd}` (sudo -n -l)")
+                how = (
+                    "sudo -n -l" if sudo_password(cfg) is None else "sudo -S -l, with the password"
+                )
+                out.append(f"{cfg.ssh.user} may not run `sudo {cmd}` ({how})")
     out += [
         f"shared/{f} is missing"
         for i, f in enumerate(_provisioned(cfg))

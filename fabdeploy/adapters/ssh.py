@@ -379,7 +379,11 @@ def sudo_refusal(
         return None
     text = (r.stderr or "") + (r.stdout or "")
     if r.exit_code == SUDO_REFUSED or any(s in text for s in _SUDO_SAYS):
-        said = next((ln.strip() for ln in text.splitlines() if "sudo" in ln.lower()), "")
+        lines = [ln.strip() for ln in text.splitlines()]
+        said = next(
+            (ln for ln in lines if any(s in ln for s in _SUDO_SAYS)),
+            next((ln for ln in lines if "sudo" in ln.lower()), ""),
+        )
         return HostError(
             host.name,
             f"{host.name}: {user or 'the SSH user'} may not run `sudo {what}`"

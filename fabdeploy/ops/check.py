@@ -144,7 +144,7 @@ def run_check(cfg: Config, targets: Targets) -> bool:
     published = read_published(cfg)
 
     def work(host: Host, conn: Connection) -> dict[str, Any]:
-        r = run(cfg, host, conn, nodectl.check_script(cfg, host))
+        r = run(cfg, host, conn, nodectl.check_script(cfg, host), stdin=nodectl.check_stdin(cfg))
         state = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
         hcfg = for_host(cfg, host)
         probe = None

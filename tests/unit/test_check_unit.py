@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import tarfile
@@ -163,3 +164,22 @@ def test_the_unpacked_size_is_recorded_with_the_bundle(tmp_path: Path) -> None:
     }
     assert bundle.meta_int("12288") == 12288
     assert bundle.meta_int(None) is bundle.meta_int("x") is bundle.meta_int(-1) is None
+
+
+def test_with_a_sudo_password_the_check_asks_sudo_s_with_it_on_stdin(tmp_path: Path) -> None:
+    from fabric import Config as FabricConfig
+
+    cfg = load(tmp_path)
+    assert nodectl.check_stdin(cfg) is None and "sudo -n -l --" in nodectl.check_script(cfg, HOST)
+    fc = FabricConfig()
+    fc["sudo"]["password"] = "s3cret"
+    cfg = dataclasses.replace(cfg, fabric=fc)
+    script = nodectl.check_script(cfg, HOST)
+    assert "s3cret" not in script and nodectl.check_stdin(cfg) == "s3cret\n"
+    assert script.startswith("IFS= read -r pw; ") and "sudo -n" not in script
+    assert """printf '%s\\n' "$pw" | sudo -S -p '' -l -- /usr/bin/systemctl reboot""" in script
+    bad = {"sha": nodectl.fingerprint(cfg, HOST), "sudo0": "ok", "sudo1": "refused"}
+    assert (
+        "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -S -l, with the password)"
+        in (nodectl.check_problems(cfg, HOST, bad))
+    )

@@ -13,6 +13,7 @@ from fabric import Config as FabricConfig
 from fabdeploy.adapters import nodectl, ssh
 from fabdeploy.basics import config
 from fabdeploy.basics.config import ConfigError, Host
+from fabdeploy.basics.errors import HostError
 
 BASE = {
     "app": "shop",
@@ -278,3 +279,31 @@ def test_the_reboot_right_is_asked_of_sudo_on_every_host(
     # Root fleets (no ssh.sudo) ask nothing.
     sent.clear()
     assert roll.missing_reboot_rights(load(tmp_path), list(cfg.hosts)) == [] and sent == []
+
+
+def test_with_a_password_the_restart_right_is_asked_before_anything_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = with_password(load(tmp_path, **DEPLOY), "s3cret")
+    sent: list[tuple[str, str | None]] = []
+
+    def fake_run(cfg_, host, conn, command, *, timeout=None, stdin=None, on_stderr_line=None):
+        sent.append((command, stdin))
+        return ssh.CommandResult("", "sudo: 1 incorrect password attempt\n", ssh.SUDO_REFUSED)
+
+    monkeypatch.setattr(nodectl, "run", fake_run)
+    with pytest.raises(HostError) as e:
+        nodectl.call(cfg, Host("web1", "web1"), None, "rollback", "--restart")
+    ((command, stdin),) = sent
+    assert "s3cret" not in command and stdin == "s3cret\n"
+    assert (
+        """IFS= read -r pw; printf '%s\\n' "$pw" | sudo -S -p '' -l -- /usr/bin/systemctl restart"""
+        in command
+    )
+    # The node program gets the same stdin back (the password first), through a pipe.
+    assert """{ printf '%s\\n' "$pw"; cat; } | """ in command and "--sudo-stdin" in command
+    assert str(e.value) == (
+        "web1: deploy may not run `sudo /usr/bin/systemctl restart shop` (sudo: 1 incorrect "
+        "password attempt): the sudo password is wrong: give the right one to fab "
+        "--prompt-for-sudo-password"
+    )
