@@ -404,11 +404,11 @@ def run_roll(
         b = bundles.ensure_bundle(cfg, store, ref)
         if run is not None:
             run.bundle(b)
+        _refuse(refusals.result())  # before run-once hooks (migrations) and the publish
         if once:
             # Before the pointer moves: a host that boots from now on runs the new code.
             run_once_hooks(cfg, store, b, in_order, held=held)
         previous, _ = store.read_pointer(replacing=True)
-        _refuse(refusals.result())
         bundles.publish_bundle(store, b, log=say, cfg=cfg)
         ahead = ThreadPoolExecutor(
             max_workers=max(len(g) for g in groups), thread_name_prefix="ahead"
