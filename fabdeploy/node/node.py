@@ -3442,6 +3442,7 @@ def status(
         "last": saved.get("last"),
         "last_boot": saved.get("last_boot"),
         "last_health": saved.get("last_health"),
+        "shared_config": saved.get("shared_config"),  # the last fetch of sourced linked files
         "health": health,
         "boot_id": me,
         "revision_log_tail": tail,
@@ -3485,7 +3486,24 @@ def preflight(cfg: Config) -> dict[str, Any]:
             health = {"ok": False, "detail": f"{layout.current} points at a missing release"}
         elif health is None:
             health = {"ok": None, "detail": "no current release yet"}
-    return {"ok": True, "pointer": pointer, "free": free, "path": path, "health": health}
+    # Each sourced linked file's source, read (never written, never returned) as the boot does.
+    shared = []
+    clients: dict[str, Any] = {}
+    for f in cfg.shared.files:
+        entry: dict[str, Any] = {"path": f.path, "source": f.describe(), "ok": True}
+        try:
+            fetch_shared_value(cfg, f, clients)
+        except NodeError as exc:
+            entry.update(ok=False, error=exc.message)
+        shared.append(entry)
+    return {
+        "ok": True,
+        "pointer": pointer,
+        "free": free,
+        "path": path,
+        "health": health,
+        **({"shared": shared} if shared else {}),
+    }
 
 
 def cleanup(cfg: Config) -> dict[str, Any]:

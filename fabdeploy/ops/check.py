@@ -112,6 +112,12 @@ def findings(
             f"the node cannot read {ptr.get('uri', 'the pointer')} with its own credentials: "
             f"{ptr.get('error') or 'no answer'}"
         )
+    for src in answer.get("shared") or []:
+        if isinstance(src, dict) and not src.get("ok"):
+            problems.append(
+                f"the node cannot read {src.get('source')} (for shared/{src.get('path')}) with its "
+                f"own credentials: {src.get('error') or 'no answer'}"
+            )
     free = meta_int(answer.get("free"))
     where = str(answer.get("path") or cfg.deploy_to)
     if free is None:

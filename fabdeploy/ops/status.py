@@ -41,6 +41,18 @@ def collect(cfg: Config, targets: list[Host], store: Any) -> tuple[Any, list[Hos
     return (pointer, pointer_error), results
 
 
+def shared_note(last: Any) -> str:
+    """Sourced linked files the node could not fetch last time (it kept a copy, or had none)."""
+    files = last.get("files") if isinstance(last, dict) else None
+    bad = [f for f in files or [] if isinstance(f, dict) and f.get("outcome") in ("kept", "failed")]
+    if not bad:
+        return ""
+    return "; shared config " + ", ".join(
+        f"{f.get('path')} {'kept (source unreadable)' if f.get('outcome') == 'kept' else 'MISSING'}"
+        for f in bad
+    )
+
+
 def _deployed(last: dict[str, Any], log_tail: list[str]) -> str:
     """When, and by whom (from revisions.log, which Capistrano writes too)."""
     by = log_tail[-1].rsplit(" by ", 1)[1] if log_tail and " by " in log_tail[-1] else ""
@@ -101,6 +113,7 @@ def show(
             state = "DRIFT (differs from published)"
         if d.get("outdated"):
             state += "; outdated node program/config (fab deploy.setup)"
+        state += shared_note(d.get("shared_config"))
         if d.get("staging"):
             state += f"; {len(d['staging'])} staging leftover(s)"
         if d.get("stray"):

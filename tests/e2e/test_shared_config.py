@@ -157,6 +157,10 @@ def test_unreachable_source_keeps_the_last_good_copy(fleet: Fleet, cfg) -> None:
     ]["files"]
     assert shared[0]["outcome"] == "kept" and shared[0]["reason"], shared
     assert fleet.node_status("web2")["last_boot"]["outcome"] == "kept"
+    # deploy.status carries it (its table says "shared config ... kept (source unreadable)").
+    r = fleet.fab("deploy.status", "--hosts=web2", "--json", config=cfg)
+    host = json.loads(r.stdout)["hosts"][0]
+    assert host["shared_config"]["files"][0]["outcome"] == "kept", host
 
 
 def test_changed_parameter_and_hotfix_put_new_content_on_every_node(

@@ -365,3 +365,23 @@ def test_prepare_refuses_a_source_the_switch_could_not_do_without(
     bundle, sha = good_bundle(tmp_path, "c1")
     with pytest.raises(node.NodeError, match="SSM parameter /shop/database.yml.*no earlier copy"):
         node.prepare(cfg, sha256=sha, commit="c1", source=node.Source("file", str(bundle)))
+
+
+def test_preflight_reads_each_source_with_the_nodes_credentials(
+    tmp_path: Path, aws: FakeAWS
+) -> None:
+    cfg = shared_cfg(
+        tmp_path,
+        {"path": DB, "ssm": "/shop/database.yml"},
+        {"path": "config/env", "secret": "shop/env"},
+    )
+    aws.ssm["/shop/database.yml"] = "s3cret\n"
+    aws.secrets["shop/env"] = "A=1\n"
+    out = node.preflight(cfg)
+    assert [(s["path"], s["ok"]) for s in out["shared"]] == [(DB, True), ("config/env", True)]
+    assert "s3cret" not in repr(out)
+    assert not os.path.exists(node.Layout(cfg.deploy_to).shared)  # read, never written
+    aws.fail = FakeError("AccessDeniedException")
+    bad = node.preflight(cfg)["shared"][0]
+    assert not bad["ok"] and "ssm:GetParameter and kms:Decrypt" in bad["error"]
+    assert bad["source"] == "SSM parameter /shop/database.yml"

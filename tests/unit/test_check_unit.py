@@ -183,3 +183,28 @@ def test_with_a_sudo_password_the_check_asks_sudo_s_with_it_on_stdin(tmp_path: P
         "deploy may not run `sudo /usr/bin/systemctl reboot` (sudo -S -l, with the password)"
         in (nodectl.check_problems(cfg, HOST, bad))
     )
+
+
+def test_a_source_the_node_cannot_read_is_a_problem_naming_it(tmp_path: Path) -> None:
+    cfg = load(tmp_path, linked_files=[{"path": "config/database.yml", "ssm": "/shop/db"}])
+    pub = Published("c1", 100 * MB)
+    shared = [
+        {
+            "path": "config/database.yml",
+            "source": "SSM parameter /shop/db",
+            "ok": False,
+            "error": "access denied (AccessDeniedException): the instance role needs "
+            "ssm:GetParameter and kms:Decrypt",
+        }
+    ]
+    cols, problems = check.findings(cfg, HOST, answer(cfg, shared=shared), pub)
+    assert cols == ["ok", "126.0 MB needed, 500.0 MB free", "ok"]
+    assert problems == [
+        "the node cannot read SSM parameter /shop/db (for shared/config/database.yml) with its "
+        "own credentials: access denied (AccessDeniedException): the instance role needs "
+        "ssm:GetParameter and kms:Decrypt"
+    ]
+    shared[0].update(ok=True, error=None)
+    assert check.findings(cfg, HOST, answer(cfg, shared=shared), pub)[1] == []
+    # deploy.check does not ask for a sourced file in shared/: the node fetches it.
+    assert "shared/config/database.yml" not in nodectl.check_script(cfg, HOST)

@@ -270,3 +270,18 @@ def test_line_delta_and_node_state_say_nothing_of_the_content() -> None:
     assert "mode 0644" in sc.node_state(stored, {"sha256": stored.sha256, "mode": "0644"})
     differs = sc.node_state(stored, {"sha256": "f" * 64, "lines": 3, "mode": "0600"})
     assert differs.startswith("DIFFERS: node 3 lines, sha256 ffffffffffff")
+
+
+def test_status_names_a_host_that_kept_an_old_copy() -> None:
+    from fabdeploy.ops.status import shared_note
+
+    assert shared_note(None) == "" and shared_note({"files": [{"outcome": "unchanged"}]}) == ""
+    last = {
+        "files": [
+            {"path": "config/database.yml", "outcome": "kept", "reason": "unreachable"},
+            {"path": "config/env", "outcome": "failed", "reason": "denied"},
+        ]
+    }
+    assert shared_note(last) == (
+        "; shared config config/database.yml kept (source unreadable), config/env MISSING"
+    )
