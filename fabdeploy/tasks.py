@@ -278,7 +278,7 @@ def hotfix_task(
     from fabdeploy.ops.hotfix import run_hotfix
 
     targets = _targets(cfg, hosts, roles)
-    with deploy_run(cfg, "hotfix", targets, dry_run=dry_run) as run:
+    with deploy_run(cfg, "hotfix", targets, ref=ref, dry_run=dry_run) as run:
         run.ok = run_hotfix(
             cfg,
             targets,
@@ -398,7 +398,7 @@ def roll_task(
         from fabdeploy.ops.events import deploy_run
         from fabdeploy.ops.refresh import run_instance_refresh
 
-        with deploy_run(cfg, "roll", dry_run=dry_run) as run:
+        with deploy_run(cfg, "roll", ref=ref, dry_run=dry_run) as run:
             run.ok = run_instance_refresh(cfg, ref, dry_run=dry_run, skip_once=skip_once, run=run)
         _fail_unless(run.ok)
         return
@@ -409,7 +409,7 @@ def roll_task(
     from fabdeploy.ops.targets import parse_roles
 
     targets = _targets(cfg, hosts, roles)
-    with deploy_run(cfg, "roll", targets, dry_run=dry_run) as run:
+    with deploy_run(cfg, "roll", targets, ref=ref, dry_run=dry_run) as run:
         run.ok = run_roll(
             cfg,
             targets,

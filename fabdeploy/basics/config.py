@@ -875,6 +875,69 @@ class AWSConfig:
         return bool(self.autoscaling_groups or self.tag_filters)
 
 
+NOTIFY_EVENTS = ("start", "success", "failure")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A URL that gets a JSON post for `events`. `${NAME}` in it is read from the deploying
+    machine's environment when a post is sent (a Slack URL is a secret: keep it out of git)."""
+
+    url: str
+    events: tuple[str, ...] = NOTIFY_EVENTS
+
+
+def _webhook_url(v: Any) -> str:
+    v = _str(v)
+    if not (v.startswith(("http://", "https://", "${")) and " " not in v):
+        raise TypeError("http(s):// URLs (or ${ENV_VAR} naming one)")
+    return v
+
+
+def _webhook(v: Any) -> Webhook:
+    if isinstance(v, str):
+        return Webhook(_webhook_url(v))
+    if not isinstance(v, dict) or "url" not in v:
+        raise TypeError("a list of URLs or of {url, events} mappings")
+    unknown = sorted(str(k) for k in v if k not in ("url", "events"))
+    if unknown:
+        raise TypeError(f"webhooks with keys url, events only (unknown: {', '.join(unknown)})")
+    events = _commands(v.get("events")) or NOTIFY_EVENTS
+    bad = [e for e in events if e not in NOTIFY_EVENTS]
+    if bad:
+        raise TypeError(f"events among {', '.join(NOTIFY_EVENTS)} (not {', '.join(bad)})")
+    return Webhook(_webhook_url(v["url"]), tuple(events))
+
+
+def _webhooks(v: Any) -> tuple[Webhook, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if not isinstance(v, list):
+        raise TypeError("a list of URLs or of {url, events} mappings")
+    return tuple(_webhook(x) for x in v)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Slack-compatible JSON posts on the start, success and failure of roll, hotfix and
+    rollback; sent in the background, never failing or slowing the deploy."""
+
+    webhooks: tuple[Webhook, ...] = key(
+        _webhooks,
+        factory=tuple,
+        doc="URLs (or {url, events: [start, success, failure]}); ${NAME} reads the environment",
+    )
+    timeout: float = key(
+        _pos_num,
+        5.0,
+        doc="seconds per attempt (one retry); at the end the deploy waits at most this long for "
+        "posts still in flight",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path  # where it was loaded from: not a key
@@ -917,6 +980,7 @@ class Config:
         "(hosts.X.roles and aws.role_tag name a host's roles)",
     )
     hooks: HooksConfig = key(HooksConfig)
+    notify: NotifyConfig = key(NotifyConfig, doc="webhooks told about each roll, hotfix, rollback")
     signing: SigningConfig = key(SigningConfig, doc="signed releases (see README: Trust)")
     node: NodeConfig = key(NodeConfig)
     node_env: dict[str, str] = key(

@@ -1,8 +1,10 @@
-"""A deploy's start and end, for what follows it: local hooks (after_deploy, after_failure).
+"""A deploy's start and end, for what follows it: local hooks (after_deploy, after_failure)
+and webhook notifications (start, success, failure).
 
 Roll, hotfix and rollback each run inside `deploy_run`, and fill in what they learn (the
 commit and bundle id, each host's outcome) on the DeployRun it yields. Nothing here can change
-a deploy's outcome or exit code: a failing after_* hook is one warning line.
+a deploy's outcome or exit code: a failing after_* hook or webhook is one warning line, and
+posts go out in the background (the end waits at most notify.timeout for them).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.localhooks import LocalHookFailed, run_local_hooks
+from fabdeploy.adapters.notify import Notifier
 from fabdeploy.basics.config import Config
 from fabdeploy.basics.errors import DeployError
 from fabdeploy.basics.output import warn
@@ -77,6 +81,50 @@ class DeployRun:
                 c.ok += 1
         self.counts = c
 
+    def resolve(self, ref: str | None) -> None:
+        """The commit a roll or hotfix is about to deploy, from git alone (for the start post)."""
+        try:
+            self.ref = ref or self.cfg.ref
+            self.commit, _ = bundles.resolve_commit(self.cfg.repo, self.ref)
+            self.bundle_id = bundles.bundle_id(self.commit, self.cfg.build)
+        except Exception:  # noqa: BLE001 - the deploy itself will say what is wrong with the ref
+            pass
+
+    def payload(self, event: str) -> dict[str, Any]:
+        """A Slack-compatible post: `text` for people, `fabdeploy` for machines."""
+        cfg, c = self.cfg, self.counts
+        where = f"{cfg.app} ({cfg.stage})" if cfg.stage else cfg.app
+        what = f"{self.task} of {self.commit[:8]} ({self.ref})" if self.commit else self.task
+        if self.task == "rollback":
+            what = f"rollback to {self.commit[:8]}" if self.commit else "rollback"
+        if event == "start":
+            n = len(self.hosts)
+            on = f" on {n} host{'s' if n != 1 else ''}" if n else ""
+            text = f"{where}: {self.user} started a {what}{on}"
+        elif event == "success":
+            text = f"{where}: {what} by {self.user} succeeded in {self.seconds:.1f}s: {c.line()}"
+        else:
+            text = f"{where}: {what} by {self.user} FAILED after {self.seconds:.1f}s: {c.line()}"
+            if self.error:
+                text += f" ({self.error.splitlines()[0][:300]})"
+        return {
+            "text": _slack_escape(text),
+            "fabdeploy": {
+                "event": event,
+                "app": cfg.app,
+                "stage": cfg.stage,
+                "task": self.task,
+                "commit": self.commit,
+                "ref": self.ref,
+                "bundle_id": self.bundle_id,
+                "user": self.user,
+                "hosts": list(self.hosts),
+                "seconds": None if event == "start" else round(self.seconds, 1),
+                "counts": None if event == "start" else dict(vars(c)),
+                "error": self.error,
+            },
+        }
+
     def env(self, outcome: str) -> dict[str, str]:
         """The after_* hooks' environment (Capistrano's fetch(:...) values, as variables)."""
         c = self.counts
@@ -98,17 +146,34 @@ class DeployRun:
         }
 
 
+def _slack_escape(text: str) -> str:
+    """Slack's three control characters in message text (a ref or an error may hold them)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 @contextmanager
 def deploy_run(
-    cfg: Config, task: str, targets: Targets | None = None, *, dry_run: bool = False
+    cfg: Config,
+    task: str,
+    targets: Targets | None = None,
+    *,
+    ref: str | None = None,
+    dry_run: bool = False,
 ) -> Iterator[DeployRun]:
-    """Around one deploy: after it, after_deploy or after_failure (never on a dry run).
+    """Around one deploy: the start post; after it, the success or failure post and
+    after_deploy or after_failure (nothing on a dry run).
 
     The run failed if the body raised or left `run.ok` false; the exception still propagates."""
     run = DeployRun(cfg, task, hosts=[h.name for h in targets.hosts] if targets else [])
     if dry_run:
         yield run
         return
+    notifier = None
+    if cfg.notify.webhooks:
+        if task != "rollback":
+            run.resolve(ref)
+        notifier = Notifier(cfg.notify.webhooks, cfg.notify.timeout)
+        notifier.post("start", run.payload("start"))
     try:
         yield run
     except BaseException as e:
@@ -120,13 +185,23 @@ def deploy_run(
             if isinstance(e, KeyboardInterrupt)
             else f"{type(e).__name__}: {e}"
         )
-        _after(run)
         raise
-    _after(run)
+    finally:
+        _after(run, notifier)
 
 
-def _after(run: DeployRun) -> None:
+def _after(run: DeployRun, notifier: Notifier | None) -> None:
     outcome = "success" if run.ok else "failure"
+    if notifier is not None:
+        notifier.post(outcome, run.payload(outcome))  # in the background, while the hooks run
+    try:
+        _after_hooks(run, outcome)
+    finally:
+        if notifier is not None:
+            notifier.close()  # waits at most notify.timeout for posts in flight
+
+
+def _after_hooks(run: DeployRun, outcome: str) -> None:
     hooks = run.cfg.hooks.after_deploy if run.ok else run.cfg.hooks.after_failure
     stage = "after_deploy" if run.ok else "after_failure"
     if not hooks:

@@ -1,12 +1,16 @@
 """What follows a deploy, on a sandbox fleet with real fab: local hooks (before_bundle,
-after_deploy, after_failure) on this machine."""
+after_deploy, after_failure) on this machine, and webhook notifications to a local HTTP
+receiver started by the test."""
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
 from fleet_helpers import Fleet, can_run_sandbox, start_fleet
+from webhook_receiver import Receiver
 
 from fabfile import sandbox
 
@@ -91,3 +95,123 @@ def test_after_deploy_and_after_failure_get_the_run_and_never_change_the_exit_co
     env = read_env(env_ok)
     assert env["DEPLOY_TASK"] == "rollback" and env["HOSTS_OK"] == "1"
     assert env["REVISION"] == first  # where web1 went back to
+
+
+@pytest.fixture
+def receiver() -> Receiver:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_webhooks_hear_the_start_and_outcome_of_hotfix_roll_and_rollback(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    failures = receiver.url.replace("/SECRET", "/FAILURES")
+    notify = {"webhooks": [receiver.url, {"url": failures, "events": ["failure"]}], "timeout": 5}
+    cfg = fleet.variant("notify", notify=notify)
+    commit = fleet.commit("notified")
+
+    def posts(path: str = "/SECRET") -> list[dict]:
+        return [
+            p["fabdeploy"] | {"text": p["text"]} for p in receiver.posts if p["path"].endswith(path)
+        ]
+
+    fleet.fab("deploy.hotfix", config=cfg)
+    start, done = posts()
+    assert start["event"] == "start" and done["event"] == "success"
+    for p in (start, done):
+        assert (p["app"], p["task"], p["commit"], p["bundle_id"], p["ref"]) == (
+            "shop",
+            "hotfix",
+            commit,
+            commit,
+            "HEAD" if p is start else "main",
+        )
+        assert p["hosts"] == ["web1", "web2"] and p["user"]
+    assert (
+        start["text"] == f"shop: {start['user']} started a hotfix of {commit[:8]} (HEAD) on 2 hosts"
+    )
+    assert done["counts"] == {"ok": 2, "unchanged": 0, "failed": 0, "not_touched": 0}
+    assert done["seconds"] > 0 and done["text"].endswith(
+        "succeeded in " + f"{done['seconds']:.1f}s: 2 ok, 0 failed"
+    )
+    assert posts("/FAILURES") == []  # that one asked for failures only
+
+    receiver.posts.clear()
+    broken = fleet.variant("notify-broken", notify=notify, hooks={"before_swap": ["exit 4"]})
+    fleet.commit("a release whose before_swap fails")
+    r = fleet.fab("deploy.hotfix", config=broken, check=False)
+    assert r.returncode == 1
+    (failed,) = posts("/FAILURES")
+    assert failed["event"] == "failure" and failed["counts"]["failed"] == 2
+    assert " FAILED after " in failed["text"] and failed["text"].endswith("0 ok, 2 failed")
+    assert [p["event"] for p in posts()] == ["start", "failure"]
+
+    receiver.posts.clear()
+    fleet.fab("deploy.rollback", "--hosts=web1", config=cfg)
+    start, done = posts()
+    back = fleet.revision("web1")  # its previous release
+    assert back != commit
+    assert (start["task"], start["commit"], done["event"], done["commit"]) == (
+        "rollback",
+        None,
+        "success",
+        back,
+    )
+    assert done["text"].startswith(f"shop: rollback to {back[:8]} by ")
+
+    receiver.posts.clear()
+    fleet.git("reset", "-q", "--hard", commit)  # drop the broken commit
+    fleet.fab("deploy.roll", "--hosts=web1", config=cfg)
+    start, done = posts()
+    assert (start["task"], done["event"], done["commit"]) == ("roll", "success", commit)
+    assert done["counts"]["ok"] == 1 and done["hosts"] == ["web1"]
+    assert fleet.revision("web1") == commit
+
+
+def test_a_hung_or_failing_webhook_changes_neither_the_time_nor_the_exit_code(
+    fleet: Fleet, receiver: Receiver
+) -> None:
+    fleet.fab("deploy.hotfix", "--hosts=web1")  # web1 on HEAD: the timed runs have nothing to do
+
+    def timed(config: Path | None = None, *args: str) -> tuple[float, object]:
+        t0 = time.monotonic()
+        r = fleet.fab("deploy.hotfix", "--hosts=web1", *args, config=config, check=False)
+        return time.monotonic() - t0, r
+
+    base, r = timed()
+    assert r.returncode == 0
+    receiver.mode = "hang"  # accepts, reads the post, never answers
+    bound = 3.0
+    hung, r = timed(
+        fleet.variant("notify-hung", notify={"webhooks": [receiver.url], "timeout": bound})
+    )
+    assert r.returncode == 0 and "unchanged" in r.stdout
+    # Waiting for the posts in line would cost 4 timeouts (start and success, one retry each);
+    # the run waits at most one bound for them at its end (plus noise on a busy machine).
+    assert hung - base < bound + 4.0, (base, hung)
+    # Start's two attempts may time out within the run (one line), and what is left in flight
+    # at the end is one line too.
+    said = [ln for ln in r.stderr.splitlines() if "notification" in ln]
+    assert said and all(
+        re.fullmatch(r"warning: \d notifications? still in flight after 3s; .*", ln)
+        or re.fullmatch(r"warning: notification \(start\) to .* failed twice: TimeoutError.*", ln)
+        for ln in said
+    ), said
+    assert "still in flight after 3s" in said[-1]
+    assert receiver.requests >= 1 and "SECRET" not in r.stderr
+
+    receiver.release.set()
+    receiver.mode, receiver.requests = "fail", 0
+    failing = fleet.variant("notify-500", notify={"webhooks": [receiver.url], "timeout": bound})
+    took, r = timed(failing)
+    assert r.returncode == 0 and took - base < bound + 4.0
+    assert receiver.requests == 4  # start and success, each posted twice (one retry)
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: notification")]
+    assert warned == [
+        f"warning: notification ({e}) to http://127.0.0.1:{receiver.server.server_port}/… failed twice: HTTP 500"
+        for e in ("start", "success")
+    ]
+    r = fleet.fab("deploy.hotfix", "--hosts=web9", config=failing, check=False)
+    assert r.returncode == 1 and "unknown host web9" in r.stderr  # its own error, as before
