@@ -37,6 +37,8 @@ DB = "config/database.yml"
 V1 = "production:\n  adapter: sqlite3\n  password: s3cret-one\n"
 V2 = "production:\n  adapter: sqlite3\n  password: s3cret-two\n  pool: 5\n"
 V3 = "production:\n  adapter: sqlite3\n  password: s3cret-three\n"
+ENV, SECRET_ID, ENV_TEXT = "config/app.env", "shop/production/env", "API_KEY=s3cret-env\n"
+SETTINGS, SETTINGS_TEXT = "config/settings.json", '{"feature": true}\n'
 
 
 def sha(text: str) -> str:
@@ -58,7 +60,11 @@ def cfg(fleet: Fleet):
         ssh={"user": "deploy", "sudo": True, "admin_user": "root"},
         restart="/usr/local/bin/systemctl restart shop",
         reboot="/usr/local/bin/systemctl reboot",
-        linked_files=[{"path": DB, "ssm": PARAM}],
+        linked_files=[
+            {"path": DB, "ssm": PARAM},
+            {"path": ENV, "secret": SECRET_ID},  # Secrets Manager, in the same moto server
+            {"path": SETTINGS, "s3": "config/settings.json"},  # under the deploy prefix
+        ],
         # Spelled out for the nodes: their boto3 (Debian 12's 1.26) ignores AWS_ENDPOINT_URL.
         config_sources={"ssm_endpoint_url": endpoint, "secretsmanager_endpoint_url": endpoint},
         node={"boot_attempts": 2, "boot_backoff": 0.2, "download_timeout": 2},
@@ -86,19 +92,29 @@ def flat(r) -> str:
 def test_push_show_and_diff_never_print_the_value(fleet: Fleet, cfg, tmp_path) -> None:
     local = tmp_path / "database.yml"
     local.write_text(V1)
-    r = fleet.fab("deploy.config", f"--push={local}", config=cfg)
+    r = fleet.fab("deploy.config", f"--push={local}", config=cfg, check=False)
+    assert r.returncode == 1 and "name the linked file with --path" in r.stderr, r.stderr
+    r = fleet.fab("deploy.config", f"--push={local}", f"--path={DB}", config=cfg)
     assert f"pushed {local} to ssm:{PARAM} for {DB}: version 1" in r.stdout, r.stdout
     assert "s3cret" not in r.stdout + r.stderr
+    for path, text in ((ENV, ENV_TEXT), (SETTINGS, SETTINGS_TEXT)):
+        other = tmp_path / path.replace("/", "_")
+        other.write_text(text)
+        fleet.fab("deploy.config", f"--push={other}", f"--path={path}", config=cfg)
 
     r = fleet.fab("deploy.config", config=cfg)
     out = flat(r)
     assert f"ssm:{PARAM}" in out and sha(V1)[:12] in out and "3 lines" in out, out
     assert "s3cret" not in out
+    assert (
+        f"secretsmanager:{SECRET_ID}" in out
+        and "s3://fabdeploy-sandbox/shop/config/settings.json" in out
+    )
     shown = fleet.fab("deploy.config", "--show-secrets", config=cfg)
-    assert "s3cret-one" in shown.stdout
+    assert "s3cret-one" in shown.stdout and "s3cret-env" in shown.stdout
 
     local.write_text(V2)
-    r = fleet.fab("deploy.config", f"--diff={local}", config=cfg, check=False)
+    r = fleet.fab("deploy.config", f"--diff={local}", f"--path={DB}", config=cfg, check=False)
     assert r.returncode == 1 and "+2 -1 lines" in r.stdout, r.stdout + r.stderr
     assert "s3cret" not in r.stdout + r.stderr
 
@@ -130,18 +146,24 @@ def test_fresh_host_boots_the_app_with_its_config_from_ssm(fleet: Fleet, cfg, tm
     out = tmp_path / "node-bundle"  # /tmp is shared with the sandbox hosts
     fleet.fab("deploy.export-node", f"--out={out}", config=cfg)
     node_json = json.loads((out / "node.json").read_text())
-    assert node_json["shared_config"]["files"] == [{"path": DB, "ssm": PARAM}]
+    assert node_json["shared_config"]["files"] == [
+        {"path": DB, "ssm": PARAM},
+        {"path": ENV, "secret": SECRET_ID},
+        {"path": SETTINGS, "s3_bucket": "fabdeploy-sandbox", "s3_key": "shop/config/settings.json"},
+    ]
     fleet.ssh("web2", f"sh {out}/install.sh")
     fleet.reboot("web2")
 
     assert fleet.revision("web2") == commit
     assert wait_for(lambda: app_config(fleet, "web2"), what="app on web2") == sha(V1)
     assert owner_mode(fleet, "web2") == "deploy 600"
+    assert fleet.ssh("web2", f"cat /srv/shop/current/{ENV}") == ENV_TEXT
+    assert fleet.ssh("web2", f"cat /srv/shop/current/{SETTINGS}") == SETTINGS_TEXT
     status = fleet.node_status("web2")
     assert status["last_boot"]["outcome"] == "activated", status
 
     r = fleet.fab("deploy.config", "--nodes", "--hosts=web2", config=cfg)
-    assert "same" in flat(r) and "s3cret" not in r.stdout
+    assert flat(r).count(" same") == 3 and "s3cret" not in r.stdout, flat(r)
 
 
 def test_unreachable_source_keeps_the_last_good_copy(fleet: Fleet, cfg) -> None:
@@ -188,7 +210,7 @@ def test_changed_parameter_and_hotfix_put_new_content_on_every_node(
 
     # --sync fetches without restarting: the file changes, the running app keeps what it read.
     local.write_text(V3)
-    fleet.fab("deploy.config", f"--push={local}", config=cfg)
+    fleet.fab("deploy.config", f"--push={local}", f"--path={DB}", config=cfg)
     r = fleet.fab("deploy.config", "--sync", "--hosts=web1", config=cfg)
     assert "written" in flat(r), flat(r)
     assert fleet.ssh("web1", f"cat /srv/shop/shared/{DB}") == V3
