@@ -43,11 +43,21 @@ def _sandbox_dir(dir):
         "handshake": "with --rtt, charge one round trip per new TCP connection",
         "private_port": "the sample app also serves on this port, which --rtt's proxy does not "
         "forward: only the host itself reaches it (a node behind a bastion)",
+        "private_net": "the hosts in their own network namespace, reachable from here only "
+        "through a bastion host, gw (ssh_config: ProxyJump gw); they reach S3 over a veth pair",
     },
 )
 @_sandbox_errors
 def sandbox_up(
-    c, hosts=3, dir=None, reboot_delay=1.0, s3_port=9555, rtt="0", handshake=True, private_port=None
+    c,
+    hosts=3,
+    dir=None,
+    reboot_delay=1.0,
+    s3_port=9555,
+    rtt="0",
+    handshake=True,
+    private_port=None,
+    private_net=False,
 ):
     """Start a local fleet: N hosts with real sshd in namespaces, a local S3, a sample app."""
     from . import sandbox
@@ -60,10 +70,13 @@ def sandbox_up(
         rtt=sandbox.parse_rtt(rtt),
         handshake=bool(handshake),
         private_port=int(private_port) if private_port else None,
+        private_net=bool(private_net),
     )
     print(
         f"sandbox up: {', '.join(f'{n} ({ip})' for n, ip in sb.hosts.items())}; S3 at {sb.s3_endpoint}"
     )
+    if sb.gateway:
+        print(f"private network: reached through the bastion {sb.gateway} ({sb.gateway_ip})")
     if sb.rtt:
         print(
             f"latency: {sb.rtt * 1000:g} ms round trip to the hosts (ssh_config's HostName is the latency "

@@ -106,6 +106,9 @@ class Sandbox:
     rtt: float = 0.0
     # S3 as the hosts reach it (no latency); s3_endpoint is what the deploying machine uses.
     s3_direct: str = ""
+    # private_net: the bastion's name ("gw"; not in `hosts`, not in deploy.yml) and address.
+    gateway: str | None = None
+    gateway_ip: str | None = None
 
 
 def host_dir(dir: Path, name: str) -> Path:
@@ -196,6 +199,88 @@ def _ssh_banner(ip: str) -> bool:
             return True
     except OSError:
         return False
+
+
+# --- private network (up(private_net=True)) -------------------------------------------------
+#
+# The fleet sits in its own network namespace, `fdsb-A-B` for subnet 127.A.B, as nodes in a
+# VPC's private subnet: host K is 10.A.B.K there, the bastion "gw" is 10.A.B.253. One veth pair
+# joins it to this machine's namespace: this side holds 10.A.B.254, and this side routes only
+# the bastion's /32 into it (the rest of 10.A.B.0/24 is `unreachable`), so the deploying machine
+# reaches a node only through the bastion (ProxyJump gw in ssh_config). The nodes' one way out
+# is 10.A.B.254, where S3 is (a delay-free relay to moto, which listens on 127.0.0.1 here): the
+# deploying machine uses that same endpoint, so presigned URLs work on both sides.
+
+GATEWAY = "gw"
+GATEWAY_HOST = 253
+OUTSIDE_HOST = 254
+
+
+def private_ip(subnet: str, k: int) -> str:
+    _, a, b = subnet.split(".")
+    return f"10.{a}.{b}.{k}"
+
+
+def netns_name(subnet: str) -> str:
+    _, a, b = subnet.split(".")
+    return f"fdsb-{a}-{b}"
+
+
+def _veth(subnet: str) -> tuple[str, str]:
+    _, a, b = subnet.split(".")
+    return f"fd{a}-{b}o", f"fd{a}-{b}i"  # this side, the fleet's side (<= 15 chars)
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    _run(["ip", *(["-n", netns] if netns else []), *args])
+
+
+def _private_net_up(subnet: str, hosts: list[str]) -> None:
+    """The namespace, the veth pair, addresses and routes (see above); replaces stale ones."""
+    _private_net_down(subnet)
+    ns = netns_name(subnet)
+    outside, inside = _veth(subnet)
+    gw, out = private_ip(subnet, GATEWAY_HOST), private_ip(subnet, OUTSIDE_HOST)
+    _ip("netns", "add", ns)
+    _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+    _ip("link", "set", inside, "netns", ns)
+    _ip("addr", "add", f"{out}/32", "dev", outside)
+    _ip("link", "set", outside, "up")
+    _ip("route", "add", f"{gw}/32", "dev", outside)
+    _ip("route", "add", "unreachable", f"{private_ip(subnet, 0)}/24")
+    _ip("link", "set", "lo", "up", netns=ns)
+    for ip in [*hosts, gw]:
+        _ip("addr", "add", f"{ip}/32", "dev", "lo", netns=ns)
+    _ip("link", "set", inside, "up", netns=ns)
+    # Out of the namespace: only to this side's address, and always from the bastion's.
+    _ip("route", "add", f"{out}/32", "dev", inside, "src", gw, netns=ns)
+
+
+def _private_net_down(subnet: str) -> None:
+    """Remove the namespace (its veth end, and so the pair, goes with it) and the route."""
+    ns = netns_name(subnet)
+    if Path("/run/netns", ns).exists():
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    outside, _ = _veth(subnet)
+    for cmd in (
+        ["ip", "link", "del", outside],
+        ["ip", "route", "del", "unreachable", f"{private_ip(subnet, 0)}/24"],
+    ):
+        subprocess.run(cmd, capture_output=True)  # already gone: fine
+
+
+def isolated_subnet(sb: Sandbox) -> str:
+    """The subnet a running sandbox was brought up with (127.A.B)."""
+    return str((_read_json(sb.dir / STATE_FILE) or {})["subnet"])
+
+
+def _booted(dir: Path, name: str) -> bool:
+    """The host recorded a boot whose sshd answered (host_init probes it from inside)."""
+    try:
+        lines = (host_dir(dir, name) / "boots.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return bool(lines) and bool(json.loads(lines[-1]).get("sshd_ready"))
 
 
 def _http_ready(url: str) -> bool:
@@ -500,6 +585,7 @@ def load(dir: Path) -> Sandbox:
         state["bucket"],
         rtt=proxy["rtt"] if proxy else 0.0,
         s3_direct=state["s3"].get("direct", ""),
+        gateway=state.get("gateway"),
     )
 
 
@@ -510,10 +596,13 @@ def _sandbox(
     bucket: str,
     rtt: float = 0.0,
     s3_direct: str = "",
+    gateway: str | None = None,
 ) -> Sandbox:
     return Sandbox(
         dir=dir,
-        hosts=dict(hosts),
+        hosts={n: ip for n, ip in hosts.items() if n != gateway},
+        gateway=gateway,
+        gateway_ip=hosts.get(gateway) if gateway else None,
         s3_endpoint=endpoint,
         bucket=bucket,
         app_repo=dir / "app",
@@ -710,13 +799,18 @@ def _make_app_repo(dir: Path) -> None:
 
 
 def _write_client_files(
-    dir: Path, hosts: dict[str, str], known: list[str], via_proxy: bool = False
+    dir: Path,
+    hosts: dict[str, str],
+    known: list[str],
+    via_proxy: bool = False,
+    gateway: str | None = None,
 ) -> None:
     (dir / "known_hosts").write_text("".join(line + "\n" for line in known))
     blocks = [
         f"Host {name}\n"
         f"    HostName {latency_ip(ip) if via_proxy else ip}\n"
-        "    User root\n"
+        + (f"    ProxyJump {gateway}\n" if gateway and name != gateway else "")
+        + "    User root\n"
         f"    IdentityFile {dir / 'id_ed25519'}\n"
         "    IdentitiesOnly yes\n"
         f"    UserKnownHostsFile {dir / 'known_hosts'}\n"
@@ -784,8 +878,12 @@ def up(
     rtt: float = 0.0,
     handshake: bool = True,
     private_port: int | None = None,
+    private_net: bool = False,
 ) -> Sandbox:
     """Start the fleet and S3; returns once every sshd shows its banner and S3 has the bucket.
+
+    private_net: the fleet in its own network namespace behind a bastion, "gw" (see "private
+    network" above); ssh_config reaches every host through it (ProxyJump gw).
 
     rtt > 0 puts the latency proxy between the deploying machine and the fleet and its S3
     (see the module doc); handshake=False leaves out the round trip it charges per connection.
@@ -801,6 +899,15 @@ def up(
     if not 0 <= rtt <= 10:
         raise SandboxError(f"rtt must be between 0 and 10 seconds, not {rtt}")
     via_proxy = rtt > 0
+    gateway = GATEWAY if private_net else None
+    if private_net:
+        if via_proxy or hosts > 252:
+            raise SandboxError("private_net takes no rtt and at most 252 hosts")
+        if shutil.which("ip") is None or shutil.which("nsenter") is None:
+            raise SandboxError("private_net needs `ip` and `nsenter` (apt-get install iproute2)")
+        addrs = {f"web{k}": private_ip(subnet, k) for k in range(1, hosts + 1)}
+    # Every host the sandbox runs: the fleet, and the bastion with private_net.
+    machines = {**addrs, GATEWAY: private_ip(subnet, GATEWAY_HOST)} if private_net else addrs
     if private_port is not None and (
         private_port in (*PROXIED_PORTS, s3_port) or not 0 < private_port < 65536
     ):
@@ -812,7 +919,8 @@ def up(
             f"s3_port {s3_port} is a proxied host port; pick another (0 = any free port)"
         )
     listen = list(addrs.values()) + ([latency_ip(ip) for ip in addrs.values()] if via_proxy else [])
-    busy = [f"{ip}:22" for ip in listen if _listening(ip, 22)]
+    # A private net's addresses are in its own namespace, which up replaces.
+    busy = [f"{ip}:22" for ip in listen if not private_net and _listening(ip, 22)]
     if busy:
         raise SandboxError(
             f"{', '.join(busy)} already in use (another sandbox?); `fab sandbox.down` it or pick another subnet"
@@ -828,11 +936,13 @@ def up(
     (dir / "authorized_keys").write_text(client_key + "\n")
     s3host = s3_name(subnet)
     host_hosts = _host_etc_hosts(s3host) if via_proxy else None
-    known = [_prepare_host(dir, n, ip, app, host_hosts, private_port) for n, ip in addrs.items()]
+    known = [_prepare_host(dir, n, ip, app, host_hosts, private_port) for n, ip in machines.items()]
 
     s3_pid, port = _spawn_s3(dir, s3_port)
     direct = f"http://127.0.0.1:{port}"
     endpoint = f"http://{s3host}:{port}" if via_proxy else direct
+    if private_net:
+        direct = endpoint = f"http://{private_ip(subnet, OUTSIDE_HOST)}:{port}"
     host_env = {"PATH": HOST_PATH, "LANG": "C.UTF-8"}
     pids: dict[str, int] = {}
     state = {
@@ -845,7 +955,16 @@ def up(
         "subnet": subnet,
         "reboot_delay": reboot_delay,
     }
+    if private_net:
+        state.update(hosts=machines, private_net=True, gateway=GATEWAY)
     try:
+        if private_net:
+            (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # down() undoes it
+            _private_net_up(subnet, list(addrs.values()))
+            # The fleet's way to S3: a delay-free relay on this side of the veth.
+            routes = [[private_ip(subnet, OUTSIDE_HOST), port, "127.0.0.1", port, False]]
+            state["proxy"] = {"pid": None, "rtt": 0.0, "handshake": False, "routes": routes}
+            state["proxy"]["pid"] = _spawn_proxy(dir, 0.0, routes, False)
         if via_proxy:
             routes = _proxy_routes(addrs, subnet, port)
             state["proxy"] = {
@@ -859,9 +978,11 @@ def up(
             state["proxy"]["pid"] = _spawn_proxy(dir, rtt, routes, handshake)
             (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             _set_etc_hosts(s3host, _s3_proxy_ip(subnet), dir)
-        for name, ip in addrs.items():
+        for name, ip in machines.items():
             hdir = host_dir(dir, name)
+            enter = ["nsenter", f"--net=/run/netns/{netns_name(subnet)}"] if private_net else []
             cmd = [
+                *enter,
                 "unshare",
                 "--mount",
                 "--pid",
@@ -885,15 +1006,15 @@ def up(
 
         # Overlaps with the hosts' and moto's start-up.
         _make_app_repo(dir)
-        _write_client_files(dir, addrs, known, via_proxy)
+        _write_client_files(dir, machines, known, via_proxy, gateway)
         _write_deploy_files(dir, addrs, endpoint, app)
 
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = dict(addrs)
+        pending = dict(machines)
         while pending:
             for name, ip in list(pending.items()):
                 log = host_dir(dir, name) / "log" / "init.log"
-                if _ssh_banner(ip):
+                if _booted(dir, name) if private_net else _ssh_banner(ip):
                     del pending[name]
                 elif not _alive(pids[name]):
                     raise SandboxError(f"{name} died while booting; see {log}")
@@ -904,7 +1025,7 @@ def up(
             if pending:
                 time.sleep(POLL)
         _wait_s3(dir, s3_pid, port, BUCKET, deadline)
-        if via_proxy:
+        if via_proxy or private_net:
             _wait_proxy(dir, state["proxy"]["pid"], deadline)
     except BaseException:
         # Whatever was started is recorded, so down() can stop it.
@@ -913,7 +1034,7 @@ def up(
         raise
     state["up_seconds"] = round(time.monotonic() - started, 3)
     (dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    return _sandbox(dir, addrs, endpoint, BUCKET, rtt=rtt, s3_direct=direct)
+    return _sandbox(dir, machines, endpoint, BUCKET, rtt=rtt, s3_direct=direct, gateway=gateway)
 
 
 def down(dir: Path) -> list[str]:
@@ -945,7 +1066,8 @@ def down(dir: Path) -> list[str]:
         pids = _stop_proxy(dir, proxy)
         kills += pids
         stopped += [f"latency proxy (pid {p})" for p in pids]
-        _set_etc_hosts(proxy["s3_name"], None, dir)
+        if proxy.get("s3_name"):
+            _set_etc_hosts(proxy["s3_name"], None, dir)
     left = _wait_gone(kills, STOP_TIMEOUT)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
@@ -959,6 +1081,8 @@ def down(dir: Path) -> list[str]:
                 f"{', '.join(busy)} still listening after down; find the owner with `ss -ltnp`"
             )
         time.sleep(POLL)
+    if state.get("private_net"):
+        _private_net_down(state["subnet"])
     (dir / STATE_FILE).unlink(missing_ok=True)
     (dir / S3_STATE_FILE).unlink(missing_ok=True)
     (dir / "proxy.ready").unlink(missing_ok=True)

@@ -251,6 +251,7 @@ def start_fleet(
     reboot_delay: float = 0.3,
     rtt: float = 0.0,
     private_port: int | None = None,
+    private_net: bool = False,
 ) -> Fleet:
     subnet = isolated(subnet)
     sb = sandbox.up(
@@ -261,6 +262,7 @@ def start_fleet(
         reboot_delay=reboot_delay,
         rtt=rtt,
         private_port=private_port,
+        private_net=private_net,
     )
     home = tmp_root / "home"
     home.mkdir(exist_ok=True)
