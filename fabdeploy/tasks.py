@@ -427,17 +427,22 @@ def roll_task(
 
 @deploy_task(name="unlock", help={"force": "break the lock even if it has not expired yet"})
 def unlock_task(c, force=False):
-    """Break a stale deploy lock (only once it has expired, unless --force)."""
+    """Break a stale deploy lock (only once it has expired, unless --force); then put back what
+    the run that held it left out of traffic or in Standby."""
     cfg = _cfg(c)
     from fabdeploy.adapters.store import store_for
 
-    lock = store_for(cfg).break_lock(force=force)
+    store = store_for(cfg)
+    lock = store.break_lock(force=force)
     if lock is None:
         print("no deploy lock was held")
     elif lock.unparsable:
         print("removed an unreadable deploy lock (it was not valid lock JSON)")
     else:
         print(f"broke the deploy lock of {lock.holder} ({lock.action}, {lock.age:.0f}s old)")
+    from fabdeploy.ops.undo import reconcile_after_unlock
+
+    reconcile_after_unlock(cfg, store)  # what the run that held it left out of traffic
 
 
 @deploy_task(

@@ -943,7 +943,8 @@ class Store:
             raise err from None
 
     def break_lock(self, force: bool = False) -> Lock | None:
-        """Remove the lock if it expired (or always with force); returns what was removed.
+        """Remove the lock if it expired, or its fab was killed on this machine (or always with
+        force); returns what was removed.
 
         With force, a lock object that cannot even be parsed is removed too (conditionally
         on the ETag we read, so a lock taken meanwhile stays): that is what its error says to do."""
@@ -957,7 +958,7 @@ class Store:
             if not force:
                 raise
             held = Lock.unreadable(got[1])
-        if not held.expired and not force:
+        if not held.expired and not force and not held.dead_local_holder:
             raise StoreError(
                 f"deploy lock held by {held.describe()} has not expired "
                 f"(expires in {human_duration(held.expires_at - time.time())}): "

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 from fabric import Connection
 
@@ -42,21 +43,46 @@ def command_for(template: str, host: Host, address: str) -> str:
     )
 
 
+class DrainJournal(aws.Journal, Protocol):
+    """Where the hosts drained by traffic.drain are recorded before the command runs, and
+    cleared once traffic.restore worked (ops/undo.py keeps it in S3, beside aws.Traffic's)."""
+
+    def save_drained(self, drained: dict[str, dict[str, Any]]) -> None: ...
+
+
 class Drainer:
     def __init__(
         self,
         cfg: Config,
         log: Callable[[str], None] = say,
         lb: aws.Traffic | None = None,
+        journal: DrainJournal | None = None,
     ) -> None:
         self.cfg = cfg
         self.t = cfg.traffic
         self.log = log
+        self.journal = journal
         self._out: dict[str, Host] = {}
+        self._saved: dict[str, dict[str, Any]] = {}  # what the journal holds: cleared on success
         self._lock = threading.Lock()
         if lb is None and cfg.aws is not None:
-            lb = aws.Traffic(cfg, log=lambda h, m: self.log(f"{h.name}: {m}"))
+            lb = aws.Traffic(cfg, log=lambda h, m: self.log(f"{h.name}: {m}"), journal=journal)
         self.lb = lb if lb is not None and lb.balances else None
+
+    def _save(self) -> None:
+        if self.journal is not None:
+            self.journal.save_drained(dict(self._saved))  # under self._lock: saves keep their order
+
+    def adopt(self, drained: dict[str, dict[str, Any]]) -> list[Host]:
+        """Take over what an earlier (killed) run drained, so restore_all() puts it back."""
+        hosts = []
+        with self._lock:
+            for name, e in drained.items():
+                host = Host(name=name, host=e["host"])
+                self._out[name] = host
+                self._saved[name] = dict(e)
+                hosts.append(host)
+        return hosts
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +121,14 @@ class Drainer:
     def drain(self, host: Host, conn: Connection) -> None:
         with self._lock:
             self._out[host.name] = host  # recorded first: a drain cut short is still put back
+            if self.t.restore:
+                self._saved[host.name] = {"host": host.host, "address": conn.host}
+                try:
+                    self._save()  # in S3 before the command: a kill -9 leaves a record
+                except DeployError as e:
+                    self._out.pop(host.name, None)
+                    self._saved.pop(host.name, None)
+                    raise HostError(host.name, f"{host.name}: {e}") from None
         start = time.monotonic()
         if self.lb is not None:
             try:
@@ -116,6 +150,12 @@ class Drainer:
         try:
             if self.t.restore:
                 self._run("restore", self.t.restore, host, conn)
+            with self._lock:
+                if self._saved.pop(host.name, None) is not None:
+                    try:
+                        self._save()
+                    except DeployError as e:  # it is back; the record says otherwise: harmless
+                        warn(f"{host.name}: {e}")
         finally:
             if self.lb is not None:
                 try:

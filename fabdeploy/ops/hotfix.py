@@ -19,7 +19,7 @@ from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.ssh import q, run
 from fabdeploy.adapters.store import store_for
-from fabdeploy.adapters.traffic import Drainer
+from fabdeploy.adapters.traffic import Drainer, balanced
 from fabdeploy.basics.config import Config, Host
 from fabdeploy.basics.errors import BundleError
 from fabdeploy.basics.output import say, short, warn
@@ -31,7 +31,7 @@ from fabdeploy.ops.once import describe as describe_once
 from fabdeploy.ops.once import plan as once_plan
 from fabdeploy.ops.once import run_once_hooks
 from fabdeploy.ops.targets import Targets
-from fabdeploy.ops.undo import reconcile
+from fabdeploy.ops.undo import drainer_for
 
 
 def hotfix(
@@ -47,6 +47,7 @@ def hotfix(
     keep_going: bool = False,
     held: Any = None,
     local_file: str | None = None,
+    drainer: Drainer | None = None,
 ) -> Outcome:
     """`local_file`: the verified bundle already downloaded for --push (else fetched here)."""
     user = local_user()
@@ -76,7 +77,7 @@ def hotfix(
     if own_file:
         local_file = _download_for_push(store, bundle)
 
-    drainer = Drainer(cfg)
+    drainer = drainer if drainer is not None else Drainer(cfg)
     prepared: set[str] = set()  # hosts whose release is ready: only the switch is left
 
     def work(host: Host, conn: Connection, prepare_only: bool = False) -> dict[str, Any]:
@@ -214,13 +215,15 @@ def run_hotfix(
     b = bundles.ensure_bundle(cfg, store, ref)
     if run is not None:
         run.bundle(b)
-    # Run-once hooks run under the fleet lock, on a subset too.
-    locked = targets.whole_fleet or once
+    # Run-once hooks run under the fleet lock, on a subset too; so do runs whose hosts leave
+    # traffic: two runs must not take out more than the fleet can spare, and what they take out
+    # is recorded (ops/undo.py) by one writer.
+    locked = targets.whole_fleet or once or balanced(cfg)
     local_file = _download_for_push(store, b) if push else None
     try:
         with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=locked) as held:
-            if held is not None:
-                reconcile(cfg, store)  # a killed roll's standby/LB changes (only under the lock)
+            # What a killed run left out of traffic or in Standby is put back first (under the lock).
+            drainer = drainer_for(cfg, store, "hotfix", held)
             start = time.monotonic()
             if once:
                 run_once_hooks(
@@ -238,6 +241,7 @@ def run_hotfix(
                 keep_going=keep_going,
                 held=held,
                 local_file=local_file,
+                drainer=drainer,
             )
             ok = out.ok
             if run is not None:

@@ -12,7 +12,7 @@ from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
 from fabdeploy.adapters.health import wait_healthy
 from fabdeploy.adapters.store import store_for
-from fabdeploy.adapters.traffic import Drainer
+from fabdeploy.adapters.traffic import Drainer, balanced
 from fabdeploy.basics.config import Config, Host, for_host
 from fabdeploy.basics.errors import HostError
 from fabdeploy.basics.output import say, short, warn
@@ -21,6 +21,7 @@ from fabdeploy.ops.events import DeployRun
 from fabdeploy.ops.inplace import drift_note, print_results
 from fabdeploy.ops.lock import fleet_lock
 from fabdeploy.ops.targets import Targets
+from fabdeploy.ops.undo import drainer_for
 
 
 def rollback(
@@ -32,6 +33,7 @@ def rollback(
     groups: list[list[Host]] | None = None,
     keep_going: bool = False,
     held: Any = None,
+    drainer: Drainer | None = None,
 ) -> Outcome:
     user = local_user()
     args = ["rollback", "--user", user, "--restart"]
@@ -59,7 +61,7 @@ def rollback(
         return data
 
     groups = groups if groups is not None else [targets.hosts]
-    drainer = Drainer(cfg)
+    drainer = drainer if drainer is not None else Drainer(cfg)
     done = Outcome()
     if drainer.enabled:
         # Before any host leaves traffic: where each goes. One already there stays in; one
@@ -106,7 +108,10 @@ def run_rollback(
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
-    with fleet_lock(cfg, store, "rollback", enabled=targets.whole_fleet) as held:
+    # Hosts leave traffic only under the lock (see hotfix); a killed run's leftovers go back first.
+    enabled = targets.whole_fleet or balanced(cfg)
+    with fleet_lock(cfg, store, "rollback", enabled=enabled) as held:
+        drainer = drainer_for(cfg, store, "rollback", held)
         start = time.monotonic()
         out = rollback(
             cfg,
@@ -116,6 +121,7 @@ def run_rollback(
             groups=the_plan.groups,
             keep_going=keep_going,
             held=held,
+            drainer=drainer,
         )
         results = out.results
         ok = out.ok

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from fleet_helpers import Fleet, can_run_sandbox, start_fleet
+from fleet_helpers import Fleet, can_run_sandbox, start_fleet, wait_for
 
 from fabfile import sandbox
 
@@ -100,3 +102,39 @@ def test_each_host_is_out_of_traffic_for_its_swap_and_back_after(fleet: Fleet) -
     for h in HOSTS:
         assert fleet.revision(h) != new
         assert fleet.ssh(h, f"test -e {flag} && echo left || echo gone").strip() == "gone"
+
+
+def test_a_hotfix_killed_while_a_host_is_drained_is_put_back_by_the_next_run(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """kill -9 of fab while web1 is drained (its drain command says so through a marker file,
+    then holds until released); the next run, under the lock, runs traffic.restore for it."""
+    d = tmp_path
+    cfg = fleet.variant(
+        "killdrain",
+        traffic={
+            "drain": f"touch {d}/drained-{{host}} {d}/ready; "
+            f"while [ ! -e {d}/go ]; do sleep 0.05; done",
+            "restore": f"rm -f {d}/drained-{{host}}; echo {{host}} >> {d}/restored",
+        },
+    )
+    fleet.commit("a hotfix killed while web1 is out of traffic")
+    p = fleet.fab_bg("deploy.hotfix", "--batch=1", config=cfg)
+    try:
+        wait_for(lambda: (d / "ready").exists() or p.poll() is not None, 120, what="web1 drained")
+        assert p.poll() is None, p.communicate()
+        p.kill()
+        p.wait(30)
+    finally:
+        (d / "go").touch()  # the orphaned drain command exits too
+        if p.poll() is None:
+            p.kill()
+    assert [f.name for f in d.glob("drained-*")] == ["drained-web1"]
+    assert not (d / "restored").exists()  # nobody put it back
+    r = fleet.fab("deploy.hotfix", "--hosts=web2", config=cfg)
+    line = next(ln for ln in r.stdout.splitlines() if "reconciled an interrupted hotfix" in ln)
+    assert "web1 put back in traffic" in line, r.stdout
+    assert (d / "restored").read_text().split() == ["web1", "web2"]  # web1 first, then its own
+    assert list(d.glob("drained-*")) == []
+    r = fleet.fab("deploy.hotfix", "--hosts=web3", config=cfg)
+    assert "reconciled" not in r.stdout  # nothing left to put back

@@ -657,6 +657,32 @@ def test_a_roll_killed_in_standby_is_put_back_by_the_next_run(
     assert capsys.readouterr().out == ""
 
 
+def test_a_hotfix_killed_while_a_host_is_deregistered_is_put_back_by_the_next_run(
+    tmp_path: Path, moto: dict[str, Any], undo_store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """moto: the hotfix's Drainer records the target group before deregistering; the next run
+    (or deploy.unlock) reads S3 and registers the instance again, in one line."""
+    from fabdeploy.adapters.traffic import Drainer
+    from fabdeploy.ops.undo import drainer_for
+
+    name, ids, tg = make_group(moto, 3)
+    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  target_groups: [{tg}]\n")
+    host = next(h for h in aws.discover(cfg) if h.instance_id == ids[1])
+    killed = Drainer(cfg, log=lambda m: None, journal=S3Journal(undo_store, "hotfix"))
+    killed.drain(host, None)  # type: ignore[arg-type]  # no traffic.drain command: no connection
+    del killed  # kill -9: no restore_all
+    recorded = undo_on_s3(undo_store)
+    assert recorded is not None and recorded["action"] == "hotfix"
+    assert recorded["instances"][ids[1]]["target_groups"] == [tg]
+    assert tg_state(moto, tg, ids[1]) == "unused"
+    capsys.readouterr()
+    drainer_for(cfg, undo_store, "hotfix", held=object())
+    out = capsys.readouterr().out.strip().splitlines()
+    assert tg_state(moto, tg, ids[1]) == "healthy" and undo_on_s3(undo_store) is None
+    assert len(out) == 1 and out[0].startswith("reconciled an interrupted hotfix ("), out
+    assert f"{host.name} ({ids[1]})" in out[0] and "put back in traffic" in out[0]
+
+
 @pytest.mark.parametrize(
     "body",
     [

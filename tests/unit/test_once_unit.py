@@ -249,7 +249,7 @@ def test_hotfix_runs_them_first_under_the_lock_and_a_failure_changes_nothing(
     monkeypatch.setattr(hf.bundles, "ensure_bundle", lambda cfg, store, ref: bundle())
     monkeypatch.setattr(hf.bundles, "publish_bundle", lambda *a, **kw: events.append("publish"))
     monkeypatch.setattr(hf, "fleet_lock", fake_lock(events))
-    monkeypatch.setattr(hf, "reconcile", lambda cfg, store: None)
+    monkeypatch.setattr(hf, "drainer_for", lambda cfg, store, action, held: None)
 
     def hotfix(cfg: Any, store: Any, b: Any, targets: Any, **kw: Any) -> Any:
         events.append("hotfix " + ",".join(h.name for h in targets.hosts))

@@ -219,6 +219,17 @@ def test_dead_holder_on_this_machine_and_boot_is_broken(
     assert "no longer runs on this machine" in capsys.readouterr().err
 
 
+def test_unlock_breaks_a_dead_local_holders_lock_before_it_expires(store: Store) -> None:
+    """`fab deploy.unlock` after a kill -9 here: no --force needed; another machine's still needs it."""
+    machine_id, boot_id, pidns = local_identity()
+    lock_from(store, machine_id=machine_id, boot_id=boot_id, pidns=pidns)
+    held = store.break_lock()
+    assert held is not None and held.holder.startswith("ann@") and store.read_lock() is None
+    lock_from(store, machine_id="another-machine", boot_id=boot_id, pidns=pidns)
+    with pytest.raises(StoreError, match="has not expired"):
+        store.break_lock()
+
+
 def test_identity_fields_are_bounded_strings() -> None:
     body = b'{"holder": "a@b", "action": "r", "created_at": 1, "expires_at": 2, "machine_id": {"x": 1}, "boot_id": 7}'
     lock = Lock.from_json(body, "s3://b/lock.json", None)
