@@ -354,8 +354,9 @@ def status_task(c, hosts=None, json=False, roles=None):
     from fabdeploy.adapters.store import store_for
     from fabdeploy.ops import status as st
 
-    pointer, results = st.collect(cfg, targets.hosts, store_for(cfg))
-    st.show(cfg, pointer, results, as_json=json)
+    store = store_for(cfg)
+    pointer, results = st.collect(cfg, targets.hosts, store)
+    st.show(cfg, pointer, results, as_json=json, once=st.once_record(cfg, store))
     _fail_unless(all(r.ok for r in results))
 
 

@@ -53,6 +53,29 @@ def shared_note(last: Any) -> str:
     )
 
 
+def once_record(cfg: Config, store: Any) -> dict[str, Any] | None:
+    """The newest entry of the run-once record in S3 ({} if none yet), when deploy.yml has
+    run-once hooks; None without them."""
+    if not cfg.hooks.once:
+        return None
+    try:
+        entries = store.read_once()
+    except Exception as e:  # status must still show the hosts when S3 is unreachable
+        return {"error": str(e)}
+    return entries[0] if entries else {}
+
+
+def _once_text(once: dict[str, Any]) -> str:
+    if once.get("error"):
+        return f"run-once hooks: unknown ({once['error']})"
+    if not once.get("bundle_id"):
+        return "run-once hooks: not run yet"
+    return (
+        f"run-once hooks: last ran for {short(once['bundle_id'])} on {once.get('host')} "
+        f"at {once.get('at')} by {once.get('by')}"
+    )
+
+
 def _deployed(last: dict[str, Any], log_tail: list[str]) -> str:
     """When, and by whom (from revisions.log, which Capistrano writes too)."""
     by = log_tail[-1].rsplit(" by ", 1)[1] if log_tail and " by " in log_tail[-1] else ""
@@ -62,8 +85,13 @@ def _deployed(last: dict[str, Any], log_tail: list[str]) -> str:
 
 
 def show(
-    cfg: Config, pointer_info: tuple[Any, str | None], results: list[HostResult], as_json: bool
+    cfg: Config,
+    pointer_info: tuple[Any, str | None],
+    results: list[HostResult],
+    as_json: bool,
+    once: dict[str, Any] | None = None,
 ) -> None:
+    """`once`: the run-once record's newest entry (once_record), shown when not None."""
     pointer, pointer_error = pointer_info
     if as_json:
         dump_json(
@@ -72,6 +100,7 @@ def show(
                 "stage": cfg.stage,
                 "published": None if pointer is None else pointer.__dict__,
                 "published_error": pointer_error,
+                **({"once": once} if once is not None else {}),
                 "hosts": [
                     {"host": r.host, "reachable": r.ok, "error": r.error, **r.data} for r in results
                 ],
@@ -86,6 +115,8 @@ def show(
         print(f"published: unknown ({pointer_error})")
     else:
         print("published: nothing yet (run `fab deploy.publish`)")
+    if once is not None:
+        print(_once_text(once))
     rows = []
     # Hosts discovered from AWS: show which instance and AZ each one is.
     ids = any(r.data.get("instance_id") for r in results)

@@ -5,6 +5,7 @@ check). Real fab, real sshd, local S3."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,8 @@ def test_a_roll_runs_it_once_and_resume_and_rollback_do_not(fleet: Fleet, cfg: P
     assert "web1: run-once hooks for" in r.stdout
     assert runs(fleet) == {"web1": 2, "web2": 1, "web3": 0}
     assert all(fleet.revision(h) == new for h in HOSTS) and fleet.pointer()["commit"] == new
+    st = json.loads(fleet.fab("deploy.status", "--json", config=cfg).stdout)
+    assert st["once"]["bundle_id"] == new and st["once"]["host"] == "web1"
     r = fleet.fab("deploy.roll", "--resume", config=cfg)
     assert "run-once hooks already ran" in r.stdout
     assert r.stdout.count("skipped (already on it)") == 3

@@ -421,3 +421,22 @@ def test_instance_refresh_refuses_to_start_when_no_instance_answers(
     events.clear()
     assert refresh.run_instance_refresh(cfg, None, clients=SimpleNamespace(), skip_once=True)
     assert events == ["lock True", "publish", "refresh", "unlock"]
+
+
+def test_status_shows_the_last_run_once_record(tmp_path: Path, capsys: Any) -> None:
+    from fabdeploy.ops import status
+
+    cfg = cfg_with(tmp_path, ["bin/migrate"])
+    entry = {"bundle_id": "d" * 40, "host": "web1", "at": "2026-11-29T07:00:00Z", "by": "ann@x"}
+    rec = status.once_record(cfg, FakeStore([entry, {"bundle_id": "c" * 40}]))
+    assert rec == entry
+    status.show(cfg, (None, None), [], as_json=False, once=rec)
+    assert "run-once hooks: last ran for dddddddd on web1 at 2026-11-29T07:00:00Z by ann@x" in (
+        capsys.readouterr().out
+    )
+    status.show(cfg, (None, None), [], as_json=True, once=status.once_record(cfg, FakeStore()))
+    assert json.loads(capsys.readouterr().out)["once"] == {}
+    broken = status.once_record(cfg, FakeStore(StoreError("s3://b/x: access denied")))
+    status.show(cfg, (None, None), [], as_json=False, once=broken)
+    assert "run-once hooks: unknown (s3://b/x: access denied)" in capsys.readouterr().out
+    assert status.once_record(cfg_with(tmp_path, []), FakeStore([entry])) is None
