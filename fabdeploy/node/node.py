@@ -3135,6 +3135,10 @@ def run_once(
     with HostLock(layout, "once", cfg.lock_timeout):
         remove_leftovers(layout)
         previous = read_current(layout)
+        if cfg.shared.files:
+            # A migration runs against the config the new release will run with: fetched now
+            # (this host's activation would fetch the same moments later).
+            refresh_shared(cfg, layout)
         check_linked_files(cfg, layout)
         staging = layout.release_path(f"{STAGING_PREFIX}once-{utc_stamp(now())}-{os.getpid()}")
         base = previous.path if previous is not None and previous.ok else None

@@ -385,3 +385,23 @@ def test_preflight_reads_each_source_with_the_nodes_credentials(
     bad = node.preflight(cfg)["shared"][0]
     assert not bad["ok"] and "ssm:GetParameter and kms:Decrypt" in bad["error"]
     assert bad["source"] == "SSM parameter /shop/database.yml"
+
+
+def test_run_once_hooks_see_the_config_the_new_release_will_run_with(
+    tmp_path: Path, aws: FakeAWS
+) -> None:
+    cfg = shared_cfg(tmp_path)
+    aws.ssm["/shop/database.yml"] = "old\n"
+    deploy(cfg, tmp_path, "c1", now=lambda: T0)
+    aws.ssm["/shop/database.yml"] = "new\n"  # pushed just before the deploy that migrates
+    seen = tmp_path / "seen"
+    bundle, sha = good_bundle(tmp_path, "c2")
+    node.run_once(
+        cfg,
+        [node.Hook(f"cat {DB} > {seen}")],
+        sha256=sha,
+        commit="c2",
+        source=node.Source("file", str(bundle)),
+        now=lambda: T0 + 5,
+    )
+    assert seen.read_text() == "new\n"
