@@ -2042,6 +2042,8 @@ def _source_failure(exc: Exception, f: SharedFile, where: str) -> str:
     if code:
         message = str(response.get("Error", {}).get("Message") or "").replace("\n", " ")  # type: ignore[union-attr]
         return f"{code} at {where}: {message}".rstrip(": ")
+    if type(exc).__name__ == "NoRegionError":
+        return "no AWS region: set config_sources.region (or s3.region) in deploy.yml, then setup"
     text = str(exc).replace("\n", " ")
     return f"unreachable at {where}: {type(exc).__name__}: {text}"
 

@@ -405,3 +405,13 @@ def test_run_once_hooks_see_the_config_the_new_release_will_run_with(
         now=lambda: T0 + 5,
     )
     assert seen.read_text() == "new\n"
+
+
+def test_no_region_says_which_key_to_set(tmp_path: Path, aws: FakeAWS) -> None:
+    class NoRegionError(Exception):  # botocore's, by name: the node imports botocore lazily
+        pass
+
+    cfg = shared_cfg(tmp_path)
+    aws.fail = NoRegionError("You must specify a region.")
+    with pytest.raises(node.NodeError, match=r"no AWS region: set config_sources.region"):
+        node.refresh_shared(cfg, node.Layout(cfg.deploy_to))
