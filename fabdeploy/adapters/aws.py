@@ -17,6 +17,7 @@ whatever a failure or Ctrl-C left half-done.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from fabdeploy.adapters import boto
 from fabdeploy.basics.config import AWSConfig, Config, Host
 from fabdeploy.basics.errors import AWSError
+from fabdeploy.basics.poll import poll
 
 POLL = 1.0  # seconds between AWS polls; tests lower it (moto answers at once)
 DRAIN_MARGIN = 30.0  # past the deregistration delay, AWS should have finished draining
@@ -101,6 +103,30 @@ class Clients:
             for page in self.get(service).get_paginator(op).paginate(**params):
                 out.extend(page.get(key, []))
             return out
+        except AWSError:
+            raise
+        except Exception as e:
+            raise self.error(e, service, what) from None
+
+    def wait(
+        self, service: str, waiter: str, what: str, *, timeout: float, **params: Any
+    ) -> tuple[bool, dict[str, Any]]:
+        """botocore's waiter `waiter`, asking every POLL s for up to `timeout` s: (done, the
+        last answer). An API error (not a "not yet") becomes an AWSError saying `what`."""
+        import botocore.exceptions as bex
+
+        attempts = max(2, math.ceil(timeout / POLL) + 1)
+        try:
+            self.get(service).get_waiter(waiter).wait(
+                WaiterConfig={"Delay": POLL, "MaxAttempts": attempts}, **params
+            )
+            return True, {}
+        except bex.WaiterError as e:
+            last = e.last_response or {}
+            if "Error" in last and "Max attempts exceeded" not in str(e.kwargs.get("reason")):
+                op = self.get(service).get_waiter(waiter).config.operation
+                raise self.error(bex.ClientError(last, op), service, what) from None
+            return False, last
         except AWSError:
             raise
         except Exception as e:
@@ -516,17 +542,15 @@ class Traffic:
 
     def _tg_state(self, arn: str, iid: str) -> str | None:
         assert self.c is not None
-        r = self.c.call(
-            "elbv2",
-            "describe_target_health",
-            f"reading health of {iid} in target group {arn}",
-            TargetGroupArn=arn,
-            Targets=[{"Id": iid}],
+        return _tg_state_of(
+            self.c.call(
+                "elbv2",
+                "describe_target_health",
+                f"reading health of {iid} in target group {arn}",
+                TargetGroupArn=arn,
+                Targets=[{"Id": iid}],
+            )
         )
-        states = [
-            d.get("TargetHealth", {}).get("State") for d in r.get("TargetHealthDescriptions", [])
-        ]
-        return states[0] if states else None
 
     def _drain_limit(self, arn: str) -> float:
         assert self.c is not None
@@ -541,50 +565,59 @@ class Traffic:
 
     def _wait_drained(self, host: Host, arn: str, iid: str) -> None:
         limit = self._drain_limit(arn) + DRAIN_MARGIN
-        deadline = time.monotonic() + limit
-        while (state := self._tg_state(arn, iid)) not in ("unused", None):
-            if time.monotonic() > deadline:
-                self.log(
-                    host,
-                    f"still {state} in {_tg_name(arn)} after {limit:.0f}s "
-                    "(deregistration delay + margin); going on anyway",
-                )
-                return
-            time.sleep(POLL)
+        assert self.c is not None
+        done, last = self.c.wait(
+            "elbv2",
+            "target_deregistered",
+            f"waiting for {iid} to drain from target group {arn}",
+            timeout=limit,
+            TargetGroupArn=arn,
+            Targets=[{"Id": iid}],
+        )
+        if not done:
+            self.log(
+                host,
+                f"still {_tg_state_of(last)} in {_tg_name(arn)} after {limit:.0f}s "
+                "(deregistration delay + margin); going on anyway",
+            )
+            return
         self.log(host, f"drained from {_tg_name(arn)}")
 
     def _wait_tg_healthy(self, host: Host, arn: str, iid: str) -> None:
-        deadline = time.monotonic() + self.aws.healthy_timeout
-        while (state := self._tg_state(arn, iid)) != "healthy":
-            if time.monotonic() > deadline:
-                raise AWSError(
-                    f"{host.name} ({iid}) is registered in target group {_tg_name(arn)} but still "
-                    f"{state} after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check the "
-                    "target group's health check path/port against the app"
-                )
-            time.sleep(POLL)
+        assert self.c is not None
+        done, last = self.c.wait(
+            "elbv2",
+            "target_in_service",
+            f"waiting for {iid} to turn healthy in target group {arn}",
+            timeout=self.aws.healthy_timeout,
+            TargetGroupArn=arn,
+            Targets=[{"Id": iid}],
+        )
+        if not done:
+            raise AWSError(
+                f"{host.name} ({iid}) is registered in target group {_tg_name(arn)} but still "
+                f"{_tg_state_of(last)} after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): "
+                "check the target group's health check path/port against the app"
+            )
         self.log(host, f"healthy in {_tg_name(arn)}")
 
     def _wait_classic_in_service(self, host: Host, name: str, iid: str) -> None:
         assert self.c is not None
-        deadline = time.monotonic() + self.aws.healthy_timeout
-        while True:
-            r = self.c.call(
-                "elb",
-                "describe_instance_health",
-                f"reading health of {iid} in classic ELB {name}",
-                LoadBalancerName=name,
-                Instances=[{"InstanceId": iid}],
+        done, last = self.c.wait(
+            "elb",
+            "instance_in_service",
+            f"waiting for {iid} to be InService in classic ELB {name}",
+            timeout=self.aws.healthy_timeout,
+            LoadBalancerName=name,
+            Instances=[{"InstanceId": iid}],
+        )
+        if not done:
+            state = next((s.get("State") for s in last.get("InstanceStates", [])), None)
+            raise AWSError(
+                f"{host.name} ({iid}) is registered with classic ELB {name} but still {state} "
+                f"after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check its health check"
             )
-            state = next((s.get("State") for s in r.get("InstanceStates", [])), None)
-            if state == "InService":
-                return
-            if time.monotonic() > deadline:
-                raise AWSError(
-                    f"{host.name} ({iid}) is registered with classic ELB {name} but still {state} "
-                    f"after {self.aws.healthy_timeout:g}s (aws.healthy_timeout): check its health check"
-                )
-            time.sleep(POLL)
+        self.log(host, f"InService in classic ELB {name}")
 
     # --- standby ---
 
@@ -684,14 +717,25 @@ class Traffic:
             undo.restore_min = None
 
     def _wait_lifecycle(self, host: Host, iid: str, want: str) -> None:
-        deadline = time.monotonic() + self.aws.healthy_timeout
-        while (state := self._lifecycle(iid)[1]) != want:
-            if time.monotonic() > deadline:
-                raise AWSError(
-                    f"{host.name} ({iid}) is still {state}, not {want}, after "
-                    f"{self.aws.healthy_timeout:g}s; check the group's activity history"
-                )
-            time.sleep(POLL)
+        # No botocore waiter for ASG lifecycle states: the one poll loop (basics/poll.py).
+        got = poll(
+            lambda: ((state := self._lifecycle(iid)[1]) == want, state),
+            timeout=self.aws.healthy_timeout,
+            interval=POLL,
+        )
+        if not got.done:
+            raise AWSError(
+                f"{host.name} ({iid}) is still {got.last}, not {want}, after "
+                f"{self.aws.healthy_timeout:g}s; check the group's activity history"
+            )
+
+
+def _tg_state_of(answer: dict[str, Any]) -> str | None:
+    """The target's state in a DescribeTargetHealth answer (None: not described)."""
+    states = [
+        d.get("TargetHealth", {}).get("State") for d in answer.get("TargetHealthDescriptions", [])
+    ]
+    return states[0] if states else None
 
 
 def _tg_name(arn: str) -> str:

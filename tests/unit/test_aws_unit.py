@@ -543,6 +543,118 @@ def test_instance_refresh_ctrl_c_declined_keeps_following(tmp_path: Path) -> Non
     assert status == "Failed"
 
 
+TG = "arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/shop/abc"
+
+
+def health_answer(state: str) -> dict[str, Any]:
+    return {
+        "TargetHealthDescriptions": [
+            {"Target": {"Id": "i-1", "Port": 80}, "TargetHealth": {"State": state}}
+        ]
+    }
+
+
+def test_a_target_that_never_turns_healthy_is_one_line_naming_group_and_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stubber: botocore's target_in_service waiter sees `initial` until aws.healthy_timeout."""
+    monkeypatch.setattr(aws, "POLL", 0.01)
+    cfg = load(
+        tmp_path, f"aws: {{tag_filters: {{a: b}}, target_groups: [{TG}], healthy_timeout: 0.03}}\n"
+    )
+    c, stub = stubbed(cfg, "elbv2")
+    for _ in range(5):
+        stub.add_response(
+            "describe_target_health",
+            health_answer("initial"),
+            {"TargetGroupArn": TG, "Targets": [{"Id": "i-1"}]},
+        )
+    t = Traffic(cfg, log=lambda h, m: None, clients=c)
+    with stub, pytest.raises(AWSError) as e:
+        t._wait_tg_healthy(Host("web1", "web1", instance_id="i-1"), TG, "i-1")
+    assert str(e.value) == (
+        "web1 (i-1) is registered in target group shop but still initial after 0.03s "
+        "(aws.healthy_timeout): check the target group's health check path/port against the app"
+    )
+
+
+def test_an_api_error_while_waiting_names_the_missing_permission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stubber: the waiter's DescribeTargetHealth answered AccessDenied: no wait, one line."""
+    monkeypatch.setattr(aws, "POLL", 0.01)
+    cfg = load(tmp_path, f"aws: {{tag_filters: {{a: b}}, target_groups: [{TG}]}}\n")
+    c, stub = stubbed(cfg, "elbv2")
+    stub.add_client_error(
+        "describe_target_health", service_error_code="AccessDenied", http_status_code=403
+    )
+    t = Traffic(cfg, log=lambda h, m: None, clients=c)
+    with stub, pytest.raises(AWSError) as e:
+        t._wait_tg_healthy(Host("web1", "web1", instance_id="i-1"), TG, "i-1")
+    msg = str(e.value)
+    assert msg.startswith(
+        f"access denied while waiting for i-1 to turn healthy in target group {TG}"
+    )
+    assert "elasticloadbalancing:DescribeTargetHealth" in msg and "\n" not in msg
+
+
+def test_a_target_still_draining_past_the_delay_is_a_note_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stubber: target_deregistered sees `draining` past deregistration delay + margin: go on."""
+    monkeypatch.setattr(aws, "POLL", 0.01)
+    monkeypatch.setattr(aws, "DRAIN_MARGIN", 0.0)
+    cfg = load(tmp_path, f"aws: {{tag_filters: {{a: b}}, target_groups: [{TG}]}}\n")
+    c, stub = stubbed(cfg, "elbv2")
+    stub.add_response(
+        "describe_target_group_attributes",
+        {"Attributes": [{"Key": "deregistration_delay.timeout_seconds", "Value": "0.02"}]},
+    )
+    for _ in range(5):
+        stub.add_response("describe_target_health", health_answer("draining"))
+    lines: list[str] = []
+    t = Traffic(cfg, log=lambda h, m: lines.append(m), clients=c)
+    with stub:
+        t._wait_drained(Host("web1", "web1", instance_id="i-1"), TG, "i-1")
+    assert lines == [
+        "still draining in shop after 0s (deregistration delay + margin); going on anyway"
+    ]
+
+
+def test_classic_elb_deregistered_around_a_restart_and_waited_in_service(
+    tmp_path: Path, moto: dict[str, Any]
+) -> None:
+    """moto: DeregisterInstancesFromLoadBalancer / Register... and the instance_in_service waiter."""
+    from fabdeploy.adapters.traffic import Drainer
+
+    name, ids, _ = make_group(moto, 2)
+    elb = boto3.client("elb", endpoint_url=moto["endpoint"], region_name="us-east-1")
+    lb = f"lb-{uuid.uuid4().hex[:8]}"
+    elb.create_load_balancer(
+        LoadBalancerName=lb,
+        Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstancePort": 8080}],
+        AvailabilityZones=["us-east-1a"],
+    )
+    elb.register_instances_with_load_balancer(
+        LoadBalancerName=lb, Instances=[{"InstanceId": i} for i in ids]
+    )
+
+    def state(iid: str) -> str:
+        return elb.describe_instance_health(LoadBalancerName=lb, Instances=[{"InstanceId": iid}])[
+            "InstanceStates"
+        ][0]["State"]
+
+    cfg = aws_cfg(tmp_path, moto, f"  autoscaling_groups: [{name}]\n  classic_elbs: [{lb}]\n")
+    host = next(h for h in aws.discover(cfg) if h.instance_id == ids[0])
+    lines: list[str] = []
+    d = Drainer(cfg, log=lines.append)
+    seen = []
+    with d.around(host, None):  # type: ignore[arg-type]  # no traffic.drain command
+        seen.append((state(ids[0]), state(ids[1])))
+    assert seen == [("Unknown", "InService")] and state(ids[0]) == "InService"
+    assert f"{host.name}: InService in classic ELB {lb}" in lines
+
+
 def test_refresh_already_running_is_one_line(tmp_path: Path) -> None:
     """Stubber: StartInstanceRefresh answered InstanceRefreshInProgress."""
     cfg = load(tmp_path, "aws: {autoscaling_groups: [web]}\n")
