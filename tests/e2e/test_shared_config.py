@@ -54,9 +54,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 @pytest.fixture(scope="module")
 def cfg(fleet: Fleet):
+    return variant(fleet, "sharedcfg")
+
+
+def variant(fleet: Fleet, name: str, **more):
     endpoint = yaml.safe_load(fleet.sb.deploy_yml.read_text())["s3"]["endpoint_url"]
     return fleet.variant(
-        "sharedcfg",
+        name,
         ssh={"user": "deploy", "sudo": True, "admin_user": "root"},
         restart="/usr/local/bin/systemctl restart shop",
         reboot="/usr/local/bin/systemctl reboot",
@@ -68,6 +72,7 @@ def cfg(fleet: Fleet):
         # Spelled out for the nodes: their boto3 (Debian 12's 1.26) ignores AWS_ENDPOINT_URL.
         config_sources={"ssm_endpoint_url": endpoint, "secretsmanager_endpoint_url": endpoint},
         node={"boot_attempts": 2, "boot_backoff": 0.2, "download_timeout": 2},
+        **more,
     )
 
 
@@ -216,3 +221,23 @@ def test_changed_parameter_and_hotfix_put_new_content_on_every_node(
     assert fleet.ssh("web1", f"cat /srv/shop/shared/{DB}") == V3
     assert fleet.ssh("web2", f"cat /srv/shop/shared/{DB}") == V2
     assert app_config(fleet, "web1") == sha(V2)
+
+    # With traffic settings a hotfix first prepares every host while it is still in traffic
+    # (nothing written there), then drains and switches only the hosts with something to do:
+    # a changed config is something to do.
+    drained = tmp_path / "drained"
+    traffic = variant(
+        fleet,
+        "sharedcfg-traffic",
+        traffic={"drain": f"echo {{host}} >> {drained}", "restore": "true"},
+    )
+    local.write_text(V1)
+    fleet.fab("deploy.config", f"--push={local}", f"--path={DB}", config=traffic)
+    r = fleet.fab("deploy.hotfix", config=traffic)
+    assert flat(r).count("config changed") == 2, flat(r)
+    assert sorted(drained.read_text().split()) == ["web1", "web2"]
+    for h in ("web1", "web2"):
+        assert app_config(fleet, h) == sha(V1)
+    drained.unlink()
+    r = fleet.fab("deploy.hotfix", config=traffic)  # nothing changed: nobody leaves traffic
+    assert not drained.exists() and "config changed" not in flat(r), flat(r)
