@@ -144,11 +144,40 @@ def sync_filesystem(path: str) -> None:
     os.sync()
 
 
+# Filesystems whose metadata journal commits in order: an fsync waits for every metadata
+# change made before the inode's last one (ext4's jbd2 commits transactions in sequence, XFS
+# forces its log up to that item), so the fsync of releases/ after the release's rename makes
+# every dir and entry of the release durable. An fsync per dir would cost a disk cache flush
+# each (the transaction is committed already), thousands for a big app.
+ORDERED_JOURNAL_FS = ("ext4", "xfs")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding `path` (from /proc/self/mountinfo), or None."""
+    try:
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 3 and fields[2] == want and " - " in line:
+            return line.split(" - ", 1)[1].split(" ", 1)[0]
+    return None
+
+
 def sync_release(release: str, files: list[str], dirs: list[str]) -> None:
     """Make a release durable by fsync alone: each written file in `files`, then each dir in
     `dirs` (paths relative to `release`, "" is the release itself: their entries, so linked
-    and newly created files too), then the dir holding the release (its rename)."""
+    and newly created files too), then the dir holding the release (its rename).
+
+    On an ORDERED_JOURNAL_FS only the release's own dir of `dirs`: the last fsync (releases/,
+    changed last, by the rename) commits every change made before it."""
     cloexec = getattr(os, "O_CLOEXEC", 0)
+    if filesystem_type(release) in ORDERED_JOURNAL_FS:
+        dirs = [d for d in dirs if not d]
     paths = [(f"{release}/{rel}", os.O_RDONLY | os.O_NOFOLLOW) for rel in files]
     paths += [
         (f"{release}/{rel}" if rel else release, os.O_RDONLY | os.O_DIRECTORY) for rel in dirs
@@ -3087,10 +3116,8 @@ def prepare(
             raise NodeError("--prepare needs a bundle source (--url-stdin, --file, --s3-key)")
         staging, counts = _extract(cfg, layout, source, sha256, previous, now)
         name = f"{PREPARED_PREFIX}{utc_stamp(now())}-{os.getpid()}"
+        prepared = layout.release_path(name)
         try:
-            # Made durable now, while the host still serves: the switch then syncs only
-            # what it adds (REVISION, the linked paths, the rename).
-            _make_durable(cfg, staging, counts, "prepare", [], linked_yet=False)
             info = {
                 "bundle_id": bundle_id,
                 "sha256": sha256.strip().lower(),
@@ -3098,9 +3125,14 @@ def prepare(
                 "durable": True,
             }
             atomic_write(os.path.join(staging, PREPARED_MARKER), json.dumps(info) + "\n")
-            os.rename(staging, layout.release_path(name))
+            os.rename(staging, prepared)
+            # Made durable now, while the host still serves (after the rename: see
+            # sync_release): the switch then syncs only what it adds (REVISION, the links).
+            _make_durable(cfg, prepared, counts, "prepare", [], linked_yet=False)
         except BaseException:
-            remove_path(staging)
+            for path in (staging, prepared):
+                if os.path.lexists(path):
+                    remove_path(path)
             raise
     log(f"prepared {name} for {bundle_id}")
     return {

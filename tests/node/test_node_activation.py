@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,32 @@ def test_a_release_prepared_by_an_older_node_is_synced_whole(
     syncs.clear()
     node.activate(cfg, sha256=sha, commit="c2", source=node.Source("prepared", ""))
     assert [c[0] for c in syncs] == ["syncfs"]
+
+
+@pytest.mark.parametrize("fs", ["ext4", "btrfs"])
+def test_on_an_ordered_journal_one_fsync_after_the_rename_covers_the_dirs(
+    tmp_path: Path, monkeypatch, fs: str
+) -> None:
+    release = tmp_path / "releases" / "20261129000000"
+    for d in ("app", "app/lib", "doc"):
+        (release / d).mkdir(parents=True)
+    (release / "app/main.py").write_text("v2")
+    synced: list[str] = []
+    real_fsync = node.os.fsync
+    monkeypatch.setattr(node, "filesystem_type", lambda path: fs)
+    monkeypatch.setattr(
+        node.os,
+        "fsync",
+        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd),
+    )
+    node.sync_release(str(release), ["app/main.py"], ["", "app", "app/lib", "doc"])
+    expected = [release / "app/main.py", release]
+    if fs == "btrfs":  # no ordered journal: every dir's entries on their own
+        expected += [release / "app", release / "app/lib", release / "doc"]
+    # Last: releases/, changed last (by the rename), whose commit covers everything before.
+    assert synced == [str(p) for p in [*expected, release.parent]]
+
+
+def test_filesystem_type_names_the_mount() -> None:
+    assert node.filesystem_type("/proc") == "proc"
+    assert node.filesystem_type("/no/such/path") is None
