@@ -84,8 +84,9 @@ class DeployRun:
     def resolve(self, ref: str | None) -> None:
         """The commit a roll or hotfix is about to deploy, from git alone (for the start post)."""
         try:
-            self.ref = ref or self.cfg.ref
-            self.commit, _ = bundles.resolve_commit(self.cfg.repo, self.ref)
+            self.commit, _ = bundles.resolve_commit(self.cfg.repo, ref or self.cfg.ref)
+            # Named as the bundle will name it (a branch, not HEAD), so start and end agree.
+            self.ref = bundles.branch_name(self.cfg.repo, ref or self.cfg.ref)
             self.bundle_id = bundles.bundle_id(self.commit, self.cfg.build)
         except Exception:  # noqa: BLE001 - the deploy itself will say what is wrong with the ref
             pass
@@ -93,6 +94,7 @@ class DeployRun:
     def payload(self, event: str) -> dict[str, Any]:
         """A Slack-compatible post: `text` for people, `fabdeploy` for machines."""
         cfg, c = self.cfg, self.counts
+        secs = round(self.seconds, 1)  # one reading of the clock for the text and the field
         where = f"{cfg.app} ({cfg.stage})" if cfg.stage else cfg.app
         what = f"{self.task} of {self.commit[:8]} ({self.ref})" if self.commit else self.task
         if self.task == "rollback":
@@ -102,9 +104,9 @@ class DeployRun:
             on = f" on {n} host{'s' if n != 1 else ''}" if n else ""
             text = f"{where}: {self.user} started a {what}{on}"
         elif event == "success":
-            text = f"{where}: {what} by {self.user} succeeded in {self.seconds:.1f}s: {c.line()}"
+            text = f"{where}: {what} by {self.user} succeeded in {secs:.1f}s: {c.line()}"
         else:
-            text = f"{where}: {what} by {self.user} FAILED after {self.seconds:.1f}s: {c.line()}"
+            text = f"{where}: {what} by {self.user} FAILED after {secs:.1f}s: {c.line()}"
             if self.error:
                 text += f" ({self.error.splitlines()[0][:300]})"
         return {
@@ -119,7 +121,7 @@ class DeployRun:
                 "bundle_id": self.bundle_id,
                 "user": self.user,
                 "hosts": list(self.hosts),
-                "seconds": None if event == "start" else round(self.seconds, 1),
+                "seconds": None if event == "start" else secs,
                 "counts": None if event == "start" else dict(vars(c)),
                 "error": self.error,
             },

@@ -126,11 +126,11 @@ def test_webhooks_hear_the_start_and_outcome_of_hotfix_roll_and_rollback(
             "hotfix",
             commit,
             commit,
-            "HEAD" if p is start else "main",
+            "main",
         )
         assert p["hosts"] == ["web1", "web2"] and p["user"]
     assert (
-        start["text"] == f"shop: {start['user']} started a hotfix of {commit[:8]} (HEAD) on 2 hosts"
+        start["text"] == f"shop: {start['user']} started a hotfix of {commit[:8]} (main) on 2 hosts"
     )
     assert done["counts"] == {"ok": 2, "unchanged": 0, "failed": 0, "not_touched": 0}
     assert done["seconds"] > 0 and done["text"].endswith(
