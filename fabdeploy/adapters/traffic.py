@@ -73,6 +73,11 @@ class Drainer:
         if self.journal is not None:
             self.journal.save_drained(dict(self._saved))  # under self._lock: saves keep their order
 
+    def keep(self, drained: dict[str, dict[str, Any]]) -> None:
+        """Keep an earlier run's hosts recorded without putting them back (no traffic.restore)."""
+        with self._lock:
+            self._saved.update(drained)
+
     def adopt(self, drained: dict[str, dict[str, Any]]) -> list[Host]:
         """Take over what an earlier (killed) run drained, so restore_all() puts it back."""
         hosts = []

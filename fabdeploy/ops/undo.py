@@ -146,18 +146,20 @@ def reconcile(
             "then delete it"
         )
         return
+    kept: dict[str, dict[str, Any]] = {}
     if drained and not cfg.traffic.restore:
         warn(
             f"{where} says an interrupted {action} left {', '.join(sorted(drained))} drained, but "
             f"deploy.yml has no traffic.restore to put them back with; fix them by hand, then delete it"
         )
-        return
+        kept, drained = drained, {}  # stays recorded; the instances are still put back
     if journal is None:
         journal = S3Journal(store)
     journal.etag = etag
-    journal.instances, journal.drained = dict(instances), dict(drained)
+    journal.instances, journal.drained = dict(instances), {**kept, **drained}
     if drainer is None:
         drainer = Drainer(cfg, journal=journal)
+    drainer.keep(kept)
     if traffic is None:
         traffic = drainer.lb or aws.Traffic(cfg, log=lambda h, m: None, journal=journal)
     names = [f"{h.name} ({h.instance_id})" for h in traffic.adopt(instances)] if instances else []
@@ -171,6 +173,8 @@ def reconcile(
     finally:
         drainer.log = log
     left = journal.etag is not None
+    if not names:
+        return  # nothing it could act on: the warning above says what to do
     say(
         f"reconciled an interrupted {action} ({raw.get('by', '?')}, {raw.get('at', '?')}): "
         + ", ".join(names)
