@@ -163,12 +163,17 @@ def breakdown(trace: dict, kind: str) -> dict[str, Any]:
     pool = _spans(trace, "run_parallel")[0]
     runs = _spans(trace, "ssh_run", kind=kind)
     connects = {s["host"]: s["end"] - s["start"] for s in _spans(trace, "ssh_connect")}
+    connect_spans = {s["host"]: s for s in _spans(trace, "ssh_connect")}
     health = {}
     for s in _spans(trace, "health"):
         health.setdefault(s["thread"], []).append(s)
     per_host = []
     for r in runs:
-        exec_s = (r["end"] - r["start"]) - connects.get(r["host"], 0.0)
+        # The connect counts inside the command only where it happened there: hotfix opens
+        # its connections ahead, while it takes the lock (adapters/ssh.py Preconnect).
+        c = connect_spans.get(r["host"])
+        inside = max(0.0, min(c["end"], r["end"]) - max(c["start"], r["start"])) if c else 0.0
+        exec_s = (r["end"] - r["start"]) - inside
         ns = r.get("node_seconds") or {}
         hs = [s for s in health.get(r["thread"], []) if s["start"] >= r["end"]]
         h = min(hs, key=lambda s: s["start"]) if hs else None

@@ -1039,10 +1039,22 @@ def publish(
     return b, publish_bundle(store, b, log, cfg=cfg)
 
 
-def publish_bundle(store: Store, b: Bundle, log: Log = print, cfg: Config | None = None) -> Pointer:
+def publish_bundle(
+    store: Store,
+    b: Bundle,
+    log: Log = print,
+    cfg: Config | None = None,
+    *,
+    read: tuple[Pointer | None, str | None] | None = None,
+    defer_history: bool = False,
+) -> Pointer:
     """Point {prefix}/published.json at an uploaded bundle (conditional write, history kept);
-    signed when `cfg` has signing on."""
-    current, etag = store.read_pointer(replacing=True)
+    signed when `cfg` has signing on.
+
+    `read`: the pointer and ETag the caller already read (under the deploy lock) with
+    `read_pointer(replacing=True)`; the write is conditional on that ETag all the same.
+    `defer_history`: see Store.write_pointer."""
+    current, etag = read if read is not None else store.read_pointer(replacing=True)
     if (
         current is not None
         and current.id == b.bundle_id
@@ -1054,7 +1066,7 @@ def publish_bundle(store: Store, b: Bundle, log: Log = print, cfg: Config | None
         )
         return current
     pointer = new_pointer(cfg, b, current)
-    store.write_pointer(pointer, etag)
+    store.write_pointer(pointer, etag, defer_history=defer_history)
     was = f" (was {current.commit[:12]})" if current else " (first publish)"
     signed = f", signed, sequence {pointer.sequence}" if pointer.signed else ""
     log(f"published {b.commit[:12]} ({b.ref}) to {store.uri(store.pointer_key)}{was}{signed}")

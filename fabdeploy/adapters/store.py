@@ -422,6 +422,8 @@ class Store:
         self.prefix = s3.prefix.strip("/")
         self._client_obj: Any = None
         self._client_lock = threading.Lock()
+        self._deferred: list[threading.Thread] = []
+        self._deferred_errors: list[StoreError] = []
 
     # --- plumbing -----------------------------------------------------------------
 
@@ -515,7 +517,9 @@ class Store:
             max_pool_connections=UPLOAD_THREADS + 2,
             signature_version="s3v4",  # presigned URLs must be v4 on every region
         )
-        return session.client("s3", endpoint_url=self.s3.endpoint_url, config=cfg)
+        client = session.client("s3", endpoint_url=self.s3.endpoint_url, config=cfg)
+        _small_puts_without_expect(client)
+        return client
 
     def _error(self, exc: BaseException, key: str | None, action: str) -> StoreError:
         """Map a botocore failure to one actionable line."""
@@ -743,8 +747,14 @@ class Store:
             print(f"warning: replacing a corrupt pointer: {e}", file=sys.stderr, flush=True)
             return None, etag
 
-    def write_pointer(self, pointer: Pointer, expected_etag: str | None) -> str:
-        """Replace the pointer only if it is still what we read (or still absent)."""
+    def write_pointer(
+        self, pointer: Pointer, expected_etag: str | None, *, defer_history: bool = False
+    ) -> str:
+        """Replace the pointer only if it is still what we read (or still absent).
+
+        `defer_history`: the history entry is written in the background (one round trip off
+        the caller's path, e.g. beside the lock's release); `finish_deferred()` waits for it
+        and raises its error."""
         key = self.pointer_key
         cond = {"IfMatch": expected_etag} if expected_etag else {"IfNoneMatch": "*"}
         try:
@@ -763,6 +773,30 @@ class Store:
                 raise self._conflict(pointer) from None
             raise self._error(e, key, "publishing") from None
         # History is written after the pointer so it only ever lists real publishes.
+        if defer_history:
+            t = threading.Thread(
+                target=self._deferred_history, args=(pointer,), name="s3-history", daemon=True
+            )
+            self._deferred.append(t)
+            t.start()
+        else:
+            self._write_history(pointer)
+        return r["ETag"]
+
+    def _deferred_history(self, pointer: Pointer) -> None:
+        try:
+            self._write_history(pointer)
+        except StoreError as e:
+            self._deferred_errors.append(e)
+
+    def finish_deferred(self) -> None:
+        """Wait for the writes started with defer_history; raise the first one's error."""
+        while self._deferred:
+            self._deferred.pop(0).join()
+        if self._deferred_errors:
+            raise self._deferred_errors.pop(0)
+
+    def _write_history(self, pointer: Pointer) -> None:
         millis = int(time.time() * 1000)
         hkey = f"{self.history_prefix}{HISTORY_SPAN - millis:013d}-{pointer.commit[:12]}.json"
         try:
@@ -777,7 +811,6 @@ class Store:
             raise StoreError(
                 f"published {pointer.commit[:12]}, but could not record it in history: {err}"
             ) from None
-        return r["ETag"]
 
     def _conflict(self, mine: Pointer) -> ConflictError:
         try:
@@ -1055,6 +1088,34 @@ class Store:
             )
         except Exception as e:
             raise self._error(e, key, "recording the run-once hooks") from None
+
+
+SMALL_PUT = 1 << 20  # below this a PUT is sent at once, without `Expect: 100-continue`
+
+
+def _small_puts_without_expect(client: Any) -> None:
+    """botocore sends every PUT with `Expect: 100-continue`: the headers, then a wait for S3's
+    "100 Continue", then the body. That costs a whole extra round trip per PUT, and the lock,
+    the pointer and its history entry are PUTs of a few hundred bytes on a deploy's critical
+    path. Keep the header for big bodies (bundle parts), where an early refusal saves sending
+    megabytes; small ones go in one exchange."""
+    from botocore import handlers
+
+    def expect_if_big(model: Any, params: dict[str, Any], **kwargs: Any) -> None:
+        handlers.add_expect_header(model, params, **kwargs)
+        body = params.get("body")
+        if params.get("headers", {}).get("Expect") and body is not None:
+            try:
+                from botocore.utils import determine_content_length
+
+                size = determine_content_length(body)
+            except Exception:  # noqa: BLE001 - unknown size: keep the header
+                return
+            if size is not None and size < SMALL_PUT:
+                del params["headers"]["Expect"]
+
+    client.meta.events.unregister("before-call.s3", handlers.add_expect_header)
+    client.meta.events.register("before-call.s3", expect_if_big)
 
 
 def store_for(cfg: Config) -> Store:

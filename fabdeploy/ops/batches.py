@@ -221,12 +221,14 @@ def run_batches(
     before_batch: Callable[[int], None] | None = None,
     traffic: Drainer | None = None,
     held: Any = None,
+    pre: Any = None,
 ) -> Outcome:
     """Run `work` batch after batch; after a failed batch start no new one (unless keep_going).
 
     Every started host's outcome is collected; hosts of the batches not started are listed
     as not touched. With `traffic`, each host is out of the load balancer around its `work`,
-    and none is left out at the end, whatever happened.
+    and none is left out at the end, whatever happened. `pre`: SSH connections opened ahead
+    (adapters/ssh.py Preconnect).
     """
     out = Outcome()
     on_done = progress_line(time.monotonic())
@@ -249,7 +251,8 @@ def run_batches(
                 before_batch(i)
             if len(groups) > 1:
                 say(f"batch {i + 1}/{len(groups)}: {', '.join(h.name for h in group)}")
-            res = run_parallel(cfg, group, step, parallel=parallel, on_done=on_done)
+            more: dict[str, Any] = {"pre": pre} if pre is not None else {}
+            res = run_parallel(cfg, group, step, parallel=parallel, on_done=on_done, **more)
             out.results += res
             if not keep_going and not all(r.ok for r in res):
                 out.not_touched = [h.name for g in groups[i + 1 :] for h in g]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fabric import Connection
@@ -17,7 +18,7 @@ from fabric import Connection
 from fabdeploy.adapters import bundle as bundles
 from fabdeploy.adapters import nodectl
 from fabdeploy.adapters.bundle import local_user
-from fabdeploy.adapters.ssh import q, run
+from fabdeploy.adapters.ssh import Preconnect, q, run
 from fabdeploy.adapters.store import store_for
 from fabdeploy.adapters.traffic import Drainer, balanced
 from fabdeploy.basics.config import Config, Host
@@ -48,6 +49,7 @@ def hotfix(
     held: Any = None,
     local_file: str | None = None,
     drainer: Drainer | None = None,
+    pre: Preconnect | None = None,
 ) -> Outcome:
     """`local_file`: the verified bundle already downloaded for --push (else fetched here)."""
     user = local_user()
@@ -144,6 +146,7 @@ def hotfix(
             before_batch=fresh_url,
             traffic=drainer,
             held=held,
+            pre=pre,
         )
         order = {h.name: i for i, h in enumerate(targets.hosts)}
         out.results = sorted(done.results + out.results, key=lambda r: order.get(r.host, 0))
@@ -212,52 +215,68 @@ def run_hotfix(
         the_plan.show(cfg, keep_going)
         return True
     store = store_for(cfg)
-    b = bundles.ensure_bundle(cfg, store, ref)
-    if run is not None:
-        run.bundle(b)
-    # Run-once hooks run under the fleet lock, on a subset too; so do runs whose hosts leave
-    # traffic: two runs must not take out more than the fleet can spare, and what they take out
-    # is recorded (ops/undo.py) by one writer.
-    locked = targets.whole_fleet or once or balanced(cfg)
-    local_file = _download_for_push(store, b) if push else None
-    try:
-        with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=locked) as held:
-            # What a killed run left out of traffic or in Standby is put back first (under the lock).
-            drainer = drainer_for(cfg, store, "hotfix", held)
-            start = time.monotonic()
-            if once:
-                run_once_hooks(
-                    cfg, store, b, targets.hosts, force=force, held=held, local_file=local_file
+    first = [h for g in the_plan.groups for h in g][: parallel or cfg.parallel]
+    # The first hosts' SSH handshakes run while the S3 work below does (bundle check, lock,
+    # a killed run's leftovers): opening a connection changes nothing on a host, and the
+    # node program only runs once the lock is held.
+    with Preconnect(cfg, first) as pre, ThreadPoolExecutor(1, thread_name_prefix="s3") as bg:
+        b = bundles.ensure_bundle(cfg, store, ref)
+        if run is not None:
+            run.bundle(b)
+        # Run-once hooks run under the fleet lock, on a subset too; so do runs whose hosts leave
+        # traffic: two runs must not take out more than the fleet can spare, and what they take out
+        # is recorded (ops/undo.py) by one writer.
+        locked = targets.whole_fleet or once or balanced(cfg)
+        local_file = _download_for_push(store, b) if push else None
+        try:
+            with fleet_lock(cfg, store, f"hotfix {short(b.commit)}", enabled=locked) as held:
+                # What a killed run left out of traffic or in Standby is put back first (under the lock).
+                drainer = drainer_for(cfg, store, "hotfix", held)
+                # The pointer the publish replaces, read under the lock while the hosts work (its
+                # write stays conditional on this ETag: a publish meanwhile is a lost race).
+                pointer = (
+                    bg.submit(store.read_pointer, replacing=True) if targets.whole_fleet else None
                 )
-            out = hotfix(
-                cfg,
-                store,
-                b,
-                targets,
-                push=push,
-                force=force,
-                parallel=parallel,
-                groups=the_plan.groups,
-                keep_going=keep_going,
-                held=held,
-                local_file=local_file,
-                drainer=drainer,
-            )
-            ok = out.ok
-            if run is not None:
-                run.count(out.results, out.not_touched)
-            if targets.whole_fleet and ok:
-                if held is not None and held.lost is not None:
-                    print_results(
-                        f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
-                        out.results,
-                        out.not_touched,
+                start = time.monotonic()
+                if once:
+                    run_once_hooks(
+                        cfg, store, b, targets.hosts, force=force, held=held, local_file=local_file
                     )
-                    held.check(f"publishing {short(b.commit)}")
-                bundles.publish_bundle(store, b, log=say, cfg=cfg)
-    finally:
-        if local_file:
-            os.unlink(local_file)
+                out = hotfix(
+                    cfg,
+                    store,
+                    b,
+                    targets,
+                    push=push,
+                    force=force,
+                    parallel=parallel,
+                    groups=the_plan.groups,
+                    keep_going=keep_going,
+                    held=held,
+                    local_file=local_file,
+                    drainer=drainer,
+                    pre=pre,
+                )
+                ok = out.ok
+                if run is not None:
+                    run.count(out.results, out.not_touched)
+                if targets.whole_fleet and ok:
+                    if held is not None and held.lost is not None:
+                        print_results(
+                            f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
+                            out.results,
+                            out.not_touched,
+                        )
+                        held.check(f"publishing {short(b.commit)}")
+                    assert pointer is not None
+                    # The history entry is written while the lock is released: a round trip less.
+                    bundles.publish_bundle(
+                        store, b, log=say, cfg=cfg, read=pointer.result(), defer_history=True
+                    )
+            store.finish_deferred()
+        finally:
+            if local_file:
+                os.unlink(local_file)
     print_results(
         f"hotfix {short(b.commit)} ({b.ref}) in {time.monotonic() - start:.1f}s",
         out.results,

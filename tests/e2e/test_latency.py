@@ -48,7 +48,7 @@ def test_the_deploying_machine_goes_through_the_proxy(fleet: Fleet) -> None:
     assert f.sb.rtt == RTT
     assert f.sb.s3_endpoint.startswith(f"http://{name}:")
     # Here the S3 name resolves to the proxy; on a host (private /etc) to S3 itself.
-    assert socket.gethostbyname(name) == sandbox.latency_ip(f"{SUBNET}.255")
+    assert socket.gethostbyname(name) == sandbox.latency_ip(f"{isolated(SUBNET)}.255")
     assert f.ssh("web1", f"getent hosts {name}").split()[0] == "127.0.0.1"
     assert f"HostName {sandbox.latency_ip(f.sb.hosts['web1'])}" in f.sb.ssh_config.read_text()
     # An OpenSSH login + one command is about 8 round trips (TCP, banners, kex, auth, channel).

@@ -89,7 +89,7 @@ class PointerStore:
     def read_pointer(self, replacing: bool = False) -> tuple[Pointer | None, str | None]:
         return self.current, "etag"
 
-    def write_pointer(self, p: Pointer, etag: str | None) -> str:
+    def write_pointer(self, p: Pointer, etag: str | None, *, defer_history: bool = False) -> str:
         self.written.append(p)
         return "etag2"
 

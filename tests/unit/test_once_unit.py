@@ -96,6 +96,12 @@ class FakeStore:
     def presign_bundle(self, bid: str) -> str:
         return f"https://s3.example/{bid}?sig"
 
+    def read_pointer(self, replacing: bool = False) -> tuple[None, None]:
+        return None, None  # hotfix reads it while its hosts work
+
+    def finish_deferred(self) -> None:
+        pass
+
 
 def bundle(commit: str = "c" * 40, bid: str | None = None) -> Any:
     return SimpleNamespace(

@@ -1,0 +1,171 @@
+"""Issue 15: fewer round trips on a deploy's critical path, without giving up a safety property.
+
+The S3 parts run against moto's server (the session fixture `s3_server`); the SSH parts with
+fakes in place of paramiko.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabdeploy.adapters import ssh
+from fabdeploy.adapters.bundle import Bundle, publish_bundle
+from fabdeploy.adapters.store import Store, StoreError
+from fabdeploy.basics.config import Host, S3Config
+from fabdeploy.basics.errors import ConflictError, HostError
+from fabfile import sandbox
+
+
+@pytest.fixture
+def store(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Store:
+    for k, v in sandbox.AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    s3 = S3Config(s3_server.bucket, f"rt-{uuid.uuid4().hex[:10]}", "us-east-1", s3_server.endpoint)
+    return Store(s3, "shop", config_path=Path("/x/deploy.yml"))
+
+
+def bundle(store: Store, commit: str) -> Bundle:
+    key = store.bundle_key(commit)
+    return Bundle(
+        commit, "main", "f" * 64, 10, key, store.uri(key), uploaded=True, committed_at=1700000000
+    )
+
+
+def sent_expect(store: Store) -> list[Any]:
+    seen: list[Any] = []
+    store.client.meta.events.register(
+        "before-send.s3", lambda request, **kw: seen.append(request.headers.get("Expect"))
+    )
+    return seen
+
+
+def test_small_puts_go_in_one_exchange_big_ones_keep_expect_continue(store: Store) -> None:
+    seen = sent_expect(store)
+    store.client.put_object(Bucket=store.s3.bucket, Key=f"{store.prefix}/small", Body=b"x" * 100)
+    store.client.put_object(
+        Bucket=store.s3.bucket, Key=f"{store.prefix}/big", Body=b"x" * (2 << 20)
+    )
+    assert seen == [None, b"100-continue"]
+
+
+def test_lock_and_pointer_puts_send_no_expect_header(store: Store) -> None:
+    seen = sent_expect(store)
+    lock = store.acquire_lock("me", "hotfix", 60)
+    publish_bundle(store, bundle(store, "a" * 40), log=lambda _: None)
+    store.release_lock(lock)
+    assert seen and all(e is None for e in seen)
+
+
+def test_publish_with_a_pointer_read_earlier_stays_conditional(store: Store) -> None:
+    """The hotfix reads the pointer while its hosts work: a publish meanwhile is a lost race."""
+    read = store.read_pointer(replacing=True)
+    publish_bundle(store, bundle(store, "b" * 40), log=lambda _: None)  # someone else, meanwhile
+    with pytest.raises(ConflictError, match="lost a race"):
+        publish_bundle(store, bundle(store, "c" * 40), log=lambda _: None, read=read)
+    assert store.read_pointer()[0].commit == "b" * 40  # type: ignore[union-attr]
+
+
+def test_deferred_history_lands_and_finish_waits_for_it(store: Store) -> None:
+    read = store.read_pointer(replacing=True)
+    publish_bundle(
+        store, bundle(store, "d" * 40), log=lambda _: None, read=read, defer_history=True
+    )
+    store.finish_deferred()
+    assert [p.commit for p in store.pointer_history()] == ["d" * 40]
+    assert store.read_pointer()[0].commit == "d" * 40  # type: ignore[union-attr]
+
+
+def test_a_deferred_history_failure_is_raised_by_finish(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(pointer: Any) -> None:
+        raise StoreError("published dddddddddddd, but could not record it in history: boom")
+
+    monkeypatch.setattr(store, "_write_history", broken)
+    publish_bundle(store, bundle(store, "d" * 40), log=lambda _: None, defer_history=True)
+    with pytest.raises(StoreError, match="could not record it in history"):
+        store.finish_deferred()
+    store.finish_deferred()  # reported once
+
+
+# --- SSH connections opened ahead --------------------------------------------------------
+
+
+class FakeConn:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_preconnect_hands_each_host_its_opened_connection_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(ssh, "connect", lambda cfg, host: FakeConn(host.name))
+
+    def open_connection(cfg: Any, host: Host, conn: Any) -> None:
+        if host.name == "down":
+            raise HostError(host.name, "cannot connect to down: connection refused")
+        opened.append(host.name)
+
+    monkeypatch.setattr(ssh, "open_connection", open_connection)
+    hosts = [Host("web1", "web1"), Host("down", "down")]
+    with ssh.Preconnect(None, hosts) as pre:  # type: ignore[arg-type]
+        conn = pre.take(hosts[0])
+        assert isinstance(conn, FakeConn) and conn.name == "web1"
+        assert pre.take(hosts[0]) is None  # once: a retry connects afresh
+        with pytest.raises(HostError, match="connection refused"):
+            pre.take(hosts[1])
+        assert pre.take(Host("web9", "web9")) is None
+    assert opened == ["web1"]
+
+
+def test_preconnect_closes_what_nobody_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock held by someone else: the connections opened meanwhile are closed, none leak."""
+    conns: list[FakeConn] = []
+    gate = threading.Event()
+
+    def connect(cfg: Any, host: Host) -> FakeConn:
+        conns.append(FakeConn(host.name))
+        return conns[-1]
+
+    monkeypatch.setattr(ssh, "connect", connect)
+    monkeypatch.setattr(ssh, "open_connection", lambda cfg, host, conn: gate.wait(5))
+    pre = ssh.Preconnect(None, [Host("web1", "web1"), Host("web2", "web2")])  # type: ignore[arg-type]
+    pre.close()  # still opening: closed once open
+    gate.set()
+    pre._pool.shutdown(wait=True)
+    assert len(conns) == 2 and all(c.closed for c in conns)
+
+
+def test_run_parallel_uses_the_preopened_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    def connect(cfg: Any, host: Host) -> FakeConn:
+        made.append(host.name)
+        return FakeConn(host.name)
+
+    monkeypatch.setattr(ssh, "connect", connect)
+    monkeypatch.setattr(ssh, "open_connection", lambda cfg, host, conn: None)
+
+    class Cfg:
+        parallel = 4
+
+    hosts = [Host("web1", "web1"), Host("web2", "web2")]
+    with ssh.Preconnect(Cfg(), hosts[:1]) as pre:  # type: ignore[arg-type]
+        res = ssh.run_parallel(
+            Cfg(),  # type: ignore[arg-type]
+            hosts,
+            lambda host, conn: {"conn": conn.name},
+            pre=pre,
+        )
+    assert [r.data["conn"] for r in res] == ["web1", "web2"]
+    assert sorted(made) == ["web1", "web2"]  # web1 by the preconnect, web2 in its worker
