@@ -8,6 +8,7 @@ collected — nothing is lost when one host fails.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import socket
 import threading
@@ -62,6 +63,40 @@ class _FabricConfigCache:
             return hit[1]
 
 
+class _Connection(Connection):
+    """Fabric's Connection, with commands started in one exchange instead of two.
+
+    paramiko's exec_command sends the exec request and waits for the server's reply before
+    returning, and only then does Fabric send the command's stdin: one whole round trip
+    before the command's input even leaves. Here the exec request goes without that wait, the
+    stdin (and its EOF) right behind it, in order on the same stream, as OpenSSH's own client
+    does; the command's output and exit status come back as before. A refused exec (sshd
+    answers CHANNEL_FAILURE) closes the channel: the command then has no exit status (-1),
+    which every caller already treats as a failure."""
+
+    def create_session(self) -> Any:
+        channel = super().create_session()
+        channel.exec_command = functools.partial(_exec_without_waiting, channel)
+        return channel
+
+
+def _exec_without_waiting(channel: Any, command: str) -> None:
+    from paramiko.common import cMSG_CHANNEL_REQUEST
+    from paramiko.message import Message
+
+    if channel.closed or channel.eof_received or channel.eof_sent or not channel.active:
+        import paramiko
+
+        raise paramiko.SSHException("Channel is not open")
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(channel.remote_chanid)
+    m.add_string("exec")
+    m.add_boolean(True)  # still asked: a refusal closes the channel (paramiko's _request_failed)
+    m.add_string(command)
+    channel.transport._send_user_message(m)
+
+
 def _harden(conn: Connection, cfg: Config) -> None:
     import paramiko
 
@@ -103,7 +138,7 @@ def _connection(
         connect_kwargs["key_filename"] = [str(cfg.ssh.identity_file)]
     own = {k: v for k, v in dict(fc.connect_kwargs or {}).items() if k != "key_filename"}
     kwargs["connect_kwargs"] = {**own, **connect_kwargs}
-    return Connection(address, **kwargs)
+    return _Connection(address, **kwargs)
 
 
 def connect(cfg: Config, host: Host, *, user: str | None = None) -> Connection:

@@ -169,3 +169,30 @@ def test_run_parallel_uses_the_preopened_connection(monkeypatch: pytest.MonkeyPa
         )
     assert [r.data["conn"] for r in res] == ["web1", "web2"]
     assert sorted(made) == ["web1", "web2"]  # web1 by the preconnect, web2 in its worker
+
+
+def test_exec_goes_without_waiting_for_the_reply_and_refuses_a_closed_channel() -> None:
+    import paramiko
+    from paramiko.common import cMSG_CHANNEL_REQUEST
+
+    sent: list[Any] = []
+
+    class Transport:
+        def _send_user_message(self, m: Any) -> None:
+            sent.append(m)
+
+    class Channel:
+        closed = eof_received = eof_sent = False
+        active = True
+        remote_chanid = 7
+        transport = Transport()
+
+    ssh._exec_without_waiting(Channel(), "node.py activate")  # returns at once: nothing waits
+    (m,) = sent
+    m.rewind()
+    assert m.get_bytes(1) == cMSG_CHANNEL_REQUEST and m.get_int() == 7
+    assert m.get_text() == "exec" and m.get_boolean() is True
+    assert m.get_text() == "node.py activate"
+    Channel.closed = True
+    with pytest.raises(paramiko.SSHException):
+        ssh._exec_without_waiting(Channel(), "true")
