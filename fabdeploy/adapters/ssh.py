@@ -492,11 +492,20 @@ class Preconnect:
         return conn
 
     def take(self, host: Host) -> Connection | None:
-        """The host's opened connection (raises the HostError of a failed open); None if none
-        was started for it."""
+        """The host's opened connection, once; None if none was started for it, or if opening
+        it failed or it died since: it was opened early (a slow bundle build, a lock held by
+        someone else's roll rebooting that host then), so the worker connects afresh and
+        reports what happens now."""
         with self._lock:
             f = self._futures.pop(host.name, None)
-        return None if f is None else f.result()
+        if f is None or f.exception() is not None:
+            return None
+        conn = f.result()
+        transport = conn.client.get_transport()
+        if transport is None or not transport.is_active():
+            _close_quietly(conn)
+            return None
+        return conn
 
     def close(self) -> None:
         with self._lock:

@@ -688,15 +688,22 @@ def test_concurrent_rolls_one_refused(fleet: Fleet, fast: Path) -> None:
 
 def test_roll_and_whole_fleet_hotfix_one_refused(fleet: Fleet, fast: Path) -> None:
     rolled = fleet.commit("roll wins")
-    roll = fleet.fab_bg("deploy.roll", "--hosts=web1,web2", config=fast)
-    assert roll.stdout is not None
-    seen = []
-    for line in roll.stdout:  # the lock is held once the roll publishes
-        seen.append(line)
-        if "published" in line:
-            break
-    fleet.commit("hotfix loses")
-    r = fleet.fab("deploy.hotfix", config=fast, check=False)
+    # web2 stays down after its reboot until the hotfix has tried: the roll still holds the
+    # lock then, however long the hotfix takes to build its bundle on a busy machine.
+    hold = sandbox.host_dir(fleet.sb.dir, "web2") / "hold"
+    hold.touch()
+    try:
+        roll = fleet.fab_bg("deploy.roll", "--hosts=web1,web2", config=fast)
+        assert roll.stdout is not None
+        seen = []
+        for line in roll.stdout:  # the lock is held once the roll publishes
+            seen.append(line)
+            if "published" in line:
+                break
+        fleet.commit("hotfix loses")
+        r = fleet.fab("deploy.hotfix", config=fast, check=False)
+    finally:
+        hold.unlink(missing_ok=True)
     out, err = roll.communicate(timeout=180)
     assert roll.returncode == 0, "".join(seen) + out + err
     assert r.returncode == 1 and "deploy lock held by" in r.stderr and "(roll)" in r.stderr, (
