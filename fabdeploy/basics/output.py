@@ -60,6 +60,8 @@ def progress_line(started: float) -> Callable[[Any], None]:
     def done(r: Any) -> None:
         if r.ok:
             what = r.data.get("outcome") or ("ok" if r.data.get("changed", True) else "unchanged")
+            if r.data.get("config_changed"):  # sourced linked files fetched anew (and restarted)
+                what = ("ok; " if r.data.get("changed", True) else "") + "config changed"
         else:
             what = f"FAILED: {(r.error or '').splitlines()[0] if r.error else ''}"
         with lock:  # whole lines, even from many threads

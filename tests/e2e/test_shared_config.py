@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import urllib.request
 
@@ -206,7 +207,8 @@ def test_changed_parameter_and_hotfix_put_new_content_on_every_node(
 
     # Same bundle, new config: the hotfix fetches it and restarts the app on it.
     r = fleet.fab("deploy.hotfix", config=cfg)
-    assert flat(r).count("config changed") == 2, flat(r)
+    assert flat(r).count(f"config changed: {DB}; restarted") == 2, flat(r)  # the table
+    assert len(re.findall(r"\] web\d: config changed$", r.stdout, re.M)) == 2, r.stdout
     for h in ("web1", "web2"):
         assert fleet.ssh(h, f"cat /srv/shop/current/{DB}") == V2
         assert app_config(fleet, h) == sha(V2)
@@ -234,7 +236,8 @@ def test_changed_parameter_and_hotfix_put_new_content_on_every_node(
     local.write_text(V1)
     fleet.fab("deploy.config", f"--push={local}", f"--path={DB}", config=traffic)
     r = fleet.fab("deploy.hotfix", config=traffic)
-    assert flat(r).count("config changed") == 2, flat(r)
+    assert flat(r).count(f"config changed: {DB}; restarted") == 2, flat(r)  # the table
+    assert len(re.findall(r"\] web\d: config changed$", r.stdout, re.M)) == 2, r.stdout
     assert sorted(drained.read_text().split()) == ["web1", "web2"]
     for h in ("web1", "web2"):
         assert app_config(fleet, h) == sha(V1)

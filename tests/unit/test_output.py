@@ -24,9 +24,12 @@ def test_progress_line_per_host(capsys) -> None:
     done(types.SimpleNamespace(host="web1", ok=True, data={"changed": True}, error=None))
     done(types.SimpleNamespace(host="web2", ok=True, data={"changed": False}, error=None))
     done(types.SimpleNamespace(host="web3", ok=False, data={}, error="health check failed\nmore"))
+    cfg_only = {"changed": False, "config_changed": ["config/database.yml"], "restarted": True}
+    done(types.SimpleNamespace(host="web4", ok=True, data=cfg_only, error=None))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [
         "web1: ok",
         "web2: unchanged",
         "web3: FAILED: health check failed",
+        "web4: config changed",
     ]
