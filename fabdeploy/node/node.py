@@ -3340,7 +3340,7 @@ def rollback_check(cfg: Config, *, release: str | None = None) -> dict[str, Any]
     current = read_current(layout)
     target = _rollback_target(layout, release, current)
     path = layout.release_path(target)
-    answer = {"ok": True, "release": target, "commit": read_revision(path)}
+    answer = {"ok": True, "release": target, **_release_ids(path)}
     if current is not None and current.path == path:
         if not (cfg.restart and _restart_pending(layout, current)):
             return {**answer, "changed": False, "previous": current.brief()}
@@ -3359,7 +3359,7 @@ def _rollback(
         current = read_current(layout)
         target = _rollback_target(layout, wanted, current)
         path = layout.release_path(target)
-        commit = read_revision(path)
+        ids = _release_ids(path)
         if current is not None and current.path == path:
             if restart:
                 _finish_interrupted_restart(cfg, layout, current)
@@ -3367,7 +3367,7 @@ def _rollback(
                 "ok": True,
                 "changed": False,
                 "release": target,
-                "commit": commit,
+                **ids,
                 "previous": current.brief(),
             }
         if restart and cfg.restart:
@@ -3387,9 +3387,17 @@ def _rollback(
         "ok": True,
         "changed": True,
         "release": target,
-        "commit": commit,
+        **ids,
         "previous": current.brief() if current is not None else None,
     }
+
+
+def _release_ids(path: str) -> dict[str, Any]:
+    """A release's commit, and its bundle id when built with a recipe (else the id is the
+    commit): what the deploying machine matches against the pointer history."""
+    commit = read_revision(path)
+    bid = read_bundle_id(path, commit) if commit else None
+    return {"commit": commit, **({"bundle_id": bid} if bid and bid != commit else {})}
 
 
 def _wait_boot_record(

@@ -130,39 +130,62 @@ def run_rollback(
             commits = {r.data.get("commit") for r in results if r.ok}
             if len(commits) == 1:
                 run.commit = next(iter(commits))
+            ids = {_bundle_of(r.data) for r in results if r.ok}
+            if len(ids) == 1:
+                run.bundle_id = next(iter(ids))
         # The hosts' outcomes first: whatever happens to the pointer, they have already changed.
         print_results(f"rollback in {time.monotonic() - start:.1f}s", results, out.not_touched)
         if targets.whole_fleet and ok:
             if held is not None:
                 held.check("moving the published pointer back")
-            _pointer_back(cfg, store, {r.data.get("commit") for r in results})
-    commits = {r.data.get("commit") for r in results}
-    if ok and len(commits) == 1:
-        drift_note(
-            cfg, targets, f"rolled-back {short(next(iter(commits)))}", str(next(iter(commits)))
-        )
+            _pointer_back(cfg, store, {_bundle_of(r.data) for r in results})
+    ids = {_bundle_of(r.data) for r in results}
+    if ok and len(ids) == 1 and next(iter(ids)):
+        bid = str(next(iter(ids)))
+        drift_note(cfg, targets, f"rolled-back {_named(bid)}", bid.split("-", 1)[0])
     return ok
 
 
-def _pointer_back(cfg: Config, store: Any, commits: set[str | None]) -> None:
+def _bundle_of(data: dict[str, Any]) -> str | None:
+    """The bundle id a host went back to (commit + build recipe); the commit when the release
+    was built without a recipe, or by an older node program (which reports no id)."""
+    return data.get("bundle_id") or data.get("commit")
+
+
+def _pointer_back(cfg: Config, store: Any, ids: set[str | None]) -> None:
     """Point the published bundle at what the fleet now runs, taken from the history: as a
-    new publish (signed, with a newer sequence), since nodes refuse a replayed pointer."""
+    new publish (signed, with a newer sequence), since nodes refuse a replayed pointer.
+
+    Matched by bundle id, not commit: two bundles of one commit with different build recipes
+    are different bundles, and the pointer must name the one the hosts run."""
     current, etag = store.read_pointer(replacing=True)  # a damaged pointer is replaced, not fatal
-    if len(commits) != 1:
-        warn("hosts rolled back to different commits; the published pointer was left alone")
+    if len(ids) != 1:
+        warn("hosts rolled back to different bundles; the published pointer was left alone")
         return
-    commit = next(iter(commits))
-    if current is not None and current.commit == commit:
+    bid = next(iter(ids))
+    if bid is None:
+        warn("the hosts reported no commit; the published pointer was left alone")
+        return
+    if current is not None and current.id == bid:
         return
     for p in store.pointer_history(limit=100):
-        if p.commit == commit:
+        if p.id == bid:
             new = bundles.new_pointer(
                 cfg, bundles.bundle_of_pointer(cfg, store, p, log=say), current
             )
             store.write_pointer(new, etag)
-            say(f"published pointer moved back to {short(commit)} ({p.ref})")
+            say(f"published pointer moved back to {_named(bid)} ({p.ref})")
             return
+    commit = bid.split("-", 1)[0]
     warn(
-        f"{short(commit)} is not in the pointer history; the published pointer was left alone. "
-        f"Run `fab deploy.publish --ref={commit}` to make reboots keep it."
+        f"{_named(bid)} is not in the pointer history; the published pointer was left alone. "
+        f"Run `fab deploy.publish --ref={commit}`"
+        + (" with the build recipe it was built with" if bid != commit else "")
+        + " to make reboots keep it."
     )
+
+
+def _named(bid: str) -> str:
+    """A bundle id for a message: the short commit, plus the recipe hash when there is one."""
+    commit, _, recipe = bid.partition("-")
+    return short(commit) + (f" (build {recipe})" if recipe else "")

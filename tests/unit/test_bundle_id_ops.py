@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,94 @@ def test_publish_compares_bundle_ids_not_commits() -> None:
     )
     assert Pointer.from_json(new.to_json(), "p").bundle_id == "c1-aaaaaaaaaaaa"
     assert Pointer.from_json(pointer("c1", None).to_json(), "p").id == "c1"
+
+
+# --- rollback: the pointer goes back to the bundle the hosts run, matched by bundle id ---------
+
+
+class HistoryStore(PointerStore):
+    def __init__(self, current: Pointer | None, history: list[Pointer]) -> None:
+        super().__init__(current)
+        self.history = history  # newest first, as Store.pointer_history returns it
+
+    def pointer_history(self, limit: int = 20) -> list[Pointer]:
+        return self.history[:limit]
+
+
+def test_rollback_moves_the_pointer_to_the_same_commits_other_recipe(tmp_path: Path) -> None:
+    from fabdeploy.ops import rollback
+
+    a, b = pointer("c1", "c1-aaaaaaaaaaaa"), pointer("c1", "c1-bbbbbbbbbbbb")
+    store = HistoryStore(b, [b, a])  # recipe A published, then recipe B of the same commit
+    rollback._pointer_back(cfg(tmp_path), store, {"c1-aaaaaaaaaaaa"})
+    assert [p.id for p in store.written] == ["c1-aaaaaaaaaaaa"]
+    assert store.written[0].key == "shop/bundles/c1-aaaaaaaaaaaa.tar.gz"
+
+
+def test_rollback_skips_a_newer_entry_of_the_same_commit_with_another_recipe(
+    tmp_path: Path,
+) -> None:
+    from fabdeploy.ops import rollback
+
+    a, b, d = (
+        pointer("c1", "c1-aaaaaaaaaaaa"),
+        pointer("c1", "c1-bbbbbbbbbbbb"),
+        pointer("d2", None),
+    )
+    store = HistoryStore(d, [d, b, a])
+    rollback._pointer_back(cfg(tmp_path), store, {"c1-aaaaaaaaaaaa"})
+    assert [p.key for p in store.written] == ["shop/bundles/c1-aaaaaaaaaaaa.tar.gz"]
+
+
+def test_rollback_leaves_the_pointer_when_it_already_names_the_bundle(tmp_path: Path) -> None:
+    from fabdeploy.ops import rollback
+
+    a = pointer("c1", "c1-aaaaaaaaaaaa")
+    store = HistoryStore(a, [a])
+    rollback._pointer_back(cfg(tmp_path), store, {"c1-aaaaaaaaaaaa"})
+    assert store.written == []
+
+
+def test_rollback_of_an_old_pointer_without_an_id_matches_the_commit(tmp_path: Path) -> None:
+    from fabdeploy.ops import rollback
+
+    old, recipe, now = pointer("c1", None), pointer("c1", "c1-aaaaaaaaaaaa"), pointer("d2", None)
+    store = HistoryStore(now, [now, recipe, old])  # hosts report no bundle id: id = commit
+    rollback._pointer_back(cfg(tmp_path), store, {rollback._bundle_of({"commit": "c1"})})
+    assert [p.key for p in store.written] == ["shop/bundles/c1.tar.gz"]
+
+
+def test_rollback_of_a_bundle_not_in_history_leaves_the_pointer_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fabdeploy.ops import rollback
+
+    b = pointer("c1", "c1-bbbbbbbbbbbb")
+    store = HistoryStore(b, [b])
+    rollback._pointer_back(cfg(tmp_path), store, {"c1-aaaaaaaaaaaa"})
+    assert store.written == []
+    err = capsys.readouterr().err
+    assert "c1 (build aaaaaaaaaaaa) is not in the pointer history" in err
+
+
+def test_node_rollback_reports_the_bundle_id_of_the_release_it_goes_to(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fabdeploy.node import node
+
+    layout = node.Layout(str(tmp_path))
+    for name, bid in (("20260101000000", "c1-aaaaaaaaaaaa"), ("20260102000000", "c1-bbbbbbbbbbbb")):
+        path = layout.release_path(name)
+        os.makedirs(path)
+        node.write_revision(path, "c1", None, bid)
+    plain = layout.release_path("20251231000000")
+    os.makedirs(plain)
+    node.write_revision(plain, "c0", None)
+    node.swap_current(layout, layout.release_path("20260102000000"))
+    ncfg = SimpleNamespace(deploy_to=str(tmp_path), restart=None, lock_timeout=5)
+    check = node.rollback_check(ncfg)  # type: ignore[arg-type]
+    assert (check["commit"], check["bundle_id"]) == ("c1", "c1-aaaaaaaaaaaa")
+    done = node._rollback(ncfg, layout, None, "me", False)  # type: ignore[arg-type]
+    assert (done["release"], done["bundle_id"]) == ("20260101000000", "c1-aaaaaaaaaaaa")
+    older = node._rollback(ncfg, layout, None, "me", False)  # type: ignore[arg-type]
+    assert older["commit"] == "c0" and "bundle_id" not in older  # no recipe: the id is the commit
