@@ -89,6 +89,9 @@ def node_json(cfg: Config, host: Host | None = None) -> dict[str, Any]:
             "allow_unsigned": cfg.signing.allow_unsigned,
         },
         "link_unchanged": cfg.node.link_unchanged,
+        # After each boot the node puts its outcome and health in S3 ({prefix}/nodes/), where a
+        # roll reads them instead of logging in (node.py report).
+        "report": True,
         # Only with sourced linked files: other fleets keep their node.json and fingerprint.
         **({"shared_config": shared_config_json(cfg)} if linked_sources(cfg) else {}),
     }

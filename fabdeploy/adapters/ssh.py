@@ -74,10 +74,29 @@ class _Connection(Connection):
     answers CHANNEL_FAILURE) closes the channel: the command then has no exit status (-1),
     which every caller already treats as a failure."""
 
+    _spare: Any = None  # a session channel opened ahead of its command (open_spare_session)
+
     def create_session(self) -> Any:
-        channel = super().create_session()
+        channel, self._spare = self._spare, None
+        if channel is None or channel.closed:
+            channel = super().create_session()
         channel.exec_command = functools.partial(_exec_without_waiting, channel)
         return channel
+
+
+def open_spare_session(conn: Connection, timeout: float = 10.0) -> None:
+    """Open the next command's session channel now, while nothing waits for it (a roll's next
+    host during the reboot before it; a hotfix's hosts while the lock is taken): the command
+    then costs no channel-open round trip. Best effort: without one, the command opens its own."""
+    if not isinstance(conn, _Connection) or conn._spare is not None:
+        return
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        return
+    try:
+        conn._spare = transport.open_session(timeout=timeout)
+    except Exception:  # noqa: BLE001 - paramiko's SSHException, EOFError, socket errors
+        conn._spare = None
 
 
 def _exec_without_waiting(channel: Any, command: str) -> None:
@@ -489,6 +508,7 @@ class Preconnect:
         except BaseException:
             _close_quietly(conn)
             raise
+        open_spare_session(conn)
         return conn
 
     def take(self, host: Host) -> Connection | None:

@@ -1011,6 +1011,30 @@ class Store:
             raise err from None
         return held
 
+    # --- nodes' boot reports ------------------------------------------------------------
+
+    def report_key_ok(self, key: object) -> bool:
+        """A key a node named for its boot report (node.py report_key): under our nodes/."""
+        base = self._key("nodes/")
+        return (
+            isinstance(key, str)
+            and key.startswith(base)
+            and key.endswith(".json")
+            and "/" not in key[len(base) :]
+            and ".." not in key
+        )
+
+    def read_report(self, key: str) -> tuple[Any, str] | None:
+        """A node's last boot report, parsed (None where it is not valid JSON), with its ETag;
+        None if there is none."""
+        got = self._get(key, "reading a node's boot report")
+        if got is None:
+            return None
+        try:
+            return load_json(got[0]), got[1]
+        except (ValueError, UnicodeDecodeError):
+            return None, got[1]
+
     # --- what a roll must undo (load balancers, ASG standby) -----------------------------
 
     def read_undo(self) -> tuple[Any, str | None]:

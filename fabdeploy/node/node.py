@@ -443,6 +443,8 @@ class Config:
         self.link_unchanged: bool = True if link is None else bool(link)
         # Linked files whose content this node fetches itself (SSM, Secrets Manager, S3).
         self.shared = SharedConfig(raw.get("shared_config"))
+        # After each boot, put the boot's outcome and the app's health in S3 (see `report`).
+        self.report: bool = bool(raw.get("report"))
 
     @property
     def before_swap(self) -> list[str]:
@@ -2666,12 +2668,48 @@ def _restart_with_fallback(
 # health
 
 
-def own_address() -> str:
+def own_address(layout: Layout | None = None) -> str:
     """What `{host}` in health.url becomes on the node: the address this host's sshd was reached
-    on (behind a bastion, its private one), else (at boot, no SSH) loopback."""
+    on (behind a bastion, its private one); without SSH (the boot report), the one it was last
+    reached on (remember_address), else loopback."""
     parts = os.environ.get("SSH_CONNECTION", "").split()
-    addr = parts[2] if len(parts) == 4 else "127.0.0.1"
+    addr = parts[2] if len(parts) == 4 else None
+    if addr is None and layout is not None:
+        addr = _remembered_address(layout)
+    addr = addr or "127.0.0.1"
     return f"[{addr.replace('%', '%25')}]" if ":" in addr else addr
+
+
+def _address_file(layout: Layout) -> str:
+    return os.path.join(layout.state, "address")
+
+
+def _remembered_address(layout: Layout) -> str | None:
+    import ipaddress
+
+    try:
+        fd = open_nofollow(_address_file(layout), os.O_RDONLY)
+        with os.fdopen(fd, encoding="ascii") as fh:
+            text = fh.read(100).strip()
+        ipaddress.ip_address(text.split("%", 1)[0])
+        return text
+    except (OSError, ValueError):
+        return None
+
+
+def remember_address(layout: Layout) -> None:
+    """Keep the address sshd was reached on, for the health check of the boot report (which
+    runs with no SSH). Best effort, and only written when it changed."""
+    parts = os.environ.get("SSH_CONNECTION", "").split()
+    if len(parts) != 4 or not os.path.isdir(layout.state):
+        return
+    if _remembered_address(layout) == parts[2]:
+        return
+    try:
+        check_not_writable_by_others(layout.state, follow=False)
+        atomic_write(_address_file(layout), parts[2] + "\n")
+    except (OSError, NodeError):
+        pass
 
 
 def _probe_url(url: str, expect: int, timeout: float) -> str | None:
@@ -2733,7 +2771,7 @@ def check_health(
     start = time.monotonic()
     if not h.here:
         return {"ok": True, "detail": "no health check on the node", "seconds": 0.0}
-    url = h.url.replace("{host}", own_address()) if h.url else None
+    url = h.url.replace("{host}", own_address(layout)) if h.url else None
     env = _hook_env(layout, release, read_revision(release) or "")
     deadline = start + h.timeout
     # A restarted app usually answers within milliseconds: probe fast first, back off to
@@ -3424,6 +3462,8 @@ def status(
     layout = Layout(cfg.deploy_to)
     me = boot_id()
     health = None
+    if cfg.report:
+        remember_address(layout)  # for the boot report's health check after the next boot
     if after_boot is not None and me != after_boot:
         _wait_boot_record(layout, me, wait, sleep)
         last_boot = read_status(layout).get("last_boot") or {}
@@ -3493,6 +3533,7 @@ def status(
         "boot_id": me,
         "revision_log_tail": tail,
         "node_version": VERSION,
+        "report_key": report_key(cfg) if cfg.report else None,
     }
 
 
@@ -3550,6 +3591,61 @@ def preflight(cfg: Config) -> dict[str, Any]:
         "health": health,
         **({"shared": shared} if shared else {}),
     }
+
+
+def report_key(cfg: Config) -> str:
+    """Where this node reports its boots in S3: {prefix}/nodes/{hostname}.json."""
+    prefix = cfg.s3.prefix.strip("/")
+    return f"{prefix + '/' if prefix else ''}nodes/{hostname()}.json"
+
+
+REPORT_FIELDS = ("host", "boot_id", "current", "last_boot", "health", "node_version")
+
+
+def report(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """After a boot: wait for the boot unit's outcome, check the app's health here (health.on:
+    node), and put both in S3 at report_key, as `status --after-boot` would answer them. A roll
+    reads that object to learn that the node is back, on which release and how healthy, in one
+    S3 read instead of an SSH login and a command (it still logs in when no report comes).
+
+    `boot` starts this detached: the app's unit is ordered after the boot unit, so the boot
+    unit must have exited before the app can start and be checked."""
+    st = status(cfg, after_boot="", wait=cfg.boot.max_seconds, sleep=sleep)
+    body = {k: st.get(k) for k in REPORT_FIELDS}
+    body["reported_at"] = iso_now()
+    key = report_key(cfg)
+    try:
+        s3_client(cfg).put_object(
+            Bucket=cfg.s3.bucket,
+            Key=key,
+            Body=(json.dumps(body, sort_keys=True) + "\n").encode(),
+            ContentType="application/json",
+        )
+    except NodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any botocore failure: one line, the roll uses SSH
+        text = " ".join(str(exc).split())[:200]
+        raise NodeError(
+            f"could not report the boot to s3://{cfg.s3.bucket}/{key} from {hostname()} ({text}): "
+            "a roll learns it over SSH instead; give the node s3:PutObject on its prefix's nodes/"
+        ) from None
+    return {"ok": True, "key": key, "boot_id": body["boot_id"], "health": body["health"]}
+
+
+def spawn_report(config: str) -> None:
+    """Start `report` in the background, in its own session (the boot unit exits meanwhile);
+    its output goes where the boot unit's does."""
+    import subprocess
+
+    try:
+        subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "--config", config, "report"],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        log(f"could not start the boot report: {exc}")
 
 
 def cleanup(cfg: Config) -> dict[str, Any]:
@@ -3800,7 +3896,7 @@ def _parser() -> Any:
         "--fetch", action="store_true", help="fetch the sourced linked files into shared/ first"
     )
 
-    for name in ("boot", "check", "cleanup", "version"):
+    for name in ("boot", "check", "cleanup", "version", "report"):
         sub.add_parser(name)
     return p
 
@@ -3956,7 +4052,13 @@ def _dispatch(args: Any) -> dict[str, Any]:
     if args.command == "shared":
         return shared_report(cfg, fetch=args.fetch)
     if args.command == "boot":
-        return boot(cfg)
+        try:
+            return boot(cfg)
+        finally:
+            if cfg.report:
+                spawn_report(config)
+    if args.command == "report":
+        return report(cfg)
     raise NodeError(f"unknown command {args.command!r}")
 
 

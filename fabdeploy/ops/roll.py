@@ -22,6 +22,7 @@ from fabdeploy.adapters.ssh import (
     SUDO_REFUSED,
     as_root,
     connect,
+    open_spare_session,
     run,
     run_parallel,
     sudo_refusal,
@@ -29,7 +30,7 @@ from fabdeploy.adapters.ssh import (
 )
 from fabdeploy.adapters.store import store_for
 from fabdeploy.basics.config import Config, Host, for_host
-from fabdeploy.basics.errors import AWSError, HostError
+from fabdeploy.basics.errors import AWSError, HostError, StoreError
 from fabdeploy.basics.output import say, short, table, warn
 from fabdeploy.ops.batches import Plan
 from fabdeploy.ops.batches import plan as batch_plan
@@ -129,14 +130,130 @@ class Prepared:
     conn: Any
     status: dict[str, Any] | None = None
     error: HostError | None = None
+    # Where the node reports its boots in S3 (node.py report) and that object's ETag now.
+    report: tuple[str, str | None] | None = None
 
 
-def prepare(cfg: Config, host: Host) -> Prepared:
+def prepare(cfg: Config, host: Host, store: Any = None) -> Prepared:
     conn = connect(cfg, host)
     try:
-        return Prepared(conn, nodectl.call(cfg, host, conn, "status", timeout=30))
+        status = nodectl.call(cfg, host, conn, "status", timeout=30)
     except HostError as e:
         return Prepared(conn, error=e)
+    open_spare_session(conn)  # the reboot command's channel, ready before its turn
+    key = status.get("report_key")
+    report = None
+    if store is not None and store.report_key_ok(key):
+        try:
+            got = store.read_report(key)
+            report = (str(key), got[1] if got else None)
+        except StoreError:
+            report = None  # no report then: the roll logs in to see the node back
+    return Prepared(conn, status, report=report)
+
+
+REPORT_POLL = 0.05  # seconds between two reads of a rebooting node's report
+
+
+class BootReport:
+    """Watch S3 for a rebooted node's report of its new boot (node.py report: the boot unit's
+    outcome and the app's health, as `status --after-boot` answers them over SSH).
+
+    One S3 read tells the roll what an SSH login plus a command would, a few round trips
+    sooner; the SSH path keeps running beside it, so a node that cannot report (no
+    s3:PutObject, an old node program) is still seen. A report counts only once it differs
+    from the object read before the reboot (ETag) and names a boot other than the one before."""
+
+    def __init__(self, store: Any, key: str, etag: str | None, old_boot: str, until: float):
+        self.store, self.key, self.etag, self.old_boot, self.until = (
+            store,
+            key,
+            etag,
+            old_boot,
+            until,
+        )
+        self.result: dict[str, Any] | None = None
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._took = 0.0
+        # Two readers half a read apart: the report is seen ~3/4 of a round trip after it
+        # lands on average, instead of one whole round trip with a single reader.
+        threading.Thread(target=self._poll, name="boot-report", daemon=True).start()
+        threading.Thread(target=self._poll, args=(True,), name="boot-report", daemon=True).start()
+
+    def fresh(self, body: Any, etag: str | None) -> bool:
+        if etag == self.etag or not isinstance(body, dict):
+            return False
+        me = body.get("boot_id")
+        last = body.get("last_boot")
+        return (
+            isinstance(me, str)
+            and me != self.old_boot
+            and isinstance(last, dict)
+            and last.get("boot_id") == me
+            and isinstance(body.get("current"), dict)
+        )
+
+    def _poll(self, second: bool = False) -> None:
+        if second:
+            self._first.wait(self.until - time.monotonic())
+            self._stop.wait(self._took / 2)
+        while not self._stop.is_set() and time.monotonic() < self.until:
+            t = time.monotonic()
+            try:
+                got = self.store.read_report(self.key)
+            except StoreError:
+                got = None
+            if not second and not self._first.is_set():
+                self._took = time.monotonic() - t
+                self._first.set()
+            if got is not None and self.fresh(*got):
+                self.result = got[0]
+                self.wake.set()
+                return
+            self._stop.wait(REPORT_POLL)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _back(
+    cfg: Config, host: Host, old_boot: str | None, start: float, report: BootReport | None
+) -> tuple[str, dict[str, Any] | None, str]:
+    """The new boot id and the node's status: from its S3 report or over SSH, whichever first."""
+    if report is None:
+        return (*_wait_back(cfg, host, old_boot, start), "over SSH")
+    box: dict[str, Any] = {}
+    cancel = threading.Event()
+
+    def over_ssh() -> None:
+        try:
+            box["ssh"] = _wait_back(cfg, host, old_boot, start, cancel)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+        finally:
+            report.wake.set()
+
+    threading.Thread(target=over_ssh, name=f"back-{host.name}", daemon=True).start()
+    try:
+        while True:
+            report.wake.wait(0.05)
+            if report.result is not None:
+                return str(report.result["boot_id"]), report.result, "from its S3 report"
+            if "ssh" in box:
+                return (*box["ssh"], "over SSH")
+            if "error" in box:
+                raise box["error"]
+    finally:
+        cancel.set()
+        report.stop()
 
 
 def missing_reboot_rights(cfg: Config, hosts: list[Host]) -> list[HostError]:
@@ -166,7 +283,11 @@ def _refuse(refusals: list[HostError]) -> None:
 
 
 def _wait_back(
-    cfg: Config, host: Host, old_boot: str | None, start: float
+    cfg: Config,
+    host: Host,
+    old_boot: str | None,
+    start: float,
+    cancel: threading.Event | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """Wait for a new boot id; returns it with the node status read at that moment."""
     probe = connect(cfg, host)
@@ -176,6 +297,8 @@ def _wait_back(
     went_down: float | None = None
     last_login = 0.0
     while True:
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled  # the node's S3 report came first
         now = time.monotonic()
         if now > deadline:
             raise HostError(
@@ -214,10 +337,12 @@ def reboot_one(
     resume: bool,
     traffic: Any = None,
     prepared: Prepared | None = None,
+    store: Any = None,
 ) -> HostRoll:
     res = HostRoll(host.name)
     cfg = for_host(cfg, host)  # its role's reboot command and health check
-    prepared = prepared or prepare(cfg, host)
+    signed = bundles.signing_on(cfg)
+    prepared = prepared or prepare(cfg, host, store)
     conn = prepared.conn
     try:
         if prepared.error is not None:
@@ -271,9 +396,14 @@ def reboot_one(
     finally:
         _close(conn)  # a rebooted host needs a new transport (and SFTP client)
 
-    boot_id, status = _wait_back(cfg, host, old_boot, start)
+    report = None
+    # The report is not signed: with signed releases, only what the node says over SSH counts.
+    if store is not None and prepared.report is not None and old_boot and not signed:
+        key, etag = prepared.report
+        report = BootReport(store, key, etag, old_boot, start + cfg.roll.reboot_timeout)
+    boot_id, status, seen = _back(cfg, host, old_boot, start, report)
     res.down_s = time.monotonic() - start
-    _log(t0, host.name, f"back after {res.down_s:.1f}s (new boot id)")
+    _log(t0, host.name, f"back after {res.down_s:.1f}s (new boot id, {seen})")
 
     # Wait until the boot unit has recorded its outcome for this boot.
     boot_deadline = time.monotonic() + cfg.roll.boot_timeout
@@ -336,10 +466,18 @@ def _attempt(
     resume: bool,
     traffic: Any = None,
     prepared: Any = None,
+    store: Any = None,
 ) -> HostRoll:
     try:
         return reboot_one(
-            cfg, host, commit, t0, resume, traffic, prepared.result() if prepared else None
+            cfg,
+            host,
+            commit,
+            t0,
+            resume,
+            traffic,
+            prepared.result() if prepared else None,
+            store=store,
         )
     except (HostError, AWSError) as e:
         _log(t0, host.name, f"FAILED: {e}")
@@ -416,7 +554,7 @@ def run_roll(
         nxt: dict[str, Any] = {}
         try:
             # The next batch's connections and status are fetched while this one reboots.
-            nxt = {h.name: ahead.submit(prepare, cfg, h) for h in groups[0]}
+            nxt = {h.name: ahead.submit(prepare, cfg, h, store) for h in groups[0]}
             for i, group in enumerate(groups, 1):
                 if stop.requested:
                     warn(f"stopped by Ctrl-C before batch {i}")
@@ -427,7 +565,7 @@ def run_roll(
                 mine, nxt = (
                     nxt,
                     (
-                        {h.name: ahead.submit(prepare, cfg, h) for h in groups[i]}
+                        {h.name: ahead.submit(prepare, cfg, h, store) for h in groups[i]}
                         if i < len(groups)
                         else {}
                     ),
@@ -436,7 +574,7 @@ def run_roll(
                     batch_results = list(
                         pool.map(
                             lambda h, mine=mine: _attempt(
-                                cfg, h, b.bundle_id, t0, resume, traffic, mine.get(h.name)
+                                cfg, h, b.bundle_id, t0, resume, traffic, mine.get(h.name), store
                             ),
                             group,
                         )
@@ -489,7 +627,7 @@ def _roll_back_failed(
     names = {f.host for f in failed}
     for host in group:
         if host.name in names:
-            r = _attempt(cfg, host, previous.id, t0, resume=True, traffic=traffic)
+            r = _attempt(cfg, host, previous.id, t0, resume=True, traffic=traffic, store=store)
             for f in failed:
                 if f.host == host.name:
                     f.error = (f.error or "") + (

@@ -49,7 +49,15 @@ def test_roll_reboots_each_host_once_in_order(
     for a, b in zip(HOSTS, HOSTS[1:], strict=False):
         assert new_boots[a][0]["sshd_ready"] < new_boots[b][0]["down_at"], (a, b, new_boots)
     assert "ok" in r.stdout and "not touched" not in r.stdout
-    assert store_of(fleet, monkeypatch).read_lock() is None  # released after success
+    store = store_of(fleet, monkeypatch)
+    assert store.read_lock() is None  # released after success
+    # Each node reported its new boot (outcome, health) to S3, where the roll looks for it
+    # beside its SSH status call (which of the two comes first depends on the latency).
+    assert r.stdout.count("from its S3 report") + r.stdout.count("over SSH") == len(HOSTS)
+    for h in HOSTS:
+        got = store.read_report(f"{store.prefix}/nodes/{h}.json")
+        assert got is not None and got[0]["boot_id"] == new_boots[h][0]["boot_id"]
+        assert got[0]["current"]["commit"] == commit and got[0]["health"]["ok"] is True
 
 
 def test_resume_skips_hosts_already_on_the_commit(fleet: Fleet) -> None:

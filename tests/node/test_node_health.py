@@ -313,3 +313,85 @@ def test_status_cli_takes_after_boot(tmp_path: Path) -> None:
         answer = json.loads(out.getvalue().strip().splitlines()[-1])
         assert code == 0 and answer["ok"] and answer["health"] is None
         assert answer["last_boot"]["outcome"] == "failed"
+
+
+class FakeS3:
+    def __init__(self) -> None:
+        self.puts: list[dict[str, Any]] = []
+
+    def put_object(self, **kw: Any) -> dict[str, Any]:
+        self.puts.append(kw)
+        return {"ETag": '"e"'}
+
+
+def test_report_puts_the_boot_outcome_and_health_in_s3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a boot the node reports what `status --after-boot` would answer, under nodes/."""
+    with app_on() as app:
+        running = tmp_path / "running"
+        running.write_text("c1\n")
+        app.running = running
+        cfg = make_cfg(tmp_path, {"url": f"http://{{host}}:{app.port}/health"}, report=True)
+        deploy(cfg, tmp_path, "c1")
+        node.record_status(
+            node.Layout(cfg.deploy_to), "last_boot", {"outcome": "unchanged", "commit": "c1"}
+        )
+        s3 = FakeS3()
+        monkeypatch.setattr(node, "s3_client", lambda c: s3)
+        out = node.report(cfg)
+    assert out["ok"] and out["key"] == f"shop/nodes/{node.hostname()}.json"
+    assert node.status(cfg)["report_key"] == out["key"]
+    (put,) = s3.puts
+    assert put["Bucket"] == "b" and put["Key"] == out["key"]
+    body = json.loads(put["Body"])
+    assert body["boot_id"] == node.boot_id() and body["last_boot"]["boot_id"] == node.boot_id()
+    assert body["health"]["ok"] is True and body["current"]["commit"] == "c1"
+
+
+def test_report_failure_is_one_line_and_no_report_key_when_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_cfg(tmp_path, {}, report=True)
+    node.record_status(node.Layout(cfg.deploy_to), "last_boot", {"outcome": "failed"})
+
+    class Denied:
+        def put_object(self, **kw: Any) -> None:
+            raise RuntimeError("An error occurred (AccessDenied) when calling PutObject\nline 2")
+
+    monkeypatch.setattr(node, "s3_client", lambda c: Denied())
+    with pytest.raises(node.NodeError) as e:
+        node.report(cfg)
+    assert "AccessDenied" in e.value.message and "\n" not in e.value.message
+    assert "s3:PutObject" in e.value.message
+    assert node.status(make_cfg(tmp_path, {}))["report_key"] is None
+
+
+def test_boot_starts_the_report_only_when_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(node, "spawn_report", started.append)
+    monkeypatch.setattr(node, "boot", lambda cfg: {"ok": True, "outcome": "unchanged"})
+    for report in (False, True):
+        make_cfg(tmp_path, {}, report=report)
+        with redirect_stdout(io.StringIO()):
+            assert node.main(["--config", str(tmp_path / "node.json"), "boot"]) == 0
+    assert started == [str(tmp_path / "node.json")]
+
+
+def test_the_boot_report_checks_health_on_the_address_ssh_last_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report runs with no SSH: `{host}` is the address a roll's status call came in on."""
+    cfg = make_cfg(tmp_path, {}, report=True)
+    deploy(cfg, tmp_path, "c1")
+    layout = node.Layout(cfg.deploy_to)
+    monkeypatch.delenv("SSH_CONNECTION", raising=False)
+    assert node.own_address(layout) == "127.0.0.1"
+    monkeypatch.setenv("SSH_CONNECTION", "10.0.0.9 50000 10.0.0.5 22")
+    node.status(cfg)
+    monkeypatch.delenv("SSH_CONNECTION")
+    assert node.own_address(layout) == "10.0.0.5"
+    (tmp_path / "srv" / ".fabdeploy" / "address").write_text("not an address\n")
+    assert node.own_address(layout) == "127.0.0.1"  # anything but an IP address is ignored

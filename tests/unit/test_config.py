@@ -300,6 +300,7 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
     )
     assert h.here
     assert (n.signers, n.allow_unsigned) == (nodectl.signers_path(cfg), True)
+    assert n.report is True  # the node reports its boots to S3 for the roll
     # Every key the controller writes is one the node reads (no silently dropped settings).
     assert set(raw) == {
         "app",
@@ -318,6 +319,7 @@ def test_node_json_reads_back_with_every_value(tmp_path: Path) -> None:
         "health",
         "signing",
         "link_unchanged",
+        "report",
     }
 
 

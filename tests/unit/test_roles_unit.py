@@ -234,7 +234,9 @@ def test_a_roll_reboots_each_host_with_its_roles_reboot_command(
         raise HostError(host.name, "stopped after the reboot command")
 
     monkeypatch.setattr(
-        roll, "prepare", lambda cfg, host: roll.Prepared(Conn(), {"boot_id": "b0", "current": {}})
+        roll,
+        "prepare",
+        lambda cfg, host, store=None: roll.Prepared(Conn(), {"boot_id": "b0", "current": {}}),
     )
     monkeypatch.setattr(
         roll,

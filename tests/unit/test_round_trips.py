@@ -218,3 +218,68 @@ def test_exec_goes_without_waiting_for_the_reply_and_refuses_a_closed_channel() 
     Channel.closed = True
     with pytest.raises(paramiko.SSHException):
         ssh._exec_without_waiting(Channel(), "true")
+
+
+# --- a roll learns a rebooted node's outcome from the node's S3 report ---------------------
+
+
+def test_report_keys_must_be_under_our_nodes_prefix(store: Store) -> None:
+    base = f"{store.prefix}/nodes/"
+    assert store.report_key_ok(base + "web1.json")
+    for bad in (None, 3, "other/nodes/web1.json", base + "a/b.json", base + "..json", base + "x"):
+        assert not store.report_key_ok(bad), bad
+
+
+def test_a_report_counts_only_when_new_and_of_another_boot(store: Store) -> None:
+    from fabdeploy.ops import roll
+
+    key = f"{store.prefix}/nodes/web1.json"
+    body = {"boot_id": "new", "last_boot": {"boot_id": "new"}, "current": {"commit": "c"}}
+    r = roll.BootReport(store, key, '"before"', "old", until=0)  # until passed: no polling
+    assert r.fresh(body, '"after"')
+    assert not r.fresh(body, '"before"')  # the object read before the reboot
+    assert not r.fresh({**body, "boot_id": "old", "last_boot": {"boot_id": "old"}}, '"after"')
+    assert not r.fresh({**body, "last_boot": {"boot_id": "older"}}, '"after"')  # no outcome yet
+    assert not r.fresh(None, '"after"')  # not JSON
+
+
+def test_the_roll_takes_the_s3_report_without_waiting_for_ssh(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from fabdeploy.ops import roll
+
+    key = f"{store.prefix}/nodes/web1.json"
+    store.client.put_object(Bucket=store.s3.bucket, Key=key, Body=b'{"boot_id": "old"}')
+    before = store.read_report(key)
+    assert before is not None
+    cancelled = threading.Event()
+
+    def ssh_never_back(cfg: Any, host: Any, old: Any, start: Any, cancel: Any) -> Any:
+        cancel.wait(30)  # the report must win, and must stop this path
+        cancelled.set()
+        raise roll._Cancelled
+
+    monkeypatch.setattr(roll, "_wait_back", ssh_never_back)
+    import time
+
+    report = roll.BootReport(store, key, before[1], "old", until=time.monotonic() + 30)
+    body = {
+        "boot_id": "new",
+        "last_boot": {"boot_id": "new", "outcome": "activated"},
+        "current": {"commit": "c2"},
+        "health": {"ok": True, "detail": "200"},
+    }
+    store.client.put_object(Bucket=store.s3.bucket, Key=key, Body=json.dumps(body).encode())
+    boot_id, status, seen = roll._back(None, Host("web1", "web1"), "old", 0.0, report)  # type: ignore[arg-type]
+    assert (boot_id, seen) == ("new", "from its S3 report") and status == body
+    assert cancelled.wait(5)
+
+
+def test_the_lock_stays_exclusive_without_expect_continue(store: Store) -> None:
+    """If-None-Match still holds on a PUT sent in one exchange: a second deploy is refused."""
+    lock = store.acquire_lock("me", "roll", 60)
+    with pytest.raises(StoreError, match="deploy lock held by"):
+        store.acquire_lock("you", "hotfix", 60)
+    store.release_lock(lock)
