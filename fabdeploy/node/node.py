@@ -548,6 +548,14 @@ class Layout:
         return os.path.join(self.releases, name)
 
 
+def ensure_layout(cfg: Config, layout: Layout) -> None:
+    """releases/ and shared/ exist, or the one line that says why they can't."""
+    try:
+        layout.ensure()
+    except OSError as exc:
+        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+
+
 def read_revision(release_dir: str, name: str = "REVISION") -> str | None:
     try:
         with open(os.path.join(release_dir, name), encoding="utf-8") as fh:
@@ -2966,10 +2974,7 @@ def _activate(
 ) -> dict[str, Any]:
     started = time.monotonic()
     user = user or default_user()
-    try:
-        layout.ensure()
-    except OSError as exc:
-        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    ensure_layout(cfg, layout)
     with HostLock(layout, action, cfg.lock_timeout):
         remove_leftovers(layout)
         # Shared config first: a new release links it, and a changed one alone restarts the app.
@@ -3126,10 +3131,7 @@ def prepare(
     layout = Layout(cfg.deploy_to)
     bundle_id = bundle_id or commit
     started = time.monotonic()
-    try:
-        layout.ensure()
-    except OSError as exc:
-        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    ensure_layout(cfg, layout)
     with HostLock(layout, "prepare", cfg.lock_timeout):
         remove_leftovers(layout)
         # Sourced linked files are fetched (and the app restarted) by the switch; here only
@@ -3200,10 +3202,7 @@ def run_once(
     layout = Layout(cfg.deploy_to)
     bundle_id = bundle_id or commit
     started = time.monotonic()
-    try:
-        layout.ensure()
-    except OSError as exc:
-        raise NodeError(f"cannot create {cfg.deploy_to} layout on {hostname()}: {exc}") from None
+    ensure_layout(cfg, layout)
     with HostLock(layout, "once", cfg.lock_timeout):
         remove_leftovers(layout)
         previous = read_current(layout)
