@@ -213,6 +213,29 @@ def test_guard_drains_stdin_before_asking_for_an_install(tmp_path: Path) -> None
     assert "cat >/dev/null" not in nodectl.guarded(cfg, "status")  # no stdin, no EOF: no drain
 
 
+def test_run_hands_stdin_to_the_next_session_and_never_to_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from fabdeploy.adapters import ssh
+
+    cfg = make_cfg(tmp_path)
+    host = cfg.hosts[0]
+    conn = ssh._Connection("127.0.0.1")
+    seen: dict[str, Any] = {}
+
+    def fake_run(command: str, **kw: Any) -> Any:
+        seen.update(stdin=conn._stdin, in_stream=kw["in_stream"])
+        return SimpleNamespace(stdout="", stderr="", exited=0)
+
+    monkeypatch.setattr(ssh, "open_connection", lambda *a: None)
+    monkeypatch.setattr(conn, "run", fake_run)
+    ssh.run(cfg, host, conn, "cat", stdin="secret\n")
+    assert seen == {"stdin": b"secret\n", "in_stream": False}  # not invoke's 1-byte pump
+    assert conn._stdin is None  # cleared even though no session took it here
+
+
 def test_ssh_run_feeds_stdin_then_eof(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fabdeploy.adapters import ssh
 

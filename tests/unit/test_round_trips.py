@@ -220,6 +220,35 @@ def test_exec_goes_without_waiting_for_the_reply_and_refuses_a_closed_channel() 
         ssh._exec_without_waiting(Channel(), "true")
 
 
+def test_stdin_goes_whole_right_behind_the_exec_then_eof() -> None:
+    """invoke's stdin pump sends a file-like stream one byte per 10 ms: a 400-byte presigned
+    URL took 4 s to reach the node. The stdin now leaves with the exec request, whole."""
+    events: list[Any] = []
+
+    class Transport:
+        def _send_user_message(self, m: Any) -> None:
+            events.append("exec")
+
+    class Channel:
+        closed = eof_received = eof_sent = False
+        active = True
+        remote_chanid = 7
+        transport = Transport()
+
+        def sendall(self, data: bytes) -> None:
+            events.append(data)
+
+        def shutdown_write(self) -> None:
+            events.append("eof")
+
+    url = b"https://s3.example/b.tar.gz?" + b"X" * 400 + b"\n"
+    ssh._exec_without_waiting(Channel(), "node.py activate --url-stdin", stdin=url)
+    assert events == ["exec", url, "eof"]  # one write, not 429
+    events.clear()
+    ssh._exec_without_waiting(Channel(), "true")
+    assert events == ["exec"]  # no stdin given: the channel's stdin stays open, as before
+
+
 # --- a roll learns a rebooted node's outcome from the node's S3 report ---------------------
 
 
