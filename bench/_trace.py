@@ -73,6 +73,9 @@ def wrap(owner, name: str, label: str | None = None, extra=None) -> None:
 
 
 def install() -> None:
+    # fab's program first: fabdeploy installs its executor into it when first imported.
+    import fabric.main  # noqa: F401
+
     t = time.time()
     from fabdeploy.adapters import bundle, health, nodectl, store  # noqa: F401
     from fabdeploy.adapters import ssh as fleet
@@ -191,6 +194,9 @@ def main() -> int:
     from fabric.main import program
 
     MILESTONES["program_start"] = time.time()
+    # As the `fab` script runs: a successful run of fabdeploy tasks then ends the way it does
+    # there (fabdeploy.cli.exit_now: atexit handlers, our dump included, then no teardown).
+    sys.argv = ["fab", *args]
     try:
         program.run(["fab", *args])
     except SystemExit as e:

@@ -35,6 +35,12 @@ class FleetExecutor(Executor):
     own) keep Fabric's usual per-host calls.
     """
 
+    def execute(self, *tasks: Any) -> Any:
+        results = super().execute(*tasks)
+        if results and all(is_fabdeploy_task(t) for t in results):
+            exit_now()
+        return results
+
     def expand_calls(self, calls: list[Any], apply_hosts: bool = True) -> list[Any]:
         if apply_hosts:
             check_stage_order([getattr(c, "task", c) for c in calls])
@@ -62,6 +68,29 @@ class FleetExecutor(Executor):
             else:
                 out.extend(super().expand_calls([call], apply_hosts=True))
         return out
+
+
+def exit_now() -> None:
+    """End a successful `fab` run of fabdeploy tasks without the interpreter's teardown.
+
+    Freeing every object of boto3's models, paramiko and Fabric at exit took ~0.25 s, a tenth
+    of a whole hotfix on a small fleet, after all the work and output are done. Only the `fab`
+    console script does this: an embedding program (a test, a bench) keeps its normal exit.
+    atexit handlers still run; any thread still alive is a connection nobody took (closed by
+    the kernel as the process ends)."""
+    import os
+
+    if os.path.basename(sys.argv[0]) != "fab":
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _names(hosts: str) -> list[str]:

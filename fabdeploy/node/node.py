@@ -2720,15 +2720,20 @@ def remember_address(layout: Layout) -> None:
         pass
 
 
+_PROBE_OPENER: Any = None
+
+
 def _probe_url(url: str, expect: int, timeout: float) -> str | None:
     """None when `url` answers `expect`; else what it did instead."""
     import urllib.error
     import urllib.request
 
-    # No proxies: an http_proxy in the node's environment must not see a loopback check.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    global _PROBE_OPENER
+    if _PROBE_OPENER is None:  # one per run: building it costs more than a loopback probe
+        # No proxies: an http_proxy in the node's environment must not see a loopback check.
+        _PROBE_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with _PROBE_OPENER.open(url, timeout=timeout) as resp:
             if resp.status == expect:
                 return None
             return f"{url} answered {resp.status}"
@@ -3813,8 +3818,35 @@ def _with_hook_output(entry: dict[str, Any]) -> dict[str, Any]:
 # CLI
 
 
-def _parser() -> Any:
+COMMANDS = (
+    "activate",
+    "once",
+    "rollback",
+    "status",
+    "shared",
+    "boot",
+    "check",
+    "cleanup",
+    "version",
+    "report",
+)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand argv names (after an optional --config VALUE), if it is one of ours."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--config" else 1
+    return argv[i] if i < len(argv) and argv[i] in COMMANDS else None
+
+
+def _parser(only: str | None = None) -> Any:
+    """The CLI; with `only`, just that subcommand's parser: building all eleven costs every
+    hotfix ~10 ms of CPU per host, and a fleet's hosts may share a machine's cores."""
     import argparse
+
+    def want(name: str) -> bool:
+        return only is None or only == name
 
     class Parser(argparse.ArgumentParser):
         # Subparsers inherit this class, so usage errors anywhere become JSON, not exit(2).
@@ -3846,57 +3878,63 @@ def _parser() -> Any:
         )
         return src
 
-    a = sub.add_parser("activate")
-    src = bundle_args(a)
-    a.add_argument("--ref")
-    a.add_argument("--user")
-    src.add_argument(
-        "--prepared", action="store_true", help="no source: the release --prepare made earlier"
-    )
-    a.add_argument(
-        "--prepare",
-        action="store_true",
-        help="only download, verify and extract, for a later activate of the same bundle",
-    )
-    a.add_argument("--restart", action="store_true")
-    a.add_argument("--force", action="store_true")
-    a.add_argument(
-        "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
-    )
+    if want("activate"):
+        a = sub.add_parser("activate")
+        src = bundle_args(a)
+        a.add_argument("--ref")
+        a.add_argument("--user")
+        src.add_argument(
+            "--prepared", action="store_true", help="no source: the release --prepare made earlier"
+        )
+        a.add_argument(
+            "--prepare",
+            action="store_true",
+            help="only download, verify and extract, for a later activate of the same bundle",
+        )
+        a.add_argument("--restart", action="store_true")
+        a.add_argument("--force", action="store_true")
+        a.add_argument(
+            "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
+        )
 
-    o = sub.add_parser("once", help="extract a bundle without swapping and run run-once hooks")
-    bundle_args(o)
-    o.add_argument(
-        "--hooks",
-        required=True,
-        help='JSON list of hooks: "command" or {"run": "command", "timeout": seconds}',
-    )
+    if want("once"):
+        o = sub.add_parser("once", help="extract a bundle without swapping and run run-once hooks")
+        bundle_args(o)
+        o.add_argument(
+            "--hooks",
+            required=True,
+            help='JSON list of hooks: "command" or {"run": "command", "timeout": seconds}',
+        )
 
-    r = sub.add_parser("rollback")
-    r.add_argument("--release")
-    r.add_argument("--user")
-    r.add_argument("--restart", action="store_true")
-    r.add_argument("--reason")
-    r.add_argument("--check", action="store_true", help="change nothing: say what it would do")
-    r.add_argument(
-        "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
-    )
+    if want("rollback"):
+        r = sub.add_parser("rollback")
+        r.add_argument("--release")
+        r.add_argument("--user")
+        r.add_argument("--restart", action="store_true")
+        r.add_argument("--reason")
+        r.add_argument("--check", action="store_true", help="change nothing: say what it would do")
+        r.add_argument(
+            "--sudo-stdin", action="store_true", help="the sudo password is stdin's first line"
+        )
 
-    st = sub.add_parser("status")
-    st.add_argument(
-        "--after-boot",
-        help="the boot id before a reboot: on a new boot, wait for "
-        "the boot unit's outcome, then check health here",
-    )
-    st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
+    if want("status"):
+        st = sub.add_parser("status")
+        st.add_argument(
+            "--after-boot",
+            help="the boot id before a reboot: on a new boot, wait for "
+            "the boot unit's outcome, then check health here",
+        )
+        st.add_argument("--wait", type=float, default=0.0, help="seconds to wait for that outcome")
 
-    sh = sub.add_parser("shared")
-    sh.add_argument(
-        "--fetch", action="store_true", help="fetch the sourced linked files into shared/ first"
-    )
+    if want("shared"):
+        sh = sub.add_parser("shared")
+        sh.add_argument(
+            "--fetch", action="store_true", help="fetch the sourced linked files into shared/ first"
+        )
 
     for name in ("boot", "check", "cleanup", "version", "report"):
-        sub.add_parser(name)
+        if want(name):
+            sub.add_parser(name)
     return p
 
 
@@ -3910,7 +3948,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ok": True, "version": VERSION}))
         return 0
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(_command_of(argv)).parse_args(argv)
     except _UsageError as exc:
         print(json.dumps({"ok": False, "error": f"usage error: {exc}"}))
         return 1 if str(exc) else 0

@@ -201,3 +201,49 @@ def test_echo_flag_prints_each_remote_command(tmp_path: Path, monkeypatch, capsy
     monkeypatch.setattr(ssh, "open_connection", lambda *a: None)
     ssh.run(cfg, cfg.hosts[0], Conn(), "echo hi")  # type: ignore[arg-type]
     assert "web1$ echo hi" in capsys.readouterr().out
+
+
+# --- the end of a successful run skips the interpreter's teardown -------------------------
+
+
+def test_exit_now_only_for_the_fab_script_after_flushing_and_atexit(tmp_path: Path) -> None:
+    """~0.25 s of freeing boto3/paramiko/Fabric objects per run is skipped, but nothing
+    printed or registered to run at exit is lost, and the exit status stays 0."""
+    script = tmp_path / "fab"  # argv[0] is `fab`, as for the console script
+    script.write_text(
+        "import atexit, sys\n"
+        "from fabdeploy import cli\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "sys.stdout.write('buffered line\\n')\n"
+        "cli.exit_now()\n"
+        "print('not reached')\n"
+        "sys.exit(3)\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "buffered line\natexit ran\n")
+    other = tmp_path / "embedder.py"  # a program embedding Fabric: its own exit, untouched
+    other.write_text(script.read_text())
+    r = subprocess.run([sys.executable, str(other)], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (3, "buffered line\nnot reached\natexit ran\n")
+
+
+def test_fast_exit_only_when_every_task_of_the_run_was_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fabric.executor import Executor
+    from invoke import task
+
+    @task
+    def theirs(c: object) -> None:
+        pass
+
+    ours = task(lambda c: None)
+    ours.fabdeploy = True  # type: ignore[attr-defined]
+    exits: list[bool] = []
+    monkeypatch.setattr(cli, "exit_now", lambda: exits.append(True))
+    for ran, expect in (({ours: None}, [True]), ({ours: None, theirs: None}, []), ({}, [])):
+        monkeypatch.setattr(Executor, "execute", lambda self, *t, _r=ran: _r)
+        exits.clear()
+        ex = cli.FleetExecutor.__new__(cli.FleetExecutor)
+        assert ex.execute() is ran
+        assert exits == expect
