@@ -826,7 +826,10 @@ class Store:
             "check what is published and retry"
         )
 
-    def pointer_history(self, limit: int = 20) -> list[Pointer]:
+    def pointer_history(self, limit: int = 20, window: int = 8) -> Iterator[Pointer]:
+        """The published pointers, newest first, read as the caller goes: one LIST, then the
+        entries `window` at a time in parallel (a rollback usually stops at the first or
+        second: one round trip, not one per entry read)."""
         try:
             r = self.client.list_objects_v2(
                 Bucket=self.s3.bucket, Prefix=self.history_prefix, MaxKeys=limit
@@ -834,19 +837,29 @@ class Store:
         except Exception as e:
             raise self._error(e, self.history_prefix, "listing history") from None
         # Keys hold inverted millis, so S3's lexicographic listing is newest first.
-        # One damaged entry must not hide the others (nor abort a rollback's pointer move).
-        out: list[Pointer] = []
-        for obj in r.get("Contents", [])[:limit]:
-            got = self._get(obj["Key"], "reading history")
-            if got is None:
-                continue
-            try:
-                out.append(Pointer.from_json(got[0], self.uri(obj["Key"])))
-            except StoreError as e:
-                import sys
+        keys = [obj["Key"] for obj in r.get("Contents", [])[:limit]]
+        if not keys:
+            return
+        with ThreadPoolExecutor(min(window, len(keys)), thread_name_prefix="history") as pool:
+            for start in range(0, len(keys), window):
+                chunk = keys[start : start + window]
+                futures = [pool.submit(self._get, k, "reading history") for k in chunk]
+                for key, fut in zip(chunk, futures, strict=True):
+                    got = fut.result()
+                    if got is None:
+                        continue
+                    # One damaged entry must not hide the others (nor abort a rollback's
+                    # pointer move).
+                    try:
+                        yield Pointer.from_json(got[0], self.uri(key))
+                    except StoreError as e:
+                        import sys
 
-                print(f"warning: skipped a damaged history entry: {e}", file=sys.stderr, flush=True)
-        return out
+                        print(
+                            f"warning: skipped a damaged history entry: {e}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
 
     # --- fleet lock -------------------------------------------------------------------
 

@@ -80,6 +80,33 @@ def test_deferred_history_lands_and_finish_waits_for_it(store: Store) -> None:
     assert store.read_pointer()[0].commit == "d" * 40  # type: ignore[union-attr]
 
 
+def test_history_is_read_a_window_at_a_time_in_parallel_and_stops_early(store: Store) -> None:
+    """A rollback reads the history until it finds its bundle (usually the first or second
+    entry): the entries come a window at a time, in parallel, not one GET after another."""
+    for c in "abcdefghijkl":  # 12 publishes, newest last
+        publish_bundle(store, bundle(store, c * 40), log=lambda _: None)
+    gets: list[str] = []
+    together = threading.Barrier(4, timeout=20)  # the first window's GETs must be in flight at once
+
+    def on_send(request: Any, **kw: Any) -> None:
+        if (
+            "/history/" in request.url
+            and request.method == "GET"
+            and "list-type" not in request.url
+        ):
+            gets.append(threading.current_thread().name)
+            if len(gets) <= 4:
+                together.wait()  # one GET after another would time out here
+
+    store.client.meta.events.register("before-send.s3", on_send)
+    it = store.pointer_history(limit=100, window=4)
+    assert next(it).commit == "l" * 40  # newest first
+    assert len(gets) == 4 and all(t.startswith("history") for t in gets)  # one window, no more
+    assert [p.commit[0] for p in it] == list("kjihgfedcba")  # the rest, in order
+    assert len(gets) == 12
+    it.close()
+
+
 def test_a_deferred_history_failure_is_raised_by_finish(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
