@@ -126,7 +126,11 @@ def install() -> None:
                     except ValueError:
                         break
                     if isinstance(d.get("seconds"), dict):
-                        out["node_seconds"] = d["seconds"]
+                        out["node_seconds"] = dict(d["seconds"])
+                        health = d.get("health")
+                        if isinstance(health, dict) and "seconds" in health:
+                            # the node's own wait for the restarted app to answer
+                            out["node_seconds"]["health"] = health["seconds"]
                     break
         return out
 

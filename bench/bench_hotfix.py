@@ -190,7 +190,10 @@ def breakdown(trace: dict, kind: str) -> dict[str, Any]:
                 download=ns.get("download", 0.0),
                 extract=ns.get("extract", 0.0),
             )
-            row["node_other"] = row["node_total"] - row["download"] - row["extract"]
+            row["node_health"] = ns.get("health", 0.0)
+            row["node_other"] = (
+                row["node_total"] - row["download"] - row["extract"] - row["node_health"]
+            )
             row["node_startup"] = exec_s - row["node_total"]
         per_host.append(row)
     s3 = {}
@@ -215,6 +218,7 @@ def breakdown(trace: dict, kind: str) -> dict[str, Any]:
             "node_startup",
             "download",
             "extract",
+            "node_health",
             "node_other",
             "node_total",
             "health",
