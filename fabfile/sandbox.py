@@ -57,6 +57,7 @@ STOP_TIMEOUT = 10.0
 POLL = 0.01
 DEPLOY_USER = "deploy"  # every host has it (host_init.py), with sudo for restart and reboot
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_PYTHON = "/usr/bin/python3"  # runs host_init.py and the systemctl stand-in on the hosts
 # Mounted over inside each host, so the state dir must not live below them.
 PRIVATE_DIRS = ("/srv", "/etc", "/usr/local", "/run", "/proc")
 # Files and dirs `up` generates in the state dir (removed on re-up; nothing else is touched).
@@ -770,11 +771,16 @@ def _prepare_host(
     )
     drop_in.chmod(0o440)
     shutil.copy(dir / "authorized_keys", hdir / "etc/upper/sandbox_authorized_keys")
-    for sub, tool in (("bin", "systemctl"), ("sbin", "reboot")):
+    # systemctl imports its logic from systemctl_impl.py next to it (which up() precompiles).
+    for sub, tool, mode in (
+        ("bin", "systemctl", 0o755),
+        ("bin", "systemctl_impl.py", 0o644),
+        ("sbin", "reboot", 0o755),
+    ):
         target = hdir / "usr_local/upper" / sub / tool
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(FILES / tool, target)
-        target.chmod(0o755)
+        target.chmod(mode)
 
     shared = hdir / "srv" / app / "shared"
     for sub in ("config", "log", "tmp/pids"):
@@ -844,7 +850,7 @@ def _write_deploy_files(dir: Path, hosts: dict[str, str], endpoint: str, app: st
 def _check_prerequisites(dir: Path, hosts: int, subnet: str, app: str) -> None:
     if os.geteuid() != 0:
         raise SandboxError("the sandbox needs root (namespaces and mounts); run as root")
-    for tool in ("/usr/sbin/sshd", "/usr/bin/python3"):
+    for tool in ("/usr/sbin/sshd", HOST_PYTHON):
         if not os.access(tool, os.X_OK):
             raise SandboxError(
                 f"{tool} not found; install it (apt-get install openssh-server python3)"
@@ -937,6 +943,10 @@ def up(
     s3host = s3_name(subnet)
     host_hosts = _host_etc_hosts(s3host) if via_proxy else None
     known = [_prepare_host(dir, n, ip, app, host_hosts, private_port) for n, ip in machines.items()]
+    # Every hotfix runs systemctl on every host: its logic's bytecode is there before the first
+    # call, compiled by the Python that runs it (one process for the whole fleet).
+    impls = [host_dir(dir, n) / "usr_local/upper/bin/systemctl_impl.py" for n in machines]
+    _run([HOST_PYTHON, "-m", "py_compile", *map(str, impls)])
 
     s3_pid, port = _spawn_s3(dir, s3_port)
     direct = f"http://127.0.0.1:{port}"
@@ -990,7 +1000,7 @@ def up(
                 "--fork",
                 "--mount-proc",
                 "--kill-child",
-                "/usr/bin/python3",
+                HOST_PYTHON,
                 str(FILES / "host_init.py"),
                 "--name",
                 name,

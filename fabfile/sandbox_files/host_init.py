@@ -17,7 +17,7 @@ boots.jsonl: one line per boot; down_at is when the previous run had been fully 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import pwd
@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import uuid
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import FrameType, ModuleType
 
@@ -42,14 +41,10 @@ def log(message: str) -> None:
 
 
 def load_systemctl() -> ModuleType:
-    # The systemctl stand-in has no .py suffix (it is installed as a command), hence the loader.
-    loader = SourceFileLoader("sandbox_systemctl", str(HERE / "systemctl"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # dataclasses look the module up while it executes
-    loader.exec_module(module)
-    return module
+    # The systemctl stand-in's logic, next to this file (the `systemctl` command imports it too).
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module("systemctl_impl")
 
 
 def mount(*args: str) -> None:
@@ -228,7 +223,7 @@ class Host:
             "host_dir": str(self.dir),
             "log_dir": str(self.log_dir),
         }
-        Path(self.systemctl.HOST_INFO).write_text(json.dumps(info) + "\n")
+        self.systemctl.write_host_info(info)
         log(f"booting {self.name} (boot id {boot_id})")
         self.start_units()
         units_done = time.time()
@@ -262,7 +257,7 @@ class Host:
                 log(f"skipping {name}: {e}")
                 continue
             units.append(unit)
-            names.extend(n for n in unit.wants if (sc.UNIT_DIR / n).is_file())
+            names.extend(n for n in unit.wants if os.path.isfile(f"{sc.UNIT_DIR}/{n}"))
         for kind in ("oneshot", "simple"):
             for unit in sc.boot_order([u for u in units if u.type == kind]):
                 try:

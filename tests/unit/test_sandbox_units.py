@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import os
+import shlex
+import subprocess
 import sys
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SYSTEMCTL = Path(__file__).resolve().parents[2] / "fabfile" / "sandbox_files" / "systemctl"
+FILES = Path(__file__).resolve().parents[2] / "fabfile" / "sandbox_files"
+SYSTEMCTL = FILES / "systemctl"
 
 
 def _load() -> ModuleType:
-    loader = SourceFileLoader("sandbox_systemctl_under_test", str(SYSTEMCTL))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(FILES))
+    try:
+        return importlib.import_module("systemctl_impl")
+    finally:
+        sys.path.remove(str(FILES))
 
 
 sc = _load()
@@ -134,3 +135,130 @@ def test_user_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sc, "_log_line", lambda *a: None)
     with pytest.raises(sc.UnitError, match="217/USER"):
         sc.credentials(unit, {})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "  /usr/bin/python3   app.py --bind 127.0.0.1\t--port 8080 ",
+        "a\x0bb\x0cc\u00a0d",  # not shlex's whitespace: one word
+        'A=1 "B=two words"',
+        "--app 'my shop' x\\ y",
+        "#not-a-comment x",
+    ],
+)
+def test_split_words_is_shlex_split(line: str) -> None:
+    assert sc.split_words(line) == shlex.split(line)
+
+
+def test_host_info_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sc, "HOST_INFO", str(tmp_path / "host.env"))
+    assert sc.host_info() == {}
+    sc.write_host_info({"name": "web1", "ip": "127.0.10.1", "log_dir": str(tmp_path / "log")})
+    assert sc.host_info()["ip"] == "127.0.10.1"
+    assert sc.log_path("shop.service") == f"{tmp_path}/log/shop.service.log"
+    assert (tmp_path / "log").is_dir()
+
+
+# What the started program sees of its process; pids and the probe's own listdir fd aside.
+PROBE = """
+import os, sys
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:-1]
+print(os.getcwd(), sorted(os.environ.items()), os.getsid(0) == os.getpid() == os.getpgid(0))
+print(fds, os.readlink("/proc/self/fd/0"), os.getuid(), os.getgid(), sorted(os.getgroups()))
+print("to stderr", file=sys.stderr)
+"""
+# Signal dispositions, by a program that does not set its own (as Python does for SIGPIPE).
+SIGNALS = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]
+
+
+def _popen_and_spawn(tmp_path: Path, argv: list[str], creds: dict) -> tuple[str, str]:
+    env = {"PATH": "/usr/bin:/bin", "A": "1"}
+    logs = []
+    for kind in ("popen", "spawn"):
+        log = tmp_path / f"{kind}.log"
+        with open(log, "wb") as f:
+            if kind == "popen":
+                subprocess.Popen(
+                    argv,
+                    cwd=tmp_path,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    **creds,
+                ).wait()
+            else:
+                pid = sc.spawn(argv, str(tmp_path), env, f.fileno(), creds)
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        logs.append(log.read_text())
+    return logs[0], logs[1]
+
+
+def test_spawn_starts_the_program_as_popen_does(tmp_path: Path) -> None:
+    """spawn() stands in for subprocess.Popen (which costs ~10 ms to import): the same process."""
+    tmp_path.chmod(0o755)
+    argv = ["python3", "-S", "-c", PROBE]  # found on env's PATH
+    popen, spawned = _popen_and_spawn(tmp_path, argv, {})
+    assert "to stderr" in spawned and "True" in spawned
+    assert spawned == popen
+    popen, spawned = _popen_and_spawn(tmp_path, SIGNALS, {})
+    assert spawned.startswith("SigBlk:") and spawned == popen
+    if os.getuid() == 0:  # as another user: its groups too
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        creds = {
+            "user": nobody.pw_uid,
+            "group": nobody.pw_gid,
+            "extra_groups": os.getgrouplist(nobody.pw_name, nobody.pw_gid),
+        }
+        popen, spawned = _popen_and_spawn(tmp_path, argv, creds)
+        assert f"{nobody.pw_uid} {nobody.pw_gid}" in spawned
+        assert spawned == popen
+
+
+def test_spawn_fails_as_popen_does(tmp_path: Path) -> None:
+    for argv, cwd in (
+        (["/nonexistent/program"], None),
+        (["no-such-program-fabdeploy"], None),
+        (["/bin/true"], str(tmp_path / "gone")),
+    ):
+        with pytest.raises(OSError) as popen:
+            subprocess.Popen(argv, cwd=cwd, env={"PATH": "/usr/bin:/bin"})
+        with pytest.raises(OSError) as spawned:
+            sc.spawn(argv, cwd, {"PATH": "/usr/bin:/bin"}, 1, {})
+        assert (type(spawned.value), str(spawned.value)) == (type(popen.value), str(popen.value))
+
+
+def test_command_imports_its_logic_cheaply(tmp_path: Path) -> None:
+    """As sandbox.py installs it: both files in one dir, run through a symlink too; the logic is
+    a module, its bytecode cached, and none of the slow imports happen on the way."""
+    bin_dir, link_dir = tmp_path / "bin", tmp_path / "link"
+    bin_dir.mkdir()
+    link_dir.mkdir()
+    for name in ("systemctl", "systemctl_impl.py"):
+        (bin_dir / name).write_bytes((FILES / name).read_bytes())
+    (bin_dir / "systemctl").chmod(0o755)
+    (link_dir / "systemctl").symlink_to(bin_dir / "systemctl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    for command in (bin_dir / "systemctl", link_dir / "systemctl"):
+        r = subprocess.run([str(command)], capture_output=True, text=True, env=env)
+        assert (r.returncode, r.stderr.split("{")[0]) == (2, "usage: systemctl ")
+    assert [p.name.split(".")[0] for p in (bin_dir / "__pycache__").iterdir()] == ["systemctl_impl"]
+    slow = ["subprocess", "json", "pathlib", "dataclasses", "typing", "signal", "shlex", "re"]
+    r = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-S",
+            "-c",
+            f"import sys; import systemctl_impl; print([m for m in {slow} if m in sys.modules])",
+        ],
+        cwd=bin_dir,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(bin_dir)},
+    )
+    assert r.stdout.strip() == "[]", r.stderr
