@@ -300,9 +300,13 @@ def run(
     if cfg.fabric is not None and cfg.fabric.run.echo:  # fab -e
         print(f"{host.name}$ {command}", flush=True)
     in_stream: Any = False
-    if stdin is not None and isinstance(conn, _Connection):
-        conn._stdin = stdin.encode()  # sent with the exec request (_exec_without_waiting)
+    data = stdin.encode() if stdin is not None else None
+    if data is not None and isinstance(conn, _Connection) and len(data) <= INLINE_STDIN:
+        conn._stdin = data  # sent with the exec request (_exec_without_waiting)
     elif stdin is not None:
+        # Bigger than the channel's window could take at once: written by invoke's stdin
+        # thread while the output is read, so a command that answers before it reads cannot
+        # block both ends.
         in_stream = _WholeStream(stdin)
     kwargs: dict[str, Any] = {"hide": True, "warn": True, "pty": False, "in_stream": in_stream}
     sink = None
@@ -357,6 +361,11 @@ def run(
             output=(r.stdout or "") + (r.stderr or ""),
         )
     return CommandResult(r.stdout, r.stderr, r.exited if r.exited is not None else -1)
+
+
+# A command's stdin up to this size leaves with its exec request: well inside the window sshd
+# opens a session channel with (OpenSSH: 2 MiB), so sending it never waits for the command.
+INLINE_STDIN = 64 * 1024
 
 
 class _WholeStream(io.StringIO):

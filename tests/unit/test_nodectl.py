@@ -234,6 +234,9 @@ def test_run_hands_stdin_to_the_next_session_and_never_to_a_later_one(
     ssh.run(cfg, host, conn, "cat", stdin="secret\n")
     assert seen == {"stdin": b"secret\n", "in_stream": False}  # not invoke's 1-byte pump
     assert conn._stdin is None  # cleared even though no session took it here
+    big = "x" * (ssh.INLINE_STDIN + 1)  # more than the window may take: invoke's thread sends it
+    ssh.run(cfg, host, conn, "cat", stdin=big)
+    assert seen["stdin"] is None and seen["in_stream"].read(1) == big  # whole, in one read
 
 
 def test_ssh_run_feeds_stdin_then_eof(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
