@@ -2767,6 +2767,10 @@ def _probe_command(command: str, cwd: str, env: dict[str, str], timeout: float) 
     return f"`{command}` exited {proc.returncode}" + (f": {lines[-1].strip()}" if lines else "")
 
 
+HEALTH_FAST_PAUSE = 0.05
+HEALTH_FAST_FOR = 2.0
+
+
 def check_health(
     cfg: Config,
     layout: Layout,
@@ -2787,8 +2791,10 @@ def check_health(
     url = h.url.replace("{host}", own_address(layout)) if h.url else None
     env = _hook_env(layout, release, read_revision(release) or "")
     deadline = start + h.timeout
-    # A restarted app usually answers within milliseconds: probe fast first, back off to
-    # health.interval, so no host waits a whole interval for nothing.
+    # A restarted app usually answers within milliseconds, or within a second or two: probe
+    # fast first, at most HEALTH_FAST_PAUSE apart for the first HEALTH_FAST_FOR seconds (a
+    # refused probe costs well under a millisecond), then back off to health.interval. A roll
+    # waits for this on every host in turn: each probe's lateness is paid once per host.
     pause = min(0.01, h.interval)
     while True:
         left = max(deadline - time.monotonic(), 0.1)
@@ -2813,7 +2819,8 @@ def check_health(
                 "seconds": round(waited, 3),
             }
         sleep(pause)
-        pause = min(pause * 2, h.interval)
+        cap = HEALTH_FAST_PAUSE if waited < HEALTH_FAST_FOR else h.interval
+        pause = min(pause * 2, max(cap, pause), h.interval)
 
 
 def _revert_unhealthy(

@@ -151,6 +151,43 @@ def test_check_polls_until_healthy_and_ignores_http_proxy(
         assert sleeps == [0.01, 0.02, 0.04]
 
 
+def test_probes_stay_close_together_for_two_seconds_then_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A roll waits for each host's check in turn: an app that needs 1.3 s to start is seen
+    within 50 ms of it, not up to a whole interval later; an app that takes long gets probed
+    every health.interval after the first two seconds."""
+    with app_on() as app:
+        running = tmp_path / "running"
+        running.write_text("c2\n")  # never healthy
+        app.running = running
+        cfg = make_cfg(
+            tmp_path,
+            {"url": f"http://{{host}}:{app.port}/health", "timeout": 4, "interval": 0.2},
+        )
+        clock = [1000.0]
+
+        class FakeTime:
+            @staticmethod
+            def monotonic() -> float:
+                return clock[0]
+
+        sleeps: list[float] = []
+
+        def sleep(s: float) -> None:
+            sleeps.append(s)
+            clock[0] += s
+
+        monkeypatch.setattr(node, "time", FakeTime)
+        h = node.check_health(cfg, node.Layout(cfg.deploy_to), str(tmp_path), sleep=sleep)
+        assert not h["ok"] and "health check failed after 4s" in h["detail"]
+        at = [sum(sleeps[: i + 1]) for i in range(len(sleeps))]
+        fast = [sleeps[i] for i in range(len(sleeps)) if at[i] - sleeps[i] < node.HEALTH_FAST_FOR]
+        assert sleeps[:4] == [0.01, 0.02, 0.04, 0.05] and max(fast) == 0.05
+        assert sleeps[-1] == 0.2 and sorted(sleeps) == sleeps  # then backs off, never faster
+        assert len(sleeps) < 60  # 4 s of waiting: ~40 fast probes, then every 0.2 s
+
+
 def test_expect_status_and_timeout(tmp_path: Path) -> None:
     with app_on() as app:
         cfg = make_cfg(
