@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield S3Server(endpoint=endpoint, bucket=sandbox_mod.BUCKET)
     finally:
         sandbox_mod.down(state)
+
+
+@pytest.fixture
+def moto_store(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A Store of app "shop" on the moto server, under a prefix of its own (tests share it)."""
+    import uuid
+
+    from fabdeploy.adapters.store import Store
+    from fabdeploy.basics.config import S3Config
+
+    for k, v in sandbox_mod.AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    s3 = S3Config(s3_server.bucket, f"t-{uuid.uuid4().hex[:10]}", "us-east-1", s3_server.endpoint)
+    return Store(s3, "shop", config_path=Path("/x/deploy.yml"))
 
 
 def _sandbox_skip_reason() -> str | None:

@@ -7,8 +7,6 @@ fakes in place of paramiko.
 from __future__ import annotations
 
 import threading
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,17 +14,13 @@ import pytest
 from fabdeploy.adapters import ssh
 from fabdeploy.adapters.bundle import Bundle, publish_bundle
 from fabdeploy.adapters.store import Store, StoreError
-from fabdeploy.basics.config import Host, S3Config
+from fabdeploy.basics.config import Host
 from fabdeploy.basics.errors import ConflictError, HostError
-from fabfile import sandbox
 
 
 @pytest.fixture
-def store(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Store:
-    for k, v in sandbox.AWS_ENV.items():
-        monkeypatch.setenv(k, v)
-    s3 = S3Config(s3_server.bucket, f"rt-{uuid.uuid4().hex[:10]}", "us-east-1", s3_server.endpoint)
-    return Store(s3, "shop", config_path=Path("/x/deploy.yml"))
+def store(moto_store: Store) -> Store:
+    return moto_store
 
 
 def bundle(store: Store, commit: str) -> Bundle:

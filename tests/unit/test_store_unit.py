@@ -12,26 +12,19 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fabdeploy.adapters.bundle import Bundle, publish_bundle
 from fabdeploy.adapters.store import Lock, Pointer, Store, StoreError, local_identity
-from fabdeploy.basics.config import S3Config
-from fabfile import sandbox
 
 NESTED = b"[" * 100_000 + b"]" * 100_000
 
 
 @pytest.fixture
-def store(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Store:
-    for k, v in sandbox.AWS_ENV.items():
-        monkeypatch.setenv(k, v)
-    s3 = S3Config(s3_server.bucket, f"u-{uuid.uuid4().hex[:10]}", "us-east-1", s3_server.endpoint)
-    return Store(s3, "shop", config_path=Path("/x/deploy.yml"))
+def store(moto_store: Store) -> Store:
+    return moto_store
 
 
 def put(store: Store, key: str, body: bytes) -> None:
